@@ -1,0 +1,98 @@
+"""`python -m gpen bench`: time the GPEN forward pass; prints one JSON table (a list of rows).
+
+Each configuration runs in a fresh subprocess so that its peak memory is its own. Weights are random
+in the layout of the real checkpoint of each size unless --checkpoint names a file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+
+import torch
+
+STANDARD_CONFIGS = {256: (1, 0.5), 512: (2, 1), 1024: (2, 1), 2048: (2, 1)}
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--sizes", type=int, nargs="+", default=None,
+                        help="model sizes (default: 512 on CPU, 256..2048 on a GPU)")
+    parser.add_argument("--device", default="auto", help="cpu, cuda, or auto")
+    parser.add_argument("--dtypes", nargs="+", default=None, help="fp32 fp16 bf16 (default: fp32 on CPU, all on GPU)")
+    parser.add_argument("--batch", type=int, nargs="+", default=[1], help="faces per forward pass")
+    parser.add_argument("--repeat", type=int, default=3, help="timed runs after one warm-up (the best is kept)")
+    parser.add_argument("--compile", action="store_true", help="wrap the model in torch.compile")
+    parser.add_argument("--checkpoint", help="time this file instead of random weights")
+    parser.add_argument("--system-allocator", action="store_true",
+                        help="keep glibc's default of unmapping large freed blocks (see cli.keep_freed_memory)")
+    parser.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
+
+
+def run(args) -> int:
+    from .loader import resolve_device
+
+    device = resolve_device(args.device)
+    on_gpu = device.type == "cuda"
+    sizes = args.sizes or ([256, 512, 1024, 2048] if on_gpu else [512])
+    dtypes = args.dtypes or (["fp32", "fp16", "bf16"] if on_gpu else ["fp32"])
+    if args.one:
+        row = measure(sizes[0], device, dtypes[0], args.batch[0], args.repeat, args.compile, args.checkpoint)
+        print(json.dumps(dict(row, allocator="system" if args.system_allocator else "heap")))
+        return 0
+    rows = []
+    for size in sizes:
+        for dtype in dtypes:
+            for batch in args.batch:
+                cmd = [sys.executable, "-m", "gpen", "bench", "--one", "--sizes", str(size), "--device", str(device),
+                       "--dtypes", dtype, "--batch", str(batch), "--repeat", str(args.repeat)]
+                cmd += ["--compile"] * args.compile + ["--system-allocator"] * args.system_allocator
+                cmd += ["--checkpoint", args.checkpoint] if args.checkpoint else []
+                done = subprocess.run(cmd, capture_output=True, text=True)
+                if done.returncode:
+                    rows.append(dict(size=size, device=str(device), dtype=dtype, batch=batch,
+                                     error=(done.stderr.strip().splitlines() or ["failed"])[-1]))
+                else:
+                    rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
+    print(json.dumps(rows, indent=1))
+    return 0 if all("error" not in r for r in rows) else 1
+
+
+def measure(size: int, device: torch.device, dtype: str, batch: int, repeat: int, compile: bool,
+            checkpoint: str | None) -> dict:
+    from .loader import load_model, resolve_dtype
+    from .model import GPEN
+
+    torch_dtype = resolve_dtype(dtype)
+    if checkpoint:
+        model = load_model(checkpoint, device=device, dtype=torch_dtype)
+        size = model.size
+    else:
+        cm, narrow = STANDARD_CONFIGS.get(size, (2, 1))
+        model = GPEN(size, channel_multiplier=cm, narrow=narrow).to(device, torch_dtype).eval().requires_grad_(False)
+    forward = torch.compile(model) if compile else model
+    x = torch.rand(batch, 3, size, size, device=device) * 2 - 1
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    with torch.inference_mode():
+        forward(x)
+        sync()
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        times = []
+        for _ in range(repeat):
+            start = time.perf_counter()
+            forward(x)
+            sync()
+            times.append(time.perf_counter() - start)
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated() / 2 ** 20
+        name = torch.cuda.get_device_name(device)
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+        name = f"cpu ({torch.get_num_threads()} threads)"
+    return dict(size=size, device=name, dtype=dtype, batch=batch, ms_per_face=round(min(times) * 1e3 / batch, 1),
+                ms_per_face_median=round(sorted(times)[len(times) // 2] * 1e3 / batch, 1),
+                peak_memory_mib=round(peak), compile=compile)

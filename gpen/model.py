@@ -1,0 +1,296 @@
+"""GPEN: the GAN-prior embedded network (Yang et al., CVPR 2021), in one file.
+
+Parameter and buffer names follow the reference FullGenerator (yangxy/GPEN, face_model/gpen_model.py)
+so that the released GPEN-BFR checkpoints load with strict key matching. The forward pass is
+written for inference speed rather than as a transcript of the reference:
+
+- one style vector for every layer (GPEN never mixes styles), so each layer's modulation is a
+  single linear map of it;
+- at batch 1 the style and the demodulation are folded into the convolution weight, so every
+  convolution is a plain dense one (no grouped convolution); at larger batches the input is
+  modulated instead and the output demodulated, again with plain convolutions;
+- the fixed FIR blur runs as a depthwise convolution instead of upfirdn2d's reshapes;
+- styles, modulations and demodulation coefficients are computed in float32 whatever the weights'
+  dtype, so float16 cannot overflow in the sums of squares.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from .restorer import restore_crops
+
+BLUR_KERNEL = (1, 3, 3, 1)
+LRELU_SLOPE = 0.2
+LRELU_GAIN = math.sqrt(2)
+
+
+def channel_widths(channel_multiplier: float, narrow: float) -> dict[int, int]:
+    """Feature channels at each resolution, exactly as the reference computes them."""
+    base = {4: 512, 8: 512, 16: 512, 32: 512, 64: 256 * channel_multiplier,
+            128: 128 * channel_multiplier, 256: 64 * channel_multiplier,
+            512: 32 * channel_multiplier, 1024: 16 * channel_multiplier,
+            2048: 8 * channel_multiplier}
+    return {res: int(c * narrow) for res, c in base.items()}
+
+
+def make_blur_kernel(gain: float = 1.0) -> torch.Tensor:
+    k = torch.tensor(BLUR_KERNEL, dtype=torch.float32)
+    k = k[None, :] * k[:, None]
+    return k / k.sum() * gain
+
+
+def fused_leaky_relu(x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """sqrt(2) * leaky_relu(x + bias): StyleGAN2's biased activation, in place on x."""
+    x = x.add_(bias.to(x.dtype).view(1, -1, *([1] * (x.ndim - 2))))
+    return F.leaky_relu_(x, LRELU_SLOPE).mul_(LRELU_GAIN)
+
+
+def blur(x: torch.Tensor, kernel: torch.Tensor, pad: int) -> torch.Tensor:
+    """The reference's upfirdn2d(up=1, down=1, pad=(pad, pad)) as a depthwise convolution."""
+    channels = x.shape[1]
+    weight = kernel.flip(0, 1).to(x.dtype)[None, None].expand(channels, 1, *kernel.shape)
+    return F.conv2d(x, weight, padding=pad, groups=channels)
+
+
+class EqualLinear(nn.Module):
+    """Linear layer with equalised learning rate; optionally followed by the biased activation."""
+
+    def __init__(self, in_dim: int, out_dim: int, bias_init: float = 0.0, lr_mul: float = 1.0,
+                 activation: bool = False):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(out_dim, in_dim).div_(lr_mul))
+        self.bias = nn.Parameter(torch.full((out_dim,), float(bias_init)))
+        self.scale = lr_mul / math.sqrt(in_dim)
+        self.lr_mul = lr_mul
+        self.activation = activation
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Always in float32: these layers are tiny and feed the demodulation."""
+        weight = self.weight.float() * self.scale
+        bias = self.bias.float() * self.lr_mul
+        if self.activation:
+            return fused_leaky_relu(F.linear(x.float(), weight), bias)
+        return F.linear(x.float(), weight, bias)
+
+
+class PixelNorm(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.rsqrt(torch.mean(x ** 2, dim=1, keepdim=True) + 1e-8)
+
+
+class Blur(nn.Module):
+    def __init__(self, pad: int, gain: float = 1.0):
+        super().__init__()
+        self.register_buffer("kernel", make_blur_kernel(gain))
+        self.pad = pad
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return blur(x, self.kernel, self.pad)
+
+
+class ModulatedConv2d(nn.Module):
+    """StyleGAN2's style-modulated convolution, optionally a 2x transposed (upsampling) one."""
+
+    def __init__(self, in_channel: int, out_channel: int, kernel_size: int, style_dim: int,
+                 demodulate: bool = True, upsample: bool = False):
+        super().__init__()
+        self.in_channel, self.out_channel, self.kernel_size = in_channel, out_channel, kernel_size
+        self.upsample = upsample
+        self.demodulate = demodulate
+        self.scale = 1 / math.sqrt(in_channel * kernel_size ** 2)
+        self.padding = kernel_size // 2
+        self.weight = nn.Parameter(torch.randn(1, out_channel, in_channel, kernel_size, kernel_size))
+        self.modulation = EqualLinear(style_dim, in_channel, bias_init=1)
+        if upsample:
+            # The transposed conv's output is 2h+1 wide; the blur (4 taps, padding 1) brings it to 2h.
+            self.blur = Blur(pad=1, gain=4)
+
+    def forward(self, x: torch.Tensor, style: torch.Tensor) -> torch.Tensor:
+        s = self.modulation(style) * self.scale  # (B, in), float32
+        weight = self.weight[0]  # (out, in, k, k)
+        demod = None
+        if self.demodulate:  # sum over (in, k, k) of (weight * s)^2, without forming weight * s
+            energy = torch.linalg.vector_norm(weight.float(), dim=(2, 3)).square()
+            demod = torch.rsqrt(s.square() @ energy.t() + 1e-8)
+        if x.shape[0] == 1 and weight.numel() < x.numel():
+            # Folding style and demodulation into the weight is cheaper than touching the activations.
+            scale = s.view(1, -1) if demod is None else demod.view(-1, 1) * s.view(1, -1)
+            return self._conv(x, (weight.float() * scale[:, :, None, None]).to(x.dtype))
+        out = self._conv(x * s.to(x.dtype)[:, :, None, None], weight.to(x.dtype))
+        return out if demod is None else out.mul_(demod.to(out.dtype)[:, :, None, None])
+
+    def _conv(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        if self.upsample:
+            return self.blur(F.conv_transpose2d(x, weight.transpose(0, 1), stride=2))
+        return F.conv2d(x, weight, padding=self.padding)
+
+
+class NoiseInjection(nn.Module):
+    """GPEN's 'isconcat' noise: the encoder feature, scaled, is concatenated as extra channels."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(1))
+
+    def forward(self, image: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        return torch.cat((image, noise * self.weight.to(noise.dtype)), dim=1)
+
+
+class FusedLeakyReLU(nn.Module):
+    def __init__(self, channel: int):
+        super().__init__()
+        self.bias = nn.Parameter(torch.zeros(channel))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return fused_leaky_relu(x, self.bias)
+
+
+class StyledConv(nn.Module):
+    def __init__(self, in_channel: int, out_channel: int, style_dim: int, upsample: bool = False):
+        super().__init__()
+        self.conv = ModulatedConv2d(in_channel, out_channel, 3, style_dim, upsample=upsample)
+        self.noise = NoiseInjection()
+        self.activate = FusedLeakyReLU(out_channel * 2)
+
+    def forward(self, x: torch.Tensor, style: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        return self.activate(self.noise(self.conv(x, style), noise))
+
+
+class Upsample(nn.Module):
+    """upfirdn2d(up=2) with the blur kernel, as a depthwise transposed convolution."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("kernel", make_blur_kernel(gain=4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        channels = x.shape[1]
+        weight = self.kernel.to(x.dtype)[None, None].expand(channels, 1, *self.kernel.shape)
+        return F.conv_transpose2d(x, weight, stride=2, padding=1, groups=channels)
+
+
+class ToRGB(nn.Module):
+    def __init__(self, in_channel: int, style_dim: int, upsample: bool = True):
+        super().__init__()
+        if upsample:
+            self.upsample = Upsample()
+        self.conv = ModulatedConv2d(in_channel, 3, 1, style_dim, demodulate=False)
+        self.bias = nn.Parameter(torch.zeros(1, 3, 1, 1))
+
+    def forward(self, x: torch.Tensor, style: torch.Tensor, skip: torch.Tensor | None = None) -> torch.Tensor:
+        out = self.conv(x, style) + self.bias.to(x.dtype)
+        if skip is not None:
+            out = out + self.upsample(skip)
+        return out
+
+
+class ConstantInput(nn.Module):
+    def __init__(self, channel: int, size: int = 4):
+        super().__init__()
+        self.input = nn.Parameter(torch.randn(1, channel, size, size))
+
+
+class Generator(nn.Module):
+    """The StyleGAN2 decoder with concatenated noise; its noise inputs are the encoder's features."""
+
+    def __init__(self, size: int, style_dim: int, n_mlp: int, channels: dict[int, int], lr_mlp: float = 0.01):
+        super().__init__()
+        self.style = nn.Sequential(PixelNorm(), *(
+            EqualLinear(style_dim, style_dim, lr_mul=lr_mlp, activation=True) for _ in range(n_mlp)))
+        self.input = ConstantInput(channels[4])
+        self.conv1 = StyledConv(channels[4], channels[4], style_dim)
+        self.to_rgb1 = ToRGB(channels[4] * 2, style_dim, upsample=False)
+        self.convs = nn.ModuleList()
+        self.to_rgbs = nn.ModuleList()
+        in_channel = channels[4]
+        for res in (2 ** i for i in range(3, int(math.log2(size)) + 1)):
+            out_channel = channels[res]
+            self.convs.append(StyledConv(in_channel * 2, out_channel, style_dim, upsample=True))
+            self.convs.append(StyledConv(out_channel * 2, out_channel, style_dim))
+            self.to_rgbs.append(ToRGB(out_channel * 2, style_dim))
+            in_channel = out_channel
+
+    def forward(self, latent: torch.Tensor, features: list[torch.Tensor]) -> torch.Tensor:
+        """latent: (B, style_dim) from the encoder; features: encoder outputs from 4x4 upwards."""
+        w = self.style(latent)
+        x = self.input.input.to(features[0].dtype).expand(latent.shape[0], -1, -1, -1)
+        x = self.conv1(x, w, features[0])
+        skip = self.to_rgb1(x, w)
+        for conv_up, conv, to_rgb, feature in zip(self.convs[::2], self.convs[1::2], self.to_rgbs, features[1:]):
+            x = conv(conv_up(x, w, feature), w, feature)
+            skip = to_rgb(x, w, skip)
+        return skip
+
+
+class EqualConv2d(nn.Module):
+    def __init__(self, in_channel: int, out_channel: int, kernel_size: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(out_channel, in_channel, kernel_size, kernel_size))
+        self.scale = 1 / math.sqrt(in_channel * kernel_size ** 2)
+
+
+class EncoderLayer(nn.Sequential):
+    """The reference ConvLayer: [blur,] equalised conv (stride 2 after the blur), biased activation."""
+
+    def __init__(self, in_channel: int, out_channel: int, kernel_size: int, downsample: bool):
+        layers: list[nn.Module] = []
+        if downsample:
+            # Blur with padding 2 (h -> h+1), then a 3x3 stride-2 conv without padding (-> h/2).
+            layers.append(Blur(pad=2))
+        layers += [EqualConv2d(in_channel, out_channel, kernel_size), FusedLeakyReLU(out_channel)]
+        super().__init__(*layers)
+        self.downsample = downsample
+        self.padding = 0 if downsample else kernel_size // 2
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        *pre, conv, act = self
+        for layer in pre:
+            x = layer(x)
+        weight = (conv.weight * conv.scale).to(x.dtype)
+        x = F.conv2d(x, weight, stride=2 if self.downsample else 1, padding=self.padding)
+        return act(x)
+
+
+class GPEN(nn.Module):
+    """The reference FullGenerator: a U-shaped encoder whose features drive a StyleGAN2 decoder.
+
+    `model(x)` takes NCHW RGB in [-1, 1] and returns the restored face in the same layout and range.
+    """
+
+    def __init__(self, size: int = 512, style_dim: int = 512, n_mlp: int = 8,
+                 channel_multiplier: float = 2, narrow: float = 1.0):
+        super().__init__()
+        if size < 8 or size & (size - 1):
+            raise ValueError(f"GPEN size must be a power of two from 8 up, got {size}")
+        self.size, self.style_dim, self.n_mlp = size, style_dim, n_mlp
+        self.channel_multiplier, self.narrow = channel_multiplier, narrow
+        channels = channel_widths(channel_multiplier, narrow)
+        log_size = int(math.log2(size))
+        self.generator = Generator(size, style_dim, n_mlp, channels)
+        self.ecd0 = nn.Sequential(EncoderLayer(3, channels[size], 1, downsample=False))
+        for i in range(1, log_size - 1):
+            res = size >> i
+            setattr(self, f"ecd{i}", nn.Sequential(EncoderLayer(channels[res * 2], channels[res], 3, downsample=True)))
+        self.final_linear = nn.Sequential(EqualLinear(channels[4] * 16, style_dim, activation=True))
+        self.n_encoders = log_size - 1
+        self.info = None  # a loader.ModelInfo once loaded from a file
+
+    def restore(self, faces: torch.Tensor, batch_size: int = 4, on_batch=None) -> torch.Tensor:
+        """Restore aligned face crops, (B,S,S,3) float 0..1 -> the same; see restorer.restore_crops."""
+        weight = self.ecd0[0][0].weight
+        return restore_crops(self, self.size, faces, device=weight.device, dtype=weight.dtype,
+                             batch_size=batch_size, on_batch=on_batch)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(self.ecd0[0][0].weight.dtype).contiguous(memory_format=torch.channels_last)
+        features = []
+        for i in range(self.n_encoders):
+            x = getattr(self, f"ecd{i}")(x)
+            features.append(x)
+        latent = self.final_linear(x.reshape(x.shape[0], -1))
+        return self.generator(latent, features[::-1]).contiguous()

@@ -1,0 +1,42 @@
+"""Running a restorer on ComfyUI-layout face crops: normalisation, resizing, batching, device, dtype."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+Forward = Callable[[torch.Tensor], torch.Tensor]
+
+
+def restore_crops(forward: Forward, size: int, faces: torch.Tensor, *, device: torch.device | str = "cpu",
+                  dtype: torch.dtype = torch.float32, batch_size: int = 4,
+                  on_batch: Callable[[int, int], None] | None = None) -> torch.Tensor:
+    """Restore aligned crops (B,S,S,3 float 0..1) and return them in the same layout and size.
+
+    `forward` maps NCHW RGB in [-1, 1] at `size` to the same. Crops of another size are resized to
+    the model's and back. `on_batch(done, total)` is called after each batch; it may raise to cancel.
+    """
+    if faces.ndim != 4 or faces.shape[-1] != 3:
+        raise ValueError(f"faces must be (B, S, S, 3) RGB crops, got shape {tuple(faces.shape)}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    total, height, width = faces.shape[:3]
+    out = torch.empty(faces.shape, dtype=torch.float32)
+    with torch.inference_mode():
+        for start in range(0, total, batch_size):
+            x = faces[start:start + batch_size].to(device=device, dtype=torch.float32).permute(0, 3, 1, 2)
+            x = _resize(x.clamp(0, 1), size, size) * 2 - 1
+            y = forward(x.to(dtype)).float()
+            y = _resize((y.clamp(-1, 1) + 1) / 2, height, width).clamp(0, 1)
+            out[start:start + len(y)] = y.permute(0, 2, 3, 1).cpu()
+            if on_batch is not None:
+                on_batch(min(start + batch_size, total), total)
+    return out
+
+
+def _resize(x: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    if x.shape[-2:] == (height, width):
+        return x
+    return F.interpolate(x, size=(height, width), mode="bilinear", align_corners=False, antialias=True)

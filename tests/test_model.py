@@ -1,0 +1,111 @@
+"""The network: reference parity, the real checkpoints' layout, and the restore() contract."""
+
+import json
+
+import pytest
+import torch
+
+import gpen
+from gpen.loader import infer_gpen_config
+from tests.helpers import random_gpen
+
+REAL_SIZES = [256, 512, 1024, 2048]
+
+
+def real_layout(shared, size):
+    return json.loads((shared / "fixtures" / f"gpen_bfr_{size}_keys.json").read_text())
+
+
+def test_reproduces_the_reference_outputs(shared, reference_io):
+    model = gpen.load_model(shared / "fixtures" / "gpen_random_64.pth", device="cpu")
+    with torch.inference_mode():
+        out = model(reference_io["input"])
+    assert (out - reference_io["output"]).abs().max() < 1e-4  # the contract is 2e-3
+
+
+def test_batch_of_one_takes_the_folded_path_and_agrees(shared, reference_io):
+    model = gpen.load_model(shared / "fixtures" / "gpen_random_64.pth", device="cpu")
+    with torch.inference_mode():
+        one_by_one = torch.cat([model(x[None]) for x in reference_io["input"]])
+    assert (one_by_one - reference_io["output"]).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("size", REAL_SIZES)
+def test_state_dict_matches_the_released_checkpoints_key_for_key(shared, size):
+    layout = real_layout(shared, size)
+    with torch.device("meta"):
+        model = gpen.GPEN(size, channel_multiplier=layout["channel_multiplier"], narrow=layout["narrow"])
+    shapes = {k: list(v.shape) for k, v in model.state_dict().items()}
+    assert shapes == layout["state_dict"]
+    assert sum(t.numel() for t in model.state_dict().values()) == layout["num_params"]  # blur kernels included
+
+
+@pytest.mark.parametrize("size", REAL_SIZES)
+def test_configuration_is_read_from_tensor_shapes(shared, size):
+    layout = real_layout(shared, size)
+    state = {k: torch.empty(shape, device="meta") for k, shape in layout["state_dict"].items()}
+    config = infer_gpen_config(state)
+    assert (config["size"], config["channel_multiplier"], config["narrow"]) == (
+        size, layout["channel_multiplier"], layout["narrow"])
+    assert (config["style_dim"], config["n_mlp"]) == (512, 8)
+
+
+def test_any_power_of_two_size_and_width():
+    for size, cm, narrow in [(32, 1, 0.125), (64, 2, 0.25), (128, 1, 0.0625)]:
+        model = random_gpen(size, cm, narrow)
+        with torch.inference_mode():
+            assert model(torch.zeros(2, 3, size, size)).shape == (2, 3, size, size)
+
+
+def test_rejects_sizes_that_are_not_powers_of_two():
+    with pytest.raises(ValueError, match="power of two"):
+        gpen.GPEN(300)
+
+
+def test_restore_takes_and_returns_comfyui_crops():
+    model = random_gpen()
+    faces = torch.rand(5, 32, 32, 3)
+    restored = model.restore(faces, batch_size=2)
+    assert restored.shape == faces.shape and restored.dtype == torch.float32
+    assert 0 <= restored.min() and restored.max() <= 1
+    with torch.inference_mode():
+        direct = ((model(faces.permute(0, 3, 1, 2) * 2 - 1).clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 1)
+    assert (restored - direct).abs().max() < 1e-5
+
+
+def test_restore_resizes_crops_of_another_size_and_back():
+    model = random_gpen()
+    restored = model.restore(torch.rand(2, 48, 48, 3))
+    assert restored.shape == (2, 48, 48, 3)
+
+
+def test_restore_reports_each_batch_and_can_be_cancelled():
+    model = random_gpen()
+    seen = []
+    model.restore(torch.rand(5, 32, 32, 3), batch_size=2, on_batch=lambda done, total: seen.append((done, total)))
+    assert seen == [(2, 5), (4, 5), (5, 5)]
+
+    def cancel(done, total):
+        raise InterruptedError("cancelled")
+
+    with pytest.raises(InterruptedError):
+        model.restore(torch.rand(5, 32, 32, 3), batch_size=2, on_batch=cancel)
+
+
+def test_restore_rejects_images_that_are_not_rgb_crops():
+    with pytest.raises(ValueError, match="faces must be"):
+        random_gpen().restore(torch.rand(2, 32, 32, 4))
+
+
+def test_empty_batch_restores_to_empty():
+    assert random_gpen().restore(torch.rand(0, 32, 32, 3)).shape == (0, 32, 32, 3)
+
+
+@pytest.mark.parametrize("dtype", ["fp16", "bf16"])
+def test_half_precision_stays_within_2e_2_of_float32(shared, reference_io, dtype):
+    path = shared / "fixtures" / "gpen_random_64.pth"
+    full = gpen.load_model(path, device="cpu")
+    half = gpen.load_model(path, device="cpu", dtype=dtype)
+    with torch.inference_mode():
+        for x in (reference_io["input"], reference_io["input"][:1]):
+            assert (half(x).float() - full(x)).abs().max() < 2e-2
