@@ -1,14 +1,21 @@
-"""GPEN blind face restoration: the exact network, checkpoint loading and restoration of face crops.
+"""GPEN blind face restoration: the exact network, face detection, alignment, restoration and blending.
 
 Usable without ComfyUI:
 
     import gpen
-    model = gpen.load_model("GPEN-BFR-512.pth")      # or .safetensors / .onnx
-    restored = model.restore(crops)                   # (B, 512, 512, 3) float 0..1
+    model = gpen.load_model("GPEN-BFR-512.pth")                     # or .safetensors / .onnx
+    detector = gpen.load_detector("detection_Resnet50_Final.pth")   # or an SCRFD .onnx
+    result = gpen.restore_faces(images, model, detector)            # images: (B, H, W, 3) float 0..1
+    result.images, result.masks, result.summary
 """
 
+from .align import crop_faces
+from .blend import paste_faces
 from .checkpoint import CheckpointError
+from .detection import Faces, load_detector
 from .loader import ModelInfo, load_model
 from .model import GPEN
+from .pipeline import Cancelled, Restoration, restore_faces, select_faces
 
-__all__ = ["GPEN", "CheckpointError", "ModelInfo", "load_model"]
+__all__ = ["GPEN", "Cancelled", "CheckpointError", "Faces", "ModelInfo", "Restoration", "crop_faces",
+           "load_detector", "load_model", "paste_faces", "restore_faces", "select_faces"]

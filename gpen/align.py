@@ -1,0 +1,101 @@
+"""Aligning faces to a 5-point template, and warping between image and crop, batched on the device.
+
+Affines are (N,2,3) and map image pixel coordinates to crop pixel coordinates, OpenCV's convention
+(pixel centres at integer coordinates), so `cv2.warpAffine(image, affine, (S, S))` gives the same crop.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+# GPEN's own template, as fractions of the crop size: align_faces.py's 96x112 reference points,
+# squared to 112x112 (x + 8) with inner padding 0.25 (+ 28, in a 168x168 frame). GPEN was trained on it.
+GPEN_TEMPLATE = tuple(((x + 8 + 28) / 168, (y + 28) / 168) for x, y in (
+    (30.29459953, 51.69630051), (65.53179932, 51.50139999), (48.02519989, 71.73660278),
+    (33.54930115, 92.3655014), (62.72990036, 92.20410156)))
+# The FFHQ template of facexlib, ReActor and FaceFusion (their 512x512 points / 512).
+FFHQ_TEMPLATE = ((192.98138 / 512, 239.94708 / 512), (318.90277 / 512, 240.1936 / 512),
+                 (256.63416 / 512, 314.01935 / 512), (201.26117 / 512, 371.41043 / 512),
+                 (313.08905 / 512, 371.15118 / 512))
+TEMPLATES = {"gpen": GPEN_TEMPLATE, "ffhq": FFHQ_TEMPLATE}
+
+
+def template_points(size: int, template: str = "gpen") -> torch.Tensor:
+    if template not in TEMPLATES:
+        raise ValueError(f"template must be one of {', '.join(TEMPLATES)}, got {template!r}")
+    return torch.tensor(TEMPLATES[template], dtype=torch.float64) * size
+
+
+def similarity_transform(src: torch.Tensor, dst: torch.Tensor) -> torch.Tensor:
+    """Least-squares similarity (Umeyama 1991) taking points src (N,K,2) onto dst (K,2): (N,2,3)."""
+    src, dst = src.double(), dst.double().to(src.device).expand_as(src)
+    src_mean, dst_mean = src.mean(1, keepdim=True), dst.mean(1, keepdim=True)
+    src_c, dst_c = src - src_mean, dst - dst_mean
+    cov = dst_c.transpose(1, 2) @ src_c / src.shape[1]
+    u, s, vh = torch.linalg.svd(cov)
+    d = torch.ones_like(s)
+    d[:, -1] = torch.sign(torch.linalg.det(cov)).where(torch.linalg.det(cov) != 0, torch.ones(()).double())
+    rotation = u @ torch.diag_embed(d) @ vh
+    scale = (s * d).sum(1) / src_c.square().sum((1, 2)).div(src.shape[1]).clamp(min=1e-12)
+    linear = rotation * scale[:, None, None]
+    translation = dst_mean.transpose(1, 2) - linear @ src_mean.transpose(1, 2)
+    return torch.cat([linear, translation], 2)
+
+
+def invert_affine(affine: torch.Tensor) -> torch.Tensor:
+    linear = torch.linalg.inv(affine[..., :2].double())
+    return torch.cat([linear, -linear @ affine[..., 2:].double()], -1).to(affine.dtype)
+
+
+def warp(image: torch.Tensor, affine: torch.Tensor, height: int, width: int, mode: str = "bicubic") -> torch.Tensor:
+    """cv2.warpAffine for a batch on the tensor's device.
+
+    image (C,H,W) or (N,C,H,W), shared by or one per affine; affine (N,2,3) maps source pixels to
+    output pixels. Returns (N,C,height,width), zero outside the source.
+    """
+    inverse = invert_affine(affine.double())  # output pixel -> source pixel
+    ys, xs = torch.meshgrid(torch.arange(height, dtype=torch.float64, device=image.device),
+                            torch.arange(width, dtype=torch.float64, device=image.device), indexing="ij")
+    out_pixels = torch.stack([xs, ys, torch.ones_like(xs)], -1).reshape(-1, 3)
+    src = out_pixels @ inverse.to(image.device).transpose(1, 2)  # (N, h*w, 2)
+    src_h, src_w = image.shape[-2:]
+    grid = torch.stack([src[..., 0] * 2 / max(src_w - 1, 1) - 1, src[..., 1] * 2 / max(src_h - 1, 1) - 1], -1)
+    grid = grid.reshape(len(affine), height, width, 2).to(image.dtype)
+    if image.ndim == 3:
+        # One source for every affine: stack the grids along the height, so the image is not copied.
+        out = F.grid_sample(image[None], grid.reshape(1, -1, width, 2), mode=mode, padding_mode="zeros",
+                            align_corners=True)
+        return out.reshape(image.shape[0], len(affine), height, width).transpose(0, 1)
+    return F.grid_sample(image, grid, mode=mode, padding_mode="zeros", align_corners=True)
+
+
+def crop_faces(images: torch.Tensor, landmarks: torch.Tensor, size: int, frames: torch.Tensor | None = None,
+               template: str = "gpen") -> tuple[torch.Tensor, torch.Tensor]:
+    """Aligned face crops.
+
+    images (B,H,W,C) float; landmarks (N,5,2) pixels; frames (N,) the frame of each face (may be left
+    out when B is 1). Returns crops (N,size,size,C) and affines (N,2,3) image -> crop pixels, float32.
+    """
+    landmarks = torch.as_tensor(landmarks)
+    if landmarks.ndim != 3 or landmarks.shape[1:] != (5, 2):
+        raise ValueError(f"landmarks must be (N, 5, 2), got shape {tuple(landmarks.shape)}")
+    frames = frames_of(images, len(landmarks), frames)
+    affines = similarity_transform(landmarks.cpu(), template_points(size, template))
+    crops = images.new_zeros(len(landmarks), size, size, images.shape[-1])
+    for frame in frames.unique().tolist():
+        here = (frames == frame).nonzero().squeeze(1)
+        source = images[frame].permute(2, 0, 1).float()
+        crops[here] = warp(source, affines[here], size, size).clamp(0, 1).permute(0, 2, 3, 1).to(images.dtype)
+    return crops, affines.float()
+
+
+def frames_of(images: torch.Tensor, count: int, frames: torch.Tensor | None) -> torch.Tensor:
+    if frames is None:
+        if len(images) != 1 and count:
+            raise ValueError("frames must say which image each face is in when images holds several")
+        return torch.zeros(count, dtype=torch.long)
+    frames = torch.as_tensor(frames, dtype=torch.long).cpu()
+    if len(frames) != count or (count and (frames.min() < 0 or frames.max() >= len(images))):
+        raise ValueError(f"frames must give an image index (0..{len(images) - 1}) for each of the {count} faces")
+    return frames

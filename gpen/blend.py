@@ -1,0 +1,164 @@
+"""Pasting restored crops back into their frames under a soft mask, as GPEN's face_enhancement does.
+
+Each face touches only the part of its frame its crop covers. Overlapping faces are merged as GPEN
+merges them: a pixel takes the face whose mask is strongest there, never a blend of blends.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from .align import frames_of, invert_affine, warp
+
+MASK_SHAPES = ("box", "ellipse")
+# GPEN's paste mask at 512: a box 26 px in from the edge, blurred twice with sigma 4.
+GPEN_ERODE = 26 / 512
+GPEN_FEATHER = 4 * math.sqrt(2) / 512
+SMALL_FACE = 100  # px: GPEN softens restored faces smaller than this, which would look over-sharp
+
+
+def face_mask(size: int, shape: str = "box", erode: float = GPEN_ERODE, feather: float = GPEN_FEATHER) -> torch.Tensor:
+    """(size, size) soft mask in crop space; erode and feather are fractions of the crop size."""
+    if shape not in MASK_SHAPES:
+        raise ValueError(f"mask shape must be one of {', '.join(MASK_SHAPES)}, got {shape!r}")
+    if not 0 <= erode < 0.5 or feather < 0:
+        raise ValueError(f"erode must be in [0, 0.5) and feather >= 0, got {erode}, {feather}")
+    coords = torch.arange(size, dtype=torch.float32)
+    margin = erode * size
+    if shape == "box":
+        inside = (coords >= margin) & (coords <= size - 1 - margin)
+        mask = (inside[:, None] & inside[None, :]).float()
+    else:
+        centre, radius = (size - 1) / 2, size / 2 - margin
+        dy, dx = (coords[:, None] - centre) / (radius * 1.1), (coords[None, :] - centre) / radius
+        mask = ((dx.square() + dy.square()) <= 1).float()
+    return gaussian_blur(mask[None, None], feather * size)[0, 0]
+
+
+def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Separable Gaussian blur of (N,C,H,W), zero beyond the edges (like GPEN's mask blur)."""
+    if sigma <= 0:
+        return x
+    radius = max(1, int(3 * sigma + 0.5))
+    taps = torch.arange(-radius, radius + 1, dtype=torch.float32, device=x.device)
+    kernel = torch.exp(-taps.square() / (2 * sigma ** 2))
+    kernel = (kernel / kernel.sum()).to(x.dtype)
+    channels = x.shape[1]
+    x = F.conv2d(x, kernel.view(1, 1, -1, 1).expand(channels, 1, -1, 1), padding=(radius, 0), groups=channels)
+    return F.conv2d(x, kernel.view(1, 1, 1, -1).expand(channels, 1, 1, -1), padding=(0, radius), groups=channels)
+
+
+def soften(crops: torch.Tensor) -> torch.Tensor:
+    """GPEN's 3x3 [1 2 1]^2/16 smoothing for small faces, on (N,C,S,S), edges replicated."""
+    kernel = torch.tensor([0.25, 0.5, 0.25], dtype=crops.dtype, device=crops.device)
+    kernel = (kernel[:, None] * kernel[None, :]).expand(crops.shape[1], 1, 3, 3)
+    return F.conv2d(F.pad(crops, (1, 1, 1, 1), mode="reflect"), kernel, groups=crops.shape[1])
+
+
+def paste_faces(images: torch.Tensor, restored: torch.Tensor, affines: torch.Tensor,
+                frames: torch.Tensor | None = None, *, strength: float = 1.0, mask_shape: str = "box",
+                erode: float = GPEN_ERODE, feather: float = GPEN_FEATHER, color_correction: bool = False,
+                smooth_small_faces: bool = True, crop_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Blend restored crops (N,S,S,3) back into images (B,H,W,3) through their affines (N,2,3).
+
+    `crop_size` is the size the affines were made for, when the restored crops have another.
+    Returns the images and the masks used (B,H,W), both float32 on the images' device. Under the
+    mask the restored face replaces the original (strength scales the mask, GPEN's alpha).
+    """
+    if not 0 <= strength <= 1:
+        raise ValueError(f"strength must be between 0 and 1, got {strength}")
+    if restored.ndim != 4 or restored.shape[-1] != 3 or len(restored) != len(affines):
+        raise ValueError(f"restored must be (N, S, S, 3) with one affine each; got {tuple(restored.shape)} "
+                         f"and {len(affines)} affines")
+    frames = frames_of(images, len(restored), frames)
+    images = images.float()
+    out, masks = images.clone(), images.new_zeros(images.shape[:3])
+    if not len(restored):
+        return out, masks
+    device, size = images.device, restored.shape[1]
+    crops = restored.to(device, torch.float32).permute(0, 3, 1, 2)
+    affines = resize_affines(affines.to(torch.float64), size / (crop_size or size))
+    face_px = size / affines[:, :, :2].det().abs().sqrt()  # the crop's width in image pixels
+    if smooth_small_faces:
+        small = (face_px * 0.5 < SMALL_FACE).nonzero().squeeze(1).to(device)  # the face is ~half the crop
+        crops[small] = soften(crops[small])
+    if color_correction:
+        crops = match_color(crops, warp_from_images(images, affines, frames, size))
+    mask = face_mask(size, mask_shape, erode, feather).to(device)
+    height, width = images.shape[1:3]
+    for i, (crop, affine, frame) in enumerate(zip(crops, affines, frames.tolist())):
+        region = _footprint(affine, size, height, width)
+        if region is None:
+            continue
+        y0, y1, x0, x1 = region
+        shift = affine.clone()
+        shift[:, 2] += affine[:, :2] @ torch.tensor([x0, y0], dtype=torch.float64)  # region px -> crop px
+        back = warp(torch.cat([crop, mask[None]]), invert_affine(shift)[None], y1 - y0, x1 - x0)[0]
+        face, weight = back[:3].clamp(0, 1).permute(1, 2, 0), back[3].clamp(0, 1) * strength
+        current = masks[frame, y0:y1, x0:x1]
+        wins = weight > current
+        masks[frame, y0:y1, x0:x1] = torch.where(wins, weight, current)
+        target = out[frame, y0:y1, x0:x1]
+        target[wins] = face[wins]
+    blended = images + (out - images) * masks[..., None]
+    return blended, masks
+
+
+def resize_affines(affines: torch.Tensor, ratio: float) -> torch.Tensor:
+    """Affines onto crops resized by `ratio` (pixel centres move as in F.interpolate / cv2.resize)."""
+    if ratio == 1:
+        return affines
+    resized = affines * ratio
+    resized[:, :, 2] += (ratio - 1) / 2
+    return resized
+
+
+def warp_from_images(images: torch.Tensor, affines: torch.Tensor, frames: torch.Tensor, size: int) -> torch.Tensor:
+    crops = images.new_zeros(len(affines), 3, size, size)
+    for frame in frames.unique().tolist():
+        here = (frames == frame).nonzero().squeeze(1)
+        crops[here] = warp(images[frame].permute(2, 0, 1), affines[here], size, size)
+    return crops
+
+
+def _footprint(affine: torch.Tensor, size: int, height: int, width: int) -> tuple[int, int, int, int] | None:
+    """The image rows and columns a crop covers, clipped to the frame; None when it lies outside."""
+    corners = torch.tensor([[0, 0], [size - 1, 0], [0, size - 1], [size - 1, size - 1]], dtype=torch.float64)
+    inverse = invert_affine(affine)
+    points = corners @ inverse[:, :2].T + inverse[:, 2]
+    x0, y0 = (points.min(0).values.floor() - 1).clamp(min=0).long().tolist()
+    x1, y1 = (points.max(0).values.ceil() + 2).long().tolist()
+    x1, y1 = min(x1, width), min(y1, height)
+    return None if x0 >= x1 or y0 >= y1 else (y0, y1, x0, x1)
+
+
+def match_color(faces: torch.Tensor, references: torch.Tensor) -> torch.Tensor:
+    """Move each face's per-channel mean and std in Lab onto its reference's; (N,3,S,S) RGB 0..1."""
+    lab, ref = rgb_to_lab(faces), rgb_to_lab(references)
+    mean, std = lab.mean((2, 3), keepdim=True), lab.std((2, 3), keepdim=True).clamp(min=1e-3)
+    ref_mean, ref_std = ref.mean((2, 3), keepdim=True), ref.std((2, 3), keepdim=True)
+    return lab_to_rgb((lab - mean) / std * ref_std + ref_mean).clamp(0, 1)
+
+
+# sRGB (D65) <-> CIE Lab
+_RGB_TO_XYZ = torch.tensor([[0.412453, 0.357580, 0.180423], [0.212671, 0.715160, 0.072169],
+                            [0.019334, 0.119193, 0.950227]])
+_WHITE = torch.tensor([0.950456, 1.0, 1.088754])
+
+
+def rgb_to_lab(rgb: torch.Tensor) -> torch.Tensor:
+    linear = torch.where(rgb > 0.04045, ((rgb + 0.055) / 1.055) ** 2.4, rgb / 12.92)
+    xyz = torch.einsum("ij,njhw->nihw", _RGB_TO_XYZ.to(rgb), linear) / _WHITE.to(rgb).view(1, 3, 1, 1)
+    f = torch.where(xyz > 0.008856, xyz.clamp(min=1e-12) ** (1 / 3), 7.787 * xyz + 16 / 116)
+    return torch.stack([116 * f[:, 1] - 16, 500 * (f[:, 0] - f[:, 1]), 200 * (f[:, 1] - f[:, 2])], 1)
+
+
+def lab_to_rgb(lab: torch.Tensor) -> torch.Tensor:
+    fy = (lab[:, 0] + 16) / 116
+    f = torch.stack([fy + lab[:, 1] / 500, fy, fy - lab[:, 2] / 200], 1)
+    xyz = torch.where(f > 0.206893, f ** 3, (f - 16 / 116) / 7.787) * _WHITE.to(lab).view(1, 3, 1, 1)
+    linear = torch.einsum("ij,njhw->nihw", torch.linalg.inv(_RGB_TO_XYZ).to(lab), xyz).clamp(min=0)
+    return torch.where(linear > 0.0031308, 1.055 * linear ** (1 / 2.4) - 0.055, linear * 12.92)

@@ -1,0 +1,182 @@
+"""Alignment, paste-back and restore_faces end to end, with an identity restorer standing in for GPEN."""
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+import gpen
+from gpen.align import GPEN_TEMPLATE, template_points
+from gpen.blend import face_mask
+from gpen.detection import Faces
+from gpen.pipeline import smooth_landmarks
+from tests.helpers import IdentityRestorer, psnr, random_gpen
+
+
+def test_gpen_template_is_the_one_gpen_was_trained_with():
+    expected = [[0.394611, 0.474383], [0.604356, 0.473223], [0.50015, 0.59367],
+                [0.413984, 0.716461], [0.587678, 0.715501]]
+    assert np.allclose(GPEN_TEMPLATE, expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("template", ["gpen", "ffhq"])
+def test_crops_put_the_landmarks_on_the_template_like_cv2(solvay, reference_faces, template):
+    landmarks = reference_faces["landmarks"][:4]
+    crops, affines = gpen.crop_faces(solvay, landmarks, 256, template=template)
+    assert crops.shape == (4, 256, 256, 3) and affines.shape == (4, 2, 3)
+    on_crop = landmarks @ affines[:, :, :2].transpose(1, 2) + affines[:, None, :, 2]
+    target = template_points(256, template).float()
+    assert (on_crop.mean(1) - target.mean(0)).abs().max() < 1e-3  # least squares: centroids coincide
+    assert (on_crop - target).norm(dim=-1).max() < 0.03 * 256
+    image = solvay[0].numpy()
+    for crop, affine in zip(crops, affines):
+        expected = cv2.warpAffine(image, affine.double().numpy(), (256, 256), flags=cv2.INTER_CUBIC)
+        assert np.abs(crop.numpy() - expected.clip(0, 1)).max() < 1e-3
+
+
+def test_crops_of_a_batch_come_from_their_own_frames(solvay, reference_faces):
+    frames = torch.cat([solvay, solvay.flip(2)])
+    landmarks = reference_faces["landmarks"][:2]
+    crops, _ = gpen.crop_faces(frames, landmarks, 128, frames=torch.tensor([0, 1]))
+    alone, _ = gpen.crop_faces(frames[1:], landmarks[1:], 128)
+    assert torch.equal(crops[1], alone[0])
+    with pytest.raises(ValueError, match="frames must say"):
+        gpen.crop_faces(frames, landmarks, 128)
+
+
+def test_identity_restoration_gives_the_image_back(solvay, detector):
+    result = gpen.restore_faces(solvay, IdentityRestorer(), detector)
+    assert result.face_count == 29 and result.summary == "restored 29 face(s) in 1 image(s)"
+    assert psnr(result.images, solvay) >= 34
+    away = result.masks[0] == 0
+    assert away.float().mean() > 0.5 and torch.equal(result.images[0][away], solvay[0][away])
+    assert result.masks.shape == (1, *solvay.shape[1:3]) and result.masks.max() <= 1
+
+
+def test_faces_of_all_frames_are_restored_in_shared_batches(solvay, detector):
+    restorer = IdentityRestorer()
+    seen = []
+    result = gpen.restore_faces(torch.cat([solvay, solvay]), restorer, detector, face_batch=16,
+                                progress=lambda done, total: seen.append((done, total)))
+    assert restorer.batches == [16, 16, 16, 10] and seen[-1] == (58, 58)
+    assert result.frames.tolist() == [0] * 29 + [1] * 29
+
+
+def test_cancel_stops_between_batches(solvay, detector):
+    asked = []
+    with pytest.raises(gpen.Cancelled):
+        gpen.restore_faces(solvay, IdentityRestorer(), detector, face_batch=8,
+                           cancel=lambda: asked.append(1) or len(asked) > 2)
+    assert len(asked) == 3
+
+
+def test_a_real_gpen_restores_every_face(solvay, detector):
+    model = random_gpen(64, 1, 0.125)
+    result = gpen.restore_faces(solvay[:, :300, :600], model, detector)
+    assert result.face_count > 5 and result.images.shape == (1, 300, 600, 3)
+    assert (result.images - solvay[:, :300, :600]).abs().amax() > 0.1
+
+
+def test_an_image_without_faces_comes_back_unchanged(detector):
+    sky = torch.linspace(0, 1, 200 * 300 * 3).reshape(1, 200, 300, 3)
+    result = gpen.restore_faces(sky, IdentityRestorer(), detector)
+    assert torch.equal(result.images, sky) and result.masks.abs().max() == 0
+    assert result.summary == "no face found; images returned unchanged"
+
+
+@pytest.mark.parametrize("images", [
+    torch.zeros(0, 64, 64, 3),  # empty batch
+    torch.rand(1, 8, 8, 3),  # tiny
+    torch.rand(2, 1, 1, 3),
+], ids=["empty", "tiny", "one-pixel"])
+def test_degenerate_batches(detector, images):
+    result = gpen.restore_faces(images, IdentityRestorer(), detector)
+    assert torch.equal(result.images, images) and result.masks.shape == images.shape[:3]
+
+
+def test_grayscale_and_rgba_keep_their_channels(solvay, detector):
+    gray = solvay.mean(-1, keepdim=True)
+    result = gpen.restore_faces(gray, IdentityRestorer(), detector)
+    assert result.images.shape == gray.shape and result.face_count > 20
+    rgba = torch.cat([solvay, torch.full_like(solvay[..., :1], 0.5)], -1)
+    result = gpen.restore_faces(rgba, IdentityRestorer(), detector)
+    assert result.images.shape == rgba.shape and torch.equal(result.images[..., 3], rgba[..., 3])
+
+
+def test_out_of_range_and_float64_inputs(solvay, detector):
+    loud = solvay.double() * 1.5 - 0.2
+    result = gpen.restore_faces(loud, IdentityRestorer(), detector)
+    assert result.images.dtype == torch.float64 and result.face_count > 0
+
+
+def test_faces_cut_by_the_frame_edge_still_restore(solvay, detector, reference_faces):
+    x0 = int(reference_faces["boxes"][0, 0] + 12)  # through the first face
+    cut = solvay[:, :, x0:x0 + 300]
+    result = gpen.restore_faces(cut, IdentityRestorer(), detector, threshold=0.3)
+    edge_faces = result.faces[0].boxes[:, 0] < 0
+    assert edge_faces.any()
+    assert psnr(result.images, cut) >= 34
+
+
+def test_overlapping_faces_are_not_blended_twice():
+    image = torch.full((1, 100, 100, 3), 0.5)
+    affine = torch.tensor([[[1.0, 0, -10], [0, 1.0, -10]]]).repeat(2, 1, 1)
+    restored = torch.stack([torch.ones(64, 64, 3), torch.zeros(64, 64, 3)])
+    out, mask = gpen.paste_faces(image, restored, affine, torch.tensor([0, 0]), smooth_small_faces=False)
+    centre = out[0, 42, 42]
+    assert mask[0, 42, 42] == 1 and (torch.equal(centre, torch.ones(3)) or torch.equal(centre, torch.zeros(3)))
+
+
+def test_strength_and_mask_shapes():
+    image = torch.zeros(1, 100, 100, 3)
+    affine = torch.tensor([[[1.0, 0, -10], [0, 1.0, -10]]])
+    white = torch.ones(1, 64, 64, 3)
+    half, mask = gpen.paste_faces(image, white, affine, strength=0.5, smooth_small_faces=False)
+    assert torch.allclose(half[0, 42, 42], torch.full((3,), 0.5)) and mask[0, 42, 42] == 0.5
+    box, ellipse = face_mask(64, "box"), face_mask(64, "ellipse")
+    assert box[2, 2] < 0.01 and box[32, 32] > 0.99 and ellipse[8, 8] < 0.01 and ellipse[32, 32] > 0.99
+    with pytest.raises(ValueError, match="mask shape"):
+        face_mask(64, "star")
+
+
+def test_colour_correction_pulls_a_tinted_face_back(solvay, reference_faces):
+    crops, affines = gpen.crop_faces(solvay, reference_faces["landmarks"][:3], 256)
+    tinted = (crops + torch.tensor([0.3, -0.1, 0.0])).clamp(0, 1)
+    plain, masks = gpen.paste_faces(solvay, tinted, affines)
+    corrected, _ = gpen.paste_faces(solvay, tinted, affines, color_correction=True)
+    face = masks[0] > 0.99
+    error = lambda x: (x[0][face].mean(0) - solvay[0][face].mean(0)).abs().sum()
+    assert error(corrected) < error(plain) / 3
+
+
+def test_selection_by_size_order_index_and_count(solvay, detector):
+    (faces,) = detector.detect(solvay)
+    left_to_right = gpen.select_faces(faces, order="left-right")
+    assert left_to_right.boxes[:, 0].tolist() == sorted(left_to_right.boxes[:, 0].tolist())
+    largest = gpen.select_faces(faces, order="largest", max_faces=3)
+    areas = (faces.boxes[:, 2:] - faces.boxes[:, :2]).prod(1)
+    assert len(largest) == 3 and torch.allclose((largest.boxes[:, 2:] - largest.boxes[:, :2]).prod(1),
+                                                areas.sort(descending=True).values[:3])
+    picked = gpen.select_faces(faces, order="left-right", indices="0,2,99")
+    assert torch.equal(picked.boxes, left_to_right.boxes[[0, 2]])
+    assert len(gpen.select_faces(faces, min_size=1000)) == 0
+    with pytest.raises(ValueError, match="comma-separated"):
+        gpen.select_faces(faces, indices="first")
+
+
+def jitter(points: torch.Tensor) -> float:
+    """Mean distance of each frame's landmarks from the midpoint of its neighbours'."""
+    return float((points[1:-1] - (points[:-2] + points[2:]) / 2).norm(dim=-1).mean())
+
+
+def test_temporal_smoothing_steadies_landmarks_of_a_moving_face():
+    torch.manual_seed(0)
+    steps = torch.arange(30, dtype=torch.float32)
+    base = torch.tensor(GPEN_TEMPLATE) * 100
+    truth = base[None] + torch.stack([steps * 2.0, steps * 0.5], -1)[:, None]  # drifting right and down
+    noisy = truth + torch.randn_like(truth) * 1.5
+    frames = [Faces(torch.tensor([[p[:, 0].min() - 20, p[:, 1].min() - 30, p[:, 0].max() + 20,
+                                   p[:, 1].max() + 20]]), torch.ones(1), p[None]) for p in noisy]
+    smoothed = torch.stack([f.landmarks[0] for f in smooth_landmarks(frames, sigma=2.0)])
+    assert jitter(smoothed) < jitter(noisy) / 3
+    assert (smoothed - truth)[3:-3].norm(dim=-1).mean() < (noisy - truth).norm(dim=-1).mean()
