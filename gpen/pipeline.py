@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -68,7 +70,7 @@ def parse_indices(text: str) -> list[int]:
 
 def smooth_landmarks(faces: list[Faces], sigma: float = 1.5, min_iou: float = 0.3) -> list[Faces]:
     """Steady landmarks across video frames: faces are linked frame to frame by box overlap, and
-    each track's landmarks are averaged with a Gaussian over time (sigma in frames)."""
+    each track's landmarks are fitted with Gaussian-weighted local lines over time (sigma in frames)."""
     if sigma <= 0 or len(faces) < 2:
         return faces
     tracks: list[list[tuple[int, int]]] = []  # (frame, face index) along each track
@@ -91,13 +93,22 @@ def smooth_landmarks(faces: list[Faces], sigma: float = 1.5, min_iou: float = 0.
             open_tracks[i] = track
     smoothed = [Faces(f.boxes, f.scores, f.landmarks.clone()) for f in faces]
     for track in tracks:
-        times = torch.tensor([t for t, _ in track], dtype=torch.float32)
-        points = torch.stack([faces[t].landmarks[i] for t, i in track])
-        weights = torch.exp(-(times[:, None] - times[None, :]).square() / (2 * sigma ** 2))
-        averaged = torch.einsum("ts,skd->tkd", weights / weights.sum(1, keepdim=True), points)
-        for (t, i), p in zip(track, averaged):
-            smoothed[t].landmarks[i] = p
+        times = torch.tensor([t for t, _ in track], dtype=torch.float64)
+        points = torch.stack([faces[t].landmarks[i] for t, i in track]).double()
+        for (t, i), p in zip(track, torch.einsum("ts,skd->tkd", local_linear_weights(times, sigma), points)):
+            smoothed[t].landmarks[i] = p.to(faces[t].landmarks.dtype)
     return smoothed
+
+
+def local_linear_weights(times: torch.Tensor, sigma: float) -> torch.Tensor:
+    """(T,T) weights of a Gaussian-weighted straight-line fit around each time: steady motion passes
+    through unchanged, even at the ends of a track, while jitter is averaged away."""
+    d = times[None, :] - times[:, None]  # [t, s] = s - t
+    w = torch.exp(-d.square() / (2 * sigma ** 2))
+    s0, s1, s2 = w.sum(1, keepdim=True), (w * d).sum(1, keepdim=True), (w * d.square()).sum(1, keepdim=True)
+    det = s0 * s2 - s1.square()
+    linear = w * (s2 - s1 * d) / det.clamp(min=1e-12)
+    return torch.where(det > 1e-9, linear, w / s0)
 
 
 def box_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -114,41 +125,60 @@ def restore_faces(images: torch.Tensor, model, detector, *, threshold: float = 0
                   erode: float = GPEN_ERODE, feather: float = GPEN_FEATHER, color_correction: bool = False,
                   smooth_small_faces: bool = True, temporal_sigma: float = 0.0, face_batch: int = 4,
                   progress: Callable[[int, int], None] | None = None,
-                  cancel: Callable[[], bool | None] | None = None) -> Restoration:
+                  cancel: Callable[[], bool | None] | None = None, timings: dict | None = None) -> Restoration:
     """Restore every face in a batch of frames (B,H,W,C float 0..1; C = 1, 3 or 4).
 
     `model` is any restorer with `.size` and `restore(faces, batch_size, on_batch)` (a GPEN model);
     `detector` has `detect(images, threshold)`. Faces from all frames are restored together in
     batches of `face_batch`; `progress(done, total)` follows them and `cancel()` is asked between
     batches (return True, or raise, to stop: Cancelled is raised). Frames without faces come back
-    unchanged; the result's `summary` says so.
+    unchanged; the result's `summary` says so. A `timings` dict receives each stage's seconds.
     """
     if not 0 <= strength <= 1:
         raise ValueError(f"strength must be between 0 and 1, got {strength}")
-    rgb = as_rgb(images)
+    # Crops and paste-back run where the detector runs (the GPU when there is one); results come home.
+    rgb = as_rgb(images).to(getattr(detector, "device", images.device))
     batch, height, width = rgb.shape[:3]
     if batch == 0 or min(height, width) < MIN_DETECT_SIDE:
         return _unchanged(images, [Faces.empty() for _ in range(batch)])
     _check_cancel(cancel)
-    found = detector.detect(rgb, threshold=threshold)
-    faces = [select_faces(f, min_size, max_faces, order, indices) for f in found]
-    faces = smooth_landmarks(faces, temporal_sigma)
+    with _stage(timings, "detect", rgb.device):
+        found = detector.detect(rgb, threshold=threshold)
+        faces = [select_faces(f, min_size, max_faces, order, indices) for f in found]
+        faces = smooth_landmarks(faces, temporal_sigma)
     if not any(len(f) for f in faces):
         return _unchanged(images, faces)
     landmarks = torch.cat([f.landmarks for f in faces])
     frames = torch.cat([torch.full((len(f),), t, dtype=torch.long) for t, f in enumerate(faces)])
-    crops, affines = crop_faces(rgb, landmarks, model.size, frames, template=template)
+    with _stage(timings, "crop", rgb.device):
+        crops, affines = crop_faces(rgb, landmarks, model.size, frames, template=template)
 
     def on_batch(done: int, total: int) -> None:
         if progress is not None:
             progress(done, total)
         _check_cancel(cancel)
 
-    restored = model.restore(crops, batch_size=face_batch, on_batch=on_batch)
-    pasted, masks = paste_faces(rgb, restored, affines, frames, strength=strength, mask_shape=mask_shape,
-                                erode=erode, feather=feather, color_correction=color_correction,
-                                smooth_small_faces=smooth_small_faces)
-    return Restoration(_like_input(pasted, images), masks, faces, affines, frames)
+    with _stage(timings, "restore", rgb.device):
+        restored = model.restore(crops, batch_size=face_batch, on_batch=on_batch)
+    with _stage(timings, "paste", rgb.device):
+        pasted, masks = paste_faces(rgb, restored, affines, frames, strength=strength, mask_shape=mask_shape,
+                                    erode=erode, feather=feather, color_correction=color_correction,
+                                    smooth_small_faces=smooth_small_faces)
+        pasted = _like_input(pasted.to(images.device), images)
+    return Restoration(pasted, masks.to(images.device), faces, affines, frames)
+
+
+@contextmanager
+def _stage(timings: dict | None, name: str, device: torch.device):
+    if timings is None:
+        yield
+        return
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync()
+    start = time.perf_counter()
+    yield
+    sync()
+    timings[name] = timings.get(name, 0.0) + time.perf_counter() - start
 
 
 def _check_cancel(cancel) -> None:

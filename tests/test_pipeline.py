@@ -180,3 +180,25 @@ def test_temporal_smoothing_steadies_landmarks_of_a_moving_face():
     smoothed = torch.stack([f.landmarks[0] for f in smooth_landmarks(frames, sigma=2.0)])
     assert jitter(smoothed) < jitter(noisy) / 3
     assert (smoothed - truth)[3:-3].norm(dim=-1).mean() < (noisy - truth).norm(dim=-1).mean()
+
+
+def test_temporal_smoothing_on_faces_the_detector_found_in_a_panning_shot(solvay, detector):
+    from gpen.align import warp
+
+    steps = torch.arange(20, dtype=torch.float64)
+    pan = torch.stack([steps * 1.37, steps * 0.53], -1)  # px per frame, sub-pixel on purpose
+    affines = torch.tensor([[2.0, 0, -1120], [0, 2.0, -200]], dtype=torch.float64).repeat(20, 1, 1)
+    affines[:, :, 2] += pan
+    video = warp(solvay[0].permute(2, 0, 1), affines, 360, 480).permute(0, 2, 3, 1).contiguous()
+    found = [gpen.select_faces(f, order="left-right") for f in detector.detect(video)]
+    assert {len(f) for f in found} == {4}
+    smoothed = smooth_landmarks(found, sigma=2.0)
+
+    def track_errors(faces):
+        points = torch.stack([f.landmarks for f in faces])  # (T, faces, 5, 2)
+        off_track = points - pan[:, None, None].float()
+        off_track = off_track - off_track.mean(0)
+        return jitter(points), float(off_track.norm(dim=-1).mean())
+
+    (jitter_before, error_before), (jitter_after, error_after) = track_errors(found), track_errors(smoothed)
+    assert jitter_after < jitter_before / 3 and error_after < error_before
