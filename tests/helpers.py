@@ -38,3 +38,32 @@ def box_iou(a, b):
     from gpen.pipeline import box_iou as iou
 
     return iou(a, b)
+
+
+def export_fake_scrfd(path, face_cell=(6, 9), stride=32, distances=(2.0, 2.5, 2.0, 3.0)) -> tuple:
+    """An ONNX file shaped like insightface's SCRFD *_bnkps models (9 outputs, strides 8/16/32, two
+    anchors) that reports one face, at a cell of the stride-32 level. Returns its box and landmarks
+    in 640x640 input pixels."""
+    rows = {s: (640 // s) ** 2 * 2 for s in (8, 16, 32)}
+    level = {8: 0, 16: 1, 32: 2}[stride]
+    anchor = (face_cell[0] * (640 // stride) + face_cell[1]) * 2
+    scores = [torch.full((1, n, 1), 0.01) for n in rows.values()]
+    scores[level][0, anchor, 0] = 0.95
+    boxes = [torch.ones(1, n, 4) for n in rows.values()]
+    boxes[level][0, anchor] = torch.tensor(distances)
+    offsets = torch.tensor([[-1.0, -0.5], [1.0, -0.5], [0.0, 0.3], [-0.8, 1.2], [0.8, 1.2]])
+    points = [torch.zeros(1, n, 10) for n in rows.values()]
+    points[level][0, anchor] = offsets.flatten()
+
+    class FakeScrfd(torch.nn.Module):
+        def forward(self, x):
+            zero = x.mean() * 0
+            return tuple(t + zero for t in scores + boxes + points)
+
+    names = [f"{kind}_{s}" for kind in ("score", "bbox", "kps") for s in (8, 16, 32)]
+    torch.onnx.export(FakeScrfd(), (torch.zeros(1, 3, 640, 640),), path, input_names=["input.1"],
+                      output_names=names, dynamo=False)
+    centre = torch.tensor([face_cell[1] * stride, face_cell[0] * stride], dtype=torch.float32)
+    l, t, r, b = (d * stride for d in distances)
+    box = torch.tensor([centre[0] - l, centre[1] - t, centre[0] + r, centre[1] + b])
+    return box, centre + offsets * stride

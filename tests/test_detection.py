@@ -76,3 +76,20 @@ def test_vectorised_nms_equals_greedy_nms():
     boxes = torch.cat([corners, corners + 5 + torch.rand(300, 2) * 30], 1)
     scores = torch.rand(300)
     assert nms(boxes, scores, 0.4).tolist() == greedy_nms(boxes, scores, 0.4)
+
+
+@pytest.mark.parametrize("height, width", [(640, 640), (720, 1280)])
+def test_scrfd_onnx_runs_through_insightface_in_image_pixels(tmp_path, height, width):
+    pytest.importorskip("insightface")
+    pytest.importorskip("onnx")
+    from tests.helpers import export_fake_scrfd
+
+    path = tmp_path / "det_10g.onnx"
+    box, points = export_fake_scrfd(path)
+    detector = gpen.load_detector(path, device="cpu")
+    assert detector.kind == "scrfd"
+    (faces,) = detector.detect(torch.rand(1, height, width, 3), threshold=0.5)
+    scale = width / 640  # insightface fits the longer side into 640
+    assert len(faces) == 1 and faces.scores[0] == pytest.approx(0.95, abs=1e-4)
+    assert torch.allclose(faces.boxes[0], box * scale, atol=1e-2)
+    assert torch.allclose(faces.landmarks[0], points * scale, atol=1e-2)
