@@ -119,6 +119,23 @@ def box_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return inter / (area(a)[:, None] + area(b)[None, :] - inter).clamp(min=1e-9)
 
 
+def detect_faces(images: torch.Tensor, detector, *, threshold: float = 0.5, min_size: float = 0,
+                 max_faces: int = 0, order: str = "largest", indices: str | None = None,
+                 temporal_sigma: float = 0.0) -> list[Faces]:
+    """The faces to restore in each frame: detected, selected, and steadied across frames."""
+    found = detector.detect(as_rgb(images), threshold=threshold)
+    faces = [select_faces(f, min_size, max_faces, order, indices) for f in found]
+    return smooth_landmarks(faces, temporal_sigma)
+
+
+def faces_to_crop(faces: list[Faces]) -> tuple[torch.Tensor, torch.Tensor]:
+    """All frames' landmarks (N,5,2) and the frame of each face (N,), ready for crop_faces."""
+    landmarks = torch.cat([f.landmarks for f in faces]) if faces else torch.zeros(0, 5, 2)
+    frames = torch.cat([torch.full((len(f),), t, dtype=torch.long) for t, f in enumerate(faces)]) if faces \
+        else torch.zeros(0, dtype=torch.long)
+    return landmarks, frames
+
+
 def restore_faces(images: torch.Tensor, model, detector, *, threshold: float = 0.5, min_size: float = 0,
                   max_faces: int = 0, order: str = "largest", indices: str | None = None,
                   template: str = "gpen", strength: float = 1.0, mask_shape: str = "box",
@@ -143,13 +160,11 @@ def restore_faces(images: torch.Tensor, model, detector, *, threshold: float = 0
         return _unchanged(images, [Faces.empty() for _ in range(batch)])
     _check_cancel(cancel)
     with _stage(timings, "detect", rgb.device):
-        found = detector.detect(rgb, threshold=threshold)
-        faces = [select_faces(f, min_size, max_faces, order, indices) for f in found]
-        faces = smooth_landmarks(faces, temporal_sigma)
+        faces = detect_faces(rgb, detector, threshold=threshold, min_size=min_size, max_faces=max_faces,
+                             order=order, indices=indices, temporal_sigma=temporal_sigma)
     if not any(len(f) for f in faces):
         return _unchanged(images, faces)
-    landmarks = torch.cat([f.landmarks for f in faces])
-    frames = torch.cat([torch.full((len(f),), t, dtype=torch.long) for t, f in enumerate(faces)])
+    landmarks, frames = faces_to_crop(faces)
     with _stage(timings, "crop", rgb.device):
         crops, affines = crop_faces(rgb, landmarks, model.size, frames, template=template)
 
@@ -164,7 +179,7 @@ def restore_faces(images: torch.Tensor, model, detector, *, threshold: float = 0
         pasted, masks = paste_faces(rgb, restored, affines, frames, strength=strength, mask_shape=mask_shape,
                                     erode=erode, feather=feather, color_correction=color_correction,
                                     smooth_small_faces=smooth_small_faces)
-        pasted = _like_input(pasted.to(images.device), images)
+        pasted = match_channels(pasted.to(images.device), images)
     return Restoration(pasted, masks.to(images.device), faces, affines, frames)
 
 
@@ -192,7 +207,7 @@ def _unchanged(images: torch.Tensor, faces: list[Faces]) -> Restoration:
                        torch.zeros(0, 2, 3), torch.zeros(0, dtype=torch.long))
 
 
-def _like_input(rgb: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+def match_channels(rgb: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
     """Back to the input's channels: grayscale from the luma of the result, alpha kept as it was."""
     images = images if images.ndim == 4 else images[None]
     channels = images.shape[-1]

@@ -17,6 +17,7 @@ def restore_crops(forward: Forward, size: int, faces: torch.Tensor, *, device: t
 
     `forward` maps NCHW RGB in [-1, 1] at `size` to the same. Crops of another size are resized to
     the model's and back. `on_batch(done, total)` is called after each batch; it may raise to cancel.
+    A batch that runs out of GPU memory is retried in halves, down to one face.
     """
     if faces.ndim != 4 or faces.shape[-1] != 3:
         raise ValueError(f"faces must be (B, S, S, 3) RGB crops, got shape {tuple(faces.shape)}")
@@ -24,16 +25,29 @@ def restore_crops(forward: Forward, size: int, faces: torch.Tensor, *, device: t
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     total, height, width = faces.shape[:3]
     out = torch.empty(faces.shape, dtype=torch.float32)
+    start = 0
     with torch.inference_mode():
-        for start in range(0, total, batch_size):
+        while start < total:
             x = faces[start:start + batch_size].to(device=device, dtype=torch.float32).permute(0, 3, 1, 2)
-            x = _resize(x.clamp(0, 1), size, size) * 2 - 1
-            y = forward(x.to(dtype)).float()
+            try:
+                y = forward((_resize(x.clamp(0, 1), size, size) * 2 - 1).to(dtype)).float()
+            except torch.OutOfMemoryError:
+                if batch_size == 1:
+                    raise
+                batch_size //= 2  # out of memory: retry this batch in halves
+                _empty_cache(device)
+                continue
             y = _resize((y.clamp(-1, 1) + 1) / 2, height, width).clamp(0, 1)
             out[start:start + len(y)] = y.permute(0, 2, 3, 1).cpu()
+            start += len(y)
             if on_batch is not None:
-                on_batch(min(start + batch_size, total), total)
+                on_batch(start, total)
     return out
+
+
+def _empty_cache(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def _resize(x: torch.Tensor, height: int, width: int) -> torch.Tensor:

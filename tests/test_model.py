@@ -109,3 +109,20 @@ def test_half_precision_stays_within_2e_2_of_float32(shared, reference_io, dtype
     with torch.inference_mode():
         for x in (reference_io["input"], reference_io["input"][:1]):
             assert (half(x).float() - full(x)).abs().max() < 2e-2
+
+
+def test_a_batch_out_of_memory_is_retried_in_halves():
+    model = random_gpen()
+    calls = []
+
+    def forward(x):
+        calls.append(len(x))
+        if len(x) > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return model(x)
+
+    from gpen.restorer import restore_crops
+
+    faces = torch.rand(7, 32, 32, 3)
+    restored = restore_crops(forward, 32, faces, batch_size=8)
+    assert calls == [7, 4, 2, 2, 2, 1] and torch.allclose(restored, model.restore(faces), atol=1e-5)

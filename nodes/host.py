@@ -1,0 +1,170 @@
+"""What the nodes need from ComfyUI (model folders, devices, memory, progress, interrupt), with plain
+stand-ins when the modules are imported outside ComfyUI (tests, scripts)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+try:  # inside ComfyUI
+    import comfy.model_management as model_management
+    import comfy.utils
+    import folder_paths
+except ImportError:  # outside ComfyUI: the pack's own models/ folder, no progress bar, no interrupt
+    model_management = None
+    folder_paths = None
+
+PACK_MODELS = Path(__file__).resolve().parents[1] / "models"
+WEIGHT_SUFFIXES = {".pth", ".pt", ".safetensors", ".onnx"}
+# ComfyUI model folders: GPEN files live with the other face restorers (ReActor, facerestore_cf).
+FOLDERS = {"facerestore_models": WEIGHT_SUFFIXES, "gpen": WEIGHT_SUFFIXES,
+           "facedetection": {".pth", ".pt", ".safetensors"}, "insightface": {".onnx"}}
+GPEN_FOLDERS = ("gpen", "facerestore_models")
+NO_GPEN = "(no GPEN model: put GPEN-BFR-512.pth in models/facerestore_models)"
+NO_DETECTOR = "(no detector: put detection_Resnet50_Final.pth in models/facedetection)"
+
+
+def register_model_folders() -> None:
+    """Add our folders to ComfyUI's, merging extensions and keeping every path the user configured."""
+    if folder_paths is None:
+        return
+    for name, suffixes in FOLDERS.items():
+        folder_paths.add_model_folder_path(name, os.path.join(folder_paths.models_dir, name))
+        paths, existing = folder_paths.folder_names_and_paths[name]
+        if not set(suffixes) <= set(existing):
+            # A new tuple with the same path list: another pack's shared extension set stays untouched.
+            folder_paths.folder_names_and_paths[name] = (paths, set(existing) | suffixes)
+
+
+def folder_files(name: str) -> list[str]:
+    register_model_folders()  # again: a pack loaded after us may have replaced the entry
+    if folder_paths is not None:
+        return folder_paths.get_filename_list(name)
+    folder = PACK_MODELS / name
+    if not folder.is_dir():
+        return []
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.suffix.lower() in FOLDERS[name])
+
+
+def full_path(name: str, filename: str) -> str | None:
+    if folder_paths is not None:
+        return folder_paths.get_full_path(name, filename)
+    path = PACK_MODELS / name / filename
+    return str(path) if path.is_file() else None
+
+
+def gpen_model_files() -> list[str]:
+    names = folder_files("gpen") + [f for f in folder_files("facerestore_models") if "gpen" in f.lower()]
+    return sorted(set(names)) or [NO_GPEN]
+
+
+def detector_files() -> list[str]:
+    detection = [f for f in folder_files("facedetection") if not any(w in f.lower() for w in ("parsing", "yolo"))]
+    scrfd = [f"insightface/{f}" for f in folder_files("insightface")
+             if Path(f).name.startswith(("det_", "scrfd"))]
+    return detection + scrfd or [NO_DETECTOR]
+
+
+def find_gpen_file(name: str) -> str:
+    if name == NO_GPEN:
+        raise FileNotFoundError(f"No GPEN model found. Put GPEN-BFR-512.pth (or 256/1024/2048, .pth, "
+                                f".safetensors or .onnx) in {describe_folder('facerestore_models')}")
+    for folder in GPEN_FOLDERS:
+        path = full_path(folder, name)
+        if path:
+            return path
+    raise FileNotFoundError(f"{name} is no longer in {describe_folder('facerestore_models')}")
+
+
+def find_detector_file(name: str) -> str:
+    if name == NO_DETECTOR:
+        raise FileNotFoundError(f"No face detector found. Put detection_Resnet50_Final.pth or "
+                                f"detection_mobilenet0.25_Final.pth in {describe_folder('facedetection')}, "
+                                f"or insightface's buffalo_l in {describe_folder('insightface')}/models")
+    folder, filename = ("insightface", name.split("/", 1)[1]) if name.startswith("insightface/") else ("facedetection", name)
+    path = full_path(folder, filename)
+    if path is None:
+        raise FileNotFoundError(f"{filename} is no longer in {describe_folder(folder)}")
+    return path
+
+
+def describe_folder(name: str) -> str:
+    if folder_paths is not None:
+        return " or ".join(folder_paths.get_folder_paths(name))
+    return str(PACK_MODELS / name)
+
+
+def torch_device(choice: str = "auto") -> torch.device:
+    if choice == "cpu":
+        return torch.device("cpu")
+    device = model_management.get_torch_device() if model_management is not None else \
+        torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if choice == "gpu" and device.type == "cpu":
+        raise ValueError("device 'gpu' was chosen but no GPU is available; choose auto or cpu")
+    return device
+
+
+def offload_device() -> torch.device:
+    return model_management.unet_offload_device() if model_management is not None else torch.device("cpu")
+
+
+def auto_dtype(precision: str, device: torch.device) -> torch.dtype:
+    if precision != "auto":
+        return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
+    return torch.float16 if device.type == "cuda" else torch.float32
+
+
+@dataclass
+class Loaded:
+    """A GPEN model or detector and where it runs; it waits on the offload device between runs."""
+
+    model: object
+    device: torch.device
+    size_bytes: int = 0
+
+    def __enter__(self):
+        if isinstance(self.model, torch.nn.Module) and self.device.type != "cpu":
+            if model_management is not None:
+                model_management.free_memory(self.size_bytes * 2, self.device)
+            self.model.to(self.device)
+        if hasattr(self.model, "net"):  # a RetinaFace detector wrapper
+            self.model.device = self.device
+            self.model.net.to(self.device)
+        return self.model
+
+    def __exit__(self, *exc):
+        module = self.model if isinstance(self.model, torch.nn.Module) else getattr(self.model, "net", None)
+        if module is not None and self.device.type != "cpu":
+            module.to(offload_device())
+            if hasattr(self.model, "net"):
+                self.model.device = offload_device()
+            if model_management is not None:
+                model_management.soft_empty_cache()
+        return False
+
+
+class Progress:
+    """ComfyUI's progress bar and interrupt, wired to the library's progress and cancel hooks."""
+
+    def __init__(self):
+        self.bar = None
+
+    def __call__(self, done: int, total: int) -> None:
+        if model_management is None:
+            return
+        if self.bar is None:
+            self.bar = comfy.utils.ProgressBar(total)
+        self.bar.update_absolute(done, total)
+
+    def step(self, done: int, total: int) -> None:
+        self(done, total)
+        self.cancel()
+
+    @staticmethod
+    def cancel() -> bool:
+        if model_management is not None:
+            model_management.throw_exception_if_processing_interrupted()
+        return False

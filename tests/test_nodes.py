@@ -1,0 +1,127 @@
+"""The ComfyUI nodes, imported the way ComfyUI imports a custom node folder, run on real tensors."""
+
+import importlib.util
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.helpers import random_gpen
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def load_pack():
+    """As ComfyUI's nodes.load_custom_node does: the folder's __init__.py as a module named by its path."""
+    name = str(REPO).replace(".", "_x_")
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, REPO / "__init__.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def pack():
+    return load_pack()
+
+
+@pytest.fixture
+def models_dir(tmp_path, monkeypatch, pack, shared):
+    """The pack's own models folder (used outside ComfyUI), filled like a user's."""
+    host = sys.modules[pack.__name__ + ".nodes.host"]
+    monkeypatch.setattr(host, "PACK_MODELS", tmp_path)
+    (tmp_path / "facerestore_models").mkdir()
+    torch.save(random_gpen(64, 1, 0.125).state_dict(), tmp_path / "facerestore_models" / "GPEN-random-64.pth")
+    torch.save({}, tmp_path / "facerestore_models" / "codeformer.pth")  # another restorer: not listed
+    (tmp_path / "facedetection").mkdir()
+    shutil.copy(shared / "models" / "retinaface_mobilenet0.25.pth",
+                tmp_path / "facedetection" / "detection_mobilenet0.25_Final.pth")
+    return tmp_path
+
+
+def test_the_pack_exposes_six_nodes_under_one_menu(pack):
+    assert set(pack.NODE_CLASS_MAPPINGS) == set(pack.NODE_DISPLAY_NAME_MAPPINGS) == {
+        "GPENLoadModel", "GPENLoadFaceDetector", "GPENDetectAndCropFaces", "GPENRestoreFaces",
+        "GPENPasteFacesBack", "GPENFaceRestore"}
+    assert {cls.CATEGORY for cls in pack.NODE_CLASS_MAPPINGS.values()} == {"GPEN"}
+
+
+def test_every_node_declares_valid_inputs_and_outputs(pack):
+    for name, cls in pack.NODE_CLASS_MAPPINGS.items():
+        assert cls.DESCRIPTION and callable(getattr(cls(), cls.FUNCTION)), name
+        assert isinstance(cls.RETURN_TYPES, tuple) and len(cls.OUTPUT_TOOLTIPS) == len(cls.RETURN_TYPES)
+        assert len(getattr(cls, "RETURN_NAMES", cls.RETURN_TYPES)) == len(cls.RETURN_TYPES)
+        inputs = cls.INPUT_TYPES()
+        assert set(inputs) <= {"required", "optional"}
+        for section in inputs.values():
+            for input_name, (kind, *options) in section.items():
+                options = options[0] if options else {}
+                assert options.get("tooltip"), f"{name}.{input_name} has no tooltip"
+                if isinstance(kind, list):
+                    assert kind and options.get("default", kind[0]) in kind
+                elif kind in ("INT", "FLOAT"):
+                    assert options["min"] <= options["default"] <= options["max"], f"{name}.{input_name}"
+
+
+def test_empty_model_folders_say_which_folder_to_fill(pack, tmp_path, monkeypatch):
+    host = sys.modules[pack.__name__ + ".nodes.host"]
+    monkeypatch.setattr(host, "PACK_MODELS", tmp_path)
+    (choice,) = pack.NODE_CLASS_MAPPINGS["GPENLoadModel"].INPUT_TYPES()["required"]["model_name"][0]
+    with pytest.raises(FileNotFoundError, match="facerestore_models"):
+        pack.NODE_CLASS_MAPPINGS["GPENLoadModel"]().load(choice, "auto", "auto")
+    (choice,) = pack.NODE_CLASS_MAPPINGS["GPENLoadFaceDetector"].INPUT_TYPES()["required"]["detector_name"][0]
+    with pytest.raises(FileNotFoundError, match="facedetection"):
+        pack.NODE_CLASS_MAPPINGS["GPENLoadFaceDetector"]().load(choice, "auto")
+
+
+def load_models(pack):
+    nodes = pack.NODE_CLASS_MAPPINGS
+    assert nodes["GPENLoadModel"].INPUT_TYPES()["required"]["model_name"][0] == ["GPEN-random-64.pth"]
+    (model,) = nodes["GPENLoadModel"]().load("GPEN-random-64.pth", "auto", "cpu")
+    (detector,) = nodes["GPENLoadFaceDetector"]().load("detection_mobilenet0.25_Final.pth", "auto")
+    return model, detector
+
+
+def test_all_in_one_node_restores_a_photo(pack, models_dir, solvay):
+    model, detector = load_models(pack)
+    image, mask = pack.NODE_CLASS_MAPPINGS["GPENFaceRestore"]().restore(
+        solvay, model, detector, face_batch=8, threshold=0.5, min_size=0, max_faces=3, order="largest",
+        indices="", temporal_smoothing=0.0, strength=1.0, mask_shape="ellipse", feather=0.02, erode=0.05,
+        color_correction=True)
+    assert image.shape == solvay.shape and mask.shape == solvay.shape[:3]
+    assert 0 < mask.mean() < 0.2 and (image - solvay).abs().amax() > 0.05
+
+
+def test_modular_chain_detect_restore_paste(pack, models_dir, solvay):
+    nodes = pack.NODE_CLASS_MAPPINGS
+    model, detector = load_models(pack)
+    frames = torch.cat([solvay, solvay.flip(2)])
+    crops, info, face_mask = nodes["GPENDetectAndCropFaces"]().detect(
+        frames, detector, crop_size=256, template="gpen", threshold=0.5, min_size=0, max_faces=2,
+        order="left-right", indices="", temporal_smoothing=0.0, gpen_model=model)
+    assert crops.shape == (4, 64, 64, 3) and info.frames.tolist() == [0, 0, 1, 1] and info.crop_size == 64
+    assert face_mask.shape == frames.shape[:3] and face_mask.amax() > 0.9
+    (restored,) = nodes["GPENRestoreFaces"]().restore(model, crops, strength=0.5, face_batch=3)
+    assert restored.shape == crops.shape
+    image, mask = nodes["GPENPasteFacesBack"]().paste(frames, restored, info, strength=1.0, mask_shape="box",
+                                                      feather=0.011, erode=0.05, color_correction=False)
+    assert image.shape == frames.shape and (mask - face_mask).abs().max() < 0.05
+
+
+def test_restore_node_accepts_crops_of_other_packs_at_any_size(pack, models_dir):
+    model, _ = load_models(pack)
+    (restored,) = pack.NODE_CLASS_MAPPINGS["GPENRestoreFaces"]().restore(model, torch.rand(2, 512, 512, 3), 1.0, 4)
+    assert restored.shape == (2, 512, 512, 3)
+
+
+def test_paste_refuses_faces_from_other_frames(pack, models_dir, solvay):
+    nodes = pack.NODE_CLASS_MAPPINGS
+    _, detector = load_models(pack)
+    crops, info, _ = nodes["GPENDetectAndCropFaces"]().detect(solvay, detector, 128, "gpen", 0.5, 0, 1, "largest", "", 0.0)
+    with pytest.raises(ValueError, match="frames"):
+        nodes["GPENPasteFacesBack"]().paste(solvay[:, :100], crops, info, 1.0, "box", 0.01, 0.05, False)
