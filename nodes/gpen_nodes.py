@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -248,7 +249,7 @@ class GPENFaceRestore:
                                         mask_shape=mask_shape, feather=feather, erode=erode,
                                         color_correction=color_correction, temporal_sigma=temporal_smoothing,
                                         face_batch=face_batch, progress=progress, cancel=progress.cancel)
-        print(f"[GPEN] {result.summary}")
+        logging.info("[GPEN] %s", result.summary)
         return (result.images, result.masks)
 
 
