@@ -13,6 +13,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m gpen", description="GPEN blind face restoration")
     commands = parser.add_subparsers(dest="command", required=True)
     bench.add_arguments(commands.add_parser("bench", help="time the GPEN forward pass, print a JSON table"))
+    add_restore_arguments(commands.add_parser("restore", help="restore the faces in image files"))
+    fetch = commands.add_parser("download", help="download catalogue models (GPEN-BFR-512, ..., or all)")
+    fetch.add_argument("names", nargs="+", metavar="NAME")
+    fetch.add_argument("--models-dir", help="models folder (default: ComfyUI's when the pack is in one)")
     info = commands.add_parser("info", help="say what a weight file is")
     info.add_argument("file")
     convert = commands.add_parser("convert", help="rewrite a GPEN checkpoint as .safetensors")
@@ -23,12 +27,146 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "system_allocator", False):
         keep_freed_memory()
     from .checkpoint import CheckpointError
+    from .download import DownloadError
 
+    run = {"bench": bench.run, "info": run_info, "convert": run_convert, "restore": run_restore,
+           "download": run_download}[args.command]
     try:
-        return {"bench": bench.run, "info": run_info, "convert": run_convert}[args.command](args)
-    except (CheckpointError, FileNotFoundError, ValueError, ImportError) as e:
+        return run(args)
+    except (CheckpointError, DownloadError, FileNotFoundError, ValueError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print("cancelled", file=sys.stderr)
+        return 130
+
+
+def add_restore_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("inputs", nargs="*", metavar="INPUT", help="image files, folders or globs")
+    parser.add_argument("-o", "--output", help="output folder (or file, for one input)")
+    parser.add_argument("--input", dest="legacy_inputs", action="append", default=[], help=argparse.SUPPRESS)
+    parser.add_argument("--model", "--model_path", dest="model", help="catalogue name (GPEN-BFR-512) or a path")
+    parser.add_argument("--size", type=int, choices=(256, 512, 1024, 2048), help="use GPEN-BFR-SIZE (when --model is not given)")
+    parser.add_argument("--detector", default="retinaface_resnet50", help="catalogue name or path of the face detector")
+    parser.add_argument("--strength", type=float, default=1.0, help="how much of the restored face replaces the original")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda")
+    parser.add_argument("--dtype", default=None, help="fp32, fp16 or bf16 (default fp32; fp16 is faster on GPUs)")
+    parser.add_argument("--face-batch", type=int, default=4, help="faces per GPEN pass")
+    parser.add_argument("--aligned", action="store_true", help="inputs are already aligned face crops")
+    parser.add_argument("--face_align", type=_yes_no, nargs="?", const=True, default=True, help=argparse.SUPPRESS)
+    parser.add_argument("--template", choices=("gpen", "ffhq"), default="gpen", help="alignment template")
+    parser.add_argument("--models-dir", help="models folder (default: ComfyUI's when the pack is in one)")
+
+
+def _yes_no(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def run_restore(args) -> int:
+    import torch
+
+    from .catalogue import resolve
+    from .detection import load_detector
+    from .io import read_image, write_image
+    from .loader import load_model
+    from .pipeline import restore_faces
+
+    files = expand_inputs(args.inputs + args.legacy_inputs)
+    if not args.output:
+        raise ValueError("say where the results go: -o OUTPUT")
+    aligned = args.aligned or not args.face_align
+    model = load_model(resolve(args.model or f"GPEN-BFR-{args.size or 512}", "gpen", args.models_dir),
+                       device=args.device, dtype=args.dtype)
+    detector = None if aligned else load_detector(resolve(args.detector, "detector", args.models_dir), device=args.device)
+    failures = 0
+    for number, path in enumerate(files, 1):
+        prefix = f"[{number}/{len(files)}] {path.name}"
+        try:
+            pixels, fmt = read_image(path)
+            image = torch.from_numpy(pixels)[None]
+            if aligned:
+                result_image, summary = restore_aligned(image, model, args.strength), "restored as one aligned face"
+            else:
+                result = restore_faces(image, model, detector, strength=args.strength, template=args.template,
+                                       face_batch=args.face_batch, progress=_face_progress(prefix))
+                result_image, summary = result.images, result.summary
+            target = output_path(path, args.output, len(files))
+            write_image(target, result_image[0].numpy(), fmt)
+            print(f"{prefix}: {summary} -> {target}", flush=True)
+        except (ValueError, OSError) as e:
+            failures += 1
+            print(f"{prefix}: failed: {e}", file=sys.stderr, flush=True)
+    if failures:
+        print(f"{failures} of {len(files)} file(s) failed", file=sys.stderr)
+    return 1 if failures else 0
+
+
+def restore_aligned(image, model, strength: float):
+    """An image that is itself an aligned face crop: GPEN on the whole of it."""
+    import torch
+
+    from .detection import as_rgb
+    from .pipeline import match_channels
+
+    rgb = as_rgb(image)
+    return match_channels(torch.lerp(rgb, model.restore(rgb, batch_size=1), strength), image)
+
+
+def expand_inputs(items: list[str]):
+    from glob import glob
+    from pathlib import Path
+
+    from .io import IMAGE_SUFFIXES
+
+    files = []
+    for item in items:
+        path = Path(item)
+        if path.is_dir():
+            files += sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        elif path.is_file():
+            files.append(path)
+        elif matches := sorted(glob(item, recursive=True)):
+            files += [Path(m) for m in matches if Path(m).suffix.lower() in IMAGE_SUFFIXES]
+        else:
+            raise FileNotFoundError(f"{item}: no such file, folder or pattern")
+    if not files:
+        raise ValueError("no image files among the inputs")
+    return files
+
+
+def output_path(source, output: str, count: int):
+    from pathlib import Path
+
+    from .io import IMAGE_SUFFIXES
+
+    out = Path(output)
+    if count == 1 and out.suffix.lower() in IMAGE_SUFFIXES:
+        return out
+    return out / source.name
+
+
+def _face_progress(prefix: str):
+    def show(done: int, total: int) -> None:
+        if sys.stderr.isatty():
+            print(f"\r{prefix}: face {done}/{total}", end="" if done < total else "\n", file=sys.stderr, flush=True)
+    return show
+
+
+def run_download(args) -> int:
+    from .catalogue import catalogue, resolve
+
+    entries = catalogue()
+    names = list(entries) if args.names == ["all"] else args.names
+    for name in names:
+        entry = entries.get(name)
+        if entry is None:
+            raise ValueError(f"{name}: not in the catalogue ({', '.join(entries)}, or all)")
+        print(f"{name}: {resolve(name, entry.kind, args.models_dir)}")
+    return 0
 
 
 def run_info(args) -> int:
