@@ -1,9 +1,13 @@
 """python -m gpen info / convert / bench, run as a user would."""
 
+import contextlib
+import functools
+import http.server
 import json
 import shutil
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -51,6 +55,18 @@ def test_bench_prints_one_json_table():
     (row,) = json.loads(done.stdout)
     assert {"size", "device", "dtype", "batch", "ms_per_face", "peak_memory_mib"} <= set(row)
     assert row["size"] == 32 and row["ms_per_face"] > 0
+
+
+@contextlib.contextmanager
+def file_server(directory):
+    """A local HTTP server (127.0.0.1) for the files in directory; yields its base URL."""
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=directory)
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    finally:
+        httpd.shutdown()
 
 
 def run_with_catalogue(tmp_path, base_url, *args):
@@ -128,24 +144,23 @@ def test_a_missing_model_that_cannot_be_downloaded_says_where_to_put_it(tmp_path
 
 
 def test_a_named_model_is_downloaded_on_first_use(gpen64, tmp_path):
-    import functools
-    import http.server
-    import threading
-
     (tmp_path / "site").mkdir()
     shutil.copy(gpen64, tmp_path / "site" / "GPEN-BFR-512.pth")
-    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=tmp_path / "site")
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
     write_image(tmp_path / "face.png", np.random.rand(64, 64, 3))
     args = ("restore", tmp_path / "face.png", "-o", tmp_path / "out", "--aligned", "--model", "GPEN-BFR-512",
             "--models-dir", tmp_path / "models")
-    try:
-        first = run_with_catalogue(tmp_path, f"http://127.0.0.1:{httpd.server_address[1]}", *args)
-        assert first.returncode == 0, first.stderr
-        downloaded = tmp_path / "models" / "facerestore_models" / "GPEN-BFR-512.pth"
-        assert downloaded.read_bytes() == gpen64.read_bytes()
-        (tmp_path / "site" / "GPEN-BFR-512.pth").unlink()  # a second run must not need the network
-        assert run_with_catalogue(tmp_path, "http://127.0.0.1:9", *args).returncode == 0
-    finally:
-        httpd.shutdown()
+    with file_server(tmp_path / "site") as url:
+        first = run_with_catalogue(tmp_path, url, *args)
+    assert first.returncode == 0, first.stderr
+    downloaded = tmp_path / "models" / "facerestore_models" / "GPEN-BFR-512.pth"
+    assert downloaded.read_bytes() == gpen64.read_bytes()
+    assert run_with_catalogue(tmp_path, "http://127.0.0.1:9", *args).returncode == 0  # no network needed now
+
+
+def test_download_command_fetches_catalogue_files_into_their_folders(shared, tmp_path):
+    (tmp_path / "site").mkdir()
+    shutil.copy(shared / "models" / "retinaface_mobilenet0.25.pth", tmp_path / "site" / "detection_mobilenet0.25_Final.pth")
+    with file_server(tmp_path / "site") as url:
+        done = run_with_catalogue(tmp_path, url, "download", "retinaface_mobilenet0.25", "--models-dir", tmp_path / "models")
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "models" / "facedetection" / "detection_mobilenet0.25_Final.pth").stat().st_size == 1789735
