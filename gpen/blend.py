@@ -6,6 +6,7 @@ merges them: a pixel takes the face whose mask is strongest there, never a blend
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -20,6 +21,7 @@ GPEN_FEATHER = 4 * math.sqrt(2) / 512
 SMALL_FACE = 100  # px: GPEN softens restored faces smaller than this, which would look over-sharp
 
 
+@functools.lru_cache(maxsize=8)  # the same few masks serve every face and frame; callers never modify it
 def face_mask(size: int, shape: str = "box", erode: float = GPEN_ERODE, feather: float = GPEN_FEATHER) -> torch.Tensor:
     """(size, size) soft mask in crop space; erode and feather are fractions of the crop size."""
     if shape not in MASK_SHAPES:
@@ -89,11 +91,14 @@ def paste_faces(images: torch.Tensor, restored: torch.Tensor, affines: torch.Ten
         crops = match_color(crops, warp_from_images(images, affines, frames, size))
     mask = face_mask(size, mask_shape, erode, feather).to(device)
     height, width = images.shape[1:3]
-    for i, (crop, affine, frame) in enumerate(zip(crops, affines, frames.tolist())):
+    touched: dict[int, list[int]] = {}  # frame -> the box around all its faces, to blend only there
+    for crop, affine, frame in zip(crops, affines, frames.tolist()):
         region = _footprint(affine, size, height, width)
         if region is None:
             continue
         y0, y1, x0, x1 = region
+        box = touched.setdefault(frame, [y0, y1, x0, x1])
+        box[:] = [min(box[0], y0), max(box[1], y1), min(box[2], x0), max(box[3], x1)]
         shift = affine.clone()
         shift[:, 2] += affine[:, :2] @ torch.tensor([x0, y0], dtype=torch.float64)  # region px -> crop px
         back = warp(torch.cat([crop, mask[None]]), invert_affine(shift)[None], y1 - y0, x1 - x0)[0]
@@ -103,8 +108,10 @@ def paste_faces(images: torch.Tensor, restored: torch.Tensor, affines: torch.Ten
         masks[frame, y0:y1, x0:x1] = torch.where(wins, weight, current)
         target = out[frame, y0:y1, x0:x1]
         target[wins] = face[wins]
-    blended = images + (out - images) * masks[..., None]
-    return blended, masks
+    for frame, (y0, y1, x0, x1) in touched.items():
+        original = images[frame, y0:y1, x0:x1]
+        out[frame, y0:y1, x0:x1] = original + (out[frame, y0:y1, x0:x1] - original) * masks[frame, y0:y1, x0:x1, None]
+    return out, masks
 
 
 def resize_affines(affines: torch.Tensor, ratio: float) -> torch.Tensor:

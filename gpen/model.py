@@ -22,6 +22,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from . import winograd
 from .restorer import restore_crops
 
 BLUR_KERNEL = (1, 3, 3, 1)
@@ -127,6 +128,8 @@ class ModulatedConv2d(nn.Module):
     def _conv(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         if self.upsample:
             return self.blur(F.conv_transpose2d(x, weight.transpose(0, 1), stride=2))
+        if winograd.worthwhile(x, weight):
+            return winograd.conv3x3(x, weight)
         return F.conv2d(x, weight, padding=self.padding)
 
 
