@@ -126,3 +126,16 @@ def test_a_batch_out_of_memory_is_retried_in_halves():
     faces = torch.rand(7, 32, 32, 3)
     restored = restore_crops(forward, 32, faces, batch_size=8)
     assert calls == [7, 4, 2, 2, 2, 1] and torch.allclose(restored, model.restore(faces), atol=1e-5)
+
+
+def test_winograd_convolution_equals_direct_convolution():
+    from gpen import winograd
+
+    torch.manual_seed(0)
+    x = torch.randn(3, 256, 12, 20).contiguous(memory_format=torch.channels_last)
+    weight = torch.randn(40, 256, 3, 3) / 48
+    assert winograd.worthwhile(x, weight) and not winograd.worthwhile(x.half(), weight.half())
+    direct = torch.nn.functional.conv2d(x, weight, padding=1)
+    fast = winograd.conv3x3(x, weight)
+    assert (fast - direct).abs().max() < 1e-4 * direct.abs().max()
+    assert fast.is_contiguous(memory_format=torch.channels_last)
