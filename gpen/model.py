@@ -10,6 +10,7 @@ written for inference speed rather than as a transcript of the reference:
   convolution is a plain dense one (no grouped convolution); at larger batches the input is
   modulated instead and the output demodulated, again with plain convolutions;
 - the fixed FIR blur runs as a depthwise convolution instead of upfirdn2d's reshapes;
+- feature maps are channels_last, and wide 3x3 layers on the CPU use Winograd (winograd.py);
 - styles, modulations and demodulation coefficients are computed in float32 whatever the weights'
   dtype, so float16 cannot overflow in the sums of squares.
 """
