@@ -77,18 +77,22 @@ def run(args) -> int:
     return 0 if all("error" not in r for r in rows) else 1
 
 
-def measure(size: int, device: torch.device, dtype: str, batch: int, repeat: int, compile: bool,
-            checkpoint: str | None) -> dict:
+def bench_model(size: int, device: torch.device, dtype: str, checkpoint: str | None):
+    """The checkpoint, or random weights in the layout of the real checkpoint of that size."""
     from .loader import load_model, resolve_dtype
     from .model import GPEN
 
-    torch_dtype = resolve_dtype(dtype)
     if checkpoint:
-        model = load_model(checkpoint, device=device, dtype=torch_dtype)
-        size = model.size
-    else:
-        cm, narrow = STANDARD_CONFIGS.get(size, (2, 1))
-        model = GPEN(size, channel_multiplier=cm, narrow=narrow).to(device, torch_dtype).eval().requires_grad_(False)
+        return load_model(checkpoint, device=device, dtype=dtype)
+    cm, narrow = STANDARD_CONFIGS.get(size, (2, 1))
+    model = GPEN(size, channel_multiplier=cm, narrow=narrow)
+    return model.to(device, resolve_dtype(dtype)).eval().requires_grad_(False)
+
+
+def measure(size: int, device: torch.device, dtype: str, batch: int, repeat: int, compile: bool,
+            checkpoint: str | None) -> dict:
+    model = bench_model(size, device, dtype, checkpoint)
+    size = model.size
     forward = torch.compile(model) if compile else model
     x = torch.rand(batch, 3, size, size, device=device) * 2 - 1
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
@@ -141,15 +145,9 @@ def pipeline_scenes(image_path: str, detector_path: str, frames: int):
 
 def pipeline_row(scene: str, images: torch.Tensor, size: int, device: torch.device, dtype: str, args) -> dict:
     from .detection import load_detector
-    from .model import GPEN
-    from .loader import load_model, resolve_dtype
     from .pipeline import restore_faces
 
-    if args.checkpoint:
-        model = load_model(args.checkpoint, device=device, dtype=dtype)
-    else:
-        cm, narrow = STANDARD_CONFIGS.get(size, (2, 1))
-        model = GPEN(size, channel_multiplier=cm, narrow=narrow).to(device, resolve_dtype(dtype)).eval()
+    model = bench_model(size, device, dtype, args.checkpoint)
     detector = load_detector(args.detector, device=device)
     restore_faces(images, model, detector, face_batch=args.batch[0])  # warm-up
     best: dict | None = None

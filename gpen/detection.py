@@ -78,6 +78,11 @@ class RetinaFaceDetector:
     def name(self) -> str:
         return f"RetinaFace {self.net.backbone}"
 
+    def to(self, device: torch.device | str) -> "RetinaFaceDetector":
+        self.device = torch.device(device)
+        self.net.to(self.device)
+        return self
+
     def detect(self, images: torch.Tensor, threshold: float = 0.5, nms_threshold: float = 0.4,
                top_k: int = 5000) -> list[Faces]:
         images = as_rgb(images)

@@ -126,21 +126,15 @@ class Loaded:
     size_bytes: int = 0
 
     def __enter__(self):
-        if isinstance(self.model, torch.nn.Module) and self.device.type != "cpu":
+        if hasattr(self.model, "to") and self.device.type != "cpu":  # onnxruntime models stay put
             if model_management is not None:
                 model_management.free_memory(self.size_bytes * 2, self.device)
             self.model.to(self.device)
-        if hasattr(self.model, "net"):  # a RetinaFace detector wrapper
-            self.model.device = self.device
-            self.model.net.to(self.device)
         return self.model
 
     def __exit__(self, *exc):
-        module = self.model if isinstance(self.model, torch.nn.Module) else getattr(self.model, "net", None)
-        if module is not None and self.device.type != "cpu":
-            module.to(offload_device())
-            if hasattr(self.model, "net"):
-                self.model.device = offload_device()
+        if hasattr(self.model, "to") and self.device.type != "cpu":
+            self.model.to(offload_device())
             if model_management is not None:
                 model_management.soft_empty_cache()
         return False
