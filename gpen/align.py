@@ -82,12 +82,17 @@ def crop_faces(images: torch.Tensor, landmarks: torch.Tensor, size: int, frames:
         raise ValueError(f"landmarks must be (N, 5, 2), got shape {tuple(landmarks.shape)}")
     frames = frames_of(images, len(landmarks), frames)
     affines = similarity_transform(landmarks.cpu(), template_points(size, template))
-    crops = images.new_zeros(len(landmarks), size, size, images.shape[-1])
+    crops = warp_faces(images.float(), affines, frames, size).clamp(0, 1).permute(0, 2, 3, 1).to(images.dtype)
+    return crops, affines.float()
+
+
+def warp_faces(images: torch.Tensor, affines: torch.Tensor, frames: torch.Tensor, size: int) -> torch.Tensor:
+    """(N,C,size,size) crops through affines (N,2,3) from images (B,H,W,C), each from its frame."""
+    crops = images.new_zeros(len(affines), images.shape[-1], size, size)
     for frame in frames.unique().tolist():
         here = (frames == frame).nonzero().squeeze(1)
-        source = images[frame].permute(2, 0, 1).float()
-        crops[here] = warp(source, affines[here], size, size).clamp(0, 1).permute(0, 2, 3, 1).to(images.dtype)
-    return crops, affines.float()
+        crops[here] = warp(images[frame].permute(2, 0, 1), affines[here], size, size)
+    return crops
 
 
 def frames_of(images: torch.Tensor, count: int, frames: torch.Tensor | None) -> torch.Tensor:

@@ -12,7 +12,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .align import frames_of, invert_affine, warp
+from .align import frames_of, invert_affine, warp, warp_faces
 
 MASK_SHAPES = ("box", "ellipse")
 # GPEN's paste mask at 512: a box 26 px in from the edge, blurred twice with sigma 4.
@@ -88,7 +88,7 @@ def paste_faces(images: torch.Tensor, restored: torch.Tensor, affines: torch.Ten
         small = (face_px * 0.5 < SMALL_FACE).nonzero().squeeze(1).to(device)  # the face is ~half the crop
         crops[small] = soften(crops[small])
     if color_correction:
-        crops = match_color(crops, warp_from_images(images, affines, frames, size))
+        crops = match_color(crops, warp_faces(images, affines, frames, size))
     mask = face_mask(size, mask_shape, erode, feather).to(device)
     height, width = images.shape[1:3]
     touched: dict[int, list[int]] = {}  # frame -> the box around all its faces, to blend only there
@@ -121,14 +121,6 @@ def resize_affines(affines: torch.Tensor, ratio: float) -> torch.Tensor:
     resized = affines * ratio
     resized[:, :, 2] += (ratio - 1) / 2
     return resized
-
-
-def warp_from_images(images: torch.Tensor, affines: torch.Tensor, frames: torch.Tensor, size: int) -> torch.Tensor:
-    crops = images.new_zeros(len(affines), 3, size, size)
-    for frame in frames.unique().tolist():
-        here = (frames == frame).nonzero().squeeze(1)
-        crops[here] = warp(images[frame].permute(2, 0, 1), affines[here], size, size)
-    return crops
 
 
 def _footprint(affine: torch.Tensor, size: int, height: int, width: int) -> tuple[int, int, int, int] | None:

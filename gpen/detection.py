@@ -42,6 +42,15 @@ class Faces:
         return cls(torch.zeros(0, 4), torch.zeros(0), torch.zeros(0, 5, 2))
 
 
+def box_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """(N, M) intersection over union of xyxy boxes."""
+    area = lambda x: (x[:, 2] - x[:, 0]).clamp(min=0) * (x[:, 3] - x[:, 1]).clamp(min=0)
+    top_left = torch.maximum(a[:, None, :2], b[None, :, :2])
+    bottom_right = torch.minimum(a[:, None, 2:], b[None, :, 2:])
+    inter = (bottom_right - top_left).clamp(min=0).prod(-1)
+    return inter / (area(a)[:, None] + area(b)[None, :] - inter).clamp(min=1e-9)
+
+
 def nms(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float) -> torch.Tensor:
     """Indices kept by greedy NMS, best first, computed without a Python loop over boxes.
 
@@ -50,12 +59,7 @@ def nms(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float) -> torc
     """
     order = scores.argsort(descending=True)
     boxes = boxes[order]
-    area = (boxes[:, 2] - boxes[:, 0]).clamp(min=0) * (boxes[:, 3] - boxes[:, 1]).clamp(min=0)
-    top_left = torch.maximum(boxes[:, None, :2], boxes[None, :, :2])
-    bottom_right = torch.minimum(boxes[:, None, 2:], boxes[None, :, 2:])
-    inter = (bottom_right - top_left).clamp(min=0).prod(-1)
-    iou = inter / (area[:, None] + area[None, :] - inter).clamp(min=1e-9)
-    overlaps = torch.triu(iou > iou_threshold, diagonal=1).float()  # [i, j]: better i overlaps j
+    overlaps = torch.triu(box_iou(boxes, boxes) > iou_threshold, diagonal=1).float()  # [i, j]: better i overlaps j
     keep = torch.ones(len(boxes), device=boxes.device)
     for _ in range(len(boxes)):
         new_keep = (keep @ overlaps == 0).float()

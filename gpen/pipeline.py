@@ -11,7 +11,7 @@ import torch
 
 from .align import crop_faces
 from .blend import GPEN_ERODE, GPEN_FEATHER, paste_faces
-from .detection import Faces, as_rgb
+from .detection import Faces, as_rgb, box_iou
 
 ORDERS = ("largest", "left-right", "top-bottom", "confidence")
 MIN_DETECT_SIDE = 32  # below this RetinaFace's coarsest level has no cell; nothing is detected
@@ -109,14 +109,6 @@ def local_linear_weights(times: torch.Tensor, sigma: float) -> torch.Tensor:
     det = s0 * s2 - s1.square()
     linear = w * (s2 - s1 * d) / det.clamp(min=1e-12)
     return torch.where(det > 1e-9, linear, w / s0)
-
-
-def box_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    top_left = torch.maximum(a[:, None, :2], b[None, :, :2])
-    bottom_right = torch.minimum(a[:, None, 2:], b[None, :, 2:])
-    inter = (bottom_right - top_left).clamp(min=0).prod(-1)
-    area = lambda x: (x[:, 2] - x[:, 0]) * (x[:, 3] - x[:, 1])
-    return inter / (area(a)[:, None] + area(b)[None, :] - inter).clamp(min=1e-9)
 
 
 def detect_faces(images: torch.Tensor, detector, *, threshold: float = 0.5, min_size: float = 0,

@@ -34,12 +34,6 @@ def psnr(a, b) -> float:
     return float(10 * torch.log10(1 / (a.float() - b.float()).square().mean()))
 
 
-def box_iou(a, b):
-    from gpen.pipeline import box_iou as iou
-
-    return iou(a, b)
-
-
 def export_fake_scrfd(path, face_cell=(6, 9), stride=32, distances=(2.0, 2.5, 2.0, 3.0)) -> tuple:
     """An ONNX file shaped like insightface's SCRFD *_bnkps models (9 outputs, strides 8/16/32, two
     anchors) that reports one face, at a cell of the stride-32 level. Returns its box and landmarks

@@ -5,9 +5,8 @@ import torch
 
 import gpen
 from gpen import CheckpointError
-from gpen.detection import nms
+from gpen.detection import box_iou, nms
 from gpen.retinaface import RetinaFace
-from tests.helpers import box_iou
 
 
 def assert_matches_reference(faces, reference, box_scale=1.0):
