@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from .align import frames_of, invert_affine, warp, warp_faces
+from .restorer import check_strength
 
 MASK_SHAPES = ("box", "ellipse")
 # GPEN's paste mask at 512: a box 26 px in from the edge, blurred twice with sigma 4.
@@ -70,8 +71,7 @@ def paste_faces(images: torch.Tensor, restored: torch.Tensor, affines: torch.Ten
     Returns the images and the masks used (B,H,W), both float32 on the images' device. Under the
     mask the restored face replaces the original (strength scales the mask, GPEN's alpha).
     """
-    if not 0 <= strength <= 1:
-        raise ValueError(f"strength must be between 0 and 1, got {strength}")
+    check_strength(strength)
     if restored.ndim != 4 or restored.shape[-1] != 3 or len(restored) != len(affines):
         raise ValueError(f"restored must be (N, S, S, 3) with one affine each; got {tuple(restored.shape)} "
                          f"and {len(affines)} affines")

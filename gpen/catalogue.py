@@ -15,7 +15,8 @@ from .download import DownloadError, download
 
 PACK = Path(__file__).resolve().parents[1]
 CATALOGUE_FILE = PACK / "models" / "catalogue.json"
-FOLDERS = {"gpen": ("facerestore_models", "gpen"), "detector": ("facedetection",)}
+# ComfyUI model folders by kind: GPEN files live with the other face restorers (ReActor, facerestore_cf).
+MODEL_FOLDERS = {"gpen": ("facerestore_models", "gpen"), "detector": ("facedetection",)}
 
 
 @dataclass(frozen=True)
@@ -64,12 +65,12 @@ def resolve(name_or_path: str, kind: str, models_dir: str | os.PathLike | None =
     entry = lookup(name_or_path)
     root = models_root(models_dir)
     if entry is None:
-        for folder in FOLDERS[kind]:
+        for folder in MODEL_FOLDERS[kind]:
             if (root / folder / name_or_path).is_file():
                 return root / folder / name_or_path
         known = ", ".join(e.name for e in catalogue().values() if e.kind == kind)
         raise FileNotFoundError(f"{name_or_path}: no such file, and not a model this pack knows ({known})")
-    for folder in FOLDERS[kind]:
+    for folder in MODEL_FOLDERS[kind]:
         if (root / folder / entry.file).is_file():
             return root / folder / entry.file
     dest = root / entry.folder / entry.file

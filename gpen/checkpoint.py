@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import pickle
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -19,6 +20,28 @@ OTHER_NETWORKS = {
     "Stable Diffusion": ("model.diffusion_model.",),
 }
 WRAPPER_KEYS = ("g_ema", "params_ema", "params", "state_dict", "model")
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What a weight file holds."""
+
+    kind: str  # "GPEN"
+    format: str  # "pth", "safetensors" or "onnx"
+    size: int
+    channel_multiplier: float | None = None  # None where the file does not say (ONNX)
+    narrow: float | None = None
+    style_dim: int | None = None
+    n_mlp: int | None = None
+    parameters: int | None = None
+    dtype: str = "float32"  # as stored in the file
+
+    def __str__(self) -> str:
+        parts = [f"{self.kind}-{self.size} ({self.format}, {self.dtype})"]
+        if self.channel_multiplier is not None:
+            parts.append(f"channel_multiplier {self.channel_multiplier:g}, narrow {self.narrow:g}, "
+                         f"{self.parameters / 1e6:.1f}M parameters")
+        return ", ".join(parts)
 
 
 class CheckpointError(ValueError):
@@ -74,9 +97,9 @@ def check_file(path: Path) -> None:
     with open(path, "rb") as f:
         head = f.read(256)
     if _looks_like_text(head):
-        first_line = head.decode("utf-8", "replace").strip().splitlines()[0][:60]
+        start = head.decode("utf-8", "replace").strip().splitlines()[0][:60]
         hint = " (a Git LFS pointer: the real file was never downloaded)" if head.startswith(b"version https://git-lfs") else ""
-        raise CheckpointError(path, f"is a text file, not weights{hint}; it starts with {first_line!r}")
+        raise CheckpointError(path, f"is a text file, not weights{hint}; it starts with {start!r}")
 
 
 def _looks_like_text(head: bytes) -> bool:
@@ -97,8 +120,7 @@ def _read_pickle(path: Path) -> object:
                 "Convert it where you trust it: python -m gpen convert FILE OUT.safetensors") from None
         raise CheckpointError(path, f"is corrupt or not a PyTorch file ({e})") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise CheckpointError(path, f"is truncated or corrupt, fetch it again ({reason})") from None
+        raise CheckpointError(path, f"is truncated or corrupt, fetch it again ({first_line(e)})") from None
 
 
 def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
@@ -109,3 +131,9 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
         return load_file(path, device="cpu")
     except (SafetensorError, OSError, ValueError) as e:
         raise CheckpointError(path, f"is truncated or corrupt safetensors, fetch it again ({e})") from None
+
+
+def first_line(e: BaseException) -> str:
+    """The first line of an exception's message (libraries append pages of context), or its type."""
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__

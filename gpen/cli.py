@@ -74,6 +74,7 @@ def run_restore(args) -> int:
     from .io import read_image, write_image
     from .loader import load_model
     from .pipeline import restore_faces
+    from .restorer import restore_aligned
 
     files = expand_inputs(args.inputs + args.legacy_inputs)
     if not args.output:
@@ -89,7 +90,7 @@ def run_restore(args) -> int:
             pixels, fmt = read_image(path)
             image = torch.from_numpy(pixels)[None]
             if aligned:
-                result_image, summary = restore_aligned(image, model, args.strength), "restored as one aligned face"
+                result_image, summary = restore_aligned(model, image, args.strength, batch_size=1), "restored as one aligned face"
             else:
                 result = restore_faces(image, model, detector, strength=args.strength, template=args.template,
                                        face_batch=args.face_batch, progress=_face_progress(prefix))
@@ -103,17 +104,6 @@ def run_restore(args) -> int:
     if failures:
         print(f"{failures} of {len(files)} file(s) failed", file=sys.stderr)
     return 1 if failures else 0
-
-
-def restore_aligned(image, model, strength: float):
-    """An image that is itself an aligned face crop: GPEN on the whole of it."""
-    import torch
-
-    from .detection import as_rgb
-    from .pipeline import match_channels
-
-    rgb = as_rgb(image)
-    return match_channels(torch.lerp(rgb, model.restore(rgb, batch_size=1), strength), image)
 
 
 def expand_inputs(items: list[str]):

@@ -14,7 +14,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .checkpoint import CheckpointError, check_file, describe_other_network, read_state_dict
+from .checkpoint import CheckpointError, check_file, describe_other_network, first_line, read_state_dict
+from .images import as_rgb
 from .retinaface import RetinaFace, decode, prior_boxes
 
 BGR_MEAN = (104.0, 117.0, 123.0)
@@ -125,7 +126,7 @@ class ScrfdDetector:
             self.model = SCRFD(model_file=str(path))
             self.model.prepare(0 if device.type == "cuda" else -1, input_size=(input_size, input_size))
         except Exception as e:  # insightface and onnxruntime raise assorted types for bad files
-            raise CheckpointError(path, f"is not a usable SCRFD model ({str(e).splitlines()[0]})") from None
+            raise CheckpointError(path, f"is not a usable SCRFD model ({first_line(e)})") from None
         if not getattr(self.model, "use_kps", False):
             raise CheckpointError(path, "is an SCRFD model without landmarks (use a *_bnkps or det_10g file)")
         self.device = device
@@ -167,19 +168,9 @@ def load_detector(path: str | os.PathLike, device: torch.device | str | None = N
         net.load_state_dict(state, strict=True)
     except RuntimeError as e:
         raise CheckpointError(path, f"has RetinaFace keys but does not fit the {backbone} layout "
-                              f"({str(e).splitlines()[0]})") from None
+                              f"({first_line(e)})") from None
     return RetinaFaceDetector(net, device, max_side=max_side)
 
-
-def as_rgb(images: torch.Tensor) -> torch.Tensor:
-    """ComfyUI images as (B,H,W,3) float in 0..1: grayscale is repeated, alpha dropped, range clamped."""
-    if images.ndim == 3:
-        images = images[None]
-    if images.ndim != 4 or images.shape[-1] not in (1, 3, 4):
-        raise ValueError(f"images must be (B, H, W, C) with C in 1, 3, 4; got shape {tuple(images.shape)}")
-    if images.shape[-1] == 1:
-        images = images.expand(-1, -1, -1, 3)
-    return images[..., :3].float().clamp(0, 1)
 
 
 def _select(boxes, scores, points, threshold, nms_threshold, top_k) -> Faces:

@@ -8,39 +8,17 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from .checkpoint import CheckpointError, describe_other_network, read_state_dict
+from .checkpoint import CheckpointError, ModelInfo, describe_other_network, first_line, read_state_dict
 from .model import GPEN
 
 GPEN_KEYS = ("generator.style.1.weight", "generator.input.input", "ecd0.0.0.weight", "final_linear.0.weight")
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
           "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
 
-
-@dataclass(frozen=True)
-class ModelInfo:
-    """What a weight file holds."""
-
-    kind: str  # "GPEN"
-    format: str  # "pth", "safetensors" or "onnx"
-    size: int
-    channel_multiplier: float | None = None  # None where the file does not say (ONNX)
-    narrow: float | None = None
-    style_dim: int | None = None
-    n_mlp: int | None = None
-    parameters: int | None = None
-    dtype: str = "float32"  # as stored in the file
-
-    def __str__(self) -> str:
-        parts = [f"{self.kind}-{self.size} ({self.format}, {self.dtype})"]
-        if self.channel_multiplier is not None:
-            parts.append(f"channel_multiplier {self.channel_multiplier:g}, narrow {self.narrow:g}, "
-                         f"{self.parameters / 1e6:.1f}M parameters")
-        return ", ".join(parts)
 
 
 def infer_gpen_config(state: dict[str, torch.Tensor]) -> dict:
@@ -72,7 +50,7 @@ def build_gpen(state: dict[str, torch.Tensor], path: str | os.PathLike = "<state
         model = GPEN(**config)
         model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
     except (KeyError, RuntimeError, ValueError) as e:
-        raise CheckpointError(path, f"has GPEN keys but does not fit the GPEN FullGenerator layout ({_first_line(e)})") from None
+        raise CheckpointError(path, f"has GPEN keys but does not fit the GPEN FullGenerator layout ({first_line(e)})") from None
     return model
 
 
@@ -105,7 +83,10 @@ def resolve_device(device: torch.device | str | None) -> torch.device:
     return torch.device("cuda" if device == "gpu" else device)
 
 
-def resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype:
+def resolve_dtype(dtype: torch.dtype | str | None, device: torch.device | None = None) -> torch.dtype:
+    """A torch dtype from a name; None is float32, and "auto" is float16 on a GPU, float32 elsewhere."""
+    if dtype == "auto":
+        return torch.float16 if device is not None and device.type == "cuda" else torch.float32
     if dtype is None:
         return torch.float32
     if isinstance(dtype, torch.dtype):
@@ -117,7 +98,3 @@ def resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype:
 
 def _tidy(x: float) -> float:
     return int(x) if float(x).is_integer() else round(x, 6)
-
-
-def _first_line(e: Exception) -> str:
-    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

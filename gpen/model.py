@@ -282,7 +282,7 @@ class GPEN(nn.Module):
             setattr(self, f"ecd{i}", nn.Sequential(EncoderLayer(channels[res * 2], channels[res], 3, downsample=True)))
         self.final_linear = nn.Sequential(EqualLinear(channels[4] * 16, style_dim, activation=True))
         self.n_encoders = log_size - 1
-        self.info = None  # a loader.ModelInfo once loaded from a file
+        self.info = None  # a checkpoint.ModelInfo once loaded from a file
 
     def restore(self, faces: torch.Tensor, batch_size: int = 4, on_batch=None) -> torch.Tensor:
         """Restore aligned face crops, (B,S,S,3) float 0..1 -> the same; see restorer.restore_crops."""

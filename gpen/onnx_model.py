@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .checkpoint import CheckpointError, check_file
+from .checkpoint import CheckpointError, ModelInfo, check_file, first_line
 from .restorer import restore_crops
 
 ONNX_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
@@ -20,8 +20,6 @@ ONNX_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
 
 class OnnxGPEN:
     def __init__(self, path: str | os.PathLike, device: torch.device | str | None = None):
-        from .loader import ModelInfo
-
         try:
             import onnxruntime as ort
         except ImportError:
@@ -35,7 +33,7 @@ class OnnxGPEN:
         try:
             self.session = ort.InferenceSession(str(path), providers=providers)
         except Exception as e:  # onnxruntime raises its own exception types for bad graphs
-            raise CheckpointError(path, f"is not a usable ONNX model ({str(e).splitlines()[0]})") from None
+            raise CheckpointError(path, f"is not a usable ONNX model ({first_line(e)})") from None
         inputs, outputs = self.session.get_inputs(), self.session.get_outputs()
         shape = inputs[0].shape
         if len(inputs) != 1 or len(shape) != 4 or shape[1] != 3 or not isinstance(shape[2], int) or shape[2] != shape[3]:

@@ -11,7 +11,9 @@ import torch
 
 from .align import crop_faces
 from .blend import GPEN_ERODE, GPEN_FEATHER, paste_faces
-from .detection import Faces, as_rgb, box_iou
+from .detection import Faces, box_iou
+from .images import as_rgb, match_channels
+from .restorer import check_strength
 
 ORDERS = ("largest", "left-right", "top-bottom", "confidence")
 MIN_DETECT_SIDE = 32  # below this RetinaFace's coarsest level has no cell; nothing is detected
@@ -143,8 +145,7 @@ def restore_faces(images: torch.Tensor, model, detector, *, threshold: float = 0
     batches (return True, or raise, to stop: Cancelled is raised). Frames without faces come back
     unchanged; the result's `summary` says so. A `timings` dict receives each stage's seconds.
     """
-    if not 0 <= strength <= 1:
-        raise ValueError(f"strength must be between 0 and 1, got {strength}")
+    check_strength(strength)
     # Crops and paste-back run where the detector runs (the GPU when there is one); results come home.
     rgb = as_rgb(images).to(getattr(detector, "device", images.device))
     batch, height, width = rgb.shape[:3]
@@ -197,15 +198,3 @@ def _unchanged(images: torch.Tensor, faces: list[Faces]) -> Restoration:
     shape = images.shape if images.ndim == 4 else (1, *images.shape)
     return Restoration(images.reshape(shape).clone(), torch.zeros(shape[:3]), faces,
                        torch.zeros(0, 2, 3), torch.zeros(0, dtype=torch.long))
-
-
-def match_channels(rgb: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
-    """Back to the input's channels: grayscale from the luma of the result, alpha kept as it was."""
-    images = images if images.ndim == 4 else images[None]
-    channels = images.shape[-1]
-    if channels == 1:
-        luma = torch.tensor([0.299, 0.587, 0.114], device=rgb.device)
-        rgb = (rgb * luma).sum(-1, keepdim=True)
-    elif channels == 4:
-        rgb = torch.cat([rgb, images[..., 3:].to(rgb)], -1)
-    return rgb.to(images.dtype) if images.dtype.is_floating_point else rgb

@@ -45,6 +45,23 @@ def restore_crops(forward: Forward, size: int, faces: torch.Tensor, *, device: t
     return out
 
 
+def restore_aligned(model, crops: torch.Tensor, strength: float = 1.0, batch_size: int = 4,
+                    on_batch: Callable[[int, int], None] | None = None) -> torch.Tensor:
+    """Aligned crops (N,S,S,C) restored by `model`, blended with the input by `strength` (GPEN's alpha),
+    in the input's channels."""
+    from .images import as_rgb, match_channels
+
+    check_strength(strength)
+    rgb = as_rgb(crops)
+    restored = model.restore(rgb, batch_size=batch_size, on_batch=on_batch)
+    return match_channels(torch.lerp(rgb, restored.to(rgb), strength), crops)
+
+
+def check_strength(strength: float) -> None:
+    if not 0 <= strength <= 1:  # also refuses NaN
+        raise ValueError(f"strength must be between 0 and 1, got {strength}")
+
+
 def _empty_cache(device) -> None:
     if torch.device(device).type == "cuda":
         torch.cuda.empty_cache()

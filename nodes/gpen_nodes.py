@@ -12,8 +12,10 @@ import torch
 from .. import gpen
 from ..gpen.align import TEMPLATES
 from ..gpen.blend import GPEN_ERODE, GPEN_FEATHER, MASK_SHAPES
-from ..gpen.detection import as_rgb
-from ..gpen.pipeline import ORDERS, detect_faces, faces_to_crop, match_channels
+from ..gpen.images import as_rgb, match_channels
+from ..gpen.pipeline import ORDERS, detect_faces, faces_to_crop
+from ..gpen.loader import resolve_dtype
+from ..gpen.restorer import restore_aligned
 from . import host
 
 CATEGORY = "GPEN"
@@ -94,7 +96,7 @@ class LoadGPENModel:
     def load(self, model_name: str, precision: str, device: str):
         path = host.find_gpen_file(model_name)
         target = host.torch_device(device)
-        dtype = host.auto_dtype(precision, target)
+        dtype = resolve_dtype(precision, target)
         key = (path, os.path.getmtime(path), dtype, target.type == "cpu")
         # Torch models wait on the offload device and visit the GPU per run; onnxruntime picks its own.
         home = target if path.lower().endswith(".onnx") else host.offload_device()
@@ -187,8 +189,7 @@ class GPENRestoreFaces:
     def restore(self, gpen_model, crops, strength, face_batch):
         progress = host.Progress()
         with gpen_model as model:
-            restored = model.restore(as_rgb(crops), batch_size=face_batch, on_batch=progress.step)
-        return (torch.lerp(as_rgb(crops), restored, strength),)
+            return (restore_aligned(model, crops, strength, batch_size=face_batch, on_batch=progress.step),)
 
 
 class PasteFacesBack:

@@ -9,6 +9,9 @@ from pathlib import Path
 
 import torch
 
+from ..gpen.catalogue import MODEL_FOLDERS
+from ..gpen.loader import resolve_device, resolve_dtype
+
 try:  # inside ComfyUI
     import comfy.model_management as model_management
     import comfy.utils
@@ -19,10 +22,9 @@ except ImportError:  # outside ComfyUI: the pack's own models/ folder, no progre
 
 PACK_MODELS = Path(__file__).resolve().parents[1] / "models"
 WEIGHT_SUFFIXES = {".pth", ".pt", ".safetensors", ".onnx"}
-# ComfyUI model folders: GPEN files live with the other face restorers (ReActor, facerestore_cf).
-FOLDERS = {"facerestore_models": WEIGHT_SUFFIXES, "gpen": WEIGHT_SUFFIXES,
-           "facedetection": {".pth", ".pt", ".safetensors"}, "insightface": {".onnx"}}
-GPEN_FOLDERS = ("gpen", "facerestore_models")
+GPEN_FOLDERS = MODEL_FOLDERS["gpen"]
+FOLDERS = {**{name: WEIGHT_SUFFIXES for name in GPEN_FOLDERS},
+           **{name: {".pth", ".pt", ".safetensors"} for name in MODEL_FOLDERS["detector"]}, "insightface": {".onnx"}}
 NO_GPEN = "(no GPEN model: put GPEN-BFR-512.pth in models/facerestore_models)"
 NO_DETECTOR = "(no detector: put detection_Resnet50_Final.pth in models/facedetection)"
 
@@ -57,8 +59,9 @@ def full_path(name: str, filename: str) -> str | None:
 
 
 def gpen_model_files() -> list[str]:
-    names = folder_files("gpen") + [f for f in folder_files("facerestore_models") if "gpen" in f.lower()]
-    return sorted(set(names)) or [NO_GPEN]
+    """Every weight file in the GPEN folders: what a file is comes from its tensors when it is loaded,
+    never from its name, so a renamed GPEN file is listed and another restorer's says what it is."""
+    return sorted({f for folder in GPEN_FOLDERS for f in folder_files(folder)}) or [NO_GPEN]
 
 
 def detector_files() -> list[str]:
@@ -100,8 +103,7 @@ def describe_folder(name: str) -> str:
 def torch_device(choice: str = "auto") -> torch.device:
     if choice == "cpu":
         return torch.device("cpu")
-    device = model_management.get_torch_device() if model_management is not None else \
-        torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = model_management.get_torch_device() if model_management is not None else resolve_device("auto")
     if choice == "gpu" and device.type == "cpu":
         raise ValueError("device 'gpu' was chosen but no GPU is available; choose auto or cpu")
     return device
@@ -109,12 +111,6 @@ def torch_device(choice: str = "auto") -> torch.device:
 
 def offload_device() -> torch.device:
     return model_management.unet_offload_device() if model_management is not None else torch.device("cpu")
-
-
-def auto_dtype(precision: str, device: torch.device) -> torch.dtype:
-    if precision != "auto":
-        return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
-    return torch.float16 if device.type == "cuda" else torch.float32
 
 
 @dataclass

@@ -15,7 +15,7 @@ def test_catalogue_names_every_checkpoint_users_have():
     for entry in entries.values():
         assert entry.url.startswith("https://") and entry.source
         assert entry.sha256 is None or re.fullmatch(r"[0-9a-f]{64}", entry.sha256)
-        assert entry.folder in catalogue.FOLDERS[entry.kind]
+        assert entry.folder in catalogue.MODEL_FOLDERS[entry.kind]
 
 
 def test_lookup_by_name_file_or_stem_ignoring_case():

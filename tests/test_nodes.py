@@ -37,7 +37,7 @@ def models_dir(tmp_path, monkeypatch, pack, shared):
     monkeypatch.setattr(host, "PACK_MODELS", tmp_path)
     (tmp_path / "facerestore_models").mkdir()
     torch.save(random_gpen(64, 1, 0.125).state_dict(), tmp_path / "facerestore_models" / "GPEN-random-64.pth")
-    torch.save({}, tmp_path / "facerestore_models" / "codeformer.pth")  # another restorer: not listed
+    torch.save({"quantize.embedding.weight": torch.zeros(2, 2)}, tmp_path / "facerestore_models" / "codeformer.pth")
     (tmp_path / "facedetection").mkdir()
     shutil.copy(shared / "models" / "retinaface_mobilenet0.25.pth",
                 tmp_path / "facedetection" / "detection_mobilenet0.25_Final.pth")
@@ -79,9 +79,18 @@ def test_empty_model_folders_say_which_folder_to_fill(pack, tmp_path, monkeypatc
         pack.NODE_CLASS_MAPPINGS["GPENLoadFaceDetector"]().load(choice, "auto")
 
 
+def test_model_list_shows_every_weight_file_and_loading_says_what_it_is(pack, models_dir):
+    shutil.copy(models_dir / "facerestore_models" / "GPEN-random-64.pth", models_dir / "facerestore_models" / "mine.pth")
+    loader = pack.NODE_CLASS_MAPPINGS["GPENLoadModel"]
+    assert loader.INPUT_TYPES()["required"]["model_name"][0] == ["GPEN-random-64.pth", "codeformer.pth", "mine.pth"]
+    (renamed,) = loader().load("mine.pth", "auto", "cpu")
+    assert renamed.model.size == 64
+    with pytest.raises(ValueError, match="codeformer.pth: holds CodeFormer weights"):
+        loader().load("codeformer.pth", "auto", "cpu")
+
+
 def load_models(pack):
     nodes = pack.NODE_CLASS_MAPPINGS
-    assert nodes["GPENLoadModel"].INPUT_TYPES()["required"]["model_name"][0] == ["GPEN-random-64.pth"]
     (model,) = nodes["GPENLoadModel"]().load("GPEN-random-64.pth", "auto", "cpu")
     (detector,) = nodes["GPENLoadFaceDetector"]().load("detection_mobilenet0.25_Final.pth", "auto")
     return model, detector
