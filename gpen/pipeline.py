@@ -135,7 +135,7 @@ def restore_faces(images: torch.Tensor, model, detector, *, threshold: float = 0
                   template: str = "gpen", strength: float = 1.0, mask_shape: str = "box",
                   erode: float = GPEN_ERODE, feather: float = GPEN_FEATHER, color_correction: bool = False,
                   smooth_small_faces: bool = True, temporal_sigma: float = 0.0, face_batch: int = 4,
-                  progress: Callable[[int, int], None] | None = None,
+                  faces: list[Faces] | None = None, progress: Callable[[int, int], None] | None = None,
                   cancel: Callable[[], bool | None] | None = None, timings: dict | None = None) -> Restoration:
     """Restore every face in a batch of frames (B,H,W,C float 0..1; C = 1, 3 or 4).
 
@@ -144,6 +144,8 @@ def restore_faces(images: torch.Tensor, model, detector, *, threshold: float = 0
     batches of `face_batch`; `progress(done, total)` follows them and `cancel()` is asked between
     batches (return True, or raise, to stop: Cancelled is raised). Frames without faces come back
     unchanged; the result's `summary` says so. A `timings` dict receives each stage's seconds.
+    `faces` (one `Faces` per frame, from `detect_faces`) skips detection and selection, for callers that
+    detect a longer sequence first (smoothing landmarks across all of it) and restore it in parts.
     """
     check_strength(strength)
     # Crops and paste-back run where the detector runs (the GPU when there is one); results come home.
@@ -152,9 +154,12 @@ def restore_faces(images: torch.Tensor, model, detector, *, threshold: float = 0
     if batch == 0 or min(height, width) < MIN_DETECT_SIDE:
         return _unchanged(images, [Faces.empty() for _ in range(batch)])
     _check_cancel(cancel)
-    with _stage(timings, "detect", rgb.device):
-        faces = detect_faces(rgb, detector, threshold=threshold, min_size=min_size, max_faces=max_faces,
-                             order=order, indices=indices, temporal_sigma=temporal_sigma)
+    if faces is None:
+        with _stage(timings, "detect", rgb.device):
+            faces = detect_faces(rgb, detector, threshold=threshold, min_size=min_size, max_faces=max_faces,
+                                 order=order, indices=indices, temporal_sigma=temporal_sigma)
+    elif len(faces) != batch:
+        raise ValueError(f"faces must hold one entry per frame: {len(faces)} for {batch} frames")
     if not any(len(f) for f in faces):
         return _unchanged(images, faces)
     landmarks, frames = faces_to_crop(faces)
