@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .images import as_rgb
+
 # GPEN's own template, as fractions of the crop size: align_faces.py's 96x112 reference points,
 # squared to 112x112 (x + 8) with inner padding 0.25 (+ 28, in a 168x168 frame). GPEN was trained on it.
 GPEN_TEMPLATE = tuple(((x + 8 + 28) / 168, (y + 28) / 168) for x, y in (
@@ -71,27 +73,32 @@ def warp(image: torch.Tensor, affine: torch.Tensor, height: int, width: int, mod
 
 
 def crop_faces(images: torch.Tensor, landmarks: torch.Tensor, size: int, frames: torch.Tensor | None = None,
-               template: str = "gpen") -> tuple[torch.Tensor, torch.Tensor]:
-    """Aligned face crops.
+               template: str = "gpen", device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Aligned RGB face crops.
 
-    images (B,H,W,C) float; landmarks (N,5,2) pixels; frames (N,) the frame of each face (may be left
-    out when B is 1). Returns crops (N,size,size,C) and affines (N,2,3) image -> crop pixels, float32.
+    images (B,H,W,C) float, C = 1, 3 or 4; landmarks (N,5,2) pixels; frames (N,) the frame of each face
+    (may be left out when B is 1). Returns crops (N,size,size,3) float32 in 0..1 on `device` (default:
+    the images') and affines (N,2,3) image -> crop pixels, float32. Frames go to the device one at a time.
     """
     landmarks = torch.as_tensor(landmarks)
     if landmarks.ndim != 3 or landmarks.shape[1:] != (5, 2):
         raise ValueError(f"landmarks must be (N, 5, 2), got shape {tuple(landmarks.shape)}")
     frames = frames_of(images, len(landmarks), frames)
     affines = similarity_transform(landmarks.cpu(), template_points(size, template))
-    crops = warp_faces(images.float(), affines, frames, size).clamp(0, 1).permute(0, 2, 3, 1).to(images.dtype)
+    crops = warp_faces(images, affines, frames, size, device).clamp(0, 1).permute(0, 2, 3, 1)
     return crops, affines.float()
 
 
-def warp_faces(images: torch.Tensor, affines: torch.Tensor, frames: torch.Tensor, size: int) -> torch.Tensor:
-    """(N,C,size,size) crops through affines (N,2,3) from images (B,H,W,C), each from its frame."""
-    crops = images.new_zeros(len(affines), images.shape[-1], size, size)
+def warp_faces(images: torch.Tensor, affines: torch.Tensor, frames: torch.Tensor, size: int,
+               device: torch.device | str | None = None) -> torch.Tensor:
+    """(N,3,size,size) float32 RGB crops through affines (N,2,3) from images (B,H,W,C), each from its
+    frame, on `device` (default: the images')."""
+    device = torch.device(device) if device is not None else images.device
+    crops = torch.zeros(len(affines), 3, size, size, device=device)
     for frame in frames.unique().tolist():
         here = (frames == frame).nonzero().squeeze(1)
-        crops[here] = warp(images[frame].permute(2, 0, 1), affines[here], size, size)
+        source = as_rgb(images[frame].to(device))[0].permute(2, 0, 1)
+        crops[here.to(device)] = warp(source, affines[here], size, size)
     return crops
 
 

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from .align import frames_of, invert_affine, warp, warp_faces
+from .images import as_rgb, match_channels
 from .restorer import check_strength
 
 MASK_SHAPES = ("box", "ellipse")
@@ -64,54 +65,71 @@ def soften(crops: torch.Tensor) -> torch.Tensor:
 def paste_faces(images: torch.Tensor, restored: torch.Tensor, affines: torch.Tensor,
                 frames: torch.Tensor | None = None, *, strength: float = 1.0, mask_shape: str = "box",
                 erode: float = GPEN_ERODE, feather: float = GPEN_FEATHER, color_correction: bool = False,
-                smooth_small_faces: bool = True, crop_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Blend restored crops (N,S,S,3) back into images (B,H,W,3) through their affines (N,2,3).
+                smooth_small_faces: bool = True, crop_size: int | None = None,
+                device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Blend restored crops (N,S,S,3) back into images (B,H,W,C; C = 1, 3 or 4) through their affines (N,2,3).
 
-    `crop_size` is the size the affines were made for, when the restored crops have another.
-    Returns the images and the masks used (B,H,W), both float32 on the images' device. Under the
-    mask the restored face replaces the original (strength scales the mask, GPEN's alpha).
+    `crop_size` is the size the affines were made for, when the restored crops have another. The work
+    runs on `device` (default: the crops'), one frame's face region at a time. Returns the images in
+    their own channels, dtype and device, and the masks used (B,H,W float32). Under the mask the restored
+    face replaces the original (strength scales the mask, GPEN's alpha); every pixel where the mask is
+    zero is returned bit-identical.
     """
     check_strength(strength)
     if restored.ndim != 4 or restored.shape[-1] != 3 or len(restored) != len(affines):
         raise ValueError(f"restored must be (N, S, S, 3) with one affine each; got {tuple(restored.shape)} "
                          f"and {len(affines)} affines")
+    single = images.ndim == 3
+    images = images[None] if single else images
     frames = frames_of(images, len(restored), frames)
-    images = images.float()
-    out, masks = images.clone(), images.new_zeros(images.shape[:3])
-    if not len(restored):
-        return out, masks
-    device, size = images.device, restored.shape[1]
-    crops = restored.to(device, torch.float32).permute(0, 3, 1, 2)
-    affines = resize_affines(affines.to(torch.float64), size / (crop_size or size))
-    face_px = size / affines[:, :, :2].det().abs().sqrt()  # the crop's width in image pixels
+    out, masks = images.clone(), torch.zeros(images.shape[:3], device=images.device)
+    if len(restored):
+        device = torch.device(device) if device is not None else restored.device
+        affines = resize_affines(affines.to(torch.float64), restored.shape[1] / (crop_size or restored.shape[1]))
+        crops = prepare_crops(images, restored.to(device), affines, frames, color_correction, smooth_small_faces)
+        mask = face_mask(restored.shape[1], mask_shape, erode, feather).to(device)
+        for frame in frames.unique().tolist():
+            here = (frames == frame).nonzero().squeeze(1)
+            _paste_frame(out[frame], masks[frame], images[frame], crops[here.to(device)], affines[here], mask, strength)
+    return (out[0], masks[0]) if single else (out, masks)
+
+
+def prepare_crops(images, restored, affines, frames, color_correction, smooth_small_faces):
+    """(N,3,S,S) float32 crops as they will be pasted: small faces softened, colours matched."""
+    size = restored.shape[1]
+    crops = restored.float().permute(0, 3, 1, 2).clone()
     if smooth_small_faces:
-        small = (face_px * 0.5 < SMALL_FACE).nonzero().squeeze(1).to(device)  # the face is ~half the crop
+        face_px = size / affines[:, :, :2].det().abs().sqrt()  # the crop's width in image pixels
+        small = (face_px * 0.5 < SMALL_FACE).nonzero().squeeze(1).to(crops.device)  # the face is ~half the crop
         crops[small] = soften(crops[small])
     if color_correction:
-        crops = match_color(crops, warp_faces(images, affines, frames, size))
-    mask = face_mask(size, mask_shape, erode, feather).to(device)
-    height, width = images.shape[1:3]
-    touched: dict[int, list[int]] = {}  # frame -> the box around all its faces, to blend only there
-    for crop, affine, frame in zip(crops, affines, frames.tolist()):
-        region = _footprint(affine, size, height, width)
-        if region is None:
-            continue
-        y0, y1, x0, x1 = region
-        box = touched.setdefault(frame, [y0, y1, x0, x1])
-        box[:] = [min(box[0], y0), max(box[1], y1), min(box[2], x0), max(box[3], x1)]
+        crops = match_color(crops, warp_faces(images, affines, frames, size, crops.device))
+    return crops
+
+
+def _paste_frame(out: torch.Tensor, masks: torch.Tensor, original: torch.Tensor, crops: torch.Tensor,
+                 affines: torch.Tensor, mask: torch.Tensor, strength: float) -> None:
+    """Paste one frame's faces into `out` (H,W,C) and `masks` (H,W), in the region they cover."""
+    height, width = original.shape[:2]
+    regions = [_footprint(affine, crops.shape[-1], height, width) for affine in affines]
+    if all(r is None for r in regions):
+        return
+    y0, y1, x0, x1 = (f(r[i] for r in regions if r is not None) for i, f in enumerate((min, max, min, max)))
+    device = crops.device
+    source = original[y0:y1, x0:x1].to(device)
+    base = as_rgb(source)[0]
+    face, weight = base.clone(), torch.zeros(base.shape[:2], device=device)
+    for crop, affine in zip(crops, affines):
         shift = affine.clone()
         shift[:, 2] += affine[:, :2] @ torch.tensor([x0, y0], dtype=torch.float64)  # region px -> crop px
         back = warp(torch.cat([crop, mask[None]]), invert_affine(shift)[None], y1 - y0, x1 - x0)[0]
-        face, weight = back[:3].clamp(0, 1).permute(1, 2, 0), back[3].clamp(0, 1) * strength
-        current = masks[frame, y0:y1, x0:x1]
-        wins = weight > current
-        masks[frame, y0:y1, x0:x1] = torch.where(wins, weight, current)
-        target = out[frame, y0:y1, x0:x1]
-        target[wins] = face[wins]
-    for frame, (y0, y1, x0, x1) in touched.items():
-        original = images[frame, y0:y1, x0:x1]
-        out[frame, y0:y1, x0:x1] = original + (out[frame, y0:y1, x0:x1] - original) * masks[frame, y0:y1, x0:x1, None]
-    return out, masks
+        wins = back[3].clamp(0, 1) * strength > weight  # overlapping faces: the strongest mask takes the pixel
+        face[wins] = back[:3].clamp(0, 1).permute(1, 2, 0)[wins]
+        weight[wins] = back[3].clamp(0, 1)[wins] * strength
+    blended = match_channels(base + (face - base) * weight[..., None], source)
+    touched = weight > 0
+    out[y0:y1, x0:x1][touched.to(out.device)] = blended[touched].to(out.device)
+    masks[y0:y1, x0:x1] = weight.to(masks.device)
 
 
 def resize_affines(affines: torch.Tensor, ratio: float) -> torch.Tensor:

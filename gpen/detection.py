@@ -70,13 +70,86 @@ def nms(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float) -> torc
     return order[keep.bool()]
 
 
+# The scale policy. RetinaFace and SCRFD anchors span 16-512 px: a face larger than about 400 px at
+# the scale it is detected at breaks into several partial boxes, and one smaller than about 16 px is
+# missed. "auto" detects twice, at most FINE_SIDE on the long side for small faces and at COARSE_SIDE
+# for large ones, and keeps each face from the pass that sees it at a workable size.
+FINE_SIDE = 1600
+COARSE_SIDE = 640
+FINE_MAX_FACE = 400  # px at the fine scale: larger faces are left to the coarse pass
+COARSE_MIN_FACE = 64  # px at the coarse scale: smaller faces are left to the fine pass
+MIN_SHORT_SIDE = 32  # a pass keeps the image's short side at least this long (the coarsest stride)
+SAME_FACE_IOU = 0.3  # two boxes overlapping more than this are one face
+SAME_FACE_INSIDE = 0.6  # as is a box with this much of its area inside another
+
+
+def detection_scales(height: int, width: int, detect_size: int | str = "auto") -> list[float]:
+    """The scales a frame is detected at: [fine, coarse] for "auto" (one when they coincide), or the one
+    scale that gives the fixed long side `detect_size`."""
+    long, short = max(height, width), min(height, width)
+    if detect_size != "auto":
+        return [int(detect_size) / long]
+    fine = min(1.0, max(FINE_SIDE / long, MIN_SHORT_SIDE / short))
+    coarse = COARSE_SIDE / long
+    return [fine, coarse] if long * fine > COARSE_SIDE * 1.25 else [fine]
+
+
+def check_detect_size(detect_size) -> int | str:
+    if detect_size == "auto":
+        return detect_size
+    try:
+        side = int(detect_size)
+    except (TypeError, ValueError):
+        side = 0
+    if not 64 <= side <= 8192:
+        raise ValueError(f"detect_size must be 'auto' or a long side in pixels (64-8192), got {detect_size!r}")
+    return side
+
+
+def merge_scales(passes: list[tuple[float, Faces]]) -> Faces:
+    """One face per face from several passes [(scale, faces in image px)], the first pass the finest:
+    each pass keeps the faces it sees at a size its anchors hold, then overlapping boxes are merged."""
+    if len(passes) == 1:
+        return passes[0][1]
+    kept = []
+    for i, (scale, faces) in enumerate(passes):
+        side = (faces.boxes[:, 2:] - faces.boxes[:, :2]).amax(1) * scale
+        workable = torch.ones_like(side, dtype=torch.bool)
+        if i < len(passes) - 1:
+            workable &= side <= FINE_MAX_FACE
+        if i > 0:
+            workable &= side >= COARSE_MIN_FACE
+        kept.append(faces[workable])
+    return Faces(*(torch.cat([getattr(f, name) for f in kept]) for name in ("boxes", "scores", "landmarks")))
+
+
+def one_box_per_face(faces: Faces) -> Faces:
+    """Best first, drop every face that overlaps a kept one (IoU > 0.3) or lies largely inside one, or
+    that a kept one lies largely inside: never two boxes for one face."""
+    if len(faces) < 2:
+        return faces
+    area = (faces.boxes[:, 2:] - faces.boxes[:, :2]).clamp(min=0).prod(1)
+    order = torch.tensor(sorted(range(len(faces)), key=lambda i: (-float(faces.scores[i]), -float(area[i]))))
+    faces, area = faces[order], area[order]
+    iou = box_iou(faces.boxes, faces.boxes)
+    inter = iou * (area[:, None] + area[None, :]) / (1 + iou)
+    inside = inter / torch.minimum(area[:, None], area[None, :]).clamp(min=1e-9)
+    same = (iou > SAME_FACE_IOU) | (inside > SAME_FACE_INSIDE)
+    keep: list[int] = []
+    for i in range(len(faces)):
+        if not any(same[i, j] for j in keep):
+            keep.append(i)
+    return faces[torch.tensor(keep)]
+
+
 class RetinaFaceDetector:
     kind = "retinaface"
 
-    def __init__(self, net: RetinaFace, device: torch.device, max_side: int = 1600, frames_per_batch: int = 4):
+    def __init__(self, net: RetinaFace, device: torch.device, detect_size: int | str = "auto",
+                 frames_per_batch: int = 4):
         self.net = net.to(device).eval().requires_grad_(False)
         self.device = device
-        self.max_side = max_side
+        self.detect_size = check_detect_size(detect_size)
         self.frames_per_batch = frames_per_batch
 
     @property
@@ -90,26 +163,32 @@ class RetinaFaceDetector:
 
     def detect(self, images: torch.Tensor, threshold: float = 0.5, nms_threshold: float = 0.4,
                top_k: int = 5000) -> list[Faces]:
-        images = as_rgb(images)
-        height, width = images.shape[1:3]
-        scale = min(1.0, self.max_side / max(height, width, 1))
+        """One `Faces` per image (B,H,W,C float 0..1), in image pixels, best score first."""
+        if images.ndim == 3:
+            images = images[None]
+        scales = detection_scales(*images.shape[1:3], self.detect_size)
         results = []
         with torch.inference_mode():
             for start in range(0, len(images), self.frames_per_batch):
-                x = images[start:start + self.frames_per_batch].to(self.device, torch.float32).permute(0, 3, 1, 2)
-                if scale < 1:  # large frames are detected downscaled and the results mapped back
-                    x = F.interpolate(x, scale_factor=scale, mode="bilinear", antialias=True, recompute_scale_factor=True)
-                mean = torch.tensor(BGR_MEAN, device=self.device).view(1, 3, 1, 1)
-                x = x.flip(1) * 255 - mean
-                offsets, scores, landmark_offsets = self.net(x)
-                priors = prior_boxes(*x.shape[-2:], device=self.device)
-                boxes, points = decode(offsets, landmark_offsets, priors)
-                sx, sy = width / x.shape[-1], height / x.shape[-2]
-                boxes = boxes * boxes.new_tensor([sx, sy, sx, sy])
-                points = points * points.new_tensor([sx, sy])
-                for b, s, p in zip(boxes, scores, points):
-                    results.append(_select(b, s, p, threshold, nms_threshold, top_k))
+                x = as_rgb(images[start:start + self.frames_per_batch].to(self.device)).permute(0, 3, 1, 2)
+                x = x.flip(1) * 255 - x.new_tensor(BGR_MEAN).view(1, 3, 1, 1)  # BGR minus the mean, as trained
+                passes = [(scale, self._detect_at(x, scale, threshold, nms_threshold, top_k)) for scale in scales]
+                results += [one_box_per_face(merge_scales([(s, found[i]) for s, found in passes]))
+                            for i in range(len(x))]
         return results
+
+    def _detect_at(self, x: torch.Tensor, scale: float, threshold: float, nms_threshold: float,
+                   top_k: int) -> list[Faces]:
+        height, width = x.shape[-2:]
+        if scale != 1:
+            size = (max(1, round(height * scale)), max(1, round(width * scale)))
+            x = F.interpolate(x, size=size, mode="bilinear", antialias=scale < 1, align_corners=False)
+        offsets, scores, landmark_offsets = self.net(x)
+        boxes, points = decode(offsets, landmark_offsets, prior_boxes(*x.shape[-2:], device=x.device))
+        sx, sy = width / x.shape[-1], height / x.shape[-2]
+        boxes = boxes * boxes.new_tensor([sx, sy, sx, sy])
+        points = points * points.new_tensor([sx, sy])
+        return [candidates(b, s, p, threshold, nms_threshold, top_k) for b, s, p in zip(boxes, scores, points)]
 
 
 class ScrfdDetector:
@@ -117,43 +196,58 @@ class ScrfdDetector:
 
     kind = "scrfd"
 
-    def __init__(self, path: Path, device: torch.device, input_size: int = 640):
+    def __init__(self, path: Path, device: torch.device, detect_size: int | str = "auto"):
         try:
             from insightface.model_zoo.scrfd import SCRFD
         except ImportError:
             raise ImportError(f"{path}: SCRFD detectors need insightface: pip install insightface") from None
         try:
             self.model = SCRFD(model_file=str(path))
-            self.model.prepare(0 if device.type == "cuda" else -1, input_size=(input_size, input_size))
+            self.model.prepare(0 if device.type == "cuda" else -1, input_size=(COARSE_SIDE, COARSE_SIDE))
         except Exception as e:  # insightface and onnxruntime raise assorted types for bad files
             raise CheckpointError(path, f"is not a usable SCRFD model ({first_line(e)})") from None
         if not getattr(self.model, "use_kps", False):
             raise CheckpointError(path, "is an SCRFD model without landmarks (use a *_bnkps or det_10g file)")
         self.device = device
+        self.detect_size = check_detect_size(detect_size)
         self.name = f"SCRFD {path.name}"
 
     def detect(self, images: torch.Tensor, threshold: float = 0.5, nms_threshold: float = 0.4,
                top_k: int = 5000) -> list[Faces]:
+        if images.ndim == 3:
+            images = images[None]
         self.model.det_thresh, self.model.nms_thresh = threshold, nms_threshold
+        scales = detection_scales(*images.shape[1:3], self.detect_size)
         results = []
-        for image in as_rgb(images):
-            bgr = (image.clamp(0, 1) * 255).round().to(torch.uint8).flip(-1).cpu().numpy()
-            boxes, points = self.model.detect(np.ascontiguousarray(bgr), max_num=top_k if top_k < 5000 else 0)
-            faces = Faces(torch.from_numpy(boxes[:, :4]).float(), torch.from_numpy(boxes[:, 4]).float(),
-                          torch.from_numpy(points).float().reshape(-1, 5, 2))
-            results.append(faces[faces.scores.argsort(descending=True)])
+        for image in images:
+            bgr = np.ascontiguousarray((as_rgb(image) * 255).round().to(torch.uint8).flip(-1).cpu().numpy()[0])
+            passes = [(scale, self._detect_at(bgr, scale)) for scale in scales]
+            faces = one_box_per_face(merge_scales(passes))
+            results.append(faces[:top_k] if top_k < 5000 else faces)
         return results
+
+    def _detect_at(self, bgr: np.ndarray, scale: float) -> Faces:
+        # insightface letterboxes the image into input_size (multiples of 32) and maps back to image px
+        size = tuple(max(32, int(np.ceil(side * scale / 32)) * 32) for side in (bgr.shape[1], bgr.shape[0]))
+        boxes, points = self.model.detect(bgr, input_size=size)
+        faces = Faces(torch.from_numpy(boxes[:, :4]).float(), torch.from_numpy(boxes[:, 4]).float(),
+                      torch.from_numpy(points).float().reshape(-1, 5, 2))
+        return faces[faces.scores.argsort(descending=True)]
 
 
 def load_detector(path: str | os.PathLike, device: torch.device | str | None = None,
-                  max_side: int = 1600):
-    """A face detector from a RetinaFace .pth (either backbone) or an insightface SCRFD .onnx."""
+                  detect_size: int | str = "auto"):
+    """A face detector from a RetinaFace .pth (either backbone) or an insightface SCRFD .onnx.
+
+    `detect_size`: "auto" finds faces from about 16 px to the whole frame (two passes on large frames,
+    see FINE_SIDE and COARSE_SIDE), or a long side in pixels to detect at in one pass.
+    """
     from .loader import resolve_device
 
     path, device = Path(path), resolve_device(device)
     if path.suffix.lower() == ".onnx":
         check_file(path)
-        return ScrfdDetector(path, device)
+        return ScrfdDetector(path, device, detect_size)
     state = read_state_dict(path)
     backbone = RetinaFace.backbone_of(state)
     if backbone is None:
@@ -169,11 +263,12 @@ def load_detector(path: str | os.PathLike, device: torch.device | str | None = N
     except RuntimeError as e:
         raise CheckpointError(path, f"has RetinaFace keys but does not fit the {backbone} layout "
                               f"({first_line(e)})") from None
-    return RetinaFaceDetector(net, device, max_side=max_side)
+    return RetinaFaceDetector(net, device, detect_size)
 
 
 
-def _select(boxes, scores, points, threshold, nms_threshold, top_k) -> Faces:
+def candidates(boxes, scores, points, threshold, nms_threshold, top_k) -> Faces:
+    """The detections of one pass over threshold, after the reference's NMS, best first."""
     keep = (scores > threshold).nonzero().squeeze(1)
     keep = keep[scores[keep].argsort(descending=True)[:top_k]]
     keep = keep[nms(boxes[keep], scores[keep], nms_threshold)]

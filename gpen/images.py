@@ -17,8 +17,8 @@ def as_rgb(images: torch.Tensor) -> torch.Tensor:
 
 
 def match_channels(rgb: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
-    """Back to the input's channels: grayscale from the luma of the result, alpha kept as it was."""
-    images = images if images.ndim == 4 else images[None]
+    """RGB (..., 3) back to the channels of `images` (..., C): grayscale from the luma of the result,
+    alpha kept as it was; and to its dtype."""
     channels = images.shape[-1]
     if channels == 1:
         luma = torch.tensor([0.299, 0.587, 0.114], device=rgb.device)

@@ -1,7 +1,13 @@
-"""restore_faces: detect, select, align, restore and paste back every face of a batch of frames."""
+"""restore_faces: detect, select, align, restore and paste back every face of a batch of frames.
+
+The stages are plain functions over batched tensors: `locate_faces` (detect, select, steady, align)
+gives a `FaceInfo`, a restorer restores its crops, `paste_faces` blends them back. Frames are handled
+one at a time where the whole batch would be copied, so memory stays near the input's own.
+"""
 
 from __future__ import annotations
 
+import logging
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -12,11 +18,12 @@ import torch
 from .align import crop_faces
 from .blend import GPEN_ERODE, GPEN_FEATHER, paste_faces
 from .detection import Faces, box_iou
-from .images import as_rgb, match_channels
 from .restorer import check_strength
 
 ORDERS = ("largest", "left-right", "top-bottom", "confidence")
 MIN_DETECT_SIDE = 32  # below this RetinaFace's coarsest level has no cell; nothing is detected
+DETECT_CHUNK = 4  # frames detected between two looks at the cancel hook
+log = logging.getLogger("gpen")
 
 
 class Cancelled(Exception):
@@ -24,41 +31,96 @@ class Cancelled(Exception):
 
 
 @dataclass
+class Selection:
+    """What detection and selection made of the faces, for the summary."""
+
+    found: int = 0  # faces detected, all frames
+    too_small: int = 0  # of those, under min_size
+    min_size: float = 0
+    missing_indices: dict[int, int] = field(default_factory=dict)  # index asked for -> most faces any frame had
+
+    def notes(self) -> list[str]:
+        notes = []
+        if self.too_small:
+            notes.append(f"{self.too_small} face(s) found smaller than min_size {self.min_size:g}")
+        for index, count in sorted(self.missing_indices.items()):
+            notes.append(f"indices {index}: only {count} face(s) found")
+        return notes
+
+
+@dataclass
+class FaceInfo:
+    """Where each aligned crop comes from: what Detect and Crop Faces hands to Paste Faces Back, and
+    what restore_faces reports. Crops are listed frame by frame, in each frame's selection order."""
+
+    faces: list[Faces]  # per frame, the selected faces
+    affines: torch.Tensor  # (N,2,3) image -> crop pixels
+    frames: torch.Tensor  # (N,) frame of each crop
+    crop_size: int
+    image_size: tuple[int, int]  # (H, W)
+    device: torch.device  # where crops were cut; pasting runs there too
+    selection: Selection = field(default_factory=Selection)
+
+    def __len__(self) -> int:
+        return len(self.frames)
+
+    @property
+    def landmarks(self) -> torch.Tensor:
+        return torch.cat([f.landmarks for f in self.faces]) if self.faces else torch.zeros(0, 5, 2)
+
+
+@dataclass
 class Restoration:
-    images: torch.Tensor  # (B,H,W,C) like the input
+    images: torch.Tensor  # (B,H,W,C) like the input: same channels, dtype and device
     masks: torch.Tensor  # (B,H,W) the blend masks
-    faces: list[Faces]  # per frame, the faces that were restored
-    affines: torch.Tensor = field(repr=False)  # (N,2,3) image -> crop
-    frames: torch.Tensor = field(repr=False)  # (N,) frame of each face
+    info: FaceInfo = field(repr=False)
+    unrestored: int = 0  # faces left as they were: the restorer's output was not finite
+
+    @property
+    def faces(self) -> list[Faces]:
+        return self.info.faces
 
     @property
     def face_count(self) -> int:
-        return sum(len(f) for f in self.faces)
+        return len(self.info) - self.unrestored
 
     @property
     def summary(self) -> str:
-        if not self.faces:
+        faces = self.info.faces
+        if not faces:
             return "no images"
-        if self.face_count == 0:
-            return "no face found; images returned unchanged"
-        missing = sum(1 for f in self.faces if not len(f))
-        text = f"restored {self.face_count} face(s) in {len(self.faces)} image(s)"
-        return text + (f"; no face found in {missing} of them" if missing else "")
+        notes = self.info.selection.notes()
+        if self.unrestored:
+            notes.append(f"{self.unrestored} face(s) left unrestored: the restorer's output was not finite (NaN or Inf)")
+        if not self.face_count:
+            found = "no face found" if not self.info.selection.found else "no face restored"
+            return "; ".join([found, *notes, "images returned unchanged"])
+        missing = sum(1 for f in faces if not len(f))
+        text = f"restored {self.face_count} face(s) in {len(faces)} image(s)"
+        return "; ".join([text, *([f"no face found in {missing} of them"] if missing else []), *notes])
 
 
 def select_faces(faces: Faces, min_size: float = 0, max_faces: int = 0, order: str = "largest",
-                 indices: str | list[int] | None = None) -> Faces:
-    """Faces of one frame kept by size, sorted, then picked by index ("0,2") and capped at max_faces."""
+                 indices: str | list[int] | None = None, selection: Selection | None = None) -> Faces:
+    """Faces of one frame kept by size, sorted, then picked by index ("0,2"; repeats dropped) and capped
+    at max_faces. `selection`, when given, counts what was left out, for the summary."""
     if order not in ORDERS:
         raise ValueError(f"order must be one of {', '.join(ORDERS)}, got {order!r}")
+    selection = selection if selection is not None else Selection()
+    selection.found += len(faces)
+    selection.min_size = min_size
     sides = torch.minimum(faces.boxes[:, 2] - faces.boxes[:, 0], faces.boxes[:, 3] - faces.boxes[:, 1])
+    selection.too_small += int((sides < min_size).sum())
     faces = faces[sides >= min_size]
     keys = {"largest": lambda f: -(f.boxes[:, 2] - f.boxes[:, 0]) * (f.boxes[:, 3] - f.boxes[:, 1]),
             "left-right": lambda f: f.boxes[:, 0], "top-bottom": lambda f: f.boxes[:, 1],
             "confidence": lambda f: -f.scores}
     faces = faces[keys[order](faces).argsort(stable=True)]
     if indices not in (None, "", []):
-        wanted = parse_indices(indices) if isinstance(indices, str) else list(indices)
+        wanted = list(dict.fromkeys(parse_indices(indices) if isinstance(indices, str) else indices))
+        for i in wanted:
+            if not 0 <= i < len(faces):
+                selection.missing_indices[i] = max(selection.missing_indices.get(i, 0), len(faces))
         faces = faces[torch.tensor([i for i in wanted if 0 <= i < len(faces)], dtype=torch.long)]
     return faces[:max_faces] if max_faces > 0 else faces
 
@@ -115,19 +177,44 @@ def local_linear_weights(times: torch.Tensor, sigma: float) -> torch.Tensor:
 
 def detect_faces(images: torch.Tensor, detector, *, threshold: float = 0.5, min_size: float = 0,
                  max_faces: int = 0, order: str = "largest", indices: str | None = None,
-                 temporal_sigma: float = 0.0) -> list[Faces]:
-    """The faces to restore in each frame: detected, selected, and steadied across frames."""
-    found = detector.detect(as_rgb(images), threshold=threshold)
-    faces = [select_faces(f, min_size, max_faces, order, indices) for f in found]
+                 temporal_sigma: float = 0.0, selection: Selection | None = None,
+                 cancel: Callable[[], bool | None] | None = None) -> list[Faces]:
+    """The faces to restore in each frame: detected a few frames at a time (asking `cancel` between),
+    selected, and steadied across frames. Frames too small to hold a face have none."""
+    if images.ndim == 3:
+        images = images[None]
+    if min(images.shape[1:3]) < MIN_DETECT_SIDE:
+        return [Faces.empty() for _ in range(len(images))]
+    found = []
+    for start in range(0, len(images), DETECT_CHUNK):
+        check_cancel(cancel)
+        found += detector.detect(images[start:start + DETECT_CHUNK], threshold=threshold)
+    faces = [select_faces(f, min_size, max_faces, order, indices, selection) for f in found]
     return smooth_landmarks(faces, temporal_sigma)
 
 
-def faces_to_crop(faces: list[Faces]) -> tuple[torch.Tensor, torch.Tensor]:
-    """All frames' landmarks (N,5,2) and the frame of each face (N,), ready for crop_faces."""
-    landmarks = torch.cat([f.landmarks for f in faces]) if faces else torch.zeros(0, 5, 2)
+def locate_faces(images: torch.Tensor, detector, crop_size: int, *, template: str = "gpen",
+                 faces: list[Faces] | None = None, device: torch.device | str | None = None,
+                 cancel: Callable[[], bool | None] | None = None, timings: dict | None = None,
+                 **selection_options) -> tuple[torch.Tensor, FaceInfo]:
+    """Aligned crops (N,S,S,3 float32 on `device`) of the faces of every frame, and where they came from.
+
+    Detection, cropping and (later) pasting run on one device: the detector's unless `device` says.
+    `faces` (one `Faces` per frame) skips detection; otherwise `selection_options` go to detect_faces.
+    """
+    device = torch.device(device or getattr(detector, "device", images.device))
+    selection = Selection()
+    if faces is None:
+        with _stage(timings, "detect", device):
+            faces = detect_faces(images, detector, selection=selection, cancel=cancel, **selection_options)
+    elif len(faces) != len(images):
+        raise ValueError(f"faces must hold one entry per frame: {len(faces)} for {len(images)} frames")
     frames = torch.cat([torch.full((len(f),), t, dtype=torch.long) for t, f in enumerate(faces)]) if faces \
         else torch.zeros(0, dtype=torch.long)
-    return landmarks, frames
+    info = FaceInfo(faces, torch.zeros(0, 2, 3), frames, crop_size, tuple(images.shape[1:3]), device, selection)
+    with _stage(timings, "crop", device):
+        crops, info.affines = crop_faces(images, info.landmarks, crop_size, frames, template=template, device=device)
+    return crops, info
 
 
 def restore_faces(images: torch.Tensor, model, detector, *, threshold: float = 0.5, min_size: float = 0,
@@ -142,43 +229,41 @@ def restore_faces(images: torch.Tensor, model, detector, *, threshold: float = 0
     `model` is any restorer with `.size` and `restore(faces, batch_size, on_batch)` (a GPEN model);
     `detector` has `detect(images, threshold)`. Faces from all frames are restored together in
     batches of `face_batch`; `progress(done, total)` follows them and `cancel()` is asked between
-    batches (return True, or raise, to stop: Cancelled is raised). Frames without faces come back
-    unchanged; the result's `summary` says so. A `timings` dict receives each stage's seconds.
-    `faces` (one `Faces` per frame, from `detect_faces`) skips detection and selection, for callers that
-    detect a longer sequence first (smoothing landmarks across all of it) and restore it in parts.
+    detection chunks and face batches (return True, or raise, to stop: Cancelled is raised).
+
+    Every pixel outside the paste masks comes back bit-identical, in the input's dtype, channels and
+    device; frames without faces come back whole. The result's `summary` says what was done and what
+    was left out. A `timings` dict receives each stage's seconds. `faces` (one `Faces` per frame, from
+    `detect_faces`) skips detection and selection, for callers that detect a longer sequence first
+    (smoothing landmarks across all of it) and restore it in parts.
     """
     check_strength(strength)
-    # Crops and paste-back run where the detector runs (the GPU when there is one); results come home.
-    rgb = as_rgb(images).to(getattr(detector, "device", images.device))
-    batch, height, width = rgb.shape[:3]
-    if batch == 0 or min(height, width) < MIN_DETECT_SIDE:
-        return _unchanged(images, [Faces.empty() for _ in range(batch)])
-    _check_cancel(cancel)
-    if faces is None:
-        with _stage(timings, "detect", rgb.device):
-            faces = detect_faces(rgb, detector, threshold=threshold, min_size=min_size, max_faces=max_faces,
-                                 order=order, indices=indices, temporal_sigma=temporal_sigma)
-    elif len(faces) != batch:
-        raise ValueError(f"faces must hold one entry per frame: {len(faces)} for {batch} frames")
-    if not any(len(f) for f in faces):
-        return _unchanged(images, faces)
-    landmarks, frames = faces_to_crop(faces)
-    with _stage(timings, "crop", rgb.device):
-        crops, affines = crop_faces(rgb, landmarks, model.size, frames, template=template)
+    if images.ndim == 3:
+        images = images[None]
+    check_cancel(cancel)
+    crops, info = locate_faces(images, detector, model.size, template=template, faces=faces, cancel=cancel,
+                               timings=timings, threshold=threshold, min_size=min_size, max_faces=max_faces,
+                               order=order, indices=indices, temporal_sigma=temporal_sigma)
 
     def on_batch(done: int, total: int) -> None:
         if progress is not None:
             progress(done, total)
-        _check_cancel(cancel)
+        check_cancel(cancel)
 
-    with _stage(timings, "restore", rgb.device):
-        restored = model.restore(crops, batch_size=face_batch, on_batch=on_batch)
-    with _stage(timings, "paste", rgb.device):
-        pasted, masks = paste_faces(rgb, restored, affines, frames, strength=strength, mask_shape=mask_shape,
-                                    erode=erode, feather=feather, color_correction=color_correction,
-                                    smooth_small_faces=smooth_small_faces)
-        pasted = match_channels(pasted.to(images.device), images)
-    return Restoration(pasted, masks.to(images.device), faces, affines, frames)
+    restored = crops
+    if len(crops):
+        with _stage(timings, "restore", info.device):
+            restored = model.restore(crops, batch_size=face_batch, on_batch=on_batch).to(info.device)
+    finite = restored.flatten(1).isfinite().all(1)
+    unrestored = int((~finite).sum())
+    if unrestored:
+        log.warning("%d face(s) left unrestored: the restorer's output was not finite (NaN or Inf)", unrestored)
+    with _stage(timings, "paste", info.device):
+        pasted, masks = paste_faces(images, restored[finite], info.affines[finite], info.frames[finite],
+                                    strength=strength, mask_shape=mask_shape, erode=erode, feather=feather,
+                                    color_correction=color_correction, smooth_small_faces=smooth_small_faces,
+                                    device=info.device)
+    return Restoration(pasted, masks, info, unrestored)
 
 
 @contextmanager
@@ -194,12 +279,6 @@ def _stage(timings: dict | None, name: str, device: torch.device):
     timings[name] = timings.get(name, 0.0) + time.perf_counter() - start
 
 
-def _check_cancel(cancel) -> None:
+def check_cancel(cancel) -> None:
     if cancel is not None and cancel():
         raise Cancelled("face restoration was cancelled")
-
-
-def _unchanged(images: torch.Tensor, faces: list[Faces]) -> Restoration:
-    shape = images.shape if images.ndim == 4 else (1, *images.shape)
-    return Restoration(images.reshape(shape).clone(), torch.zeros(shape[:3]), faces,
-                       torch.zeros(0, 2, 3), torch.zeros(0, dtype=torch.long))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Callable
 
 import torch
@@ -24,7 +25,7 @@ def restore_crops(forward: Forward, size: int, faces: torch.Tensor, *, device: t
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     total, height, width = faces.shape[:3]
-    out = torch.empty(faces.shape, dtype=torch.float32)
+    out = torch.empty(faces.shape, dtype=torch.float32, device=faces.device)  # results stay where the crops are
     start = 0
     with torch.inference_mode():
         while start < total:
@@ -38,7 +39,7 @@ def restore_crops(forward: Forward, size: int, faces: torch.Tensor, *, device: t
                 _empty_cache(device)
                 continue
             y = _resize((y.clamp(-1, 1) + 1) / 2, height, width).clamp(0, 1)
-            out[start:start + len(y)] = y.permute(0, 2, 3, 1).cpu()
+            out[start:start + len(y)] = y.permute(0, 2, 3, 1).to(out.device)
             start += len(y)
             if on_batch is not None:
                 on_batch(start, total)
@@ -53,8 +54,13 @@ def restore_aligned(model, crops: torch.Tensor, strength: float = 1.0, batch_siz
 
     check_strength(strength)
     rgb = as_rgb(crops)
-    restored = model.restore(rgb, batch_size=batch_size, on_batch=on_batch)
-    return match_channels(torch.lerp(rgb, restored.to(rgb), strength), crops)
+    restored = model.restore(rgb, batch_size=batch_size, on_batch=on_batch).to(rgb)
+    broken = ~restored.flatten(1).isfinite().all(1)
+    if broken.any():
+        logging.getLogger("gpen").warning("%d face(s) left unrestored: the restorer's output was not finite "
+                                          "(NaN or Inf)", int(broken.sum()))
+        restored[broken] = rgb[broken]
+    return match_channels(torch.lerp(rgb, restored, strength), crops)
 
 
 def check_strength(strength: float) -> None:

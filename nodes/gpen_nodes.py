@@ -5,34 +5,19 @@ from __future__ import annotations
 import logging
 import os
 from collections import OrderedDict
-from dataclasses import dataclass
 
 import torch
 
 from .. import gpen
 from ..gpen.align import TEMPLATES
 from ..gpen.blend import GPEN_ERODE, GPEN_FEATHER, MASK_SHAPES
-from ..gpen.images import as_rgb, match_channels
-from ..gpen.pipeline import ORDERS, detect_faces, faces_to_crop
+from ..gpen.pipeline import ORDERS, locate_faces
 from ..gpen.loader import resolve_dtype
 from ..gpen.restorer import restore_aligned
 from . import host
 
 CATEGORY = "GPEN"
 _CACHE: OrderedDict = OrderedDict()  # (path, mtime, dtype) -> loaded object, the last few kept
-
-
-@dataclass
-class FaceInfo:
-    """What Detect and Crop Faces found, for Paste Faces Back: one row per crop."""
-
-    frames: torch.Tensor  # (N,) frame of each crop
-    affines: torch.Tensor  # (N,2,3) image -> crop pixels
-    boxes: torch.Tensor  # (N,4) xyxy px
-    landmarks: torch.Tensor  # (N,5,2) px
-    scores: torch.Tensor  # (N,)
-    crop_size: int
-    image_size: tuple[int, int]  # (H, W)
 
 
 def _cached(key, load):
@@ -117,14 +102,18 @@ class LoadFaceDetector:
         return {"required": {
             "detector_name": (host.detector_files(), {"tooltip": "From models/facedetection, or SCRFD from models/insightface."}),
             "device": (["auto", "cpu", "gpu"], {"default": "auto", "tooltip": "Where detection runs; auto follows ComfyUI."}),
+            "detect_size": ("STRING", {"default": "auto", "tooltip": "auto: finds faces from ~16 px to the whole "
+                                       "frame (close-ups and 2048 portraits included); or a long side in pixels "
+                                       "to detect at, e.g. 1024."}),
         }}
 
-    def load(self, detector_name: str, device: str):
+    def load(self, detector_name: str, device: str, detect_size: str = "auto"):
         path = host.find_detector_file(detector_name)
         target = host.torch_device(device)
-        key = (path, os.path.getmtime(path), target.type)
+        detect_size = detect_size.strip() or "auto"
+        key = (path, os.path.getmtime(path), target.type, detect_size)
         detector = _cached(key, lambda: gpen.load_detector(path, device=target if detector_name.startswith("insightface/")
-                                                            else "cpu"))
+                                                            else "cpu", detect_size=detect_size))
         return (host.Loaded(detector, target),)
 
 
@@ -154,17 +143,14 @@ class DetectAndCropFaces:
     def detect(self, image, face_detector, crop_size, template, threshold, min_size, max_faces, order, indices,
                temporal_smoothing, gpen_model=None):
         size = gpen_model.model.size if gpen_model is not None else crop_size
-        rgb = as_rgb(image)
         with face_detector as detector:
-            faces = detect_faces(rgb, detector, threshold=threshold, min_size=min_size, max_faces=max_faces,
-                                 order=order, indices=indices, temporal_sigma=temporal_smoothing)
-        landmarks, frames = faces_to_crop(faces)
-        crops, affines = gpen.crop_faces(rgb, landmarks, size, frames, template=template)
-        _, masks = gpen.paste_faces(rgb, crops, affines, frames, smooth_small_faces=False)
-        info = FaceInfo(frames, affines, torch.cat([f.boxes for f in faces]) if faces else torch.zeros(0, 4),
-                        landmarks, torch.cat([f.scores for f in faces]) if faces else torch.zeros(0), size,
-                        tuple(rgb.shape[1:3]))
-        return (crops, info, masks)
+            crops, info = locate_faces(image, detector, size, template=template, cancel=host.Progress.cancel,
+                                       threshold=threshold, min_size=min_size, max_faces=max_faces, order=order,
+                                       indices=indices, temporal_sigma=temporal_smoothing)
+            _, masks = gpen.paste_faces(image[..., :1], crops, info.affines, info.frames,
+                                        smooth_small_faces=False, device=info.device)
+        logging.info("[GPEN] %s", "; ".join([f"{len(crops)} face(s) cropped", *info.selection.notes()]))
+        return (crops.cpu(), info, masks)
 
 
 class GPENRestoreFaces:
@@ -213,12 +199,12 @@ class PasteFacesBack:
         if tuple(image.shape[1:3]) != tuple(face_info.image_size):
             raise ValueError(f"image is {tuple(image.shape[1:3])} but the faces were found in "
                              f"{tuple(face_info.image_size)} frames")
-        if len(restored) != len(face_info.frames):
-            raise ValueError(f"{len(restored)} restored crops for {len(face_info.frames)} detected faces")
-        pasted, masks = gpen.paste_faces(as_rgb(image), restored, face_info.affines, face_info.frames,
-                                         strength=strength, mask_shape=mask_shape, feather=feather, erode=erode,
-                                         color_correction=color_correction, crop_size=face_info.crop_size)
-        return (match_channels(pasted, image), masks)
+        if len(restored) != len(face_info):
+            raise ValueError(f"{len(restored)} restored crops for {len(face_info)} detected faces")
+        return gpen.paste_faces(image, restored[..., :3], face_info.affines, face_info.frames, strength=strength,
+                                mask_shape=mask_shape, feather=feather, erode=erode,
+                                color_correction=color_correction, crop_size=face_info.crop_size,
+                                device=face_info.device)
 
 
 class GPENFaceRestore:

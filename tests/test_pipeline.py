@@ -59,7 +59,7 @@ def test_faces_of_all_frames_are_restored_in_shared_batches(solvay, detector):
     result = gpen.restore_faces(torch.cat([solvay, solvay]), restorer, detector, face_batch=16,
                                 progress=lambda done, total: seen.append((done, total)))
     assert restorer.batches == [16, 16, 16, 10] and seen[-1] == (58, 58)
-    assert result.frames.tolist() == [0] * 29 + [1] * 29
+    assert result.info.frames.tolist() == [0] * 29 + [1] * 29
 
 
 def test_cancel_stops_between_batches(solvay, detector):
