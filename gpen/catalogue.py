@@ -9,9 +9,10 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 
-from .download import DownloadError, download
+from .checkpoint import CheckpointError
+from .download import DownloadError, download, validate_weights
 
 PACK = Path(__file__).resolve().parents[1]
 CATALOGUE_FILE = PACK / "models" / "catalogue.json"
@@ -31,10 +32,34 @@ class Entry:
     size: int | None = None
     approx_mb: int | None = None
 
+    @property
+    def max_bytes(self) -> int | None:
+        """The most a download may bring: the published size, else 4x the size the architecture implies."""
+        if self.size is not None:
+            return self.size
+        return 4 * self.approx_mb * 2**20 if self.approx_mb is not None else None
+
 
 def catalogue() -> dict[str, Entry]:
-    entries = json.loads(CATALOGUE_FILE.read_text())["models"]
-    return {e["name"]: Entry(**e) for e in entries}
+    entries = [Entry(**e) for e in json.loads(CATALOGUE_FILE.read_text())["models"]]
+    for entry in entries:
+        check_entry(entry)
+    return {e.name: e for e in entries}
+
+
+def check_entry(entry: Entry) -> None:
+    """A download must land inside the entry's folder: one of its kind's folders, under a plain file name."""
+    if entry.folder not in MODEL_FOLDERS.get(entry.kind, ()):
+        raise ValueError(f"{CATALOGUE_FILE}: {entry.name}: folder {entry.folder!r} is not a {entry.kind} folder "
+                         f"({', '.join(MODEL_FOLDERS.get(entry.kind, ()))})")
+    if not is_plain_file_name(entry.file):
+        raise ValueError(f"{CATALOGUE_FILE}: {entry.name}: file {entry.file!r} must be a plain file name")
+
+
+def is_plain_file_name(name: str) -> bool:
+    """No folders, no drive, no '..' on any system the pack runs on."""
+    return (name not in ("", ".", "..") and "\0" not in name
+            and PurePosixPath(name).name == name and PureWindowsPath(name).name == name)
 
 
 def models_root(models_dir: str | os.PathLike | None = None) -> Path:
@@ -58,26 +83,37 @@ def lookup(name: str) -> Entry | None:
 
 
 def resolve(name_or_path: str, kind: str, models_dir: str | os.PathLike | None = None, fetch: bool = True) -> Path:
-    """A weight file from a path, or from a catalogue name (downloaded on first use when missing)."""
+    """A weight file from a path, or from a catalogue name: downloaded on first use when missing, and
+    again when the file there fails a quick check (a torch zip's central directory, a safetensors header;
+    legacy torch files are loaded), as a download cut short by an older version of the pack would."""
     path = Path(name_or_path).expanduser()
     if path.is_file():
         return path
     entry = lookup(name_or_path)
     root = models_root(models_dir)
     if entry is None:
-        for folder in MODEL_FOLDERS[kind]:
-            if (root / folder / name_or_path).is_file():
-                return root / folder / name_or_path
+        if found := in_folders(root, kind, name_or_path):
+            return found
         known = ", ".join(e.name for e in catalogue().values() if e.kind == kind)
         raise FileNotFoundError(f"{name_or_path}: no such file, and not a model this pack knows ({known})")
-    for folder in MODEL_FOLDERS[kind]:
-        if (root / folder / entry.file).is_file():
-            return root / folder / entry.file
-    dest = root / entry.folder / entry.file
+    found = in_folders(root, kind, entry.file)
+    if found is not None:
+        try:
+            validate_weights(found, quick=True)
+            return found
+        except CheckpointError as e:
+            if not fetch:
+                raise FileNotFoundError(f"{e}; download it again from {entry.url}") from None
+    dest = found or root / entry.folder / entry.file
     if not fetch:
         raise FileNotFoundError(f"{entry.file} is not in {dest.parent}; download it from {entry.url}")
     try:
-        return download(entry.url, dest, sha256=entry.sha256, size=entry.size)
+        return download(entry.url, dest, sha256=entry.sha256, size=entry.size, max_bytes=entry.max_bytes)
     except DownloadError as e:
-        raise FileNotFoundError(f"{entry.file} is not in {dest.parent} and could not be downloaded ({e.reason}). "
+        missing = f"{dest} is not usable" if found else f"{entry.file} is not in {dest.parent}"
+        raise FileNotFoundError(f"{missing} and could not be downloaded ({e.reason}). "
                                 f"Download it from {entry.url} and put it in that folder.") from None
+
+
+def in_folders(root: Path, kind: str, file: str) -> Path | None:
+    return next((root / folder / file for folder in MODEL_FOLDERS[kind] if (root / folder / file).is_file()), None)
