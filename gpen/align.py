@@ -9,7 +9,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .images import as_rgb
 
 # GPEN's own template, as fractions of the crop size: align_faces.py's 96x112 reference points,
 # squared to 112x112 (x + 8) with inner padding 0.25 (+ 28, in a 168x168 frame). GPEN was trained on it.
@@ -97,9 +96,16 @@ def warp_faces(images: torch.Tensor, affines: torch.Tensor, frames: torch.Tensor
     crops = torch.zeros(len(affines), 3, size, size, device=device)
     for frame in frames.unique().tolist():
         here = (frames == frame).nonzero().squeeze(1)
-        source = as_rgb(images[frame].to(device))[0].permute(2, 0, 1)
+        source = rgb_planes(images[frame].to(device))
         crops[here.to(device)] = warp(source, affines[here], size, size)
     return crops
+
+
+def rgb_planes(image: torch.Tensor) -> torch.Tensor:
+    """(3,H,W) float32 RGB of an (H,W,C) image, C = 1, 3 or 4: a view where the image allows it, since
+    warping samples only a few pixels of a large frame (crops are clamped afterwards)."""
+    planes = image.permute(2, 0, 1)
+    return (planes[:3] if len(planes) >= 3 else planes.expand(3, -1, -1)).float()
 
 
 def frames_of(images: torch.Tensor, count: int, frames: torch.Tensor | None) -> torch.Tensor:

@@ -88,9 +88,8 @@ def paste_faces(images: torch.Tensor, restored: torch.Tensor, affines: torch.Ten
         affines = resize_affines(affines.to(torch.float64), restored.shape[1] / (crop_size or restored.shape[1]))
         crops = prepare_crops(images, restored.to(device), affines, frames, color_correction, smooth_small_faces)
         mask = face_mask(restored.shape[1], mask_shape, erode, feather).to(device)
-        for frame in frames.unique().tolist():
-            here = (frames == frame).nonzero().squeeze(1)
-            _paste_frame(out[frame], masks[frame], images[frame], crops[here.to(device)], affines[here], mask, strength)
+        for crop, affine, frame in zip(crops, affines, frames.tolist()):
+            _paste_face(out[frame], masks[frame], images[frame], crop, affine, mask, strength)
     return (out[0], masks[0]) if single else (out, masks)
 
 
@@ -107,29 +106,28 @@ def prepare_crops(images, restored, affines, frames, color_correction, smooth_sm
     return crops
 
 
-def _paste_frame(out: torch.Tensor, masks: torch.Tensor, original: torch.Tensor, crops: torch.Tensor,
-                 affines: torch.Tensor, mask: torch.Tensor, strength: float) -> None:
-    """Paste one frame's faces into `out` (H,W,C) and `masks` (H,W), in the region they cover."""
-    height, width = original.shape[:2]
-    regions = [_footprint(affine, crops.shape[-1], height, width) for affine in affines]
-    if all(r is None for r in regions):
+def _paste_face(out: torch.Tensor, masks: torch.Tensor, original: torch.Tensor, crop: torch.Tensor,
+                affine: torch.Tensor, mask: torch.Tensor, strength: float) -> None:
+    """Paste one face into its frame's `out` (H,W,C) and `masks` (H,W), only in the region it covers.
+
+    Where faces overlap, a pixel takes the face whose mask is strongest there, blended with the
+    original, never a blend of blends.
+    """
+    region = _footprint(affine, crop.shape[-1], *original.shape[:2])
+    if region is None:
         return
-    y0, y1, x0, x1 = (f(r[i] for r in regions if r is not None) for i, f in enumerate((min, max, min, max)))
-    device = crops.device
-    source = original[y0:y1, x0:x1].to(device)
+    y0, y1, x0, x1 = region
+    shift = affine.clone()
+    shift[:, 2] += affine[:, :2] @ torch.tensor([x0, y0], dtype=torch.float64)  # region px -> crop px
+    back = warp(torch.cat([crop, mask[None]]), invert_affine(shift)[None], y1 - y0, x1 - x0)[0].clamp(0, 1)
+    weight = back[3] * strength
+    wins = weight > masks[y0:y1, x0:x1].to(weight.device)
+    source = original[y0:y1, x0:x1].to(crop.device)
     base = as_rgb(source)[0]
-    face, weight = base.clone(), torch.zeros(base.shape[:2], device=device)
-    for crop, affine in zip(crops, affines):
-        shift = affine.clone()
-        shift[:, 2] += affine[:, :2] @ torch.tensor([x0, y0], dtype=torch.float64)  # region px -> crop px
-        back = warp(torch.cat([crop, mask[None]]), invert_affine(shift)[None], y1 - y0, x1 - x0)[0]
-        wins = back[3].clamp(0, 1) * strength > weight  # overlapping faces: the strongest mask takes the pixel
-        face[wins] = back[:3].clamp(0, 1).permute(1, 2, 0)[wins]
-        weight[wins] = back[3].clamp(0, 1)[wins] * strength
-    blended = match_channels(base + (face - base) * weight[..., None], source)
-    touched = weight > 0
-    out[y0:y1, x0:x1][touched.to(out.device)] = blended[touched].to(out.device)
-    masks[y0:y1, x0:x1] = weight.to(masks.device)
+    blended = match_channels(base + (back[:3].permute(1, 2, 0) - base) * weight[..., None], source)
+    wins_here = wins.to(out.device)
+    out[y0:y1, x0:x1][wins_here] = blended[wins].to(out.device)
+    masks[y0:y1, x0:x1][wins_here] = weight[wins].to(masks.device)
 
 
 def resize_affines(affines: torch.Tensor, ratio: float) -> torch.Tensor:

@@ -85,13 +85,16 @@ SAME_FACE_INSIDE = 0.6  # as is a box with this much of its area inside another
 
 def detection_scales(height: int, width: int, detect_size: int | str = "auto") -> list[float]:
     """The scales a frame is detected at: [fine, coarse] for "auto" (one when they coincide), or the one
-    scale that gives the fixed long side `detect_size`."""
+    scale that gives the fixed long side `detect_size`; none for a frame too thin to hold a face."""
     long, short = max(height, width), min(height, width)
+    if short < MIN_SHORT_SIDE:
+        return []
     if detect_size != "auto":
-        return [int(detect_size) / long]
-    fine = min(1.0, max(FINE_SIDE / long, MIN_SHORT_SIDE / short))
-    coarse = COARSE_SIDE / long
-    return [fine, coarse] if long * fine > COARSE_SIDE * 1.25 else [fine]
+        scales = [int(detect_size) / long]
+    else:
+        fine = min(1.0, max(FINE_SIDE / long, MIN_SHORT_SIDE / short))
+        scales = [fine, COARSE_SIDE / long] if long * fine > COARSE_SIDE * 1.25 else [fine]
+    return [s for s in scales if short * s >= MIN_SHORT_SIDE]  # a thinner image has no cell at stride 32
 
 
 def check_detect_size(detect_size) -> int | str:
@@ -109,8 +112,8 @@ def check_detect_size(detect_size) -> int | str:
 def merge_scales(passes: list[tuple[float, Faces]]) -> Faces:
     """One face per face from several passes [(scale, faces in image px)], the first pass the finest:
     each pass keeps the faces it sees at a size its anchors hold, then overlapping boxes are merged."""
-    if len(passes) == 1:
-        return passes[0][1]
+    if len(passes) < 2:
+        return passes[0][1] if passes else Faces.empty()
     kept = []
     for i, (scale, faces) in enumerate(passes):
         side = (faces.boxes[:, 2:] - faces.boxes[:, :2]).amax(1) * scale
@@ -170,25 +173,33 @@ class RetinaFaceDetector:
         results = []
         with torch.inference_mode():
             for start in range(0, len(images), self.frames_per_batch):
-                x = as_rgb(images[start:start + self.frames_per_batch].to(self.device)).permute(0, 3, 1, 2)
-                x = x.flip(1) * 255 - x.new_tensor(BGR_MEAN).view(1, 3, 1, 1)  # BGR minus the mean, as trained
-                passes = [(scale, self._detect_at(x, scale, threshold, nms_threshold, top_k)) for scale in scales]
+                chunk = images[start:start + self.frames_per_batch]
+                passes = [(scale, self._detect_at(chunk, scale, threshold, nms_threshold, top_k)) for scale in scales]
                 results += [one_box_per_face(merge_scales([(s, found[i]) for s, found in passes]))
-                            for i in range(len(x))]
-        return results
+                            for i in range(len(chunk))]
+        return results or [Faces.empty() for _ in range(len(images)) if not scales]
 
-    def _detect_at(self, x: torch.Tensor, scale: float, threshold: float, nms_threshold: float,
+    def _detect_at(self, images: torch.Tensor, scale: float, threshold: float, nms_threshold: float,
                    top_k: int) -> list[Faces]:
-        height, width = x.shape[-2:]
-        if scale != 1:
-            size = (max(1, round(height * scale)), max(1, round(width * scale)))
-            x = F.interpolate(x, size=size, mode="bilinear", antialias=scale < 1, align_corners=False)
+        height, width = images.shape[1:3]
+        x = self.network_input(images, scale)
         offsets, scores, landmark_offsets = self.net(x)
         boxes, points = decode(offsets, landmark_offsets, prior_boxes(*x.shape[-2:], device=x.device))
         sx, sy = width / x.shape[-1], height / x.shape[-2]
         boxes = boxes * boxes.new_tensor([sx, sy, sx, sy])
         points = points * points.new_tensor([sx, sy])
         return [candidates(b, s, p, threshold, nms_threshold, top_k) for b, s, p in zip(boxes, scores, points)]
+
+    def network_input(self, images: torch.Tensor, scale: float) -> torch.Tensor:
+        """(B,3,h,w) BGR minus the mean, as RetinaFace was trained, at `scale`. The frames are resized
+        before anything else, so a large frame is never copied at full size."""
+        x = images.to(self.device).permute(0, 3, 1, 2)
+        x = (x[:, :3] if x.shape[1] >= 3 else x.expand(-1, 3, -1, -1)).float()
+        if scale != 1:
+            size = (max(1, round(x.shape[2] * scale)), max(1, round(x.shape[3] * scale)))
+            x = F.interpolate(x, size=size, mode="bilinear", antialias=scale < 1, align_corners=False)
+        x = x.clamp(0, 1).flip(1)
+        return x.mul_(255).sub_(x.new_tensor(BGR_MEAN).view(1, 3, 1, 1))
 
 
 class ScrfdDetector:

@@ -92,3 +92,90 @@ def test_scrfd_onnx_runs_through_insightface_in_image_pixels(tmp_path, height, w
     assert len(faces) == 1 and faces.scores[0] == pytest.approx(0.95, abs=1e-4)
     assert torch.allclose(faces.boxes[0], box * scale, atol=1e-2)
     assert torch.allclose(faces.landmarks[0], points * scale, atol=1e-2)
+
+
+def close_up(photo: torch.Tensor, box: torch.Tensor, side: int, fill: float) -> torch.Tensor:
+    """A square frame of `side` px in which the face in `box` spans `fill` of the width, as a close-up
+    shot or an upscaled portrait would show it."""
+    from gpen.align import warp
+
+    zoom = side * fill / float(box[2] - box[0])
+    centre = (box[:2] + box[2:]) / 2
+    affine = torch.tensor([[[zoom, 0, side / 2 - zoom * centre[0]], [0, zoom, side / 2 - zoom * centre[1]]]],
+                          dtype=torch.float64)
+    return warp(photo[0].permute(2, 0, 1), affine, side, side)[0].permute(1, 2, 0).clamp(0, 1)[None]
+
+
+def assert_one_box_per_face(faces):
+    if len(faces) > 1:
+        overlap = box_iou(faces.boxes, faces.boxes).fill_diagonal_(0)
+        assert overlap.max() <= 0.3
+
+
+@pytest.mark.parametrize("side, fill", [(768, 0.5), (1024, 0.5), (2048, 0.5), (2048, 0.75)])
+def test_a_face_filling_the_frame_is_found_once(detector, solvay, reference_faces, side, fill):
+    areas = (reference_faces["boxes"][:, 2:] - reference_faces["boxes"][:, :2]).prod(1)
+    (faces,) = detector.detect(close_up(solvay, reference_faces["boxes"][areas.argmax()], side, fill))
+    assert len(faces) == 1 and faces.scores[0] > 0.9
+    width = faces.boxes[0, 2] - faces.boxes[0, 0]
+    assert 0.6 * fill * side < width < 1.6 * fill * side  # the whole face, not a part of it
+
+
+def portrait(side: int, height: int | None = None) -> torch.Tensor:
+    """NASA's public-domain portrait of Eileen Collins (scikit-image's astronaut), scaled to side px wide."""
+    data = pytest.importorskip("skimage.data", reason="scikit-image (installed with insightface) holds the portrait")
+    import cv2
+
+    image = cv2.resize(data.astronaut(), (side, height or side), interpolation=cv2.INTER_CUBIC)
+    return torch.from_numpy(image).float()[None] / 255
+
+
+@pytest.mark.parametrize("side, height", [(512, None), (768, None), (1024, None), (2048, None), (3024, 4032)],
+                         ids=["512", "768", "1024", "2048", "phone-3024x4032"])
+def test_a_portrait_has_one_face_at_every_resolution(detector, side, height):
+    (faces,) = detector.detect(portrait(side, height))
+    assert len(faces) == 1 and faces.scores[0] > 0.9
+
+
+def test_a_group_photo_keeps_every_face(detector):
+    import os
+
+    insightface = pytest.importorskip("insightface", reason="insightface ships the 6-person test photo t1.jpg")
+    import cv2
+
+    bgr = cv2.imread(os.path.join(os.path.dirname(insightface.__file__), "data", "images", "t1.jpg"))
+    (faces,) = detector.detect(torch.from_numpy(bgr[..., ::-1].copy()).float()[None] / 255)
+    assert len(faces) == 6
+    assert_one_box_per_face(faces)
+
+
+def test_the_solvay_faces_are_kept_when_detected_in_two_passes(detector, solvay, reference_faces):
+    big = torch.nn.functional.interpolate(solvay.permute(0, 3, 1, 2), scale_factor=2.5, mode="bicubic")
+    (faces,) = detector.detect(big.permute(0, 2, 3, 1).clamp(0, 1))  # 3320 px: fine and coarse passes
+    assert len(faces) == 29
+    assert_one_box_per_face(faces)
+
+
+def test_detect_size_is_auto_or_a_fixed_long_side(shared, solvay):
+    from gpen.detection import detection_scales
+
+    assert detection_scales(1080, 1920) == [1600 / 1920, 640 / 1920]  # fine for small faces, coarse for large
+    assert detection_scales(568, 1328) == [1.0, 640 / 1328]
+    assert detection_scales(512, 512) == [1.0]
+    assert detection_scales(1080, 1920, 960) == [0.5]
+    assert detection_scales(32, 100000) == [1.0]  # a strip keeps its short side
+    assert detection_scales(0, 0) == [] and detection_scales(20, 500) == []
+    fixed = gpen.load_detector(shared / "models" / "retinaface_mobilenet0.25.pth", device="cpu", detect_size=1328)
+    (faces,) = fixed.detect(solvay)
+    assert len(faces) == 29
+    with pytest.raises(ValueError, match="detect_size"):
+        gpen.load_detector(shared / "models" / "retinaface_mobilenet0.25.pth", detect_size="big")
+
+
+def test_boxes_inside_or_over_another_are_one_face():
+    from gpen.detection import Faces, one_box_per_face
+
+    boxes = torch.tensor([[0, 0, 100, 100], [10, 10, 60, 60], [5, 0, 105, 100], [200, 0, 260, 60.0]])
+    faces = Faces(boxes, torch.tensor([0.9, 0.99, 0.8, 0.7]), torch.zeros(4, 5, 2))
+    kept = one_box_per_face(faces)
+    assert kept.boxes.tolist() == [[10, 10, 60, 60], [200, 0, 260, 60]]  # the best of each group

@@ -134,3 +134,27 @@ def test_paste_refuses_faces_from_other_frames(pack, models_dir, solvay):
     crops, info, _ = nodes["GPENDetectAndCropFaces"]().detect(solvay, detector, 128, "gpen", 0.5, 0, 1, "largest", "", 0.0)
     with pytest.raises(ValueError, match="frames"):
         nodes["GPENPasteFacesBack"]().paste(solvay[:, :100], crops, info, 1.0, "box", 0.01, 0.05, False)
+
+
+@pytest.mark.parametrize("strength", [5.0, -0.5, float("nan")])
+def test_restore_node_refuses_a_strength_outside_0_to_1(pack, models_dir, strength):
+    model, _ = load_models(pack)
+    with pytest.raises(ValueError, match="strength must be between 0 and 1"):
+        pack.NODE_CLASS_MAPPINGS["GPENRestoreFaces"]().restore(model, torch.rand(1, 64, 64, 3), strength, 4)
+
+
+def test_detect_node_on_an_empty_image_gives_no_crops(pack, models_dir):
+    nodes = pack.NODE_CLASS_MAPPINGS
+    _, detector = load_models(pack)
+    crops, info, mask = nodes["GPENDetectAndCropFaces"]().detect(
+        torch.zeros(1, 0, 0, 3), detector, 128, "gpen", 0.5, 0, 0, "largest", "", 0.0)
+    assert crops.shape == (0, 128, 128, 3) and len(info) == 0 and mask.shape == (1, 0, 0)
+
+
+def test_detector_loader_takes_a_detect_size(pack, models_dir, solvay):
+    load = pack.NODE_CLASS_MAPPINGS["GPENLoadFaceDetector"]().load
+    (auto,) = load("detection_mobilenet0.25_Final.pth", "cpu", "auto")
+    (fixed,) = load("detection_mobilenet0.25_Final.pth", "cpu", "1024")
+    assert auto.model.detect_size == "auto" and fixed.model.detect_size == 1024
+    with pytest.raises(ValueError, match="detect_size"):
+        load("detection_mobilenet0.25_Final.pth", "cpu", "huge")

@@ -202,3 +202,71 @@ def test_temporal_smoothing_on_faces_the_detector_found_in_a_panning_shot(solvay
 
     (jitter_before, error_before), (jitter_after, error_after) = track_errors(found), track_errors(smoothed)
     assert jitter_after < jitter_before / 3 and error_after < error_before
+
+
+class GreyRestorer(IdentityRestorer):
+    """A restorer whose every face is flat grey, so that what it touched is plain to see."""
+
+    def restore(self, faces, batch_size=4, on_batch=None):
+        return torch.full_like(super().restore(faces, batch_size, on_batch), 0.5)
+
+
+class BrokenRestorer(IdentityRestorer):
+    """Gives NaN for every other face, as NaN weights or an fp16 overflow would."""
+
+    def restore(self, faces, batch_size=4, on_batch=None):
+        out = super().restore(faces, batch_size, on_batch)
+        out[::2] = float("nan")
+        return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16])
+def test_every_pixel_outside_the_masks_comes_back_bit_identical(solvay, detector, dtype):
+    sky = torch.linspace(-0.2, 1.3, 568 * 1328 * 3).reshape(1, 568, 1328, 3)  # out of range on purpose
+    frames = torch.cat([solvay * 1.2 - 0.1, sky]).to(dtype)
+    result = gpen.restore_faces(frames, GreyRestorer(), detector)
+    assert result.images.dtype == dtype and result.face_count == 29
+    assert torch.equal(result.images[1], frames[1])  # the frame without faces, whole
+    outside = result.masks == 0
+    assert torch.equal(result.images[outside], frames[outside])
+    inside = result.masks > 0.99
+    assert (result.images[inside].float() - 0.5).abs().max() < 1e-2
+
+
+def test_repeated_indices_restore_a_face_once_and_missing_ones_are_reported(solvay, detector):
+    restorer = IdentityRestorer()
+    result = gpen.restore_faces(solvay, restorer, detector, indices=",".join(["0"] * 500))
+    assert result.face_count == 1 and sum(restorer.batches) == 1
+    result = gpen.restore_faces(solvay, IdentityRestorer(), detector, indices="999")
+    assert result.face_count == 0
+    assert result.summary == "no face restored; indices 999: only 29 face(s) found; images returned unchanged"
+
+
+def test_faces_under_min_size_are_reported():
+    faces = Faces(torch.tensor([[0, 0, 40, 40.0]]), torch.ones(1), torch.zeros(1, 5, 2))
+    selection = gpen.pipeline.Selection()
+    assert len(gpen.select_faces(faces, min_size=256, selection=selection)) == 0
+    assert selection.notes() == ["1 face(s) found smaller than min_size 256"]
+
+
+def test_faces_the_restorer_could_not_restore_are_left_alone_and_reported(solvay, detector, caplog):
+    result = gpen.restore_faces(solvay, BrokenRestorer(), detector)
+    assert result.face_count == 14 and result.images.isfinite().all()
+    assert result.summary == ("restored 14 face(s) in 1 image(s); 15 face(s) left unrestored: the restorer's "
+                              "output was not finite (NaN or Inf)")
+    assert "not finite" in caplog.text
+
+
+def test_cancel_is_asked_during_detection(solvay, detector):
+    asked = []
+    with pytest.raises(gpen.Cancelled):
+        gpen.restore_faces(solvay.expand(12, -1, -1, -1), IdentityRestorer(), detector,
+                           cancel=lambda: asked.append(1) or len(asked) > 2)
+    assert len(asked) == 3  # the batch start, then after each chunk of frames: stopped before restoring
+
+
+@pytest.mark.parametrize("shape", [(1, 32, 100000, 3), (1, 0, 0, 3), (3, 40, 5000, 1)])
+def test_extreme_shapes_come_back_unchanged(detector, shape):
+    images = torch.rand(shape)
+    result = gpen.restore_faces(images, IdentityRestorer(), detector)
+    assert torch.equal(result.images, images) and result.masks.shape == shape[:3]
