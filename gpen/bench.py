@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import time
@@ -17,8 +16,9 @@ from pathlib import Path
 
 import torch
 
+from .checkpoint import first_line
+
 STANDARD_CONFIGS = {256: (1, 0.5), 512: (2, 1), 1024: (2, 1), 2048: (2, 1)}
-SHARED = Path(__file__).resolve().parents[2] / "shared"  # the project's test data, when beside the repo
 
 
 def add_arguments(parser) -> None:
@@ -34,15 +34,16 @@ def add_arguments(parser) -> None:
                         help="keep glibc's default of unmapping large freed blocks (see cli.keep_freed_memory)")
     parser.add_argument("--pipeline", action="store_true",
                         help="time the whole face pipeline stage by stage instead (detect, crop, restore, paste)")
-    parser.add_argument("--detector", default=str(SHARED / "models" / "retinaface_mobilenet0.25.pth"),
-                        help="face detector file for --pipeline")
-    parser.add_argument("--image", default=str(SHARED / "images" / "solvay_1927.png"),
-                        help="group photo for --pipeline; its largest face also makes the 1080p scene")
+    parser.add_argument("--detector", default="retinaface_mobilenet0.25",
+                        help="face detector for --pipeline: catalogue name (downloaded on first use) or path")
+    parser.add_argument("--models-dir", help="models folder for --detector (default: ComfyUI's when the pack is in one)")
+    parser.add_argument("--image", help="group photo for --pipeline (required); its largest face also makes the 1080p scene")
     parser.add_argument("--frames", type=int, default=1, help="frames per batch in --pipeline")
     parser.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
 
 
 def run(args) -> int:
+    from .catalogue import resolve
     from .loader import resolve_device
 
     device = resolve_device(args.device)
@@ -50,11 +51,13 @@ def run(args) -> int:
     sizes = args.sizes or ([256, 512, 1024, 2048] if on_gpu else [512])
     dtypes = args.dtypes or (["fp32", "fp16", "bf16"] if on_gpu else ["fp32"])
     if args.pipeline:
-        rows = [pipeline_row(scene, frames, size, device, dtype, args)
-                for scene, frames in pipeline_scenes(args.image, args.detector, args.frames)
+        if not args.image:
+            raise ValueError("bench --pipeline needs --image PHOTO: a photo with several faces")
+        detector = resolve(args.detector, "detector", args.models_dir)
+        rows = [pipeline_row(scene, frames, size, device, dtype, detector, args)
+                for scene, frames in pipeline_scenes(args.image, detector, args.frames)
                 for size in sizes for dtype in dtypes]
-        print(json.dumps(rows, indent=1))
-        return 0
+        return print_table(rows)
     if args.one:
         row = measure(sizes[0], device, dtypes[0], args.batch[0], args.repeat, args.compile, args.checkpoint)
         print(json.dumps(dict(row, allocator="system" if args.system_allocator else "heap")))
@@ -73,6 +76,11 @@ def run(args) -> int:
                                      error=(done.stderr.strip().splitlines() or ["failed"])[-1]))
                 else:
                     rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
+    return print_table(rows)
+
+
+def print_table(rows: list[dict]) -> int:
+    """Print the rows; the exit status is 1 when any failed, since the table is then incomplete."""
     print(json.dumps(rows, indent=1))
     return 0 if all("error" not in r for r in rows) else 1
 
@@ -111,6 +119,8 @@ def measure(size: int, device: torch.device, dtype: str, batch: int, repeat: int
         peak = torch.cuda.max_memory_allocated() / 2 ** 20
         name = torch.cuda.get_device_name(device)
     else:
+        import resource  # Unix only: imported here so that the CLI loads on Windows
+
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
         name = f"cpu ({torch.get_num_threads()} threads)"
     return dict(size=size, device=name, dtype=dtype, batch=batch, ms_per_face=round(min(times) * 1e3 / batch, 1),
@@ -118,7 +128,7 @@ def measure(size: int, device: torch.device, dtype: str, batch: int, repeat: int
                 peak_memory_mib=round(peak), compile=compile)
 
 
-def pipeline_scenes(image_path: str, detector_path: str, frames: int):
+def pipeline_scenes(image_path: str, detector_path: Path, frames: int):
     """A 1080p frame with one large face, and the group photo itself, each repeated `frames` times."""
     from .align import warp
     from .detection import load_detector
@@ -143,12 +153,22 @@ def pipeline_scenes(image_path: str, detector_path: str, frames: int):
     yield f"{Path(image_path).name}, {len(faces)} faces", photo[None].expand(frames, -1, -1, -1).contiguous()
 
 
-def pipeline_row(scene: str, images: torch.Tensor, size: int, device: torch.device, dtype: str, args) -> dict:
+def pipeline_row(scene: str, images: torch.Tensor, size: int, device: torch.device, dtype: str, detector_path: Path,
+                 args) -> dict:
+    """One scene's stage timings, or the row with the error that stopped it (out of memory, say)."""
+    try:
+        return time_pipeline(scene, images, size, device, dtype, detector_path, args)
+    except Exception as e:  # like a failed subprocess of the plain table: the row says why
+        return dict(scene=scene, size=size, device=str(device), dtype=dtype, error=f"{type(e).__name__}: {first_line(e)}")
+
+
+def time_pipeline(scene: str, images: torch.Tensor, size: int, device: torch.device, dtype: str, detector_path: Path,
+                  args) -> dict:
     from .detection import load_detector
     from .pipeline import restore_faces
 
     model = bench_model(size, device, dtype, args.checkpoint)
-    detector = load_detector(args.detector, device=device)
+    detector = load_detector(detector_path, device=device)
     restore_faces(images, model, detector, face_batch=args.batch[0])  # warm-up
     best: dict | None = None
     for _ in range(args.repeat):

@@ -1,15 +1,25 @@
-"""Image files <-> float RGB arrays, keeping what can be kept: bit depth, alpha, EXIF orientation."""
+"""Image files <-> float RGB arrays, keeping what can be kept: bit depth, alpha, EXIF orientation.
+
+Reading looks at the file's header first, so that an image too large for memory is refused before it
+is decoded; writing goes through a temporary file, so that a failed write leaves what was there.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
+import struct
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import cv2
 import numpy as np
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+MAX_MEGAPIXELS = 200.0  # a 200 MP photo is 2.4 GB as float RGB, before any processing
 
 
 @dataclass(frozen=True)
@@ -18,29 +28,82 @@ class ImageFormat:
     bits: int  # 8 or 16
 
 
-def read_image(path: str | os.PathLike) -> tuple[np.ndarray, ImageFormat]:
-    """(H,W,C) float32 RGB(A) or gray in 0..1, upright per EXIF, and the file's channels and depth."""
+@dataclass(frozen=True)
+class ImageHeader:
+    width: int  # as stored, before the EXIF orientation turns it
+    height: int
+    orientation: int = 1  # EXIF: 1 upright, 2..8 mirrored and/or turned
+
+    @property
+    def megapixels(self) -> float:
+        return self.width * self.height / 1e6
+
+    @property
+    def upright_size(self) -> tuple[int, int]:
+        """(width, height) once the orientation is applied: 5..8 turn the image by 90 degrees."""
+        return (self.height, self.width) if self.orientation >= 5 else (self.width, self.height)
+
+
+def read_image(path: str | os.PathLike, max_megapixels: float | None = MAX_MEGAPIXELS) -> tuple[np.ndarray, ImageFormat]:
+    """(H,W,C) float32 RGB(A) or gray in 0..1, upright per EXIF, and the file's channels and depth.
+
+    Images over `max_megapixels` (None or 0: no limit) are refused from their header, undecoded.
+    """
+    path = Path(path)
+    header = check_image_size(path, max_megapixels)
+    raw = cv2.imdecode(np.fromfile(path, np.uint8), cv2.IMREAD_UNCHANGED)  # the one decode
+    if raw is None:
+        raise ValueError(f"{path}: not an image OpenCV can read")
+    if raw.ndim == 2:
+        raw = raw[..., None]
+    elif raw.shape[2] in (3, 4):
+        raw = cv2.cvtColor(raw, cv2.COLOR_BGR2RGB if raw.shape[2] == 3 else cv2.COLOR_BGRA2RGBA)
+    bits = 16 if raw.dtype == np.uint16 else 8
+    scale = 1.0 if raw.dtype.kind == "f" else 65535.0 if bits == 16 else 255.0
+    image = np.divide(upright(raw, header.orientation), np.float32(scale), dtype=np.float32)
+    return image, ImageFormat(raw.shape[2], bits)
+
+
+def check_image_size(path: str | os.PathLike, max_megapixels: float | None = MAX_MEGAPIXELS) -> ImageHeader:
+    """The file's header, or a ValueError when it holds more than `max_megapixels` (None or 0: no limit)."""
+    path = Path(path)
+    header = read_header(path)
+    if max_megapixels and header.megapixels > max_megapixels:
+        raise ValueError(f"{path}: {header.width}x{header.height} is {header.megapixels:.0f} megapixels, "
+                         f"over the {max_megapixels:g} MP limit (--max-megapixels raises it)")
+    return header
+
+
+def read_header(path: str | os.PathLike) -> ImageHeader:
+    """Size and EXIF orientation of a PNG, JPEG, BMP, TIFF or WebP file, read without decoding it."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file")
-    raw = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
-    if raw is None:
-        raise ValueError(f"{path}: not an image OpenCV can read")
-    if raw.ndim == 3 and raw.shape[2] == 4:
-        image = cv2.cvtColor(raw, cv2.COLOR_BGRA2RGBA)  # alpha files: EXIF orientation is rare, not applied
-    elif raw.ndim == 2:
-        image = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE | cv2.IMREAD_ANYDEPTH)[..., None]
-    else:  # IMREAD_COLOR applies the EXIF orientation
-        image = cv2.cvtColor(cv2.imread(str(path), cv2.IMREAD_COLOR | cv2.IMREAD_ANYDEPTH), cv2.COLOR_BGR2RGB)
-    bits = 16 if image.dtype == np.uint16 else 8
-    scale = 65535.0 if bits == 16 else 255.0
-    if image.dtype.kind == "f":
-        scale = 1.0
-    return image.astype(np.float32) / scale, ImageFormat(image.shape[2], bits)
+    with open(path, "rb") as f:
+        start = f.read(12)
+        reader = _header_reader(start)
+        if reader is None:
+            raise ValueError(f"{path}: not a PNG, JPEG, BMP, TIFF or WebP image")
+        try:
+            return reader(f)
+        except (ValueError, struct.error):
+            raise ValueError(f"{path}: damaged image header") from None
 
 
-def write_image(path: str | os.PathLike, image: np.ndarray, fmt: ImageFormat | None = None) -> None:
-    """Write (H,W,C) float 0..1 in `fmt`'s depth (16-bit only where the file type holds it)."""
+def upright(image: np.ndarray, orientation: int) -> np.ndarray:
+    """(H,W,C) turned and mirrored as EXIF orientation 1..8 says (a view, not a copy)."""
+    turned = {1: image, 2: image[:, ::-1], 3: image[::-1, ::-1], 4: image[::-1], 5: image.swapaxes(0, 1),
+              6: np.rot90(image, -1), 7: image[::-1, ::-1].swapaxes(0, 1), 8: np.rot90(image)}
+    return turned.get(orientation, image)
+
+
+def write_image(path: str | os.PathLike, image: np.ndarray, fmt: ImageFormat | None = None,
+                overwrite: bool = True) -> None:
+    """Write (H,W,C) float 0..1 in `fmt`'s depth (16-bit only where the file type holds it).
+
+    The file appears whole or not at all: a failed or interrupted write leaves what was at `path`.
+    With overwrite=False an existing file is kept and FileExistsError raised.
+    """
     path = Path(path)
     bits = fmt.bits if fmt else 8
     if bits == 16 and path.suffix.lower() not in (".png", ".tif", ".tiff"):
@@ -52,6 +115,151 @@ def write_image(path: str | os.PathLike, image: np.ndarray, fmt: ImageFormat | N
         pixels = cv2.cvtColor(pixels, cv2.COLOR_RGB2BGR)
     elif channels == 4:
         pixels = cv2.cvtColor(pixels, cv2.COLOR_RGBA2BGRA)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if not cv2.imwrite(str(path), pixels):
+    try:
+        ok, encoded = cv2.imencode(path.suffix, pixels)
+    except cv2.error:
+        ok = False
+    if not ok:
         raise ValueError(f"{path}: OpenCV cannot write this file type")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_file_atomically(path, encoded.tobytes(), overwrite)
+
+
+def write_file_atomically(path: Path, data: bytes, overwrite: bool = True) -> None:
+    """Write to a temporary file in the same folder, then rename it to `path` in one step."""
+    fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(temp, 0o666 & ~_UMASK)  # mkstemp makes 0600; a result is an ordinary file
+        if not overwrite and path.exists():
+            raise FileExistsError(f"{path}: exists, not replaced")
+        os.replace(temp, path)
+    except BaseException:  # Ctrl-C included: no temporary file is left behind
+        with contextlib.suppress(OSError):
+            os.unlink(temp)
+        raise
+
+
+def _process_umask() -> int:
+    # Read once at import: setting the umask to read it would race with other threads creating files.
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _process_umask()
+
+
+def _header_reader(start: bytes):
+    """The header reader for a file starting with these 12 bytes, or None."""
+    if start.startswith(b"\x89PNG\r\n\x1a\n"):
+        return _png_header
+    if start.startswith(b"\xff\xd8"):
+        return _jpeg_header
+    if start.startswith(b"BM"):
+        return _bmp_header
+    if start[:4] in (b"II*\0", b"MM\0*"):
+        return _tiff_header
+    if start[:4] == b"RIFF" and start[8:12] == b"WEBP":
+        return _webp_header
+    return None
+
+
+def _read(f: BinaryIO, size: int) -> bytes:
+    data = f.read(max(size, 0))
+    if size < 0 or len(data) < size:
+        raise ValueError("header field out of place")
+    return data
+
+
+def _png_header(f: BinaryIO) -> ImageHeader:
+    f.seek(8)
+    width = height = 0
+    orientation = 1
+    while True:  # chunks up to the pixel data: IHDR first, maybe eXIf
+        length, kind = struct.unpack(">I4s", _read(f, 8))
+        if kind in (b"IDAT", b"IEND"):
+            return ImageHeader(width, height, orientation)
+        data = _read(f, length)
+        if kind == b"IHDR":
+            width, height = struct.unpack(">II", data[:8])
+        elif kind == b"eXIf":
+            orientation = _exif_orientation(data)
+        f.seek(4, io.SEEK_CUR)  # CRC
+
+
+def _jpeg_header(f: BinaryIO) -> ImageHeader:
+    f.seek(2)
+    orientation = 1
+    while True:  # segments up to the frame header (SOF), maybe an APP1 Exif on the way
+        ff, marker, length = struct.unpack(">BBH", _read(f, 4))
+        if ff != 0xFF:
+            raise ValueError("not a JPEG segment")
+        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
+            height, width = struct.unpack(">xHH", _read(f, 5))
+            return ImageHeader(width, height, orientation)
+        data = _read(f, length - 2)
+        if marker == 0xE1 and data.startswith(b"Exif\0\0"):
+            orientation = _exif_orientation(data)
+
+
+def _bmp_header(f: BinaryIO) -> ImageHeader:
+    f.seek(14)
+    (size,) = struct.unpack("<I", _read(f, 4))
+    width, height = struct.unpack("<HH" if size == 12 else "<ii", _read(f, 4 if size == 12 else 8))
+    return ImageHeader(width, abs(height))  # negative height: rows stored top-down
+
+
+def _tiff_header(f: BinaryIO) -> ImageHeader:
+    tags = _tiff_tags(f)
+    return ImageHeader(tags[256], tags[257])  # OpenCV leaves a TIFF's own orientation tag alone
+
+
+def _webp_header(f: BinaryIO) -> ImageHeader:
+    f.seek(12)
+    size, orientation = None, 1
+    while chunk := f.read(8):  # RIFF chunks: the image's, maybe an EXIF one after it
+        kind, length = struct.unpack("<4sI", chunk)
+        data = _read(f, min(length, 10)) if kind != b"EXIF" else _read(f, length)
+        if kind == b"VP8X":
+            size = int.from_bytes(data[4:7], "little") + 1, int.from_bytes(data[7:10], "little") + 1
+        elif kind == b"VP8 " and size is None:
+            w, h = struct.unpack("<HH", data[6:10])
+            size = w & 0x3FFF, h & 0x3FFF
+        elif kind == b"VP8L" and size is None:
+            bits = int.from_bytes(data[1:5], "little")
+            size = (bits & 0x3FFF) + 1, ((bits >> 14) & 0x3FFF) + 1
+        elif kind == b"EXIF":
+            orientation = _exif_orientation(data)
+        f.seek(length + (length & 1) - len(data), io.SEEK_CUR)  # chunks are padded to even sizes
+    if size is None:
+        raise ValueError("no image chunk")
+    return ImageHeader(*size, orientation)
+
+
+def _tiff_tags(f: BinaryIO) -> dict[int, int]:
+    """The single-number tags of the first image directory of a TIFF structure (a file or EXIF block)."""
+    f.seek(0)
+    order = {b"II": "<", b"MM": ">"}.get(_read(f, 2))
+    if order is None:
+        raise ValueError("not a TIFF structure")
+    _, offset = struct.unpack(order + "HI", _read(f, 6))
+    f.seek(offset)
+    (count,) = struct.unpack(order + "H", _read(f, 2))
+    tags = {}
+    for _ in range(count):
+        tag, kind, n, value = struct.unpack(order + "HHI4s", _read(f, 12))
+        if n == 1 and kind in (3, 4):  # SHORT or LONG
+            tags[tag] = struct.unpack(order + ("H2x" if kind == 3 else "I"), value)[0]
+    return tags
+
+
+def _exif_orientation(exif: bytes) -> int:
+    try:
+        return _tiff_tags(io.BytesIO(exif.removeprefix(b"Exif\0\0"))).get(0x0112, 1)
+    except (ValueError, struct.error):
+        return 1  # damaged EXIF: OpenCV ignores it too
+

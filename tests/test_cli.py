@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import gpen
+import gpen.io
 from gpen.io import ImageFormat, read_image, write_image
 from tests.helpers import random_gpen
 
@@ -120,7 +121,7 @@ def test_a_bad_file_fails_alone_with_its_reason(shared, gpen64, tmp_path):
     shutil.copy(shared / "images" / "solvay_1927.png", tmp_path / "in" / "good.png")
     done = restore(shared, gpen64, str(tmp_path / "in" / "*.png"), "-o", tmp_path / "out")
     assert done.returncode == 1
-    assert "broken.png: failed: " in done.stderr and "not an image OpenCV can read" in done.stderr
+    assert "broken.png: failed: " in done.stderr and "not a PNG, JPEG, BMP, TIFF or WebP image" in done.stderr
     assert (tmp_path / "out" / "good.png").exists()
 
 
@@ -130,6 +131,35 @@ def test_run_gpen_style_flags_for_an_aligned_crop(gpen64, tmp_path):
                     "--model_path", gpen64, "--face_align", "false")
     assert done.returncode == 0, done.stderr
     assert "restored as one aligned face" in done.stdout and (tmp_path / "restored.png").exists()
+
+
+def test_run_gpen_style_invocation_needs_no_command(shared, gpen64, tmp_path):
+    photo, _ = read_image(shared / "images" / "solvay_1927.png")
+    write_image(tmp_path / "x.jpg", photo[:300, :600, :3])
+    done = run_gpen("--input", tmp_path / "x.jpg", "--output", tmp_path / "y.png", "--model_path", gpen64,
+                    "--face_align", "--detector", shared / "models" / "retinaface_mobilenet0.25.pth")
+    assert done.returncode == 0, done.stderr
+    assert "x.jpg: restored " in done.stdout and read_image(tmp_path / "y.png")[0].shape == (300, 600, 3)
+
+
+def test_a_size_that_does_not_match_the_model_is_refused(small_checkpoint, tmp_path):
+    write_image(tmp_path / "face.png", np.random.rand(32, 32, 3))
+    done = run_gpen("--input", tmp_path / "face.png", "--output", tmp_path / "y.png", "--model_path", small_checkpoint,
+                    "--size", 2048, "--face_align", "false")
+    assert done.returncode == 1 and not (tmp_path / "y.png").exists()
+    assert done.stderr == f"error: --size 2048, but {small_checkpoint.name} is a GPEN-32 model\n"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this torch has CUDA")
+@pytest.mark.parametrize("command", ["restore", "bench"])
+def test_cuda_asked_of_a_cpu_only_torch_is_one_line(small_checkpoint, tmp_path, command):
+    write_image(tmp_path / "face.png", np.random.rand(32, 32, 3))
+    args = (tmp_path / "face.png", "-o", tmp_path / "out", "--aligned", "--model", small_checkpoint) \
+        if command == "restore" else ("--sizes", 32, "--repeat", 1)
+    done = run_gpen(command, *args, "--device", "cuda")
+    assert done.returncode == 1 and done.stdout == "" and not (tmp_path / "out").exists()
+    (line,) = done.stderr.splitlines()
+    assert line.startswith("error: ") and "cuda" in line.lower()
 
 
 def test_a_missing_model_that_cannot_be_downloaded_says_where_to_put_it(tmp_path):
@@ -164,3 +194,231 @@ def test_download_command_fetches_catalogue_files_into_their_folders(shared, tmp
         done = run_with_catalogue(tmp_path, url, "download", "retinaface_mobilenet0.25", "--models-dir", tmp_path / "models")
     assert done.returncode == 0, done.stderr
     assert (tmp_path / "models" / "facedetection" / "detection_mobilenet0.25_Final.pth").stat().st_size == 1789735
+
+
+# No data loss: these run `python -m gpen` in this process (gpen.cli.main), on aligned random crops.
+
+@pytest.fixture
+def gpen_cli(monkeypatch, small_checkpoint):
+    """python -m gpen restore --aligned with the small random GPEN; returns the exit status.
+
+    The test process keeps its own allocator (main() tunes glibc for the CLI's process)."""
+    from gpen import cli
+
+    monkeypatch.setattr(cli, "keep_freed_memory", lambda: None)
+    return lambda *args: cli.main(["restore", *map(str, args), "--aligned", "--model", str(small_checkpoint)])
+
+
+def face(path):
+    write_image(path, np.random.rand(32, 32, 3))
+    return path
+
+
+def test_an_input_is_never_overwritten(gpen_cli, tmp_path, capsys):
+    album = tmp_path / "album"
+    first, second = face(album / "a.png"), face(album / "b.png")
+    before = first.read_bytes(), second.read_bytes()
+    for args in ([first, "-o", first], [album, "-o", album], [album, "-o", tmp_path / "album" / "."],
+                 [album, "-o", album, "--overwrite"]):
+        assert gpen_cli(*args) == 1
+        assert "is an input; results never replace inputs: choose another -o" in capsys.readouterr().err
+    assert (first.read_bytes(), second.read_bytes()) == before and sorted(album.iterdir()) == [first, second]
+
+
+def test_an_existing_result_is_kept_unless_overwrite_is_given(gpen_cli, tmp_path, capsys):
+    source, result = face(tmp_path / "a.png"), tmp_path / "out" / "a.png"
+    assert gpen_cli(source, "-o", tmp_path / "out") == 0
+    result.write_bytes(b"an earlier result")
+    assert gpen_cli(source, "-o", tmp_path / "out") == 0  # nothing failed: the result is there
+    out, err = capsys.readouterr()
+    assert f"a.png: skipped: {result} exists (--overwrite replaces it)" in out
+    assert "1 of 1 file(s) skipped" in err and result.read_bytes() == b"an earlier result"
+    assert gpen_cli(source, "-o", tmp_path / "out", "--overwrite") == 0
+    assert read_image(result)[0].shape == (32, 32, 3)
+
+
+def test_same_names_from_different_folders_keep_their_folders(gpen_cli, tmp_path, capsys):
+    x, y = face(tmp_path / "x" / "img.png"), face(tmp_path / "y" / "img.png")
+    assert gpen_cli(x, y, "-o", tmp_path / "out") == 0
+    assert "-> " + str(tmp_path / "out" / "x" / "img.png") in capsys.readouterr().out
+    assert (tmp_path / "out" / "x" / "img.png").read_bytes() != (tmp_path / "out" / "y" / "img.png").read_bytes()
+
+
+def test_a_failed_write_leaves_the_result_that_was_there(gpen_cli, tmp_path, capsys, monkeypatch):
+    import errno
+    import os
+
+    source, result = face(tmp_path / "a.png"), tmp_path / "out" / "a.png"
+    result.parent.mkdir()
+    result.write_bytes(b"an earlier result")
+
+    def disk_full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", disk_full)
+    assert gpen_cli(source, "-o", tmp_path / "out", "--overwrite") == 1
+    assert "a.png: failed: [Errno 28] No space left on device" in capsys.readouterr().err
+    assert result.read_bytes() == b"an earlier result" and list(result.parent.iterdir()) == [result]
+
+
+def test_ctrl_c_leaves_no_partial_file(gpen_cli, tmp_path, capsys, monkeypatch):
+    import os
+
+    def interrupted(*args):
+        raise KeyboardInterrupt
+
+    source = face(tmp_path / "a.png")
+    monkeypatch.setattr(os, "replace", interrupted)  # Ctrl-C at the last moment of a write
+    assert gpen_cli(source, "-o", tmp_path / "out") == 130
+    assert capsys.readouterr().err.endswith("cancelled\n") and list((tmp_path / "out").iterdir()) == []
+
+
+def test_results_follow_the_umask_not_mkstemps_0600(gpen_cli, tmp_path):
+    assert gpen_cli(face(tmp_path / "a.png"), "-o", tmp_path / "out") == 0
+    assert (tmp_path / "out" / "a.png").stat().st_mode & 0o777 == (tmp_path / "a.png").stat().st_mode & 0o777
+
+
+def test_an_unwritable_output_is_refused_before_any_model_loads(monkeypatch, tmp_path, capsys):
+    from gpen import cli
+
+    monkeypatch.setattr(cli, "keep_freed_memory", lambda: None)
+    not_a_folder = tmp_path / "notes.txt"
+    not_a_folder.write_text("a file, where -o wants a folder")
+    code = cli.main(["restore", str(face(tmp_path / "a.png")), "-o", str(not_a_folder / "out"), "--aligned",
+                     "--model", str(tmp_path / "no-such-model.pth")])
+    assert code == 1
+    assert capsys.readouterr().err == f"error: {not_a_folder / 'out'}: results cannot be written here (Not a directory)\n"
+
+
+def blank_png(path, width, height):
+    """A valid black RGB PNG of any size, written without ever holding its pixels (20000x20000: 5 MB)."""
+    import struct
+    import zlib
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    deflate = zlib.compressobj(1)
+    rows = bytes((1 + 3 * width) * 100)  # each row: filter byte 0, then black pixels
+    idat = b"".join(deflate.compress(rows) for _ in range(height // 100)) + deflate.flush()
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+                     + chunk(b"IDAT", idat) + chunk(b"IEND", b""))
+    return path
+
+
+def run_watched(*args):
+    """python -m gpen in a subprocess, with its exit status, stderr and peak resident memory in MiB.
+    The subprocess may not map more than 4 GiB: a regression fails here rather than exhausting the machine."""
+    import os
+    import resource
+    import tempfile
+
+    def limit_memory():
+        resource.setrlimit(resource.RLIMIT_AS, (4 << 30, 4 << 30))
+
+    with tempfile.TemporaryFile() as stderr:
+        child = subprocess.Popen([sys.executable, "-m", "gpen", *map(str, args)], cwd=REPO,
+                                 stdout=subprocess.DEVNULL, stderr=stderr, preexec_fn=limit_memory)
+        _, status, usage = os.wait4(child.pid, 0)
+        child.returncode = os.waitstatus_to_exitcode(status)
+        stderr.seek(0)
+        peak = usage.ru_maxrss / (2 ** 20 if sys.platform == "darwin" else 1024)
+        return child.returncode, stderr.read().decode(), peak
+
+
+@pytest.mark.skipif(not sys.platform.startswith(("linux", "darwin")), reason="memory is watched with wait4")
+def test_a_huge_image_is_refused_from_its_header(small_checkpoint, tmp_path):
+    huge = blank_png(tmp_path / "huge.png", 20000, 20000)  # decoding it would take 1.2 GB, and 4.8 GB as floats
+    code, stderr, peak_mib = run_watched(huge, "-o", tmp_path / "out", "--aligned", "--model", small_checkpoint)
+    assert code == 1
+    assert f"huge.png: failed: {huge}: 20000x20000 is 400 megapixels, over the 200 MP limit" in stderr
+    assert peak_mib < 600  # python, torch and OpenCV take ~260 MiB; the image itself none
+
+
+def test_the_megapixel_cap_is_an_option(gpen_cli, tmp_path, capsys):
+    assert gpen_cli(face(tmp_path / "a.png"), "-o", tmp_path / "out", "--max-megapixels", 0.0001) == 1
+    assert "32x32 is 0 megapixels, over the 0.0001 MP limit" in capsys.readouterr().err
+    assert gpen_cli(face(tmp_path / "a.png"), "-o", tmp_path / "out", "--max-megapixels", 0) == 0  # 0: no limit
+
+
+def test_an_image_is_decoded_once(tmp_path, monkeypatch):
+    import cv2
+
+    decodes = []
+    decode = cv2.imdecode
+    monkeypatch.setattr(cv2, "imdecode", lambda *args: decodes.append(args) or decode(*args))
+    monkeypatch.setattr(cv2, "imread", None)
+    write_image(tmp_path / "gray.png", np.random.rand(8, 8, 1))
+    assert read_image(tmp_path / "gray.png")[1] == ImageFormat(1, 8) and len(decodes) == 1
+
+
+def with_exif_orientation(png: bytes, orientation: int) -> bytes:
+    """The PNG with an eXIf chunk (a little-endian TIFF directory holding Orientation) after its IHDR."""
+    import struct
+    import zlib
+
+    exif = b"II*\0" + struct.pack("<IHHHIH2xI", 8, 1, 0x0112, 3, 1, orientation, 0)
+    chunk = struct.pack(">I", len(exif)) + b"eXIf" + exif + struct.pack(">I", zlib.crc32(b"eXIf" + exif))
+    return png[:33] + chunk + png[33:]
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_exif_orientation_is_applied_as_opencv_applies_it(tmp_path, orientation):
+    import cv2
+
+    pixels = (np.random.rand(6, 10, 3) * 255).astype(np.uint8)
+    path = tmp_path / "turned.png"
+    path.write_bytes(with_exif_orientation(cv2.imencode(".png", pixels)[1].tobytes(), orientation))
+    upright = cv2.imread(str(path), cv2.IMREAD_COLOR)[..., ::-1] / np.float32(255)
+    assert np.array_equal(read_image(path)[0], upright)
+
+
+@pytest.mark.parametrize("suffix", gpen.io.IMAGE_SUFFIXES)
+def test_the_size_is_read_from_the_header_of_every_file_type(tmp_path, suffix):
+    write_image(tmp_path / f"image{suffix}", np.random.rand(30, 70, 3))
+    header = gpen.io.read_header(tmp_path / f"image{suffix}")
+    assert (header.width, header.height) == (70, 30)
+
+
+def test_selection_and_blending_options_reach_the_pipeline(shared, gpen64, tmp_path):
+    photo = shared / "images" / "solvay_1927.png"
+    done = restore(shared, gpen64, photo, "-o", tmp_path, "--threshold", 0.6, "--min-size", 10, "--max-faces", 2,
+                   "--order", "left-right", "--indices", "1,2,3", "--mask-shape", "ellipse", "--erode", 0.1,
+                   "--feather", 0.02, "--color-correction")
+    assert done.returncode == 0, done.stderr
+    assert "solvay_1927.png: restored 2 face(s) in 1 image(s)" in done.stdout
+
+
+def test_a_bad_option_value_is_refused_once_before_any_work(gpen_cli, tmp_path, capsys):
+    assert gpen_cli(face(tmp_path / "a.png"), face(tmp_path / "b.png"), "-o", tmp_path / "out", "--erode", 0.7) == 1
+    assert capsys.readouterr().err == "error: erode must be in [0, 0.5) and feather >= 0, got 0.7, 0.011048543456039806\n"
+    assert not (tmp_path / "out").exists()
+
+
+def test_temporal_smoothing_treats_the_inputs_as_frames(shared, gpen64, tmp_path):
+    photo, _ = read_image(shared / "images" / "solvay_1927.png")
+    for t in range(3):  # the camera pans two pixels a frame
+        write_image(tmp_path / "frames" / f"{t:04d}.png", photo[:240, 2 * t:400 + 2 * t, :3])
+    done = restore(shared, gpen64, tmp_path / "frames", "-o", tmp_path / "out", "--temporal-smoothing", 2,
+                   "--max-faces", 3)
+    assert done.returncode == 0, done.stderr
+    assert "finding the faces in 3 frames to steady them over 2 frames" in done.stdout
+    assert done.stdout.count("restored 3 face(s) in 1 image(s)") == 3
+    write_image(tmp_path / "frames" / "0003.png", photo[:100, :100, :3])
+    done = restore(shared, gpen64, tmp_path / "frames", "-o", tmp_path / "out", "--temporal-smoothing", 2)
+    assert done.returncode == 1 and "needs frames of one size" in done.stderr
+
+
+def test_bench_without_an_image_for_the_pipeline_says_so():
+    done = run_gpen("bench", "--pipeline", "--device", "cpu")
+    assert done.returncode == 1 and done.stderr == "error: bench --pipeline needs --image PHOTO: a photo with several faces\n"
+
+
+def test_bench_fails_when_a_row_fails(shared):
+    plain = run_gpen("bench", "--sizes", 32, "--device", "cpu", "--dtypes", "fp64", "--repeat", 1)
+    pipeline = run_gpen("bench", "--pipeline", "--sizes", 32, "--device", "cpu", "--dtypes", "fp64", "--repeat", 1,
+                        "--image", shared / "images" / "solvay_1927.png",
+                        "--detector", shared / "models" / "retinaface_mobilenet0.25.pth")
+    for done in (plain, pipeline):
+        assert done.returncode == 1
+        assert all("dtype must be one of" in row["error"] for row in json.loads(done.stdout))
