@@ -20,6 +20,7 @@ FFHQ_TEMPLATE = ((192.98138 / 512, 239.94708 / 512), (318.90277 / 512, 240.1936 
                  (256.63416 / 512, 314.01935 / 512), (201.26117 / 512, 371.41043 / 512),
                  (313.08905 / 512, 371.15118 / 512))
 TEMPLATES = {"gpen": GPEN_TEMPLATE, "ffhq": FFHQ_TEMPLATE}
+WARP_CHUNK = 4  # faces warped together
 
 
 def template_points(size: int, template: str = "gpen") -> torch.Tensor:
@@ -84,7 +85,7 @@ def crop_faces(images: torch.Tensor, landmarks: torch.Tensor, size: int, frames:
         raise ValueError(f"landmarks must be (N, 5, 2), got shape {tuple(landmarks.shape)}")
     frames = frames_of(images, len(landmarks), frames)
     affines = similarity_transform(landmarks.cpu(), template_points(size, template))
-    crops = warp_faces(images, affines, frames, size, device).clamp(0, 1).permute(0, 2, 3, 1)
+    crops = warp_faces(images, affines, frames, size, device).clamp_(0, 1).permute(0, 2, 3, 1)
     return crops, affines.float()
 
 
@@ -95,9 +96,10 @@ def warp_faces(images: torch.Tensor, affines: torch.Tensor, frames: torch.Tensor
     device = torch.device(device) if device is not None else images.device
     crops = torch.zeros(len(affines), 3, size, size, device=device)
     for frame in frames.unique().tolist():
-        here = (frames == frame).nonzero().squeeze(1)
         source = rgb_planes(images[frame].to(device))
-        crops[here.to(device)] = warp(source, affines[here], size, size)
+        here = (frames == frame).nonzero().squeeze(1)
+        for part in here.split(WARP_CHUNK):  # the sampling grids of many faces at once would outweigh the frame
+            crops[part.to(device)] = warp(source, affines[part], size, size)
     return crops
 
 

@@ -39,6 +39,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--models-dir", help="models folder for --detector (default: ComfyUI's when the pack is in one)")
     parser.add_argument("--image", help="group photo for --pipeline (required); its largest face also makes the 1080p scene")
     parser.add_argument("--frames", type=int, default=1, help="frames per batch in --pipeline")
+    parser.add_argument("--memory", action="store_true",
+                        help="with --pipeline: peak memory of restore_faces beyond its input for a 6000x4000 frame "
+                             "made from --image (the restorer hands its crops back: the pipeline alone is measured)")
     parser.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
 
 
@@ -54,6 +57,8 @@ def run(args) -> int:
         if not args.image:
             raise ValueError("bench --pipeline needs --image PHOTO: a photo with several faces")
         detector = resolve(args.detector, "detector", args.models_dir)
+        if args.memory:
+            return print_table([pipeline_memory(args.image, detector, size, device) for size in sizes])
         rows = [pipeline_row(scene, frames, size, device, dtype, detector, args)
                 for scene, frames in pipeline_scenes(args.image, detector, args.frames)
                 for size in sizes for dtype in dtypes]
@@ -180,3 +185,44 @@ def time_pipeline(scene: str, images: torch.Tensor, size: int, device: torch.dev
     return dict(scene=scene, frames=len(images), faces=result.face_count, size=model.size, device=str(device),
                 dtype=dtype, **{f"{k}_ms": round(v * 1e3, 1) for k, v in best.items()}, total_ms=round(total * 1e3, 1),
                 fps=round(len(images) / total, 2), outside_gpen=f"{100 * (1 - best['restore'] / total):.1f}%")
+
+
+class _CropsBack:
+    """A restorer that hands its crops back, so that only the pipeline around GPEN is measured."""
+
+    def __init__(self, size: int):
+        self.size = size
+
+    def restore(self, faces, batch_size=4, on_batch=None):
+        return faces
+
+
+def pipeline_memory(image_path: str, detector_path: Path, size: int, device: torch.device) -> dict:
+    """Peak resident memory of restore_faces beyond its input, on a 6000x4000 frame (Linux: VmHWM)."""
+    import cv2
+
+    from .detection import load_detector
+    from .io import read_image
+    from .pipeline import restore_faces
+
+    photo = read_image(image_path)[0][..., :3]
+    scale = min(6000 / photo.shape[1], 4000 / photo.shape[0])
+    frame = torch.zeros(1, 4000, 6000, 3)
+    resized = torch.from_numpy(cv2.resize(photo, None, fx=scale, fy=scale, interpolation=cv2.INTER_CUBIC))
+    frame[0, :resized.shape[0], :resized.shape[1]] = resized
+    del resized
+    detector = load_detector(detector_path, device=device)
+    Path("/proc/self/clear_refs").write_text("5")  # the peak starts again from what is resident now
+    before = _resident_mib("VmRSS")
+    result = restore_faces(frame, _CropsBack(size), detector)
+    beyond = _resident_mib("VmHWM") - before
+    frame_mib = frame.numel() * frame.element_size() / 2 ** 20
+    return dict(scene="6000x4000 frame", faces=result.face_count, crop_size=size, device=str(device),
+                frame_mib=round(frame_mib), peak_beyond_input_mib=round(beyond), times_frame=round(beyond / frame_mib, 2))
+
+
+def _resident_mib(field: str) -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    raise OSError(f"/proc/self/status has no {field}: --memory needs Linux")

@@ -96,11 +96,13 @@ def paste_faces(images: torch.Tensor, restored: torch.Tensor, affines: torch.Ten
 def prepare_crops(images, restored, affines, frames, color_correction, smooth_small_faces):
     """(N,3,S,S) float32 crops as they will be pasted: small faces softened, colours matched."""
     size = restored.shape[1]
-    crops = restored.float().permute(0, 3, 1, 2).clone()
+    crops = restored.float().permute(0, 3, 1, 2)
     if smooth_small_faces:
         face_px = size / affines[:, :, :2].det().abs().sqrt()  # the crop's width in image pixels
         small = (face_px * 0.5 < SMALL_FACE).nonzero().squeeze(1).to(crops.device)  # the face is ~half the crop
-        crops[small] = soften(crops[small])
+        if len(small):
+            crops = crops.clone()  # the caller's crops stay as they are
+            crops[small] = soften(crops[small])
     if color_correction:
         crops = match_color(crops, warp_faces(images, affines, frames, size, crops.device))
     return crops

@@ -83,6 +83,9 @@ def add_restore_arguments(parser: argparse.ArgumentParser) -> None:
                         help="refuse larger images from their header, before decoding (0: no limit; default %(default)g)")
     select = parser.add_argument_group("which faces")
     select.add_argument("--threshold", type=float, default=0.5, help="detection confidence (default %(default)g)")
+    select.add_argument("--detect-size", default="auto",
+                        help="auto: faces from ~16 px to the whole frame (close-ups, 2048 portraits); "
+                             "or a long side in px to detect at, in one pass")
     select.add_argument("--min-size", type=float, default=0, help="skip faces smaller than this many pixels")
     select.add_argument("--max-faces", type=int, default=0, help="restore at most this many per image (0: all)")
     select.add_argument("--order", choices=ORDERS, default="largest", help="face order for --indices and --max-faces")
@@ -208,10 +211,12 @@ def check_writable(folder: Path) -> None:
 def check_options(args) -> None:
     """Refuse bad option values once, with the library's messages, instead of failing every file."""
     from .blend import face_mask
+    from .detection import check_detect_size
     from .pipeline import parse_indices
     from .restorer import check_strength
 
     check_strength(args.strength)
+    check_detect_size(args.detect_size)
     face_mask(8, args.mask_shape, args.erode, args.feather)
     parse_indices(args.indices or "")
 
@@ -288,7 +293,8 @@ def load_models(args, device, detect: bool):
     model = load_model(path, device=device, dtype=args.dtype)
     if args.size and model.size != args.size:
         raise ValueError(f"--size {args.size}, but {path.name} is a GPEN-{model.size} model")
-    detector = load_detector(resolve(args.detector, "detector", args.models_dir), device=device) if detect else None
+    detector = load_detector(resolve(args.detector, "detector", args.models_dir), device=device,
+                              detect_size=args.detect_size) if detect else None
     return model, detector
 
 

@@ -18,7 +18,7 @@ import torch
 from .align import crop_faces
 from .blend import GPEN_ERODE, GPEN_FEATHER, paste_faces
 from .detection import Faces, box_iou
-from .restorer import check_strength
+from .restorer import check_strength, finite_faces
 
 ORDERS = ("largest", "left-right", "top-bottom", "confidence")
 MIN_DETECT_SIDE = 32  # below this RetinaFace's coarsest level has no cell; nothing is detected
@@ -254,12 +254,16 @@ def restore_faces(images: torch.Tensor, model, detector, *, threshold: float = 0
     if len(crops):
         with _stage(timings, "restore", info.device):
             restored = model.restore(crops, batch_size=face_batch, on_batch=on_batch).to(info.device)
-    finite = restored.flatten(1).isfinite().all(1)
+    finite = finite_faces(restored)
     unrestored = int((~finite).sum())
     if unrestored:
         log.warning("%d face(s) left unrestored: the restorer's output was not finite (NaN or Inf)", unrestored)
+    if unrestored:
+        restored, affines, frames = restored[finite], info.affines[finite], info.frames[finite]
+    else:
+        affines, frames = info.affines, info.frames
     with _stage(timings, "paste", info.device):
-        pasted, masks = paste_faces(images, restored[finite], info.affines[finite], info.frames[finite],
+        pasted, masks = paste_faces(images, restored, affines, frames,
                                     strength=strength, mask_shape=mask_shape, erode=erode, feather=feather,
                                     color_correction=color_correction, smooth_small_faces=smooth_small_faces,
                                     device=info.device)

@@ -18,7 +18,8 @@ def restore_crops(forward: Forward, size: int, faces: torch.Tensor, *, device: t
 
     `forward` maps NCHW RGB in [-1, 1] at `size` to the same. Crops of another size are resized to
     the model's and back. `on_batch(done, total)` is called after each batch; it may raise to cancel.
-    A batch that runs out of GPU memory is retried in halves, down to one face.
+    A batch that runs out of GPU memory is retried in halves, down to one face. A face whose output is
+    not finite (NaN weights, an fp16 overflow) comes back as NaN, for the caller to leave unrestored.
     """
     if faces.ndim != 4 or faces.shape[-1] != 3:
         raise ValueError(f"faces must be (B, S, S, 3) RGB crops, got shape {tuple(faces.shape)}")
@@ -38,6 +39,7 @@ def restore_crops(forward: Forward, size: int, faces: torch.Tensor, *, device: t
                 batch_size //= 2  # out of memory: retry this batch in halves
                 _empty_cache(device)
                 continue
+            y[~finite_faces(y)] = float("nan")  # clamping would hide an Inf (fp16 overflow): mark the face
             y = _resize((y.clamp(-1, 1) + 1) / 2, height, width).clamp(0, 1)
             out[start:start + len(y)] = y.permute(0, 2, 3, 1).to(out.device)
             start += len(y)
@@ -55,12 +57,17 @@ def restore_aligned(model, crops: torch.Tensor, strength: float = 1.0, batch_siz
     check_strength(strength)
     rgb = as_rgb(crops)
     restored = model.restore(rgb, batch_size=batch_size, on_batch=on_batch).to(rgb)
-    broken = ~restored.flatten(1).isfinite().all(1)
+    broken = ~finite_faces(restored)
     if broken.any():
         logging.getLogger("gpen").warning("%d face(s) left unrestored: the restorer's output was not finite "
                                           "(NaN or Inf)", int(broken.sum()))
         restored[broken] = rgb[broken]
     return match_channels(torch.lerp(rgb, restored, strength), crops)
+
+
+def finite_faces(faces: torch.Tensor) -> torch.Tensor:
+    """(N,) True where a face holds no NaN or Inf; a per-face sum spots either without copying the faces."""
+    return faces.sum(dim=tuple(range(1, faces.ndim)), dtype=torch.float32).isfinite()
 
 
 def check_strength(strength: float) -> None:

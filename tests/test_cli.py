@@ -384,7 +384,7 @@ def test_selection_and_blending_options_reach_the_pipeline(shared, gpen64, tmp_p
     photo = shared / "images" / "solvay_1927.png"
     done = restore(shared, gpen64, photo, "-o", tmp_path, "--threshold", 0.6, "--min-size", 10, "--max-faces", 2,
                    "--order", "left-right", "--indices", "1,2,3", "--mask-shape", "ellipse", "--erode", 0.1,
-                   "--feather", 0.02, "--color-correction")
+                   "--feather", 0.02, "--color-correction", "--detect-size", 1328)
     assert done.returncode == 0, done.stderr
     assert "solvay_1927.png: restored 2 face(s) in 1 image(s)" in done.stdout
 
@@ -393,6 +393,8 @@ def test_a_bad_option_value_is_refused_once_before_any_work(gpen_cli, tmp_path, 
     assert gpen_cli(face(tmp_path / "a.png"), face(tmp_path / "b.png"), "-o", tmp_path / "out", "--erode", 0.7) == 1
     assert capsys.readouterr().err == "error: erode must be in [0, 0.5) and feather >= 0, got 0.7, 0.011048543456039806\n"
     assert not (tmp_path / "out").exists()
+    assert gpen_cli(face(tmp_path / "a.png"), "-o", tmp_path / "out", "--detect-size", "huge") == 1
+    assert "detect_size must be 'auto' or a long side in pixels" in capsys.readouterr().err
 
 
 def test_temporal_smoothing_treats_the_inputs_as_frames(shared, gpen64, tmp_path):
