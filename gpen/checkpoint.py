@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import secrets
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,29 +19,43 @@ OTHER_NETWORKS = {
     "RestoreFormer": ("vqvae.",),
     "Real-ESRGAN/ESRGAN": ("conv_first.", "RRDB_trunk.", "body.0.rdb1."),
     "Stable Diffusion": ("model.diffusion_model.",),
+    "ParseNet face-parser": ("out_mask_conv.", "out_img_conv."),
+    "BiSeNet face-parser": ("cp.resnet.", "conv_out16."),
 }
 WRAPPER_KEYS = ("g_ema", "params_ema", "params", "state_dict", "model")
+# A GPEN checkpoint's pickle record is about 20 KB, and the weights-only unpickler reads about 2 MB/s
+# and cannot be interrupted: a bigger record is a decompression bomb, not weights.
+PICKLE_RECORD_LIMIT = 16 * 2**20
+# torch.save stores its zip records uncompressed, so together they are never much bigger than the file.
+EXPANSION_LIMIT = 10
+TRUST_HINT = ("If you trust where it came from, keep only its tensors with "
+              "python -m gpen convert FILE OUT.safetensors --trust (this runs the file's code) and load OUT.safetensors")
 
 
 @dataclass(frozen=True)
 class ModelInfo:
     """What a weight file holds."""
 
-    kind: str  # "GPEN"
+    kind: str  # "GPEN", "RetinaFace face-detector", "SCRFD face-detector", "ParseNet face-parser", "GFPGAN", ...
     format: str  # "pth", "safetensors" or "onnx"
-    size: int
+    size: int | None = None  # GPEN's face size; None for other networks
     channel_multiplier: float | None = None  # None where the file does not say (ONNX)
     narrow: float | None = None
     style_dim: int | None = None
     n_mlp: int | None = None
     parameters: int | None = None
     dtype: str = "float32"  # as stored in the file
+    detail: str | None = None  # e.g. "mobilenet0.25 backbone", "with landmarks"
 
     def __str__(self) -> str:
-        parts = [f"{self.kind}-{self.size} ({self.format}, {self.dtype})"]
+        name = self.kind if self.size is None else f"{self.kind}-{self.size}"
+        parts = [f"{name} ({self.format}, {self.dtype})"]
         if self.channel_multiplier is not None:
-            parts.append(f"channel_multiplier {self.channel_multiplier:g}, narrow {self.narrow:g}, "
-                         f"{self.parameters / 1e6:.1f}M parameters")
+            parts.append(f"channel_multiplier {self.channel_multiplier:g}, narrow {self.narrow:g}")
+        if self.detail:
+            parts.append(self.detail)
+        if self.parameters is not None:
+            parts.append(f"{self.parameters / 1e6:.1f}M parameters")
         return ", ".join(parts)
 
 
@@ -52,15 +67,22 @@ class CheckpointError(ValueError):
         self.path = str(path)
 
 
-def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Tensors of a .pth/.pt/.safetensors file, unwrapped from training dicts and DataParallel."""
+def read_state_dict(path: str | os.PathLike, trust: bool = False) -> dict[str, torch.Tensor]:
+    """Tensors of a .pth/.pt/.safetensors file, unwrapped from training dicts and DataParallel.
+
+    Pickles are read weights-only: anything but tensors and plain containers is refused. `trust=True`
+    unpickles everything, running whatever code the file holds, and keeps only the tensors: only
+    for an explicit opt-in by the user (convert --trust).
+    """
     path = Path(path)
     check_file(path)
     if path.suffix.lower() == ".safetensors":
         state = _read_safetensors(path)
     else:
-        state = _read_pickle(path)
-    return unwrap_state_dict(state, path)
+        state = _read_pickle(path, trust)
+    tensors = unwrap_state_dict(state, path)
+    check_storage(tensors, path)
+    return tensors
 
 
 def unwrap_state_dict(state: object, path: str | os.PathLike) -> dict[str, torch.Tensor]:
@@ -75,6 +97,59 @@ def unwrap_state_dict(state: object, path: str | os.PathLike) -> dict[str, torch
     if not tensors:
         raise CheckpointError(path, "holds no tensors")
     return tensors
+
+
+def check_storage(tensors: dict[str, torch.Tensor], path: str | os.PathLike) -> None:
+    """Refuse tensors that claim more elements than their data holds (zero-stride or overlapping views).
+
+    No saved network has them, and a 2 KB file of such views can claim gigabytes: copying one would
+    fill memory. After this check the weights are no bigger than the file's data.
+    """
+    for key, t in tensors.items():
+        claimed = t.numel() * t.element_size()
+        if claimed > t.untyped_storage().nbytes():
+            raise CheckpointError(path, f"{key} claims shape {tuple(t.shape)} ({claimed:,} bytes) but its data holds "
+                                  f"{t.untyped_storage().nbytes():,} bytes; the file is crafted or broken")
+
+
+def check_layout(state: dict[str, torch.Tensor], reference: torch.nn.Module, path: str | os.PathLike,
+                 layout: str) -> None:
+    """Refuse weights that do not fit `reference` (usually built on the meta device) key for key and
+    shape for shape, before anything their size is allocated."""
+    expected = reference.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    wrong = [k for k in expected if k in state and (state[k].shape != expected[k].shape or
+                                                    state[k].is_floating_point() != expected[k].is_floating_point())]
+    problems = []
+    if missing:
+        problems.append(f"missing {_some(missing)}")
+    if unexpected:
+        problems.append(f"unexpected {_some(unexpected)}")
+    if wrong:
+        k = wrong[0]
+        problems.append(f"{k} is {_describe_tensor(state[k])} where the layout has {_describe_tensor(expected[k])}"
+                        + (f" (and {len(wrong) - 1} more)" if len(wrong) > 1 else ""))
+    if problems:
+        raise CheckpointError(path, f"does not fit the {layout} layout: {'; '.join(problems)}")
+
+
+def check_finite(tensors: dict[str, torch.Tensor], path: str | os.PathLike) -> None:
+    """Refuse NaN or infinite weights: they would turn every output into NaN, black or noise."""
+    for key, t in tensors.items():
+        # NaN and infinity survive a sum, which is one pass and allocates nothing; only a sum that is
+        # not finite (huge finite weights could overflow it too) pays for the exact test.
+        if t.is_floating_point() and not torch.isfinite(t.sum()) and not torch.isfinite(t).all():
+            raise CheckpointError(path, f"{key} holds NaN or infinite values; the file is damaged "
+                                  "(or was saved from a training run that diverged)")
+
+
+def _some(keys: list[str]) -> str:
+    return ", ".join(keys[:3]) + (f" and {len(keys) - 3} more" if len(keys) > 3 else "")
+
+
+def _describe_tensor(t: torch.Tensor) -> str:
+    return f"{tuple(t.shape)} {str(t.dtype).removeprefix('torch.')}"
 
 
 def describe_other_network(state: dict[str, torch.Tensor]) -> str | None:
@@ -110,17 +185,45 @@ def _looks_like_text(head: bytes) -> bool:
     return all(c.isprintable() or c in "\r\n\t" for c in text)
 
 
-def _read_pickle(path: Path) -> object:
+def _read_pickle(path: Path, trust: bool) -> object:
+    # Zip checkpoints are memory-mapped: torch then refuses records that are compressed or smaller
+    # than their tensors claim. Legacy (non-zip) pickles hold their pickle and data uncompressed, so
+    # what they cost is bounded by the file's size: torch reserves a storage's claimed size but only
+    # touches what it reads from the file.
+    zipped = zipfile.is_zipfile(path)
+    if zipped:
+        check_zip_records(path)
     try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+        if trust:  # the user's explicit opt-in (convert --trust): this unpickles anything, running its code
+            return torch.load(path, map_location="cpu", weights_only=False, mmap=zipped)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=zipped)
     except pickle.UnpicklingError as e:
         if "Weights only load failed" in str(e):
             raise CheckpointError(
                 path, "contains pickled Python objects besides tensors (possibly code); refusing to unpickle it. "
-                "Convert it where you trust it: python -m gpen convert FILE OUT.safetensors") from None
-        raise CheckpointError(path, f"is corrupt or not a PyTorch file ({e})") from None
+                + TRUST_HINT) from None
+        raise CheckpointError(path, f"is corrupt or not a PyTorch file ({first_line(e)})") from None
+    except (ImportError, AttributeError) as e:  # only with trust: the file names code that is not here
+        raise CheckpointError(path, f"needs Python code that is not installed here to unpickle ({first_line(e)})") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
         raise CheckpointError(path, f"is truncated or corrupt, fetch it again ({first_line(e)})") from None
+
+
+def check_zip_records(path: Path) -> None:
+    """Refuse a zip checkpoint whose records would expand far beyond the file, before reading any."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            records = archive.infolist()
+    except (zipfile.BadZipFile, OSError, ValueError) as e:
+        raise CheckpointError(path, f"is truncated or corrupt, fetch it again ({first_line(e)})") from None
+    pickle_size = sum(r.file_size for r in records if r.filename.rpartition("/")[2] == "data.pkl")
+    if pickle_size > PICKLE_RECORD_LIMIT:
+        raise CheckpointError(path, f"has a pickle record of {pickle_size / 2**20:,.0f} MB (a GPEN checkpoint's is "
+                              f"about 20 KB, the limit is {PICKLE_RECORD_LIMIT // 2**20} MB); refusing to unpickle it")
+    expanded, size = sum(r.file_size for r in records), path.stat().st_size
+    if expanded > EXPANSION_LIMIT * size:
+        raise CheckpointError(path, f"has records that expand to {expanded / 2**20:,.0f} MB from a {size / 2**20:.2f} MB "
+                              "file (torch.save never compresses them); refusing to read it")
 
 
 def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
@@ -131,6 +234,25 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
         return load_file(path, device="cpu")
     except (SafetensorError, OSError, ValueError) as e:
         raise CheckpointError(path, f"is truncated or corrupt safetensors, fetch it again ({e})") from None
+
+
+def write_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike,
+                      metadata: dict[str, str] | None = None) -> None:
+    """Write `path` whole or not at all (a temporary file beside it, then a rename), readable like
+    any new file: 0666 less the umask, where safetensors alone leaves 0600."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    temporary = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    os.close(os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+    try:
+        mode = temporary.stat().st_mode & 0o777  # what the umask makes of 0666, without changing it
+        save_file(tensors, temporary, metadata=metadata)
+        os.chmod(temporary, mode)
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
 
 
 def first_line(e: BaseException) -> str:

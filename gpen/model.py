@@ -41,9 +41,10 @@ def channel_widths(channel_multiplier: float, narrow: float) -> dict[int, int]:
 
 
 def make_blur_kernel(gain: float = 1.0) -> torch.Tensor:
-    k = torch.tensor(BLUR_KERNEL, dtype=torch.float32)
-    k = k[None, :] * k[:, None]
-    return k / k.sum() * gain
+    # Python arithmetic (exact here): tensor arithmetic on the meta device, where loading checks a
+    # file against the architecture, would first import torch._dynamo, about a second.
+    total = sum(BLUR_KERNEL) ** 2
+    return torch.tensor([[a * b / total * gain for b in BLUR_KERNEL] for a in BLUR_KERNEL], dtype=torch.float32)
 
 
 def fused_leaky_relu(x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:

@@ -1,6 +1,9 @@
 """Every file format users have loads to the same network; every bad file gets an error naming it."""
 
+import argparse
+import os
 import pickle
+import zipfile
 
 import pytest
 import torch
@@ -8,7 +11,9 @@ from safetensors.torch import save_file
 
 import gpen
 from gpen import CheckpointError
-from tests.helpers import random_gpen
+from gpen.checkpoint import read_state_dict
+from gpen.loader import build_gpen, convert_checkpoint, describe_weights, resolve_device
+from tests.helpers import export_fake_scrfd, random_gpen
 
 
 def output_of(model, seed=1):
@@ -60,16 +65,21 @@ def test_descriptor_says_what_was_loaded(small_checkpoint):
     assert info.parameters > 0 and "GPEN-32" in str(info)
 
 
-def test_onnx_export_restores_like_the_torch_model(tmp_path, small_checkpoint):
-    pytest.importorskip("onnx")
-    model = gpen.load_model(small_checkpoint, device="cpu")
-    path = tmp_path / "GPEN-32.onnx"
-    torch.onnx.export(model, (torch.zeros(1, 3, 32, 32),), path, input_names=["input"], output_names=["output"],
+def export_onnx(model, path):
+    size = model.size
+    torch.onnx.export(model, (torch.zeros(1, 3, size, size),), path, input_names=["input"], output_names=["output"],
                       dynamo=False)
+
+
+def test_onnx_export_restores_like_the_torch_model(tmp_path):
+    pytest.importorskip("onnx")
+    model = random_gpen(64, narrow=0.0625)  # ONNX GPEN files are 64 to 4096 pixels
+    path = tmp_path / "GPEN-64.onnx"
+    export_onnx(model, path)
     onnx_model = gpen.load_model(path, device="cpu")
-    assert onnx_model.size == 32 and onnx_model.info.format == "onnx"
+    assert onnx_model.size == 64 and onnx_model.info.format == "onnx"
     assert onnx_model.fixed_batch == 1 and "CPUExecutionProvider" in onnx_model.providers
-    faces = torch.rand(3, 32, 32, 3)
+    faces = torch.rand(3, 64, 64, 3)
     assert (onnx_model.restore(faces) - model.restore(faces)).abs().max() < 1e-4
 
 
@@ -133,7 +143,69 @@ def test_gpen_keys_with_the_wrong_shapes(tmp_path, small_checkpoint):
     state = torch.load(small_checkpoint, weights_only=True)
     state["generator.conv1.conv.weight"] = torch.zeros(1, 3, 3, 3, 3)
     torch.save(state, tmp_path / "bad.pth")
-    assert "does not fit" in error_for(tmp_path / "bad.pth")
+    assert "does not fit the GPEN FullGenerator layout: generator.conv1.conv.weight is (1, 3, 3, 3, 3) float32 " \
+           "where the layout has (1, 64, 64, 3, 3) float32" in error_for(tmp_path / "bad.pth")
+
+
+def test_extra_and_missing_keys_are_named(tmp_path, small_checkpoint):
+    state = torch.load(small_checkpoint, weights_only=True)
+    del state["generator.to_rgb1.bias"]
+    state["generator.extra"] = torch.zeros(2)
+    torch.save(state, tmp_path / "bad.pth")
+    assert "missing generator.to_rgb1.bias; unexpected generator.extra" in error_for(tmp_path / "bad.pth")
+
+
+def shapes_of(**config) -> dict[str, torch.Tensor]:
+    with torch.device("meta"):
+        return gpen.GPEN(**config).state_dict()
+
+
+@pytest.mark.parametrize("config, says", [
+    ({"size": 2048, "narrow": 16}, "narrow 16 is outside 0..2"),
+    ({"size": 64, "channel_multiplier": 64, "narrow": 0.25}, "channel_multiplier 64 is outside 0..8"),
+    ({"size": 32, "style_dim": 4096, "narrow": 0.125}, "style_dim 4096 is outside 0..1024"),
+    ({"size": 32, "n_mlp": 64, "narrow": 0.125}, "n_mlp 64 is outside 0..16"),
+    ({"size": 64, "channel_multiplier": 8, "narrow": 1}, "layer widths 512 to 2048 are outside 1..1024"),
+])
+def test_configurations_no_training_makes_are_refused_before_building(config, says):
+    with pytest.raises(CheckpointError, match=says):
+        build_gpen(shapes_of(**config), "claims.pth")
+
+
+def test_sizes_beyond_2048_are_refused_before_building():
+    state = shapes_of(size=2048, narrow=0.125)
+    state.update({f"ecd{i}.0.1.weight": torch.empty(1, device="meta") for i in range(11, 20)})
+    with pytest.raises(CheckpointError, match="19 encoder layers .* GPEN sizes 16 to 2048 have 3 to 10"):
+        build_gpen(state, "claims.pth")
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_weights_that_are_not_finite(tmp_path, small_checkpoint, value):
+    state = torch.load(small_checkpoint, weights_only=True)
+    state["ecd1.0.1.weight"][0, 0, 0, 0] = value
+    torch.save(state, tmp_path / "nan.pth")
+    assert "ecd1.0.1.weight holds NaN or infinite values" in error_for(tmp_path / "nan.pth")
+
+
+def test_float64_weights_that_overflow_float32(tmp_path, small_checkpoint):
+    state = {k: v.double() for k, v in torch.load(small_checkpoint, weights_only=True).items()}
+    state["final_linear.0.bias"][0] = 1e300
+    torch.save(state, tmp_path / "overflow.pth")
+    assert "final_linear.0.bias holds NaN or infinite values" in error_for(tmp_path / "overflow.pth")
+
+
+def test_a_pickle_record_over_16_mb_is_refused_unread(tmp_path):
+    torch.save({"w": torch.zeros(1), "junk": [0] * 9_000_000}, tmp_path / "big.pth")  # a 18 MB pickle
+    assert "pickle record of 17 MB" in error_for(tmp_path / "big.pth")
+
+
+def test_compressed_records_that_expand_far_beyond_the_file(tmp_path):
+    torch.save({"w": torch.zeros(4)}, tmp_path / "small.pth")
+    with zipfile.ZipFile(tmp_path / "small.pth") as src, zipfile.ZipFile(tmp_path / "zipped.pth", "w") as out:
+        for record in src.infolist():
+            out.writestr(record, src.read(record))
+        out.writestr("small/extra", bytes(2**26), compress_type=zipfile.ZIP_DEFLATED)
+    assert "has records that expand to 64 MB from a 0.06 MB file" in error_for(tmp_path / "zipped.pth")
 
 
 class RunsCode:
@@ -151,3 +223,85 @@ def test_pickle_with_code_is_refused_without_running_it(tmp_path, monkeypatch):
     for p in (path, tmp_path / "evil-zip.pth"):
         assert "refusing to unpickle" in error_for(p)
     assert not marker.exists()
+
+
+def training_checkpoint(path, small_checkpoint):
+    """What some training scripts save: the weights beside an argparse Namespace."""
+    state = torch.load(small_checkpoint, weights_only=True)
+    torch.save({"g_ema": state, "args": argparse.Namespace(size=32, lr=0.002)}, path)
+
+
+def test_checkpoint_with_python_objects_says_how_to_convert_it(tmp_path, small_checkpoint):
+    training_checkpoint(tmp_path / "train.pth", small_checkpoint)
+    message = error_for(tmp_path / "train.pth")
+    assert "refusing to unpickle" in message
+    assert "python -m gpen convert FILE OUT.safetensors --trust (this runs the file's code)" in message
+
+
+def test_convert_with_trust_keeps_only_the_tensors(tmp_path, small_checkpoint, expected):
+    training_checkpoint(tmp_path / "train.pth", small_checkpoint)
+    info = convert_checkpoint(tmp_path / "train.pth", tmp_path / "GPEN.safetensors", trust=True)
+    assert (info.kind, info.format, info.size, info.dtype) == ("GPEN", "safetensors", 32, "float32")
+    assert torch.equal(output_of(gpen.load_model(tmp_path / "GPEN.safetensors", device="cpu")), expected)
+
+
+def test_converted_files_follow_the_umask(tmp_path, small_checkpoint):
+    for umask, mode in [(0o022, 0o644), (0o077, 0o600)]:
+        previous = os.umask(umask)
+        try:
+            convert_checkpoint(small_checkpoint, tmp_path / f"{umask:o}.safetensors", half=True)
+        finally:
+            os.umask(previous)
+        assert (tmp_path / f"{umask:o}.safetensors").stat().st_mode & 0o777 == mode
+    assert read_state_dict(tmp_path / "22.safetensors")["ecd0.0.0.weight"].dtype == torch.float16
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["22.safetensors", "77.safetensors"]  # no temporary left
+
+
+def test_a_failed_convert_leaves_the_target_untouched(tmp_path, small_checkpoint):
+    target = tmp_path / "GPEN.safetensors"
+    convert_checkpoint(small_checkpoint, target)
+    before = target.read_bytes()
+    torch.save({"fc.weight": torch.zeros(2, 2)}, tmp_path / "other.pth")
+    with pytest.raises(CheckpointError, match="not a GPEN checkpoint"):
+        convert_checkpoint(tmp_path / "other.pth", target)
+    assert target.read_bytes() == before and len(list(tmp_path.iterdir())) == 2
+
+
+def test_describe_gpen_without_building_it(small_checkpoint):
+    info = describe_weights(small_checkpoint)
+    assert info == gpen.load_model(small_checkpoint, device="cpu").info
+    assert str(info) == "GPEN-32 (pth, float32), channel_multiplier 1, narrow 0.125, 3.9M parameters"
+
+
+def test_describe_face_detectors_and_parsers(shared, tmp_path):
+    retinaface = describe_weights(shared / "models" / "retinaface_mobilenet0.25.pth")
+    assert str(retinaface) == "RetinaFace face-detector (pth, float32), mobilenet0.25 backbone, 0.4M parameters"
+    parsenet = describe_weights(shared / "fixtures" / "parsenet_random_64.pth")
+    assert parsenet.kind == "ParseNet face-parser" and parsenet.parameters > 0
+    bisenet = describe_weights(shared / "fixtures" / "bisenet_random_fp16.pth")
+    assert (bisenet.kind, bisenet.dtype) == ("BiSeNet face-parser", "float16")
+
+
+def test_describe_other_restorers(tmp_path):
+    torch.save({"params_ema": {"conv_body_first.weight": torch.zeros(4, 3, 1, 1)}}, tmp_path / "GFPGANv1.4.pth")
+    assert str(describe_weights(tmp_path / "GFPGANv1.4.pth")) == "GFPGAN (pth, float32), 0.0M parameters"
+
+
+def test_describe_onnx_files(tmp_path):
+    pytest.importorskip("onnx")
+    export_fake_scrfd(tmp_path / "det_10g.onnx")
+    assert str(describe_weights(tmp_path / "det_10g.onnx")) == "SCRFD face-detector (onnx, float32), with landmarks"
+    export_onnx(random_gpen(64, narrow=0.0625), tmp_path / "GPEN-64.onnx")
+    assert str(describe_weights(tmp_path / "GPEN-64.onnx")) == "GPEN-64 (onnx, float32)"
+
+
+def test_cuda_asked_of_a_torch_without_it_is_one_line(monkeypatch):
+    monkeypatch.setattr(torch.version, "cuda", None)
+    monkeypatch.setattr(torch.version, "hip", None)
+    with pytest.raises(ValueError) as info:
+        resolve_device("cuda")
+    message = str(info.value)
+    assert "\n" not in message and torch.__version__ in message and "built without CUDA" in message
+    assert "https://pytorch.org/get-started/locally/" in message
+    with pytest.raises(ValueError, match="unknown device 'cdua'"):
+        resolve_device("cdua")
