@@ -31,6 +31,9 @@ def main(argv: list[str] | None = None) -> int:
     convert.add_argument("input")
     convert.add_argument("output")
     convert.add_argument("--half", action="store_true", help="store float16 weights")
+    convert.add_argument("--trust", action="store_true",
+                         help="unpickle a .pth that holds Python objects besides tensors, keeping only the tensors; "
+                              "this runs any code the file holds: only for files you trust")
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv and argv[0] not in commands.choices and argv[0] not in ("-h", "--help"):
         argv = ["restore", *argv]  # run_gpen-style instructions name no command
@@ -362,29 +365,21 @@ def run_download(args) -> int:
 
 
 def run_info(args) -> int:
-    from .loader import load_model
+    from .loader import describe_weights
 
-    model = load_model(args.file, device="cpu")
-    for field, value in vars(model.info).items():
+    info = describe_weights(args.file)
+    print(info)
+    for field, value in vars(info).items():
         if value is not None:
             print(f"{field}: {value}")
     return 0
 
 
 def run_convert(args) -> int:
-    import torch
-    from safetensors.torch import save_file
+    from .loader import convert_checkpoint
 
-    from .checkpoint import read_state_dict
-    from .loader import build_gpen
-
-    if not args.output.endswith(".safetensors"):
-        raise ValueError(f"output must end in .safetensors, got {args.output}")
-    model = build_gpen(read_state_dict(args.input), args.input)
-    dtype = torch.float16 if args.half else torch.float32
-    state = {k: v.to(dtype).contiguous() for k, v in model.state_dict().items()}
-    save_file(state, args.output, metadata={"format": "pt", "arch": "GPEN", "size": str(model.size)})
-    print(f"wrote {args.output}: GPEN-{model.size}, {len(state)} tensors, {str(dtype).removeprefix('torch.')}")
+    info = convert_checkpoint(args.input, args.output, half=args.half, trust=args.trust)
+    print(f"wrote {args.output}: {info}")
     return 0
 
 

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .checkpoint import CheckpointError, check_file, describe_other_network, first_line, read_state_dict
+from .checkpoint import CheckpointError, check_file, check_finite, describe_other_network, first_line, read_state_dict
 from .images import as_rgb
 from .retinaface import RetinaFace, decode, prior_boxes
 
@@ -268,6 +268,7 @@ def load_detector(path: str | os.PathLike, device: torch.device | str | None = N
             found = "holds GPEN restoration weights"
         raise CheckpointError(path, f"{found}; face detectors are detection_Resnet50_Final.pth, "
                               "detection_mobilenet0.25_Final.pth or an SCRFD .onnx")
+    check_finite(state, path)
     net = RetinaFace(backbone)
     try:
         net.load_state_dict(state, strict=True)

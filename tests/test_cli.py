@@ -32,6 +32,24 @@ def test_info_says_what_the_file_is(small_checkpoint):
     assert "size: 32" in done.stdout and "channel_multiplier: 1" in done.stdout and "narrow: 0.125" in done.stdout
 
 
+def test_info_names_a_detector_instead_of_failing(shared):
+    done = run_gpen("info", shared / "models" / "retinaface_mobilenet0.25.pth")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("RetinaFace face-detector (pth, float32), mobilenet0.25 backbone")
+
+
+def test_convert_trust_keeps_the_tensors_of_a_training_checkpoint(tmp_path, small_checkpoint):
+    import argparse
+
+    torch.save({"g_ema": torch.load(small_checkpoint, weights_only=True), "args": argparse.Namespace(lr=0.002)},
+               tmp_path / "train.pth")
+    refused = run_gpen("convert", tmp_path / "train.pth", tmp_path / "GPEN.safetensors")
+    assert refused.returncode == 1 and "--trust" in refused.stderr and not (tmp_path / "GPEN.safetensors").exists()
+    done = run_gpen("convert", tmp_path / "train.pth", tmp_path / "GPEN.safetensors", "--trust")
+    assert done.returncode == 0, done.stderr
+    assert gpen.load_model(tmp_path / "GPEN.safetensors", device="cpu").size == 32
+
+
 def test_info_on_a_bad_file_is_one_clear_line(tmp_path):
     (tmp_path / "x.pth").write_text("hello")
     done = run_gpen("info", tmp_path / "x.pth")

@@ -179,3 +179,11 @@ def test_boxes_inside_or_over_another_are_one_face():
     faces = Faces(boxes, torch.tensor([0.9, 0.99, 0.8, 0.7]), torch.zeros(4, 5, 2))
     kept = one_box_per_face(faces)
     assert kept.boxes.tolist() == [[10, 10, 60, 60], [200, 0, 260, 60]]  # the best of each group
+
+
+def test_a_detector_with_nan_weights_is_refused(tmp_path, shared):
+    state = torch.load(shared / "models" / "retinaface_mobilenet0.25.pth", map_location="cpu", weights_only=True)
+    state["ClassHead.0.conv1x1.weight"][0, 0] = float("nan")
+    torch.save(state, tmp_path / "broken.pth")
+    with pytest.raises(CheckpointError, match="broken.pth: ClassHead.0.conv1x1.weight holds NaN"):
+        gpen.load_detector(tmp_path / "broken.pth")
