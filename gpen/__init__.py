@@ -15,7 +15,7 @@ from .checkpoint import CheckpointError
 from .detection import Faces, load_detector
 from .loader import ModelInfo, load_model
 from .model import GPEN
-from .pipeline import Cancelled, Restoration, restore_faces, select_faces
+from .pipeline import Cancelled, FaceInfo, Restoration, locate_faces, restore_faces, select_faces
 
-__all__ = ["GPEN", "Cancelled", "CheckpointError", "Faces", "ModelInfo", "Restoration", "crop_faces",
-           "load_detector", "load_model", "paste_faces", "restore_faces", "select_faces"]
+__all__ = ["GPEN", "Cancelled", "CheckpointError", "FaceInfo", "Faces", "ModelInfo", "Restoration", "crop_faces",
+           "load_detector", "load_model", "locate_faces", "paste_faces", "restore_faces", "select_faces"]

@@ -198,7 +198,7 @@ class RetinaFaceDetector:
         if scale != 1:
             size = (max(1, round(x.shape[2] * scale)), max(1, round(x.shape[3] * scale)))
             x = F.interpolate(x, size=size, mode="bilinear", antialias=scale < 1, align_corners=False)
-        x = x.clamp(0, 1).flip(1)
+        x = x.clamp(0, 1).flip(1).contiguous()  # planar: channels-last convolutions are several times slower here
         return x.mul_(255).sub_(x.new_tensor(BGR_MEAN).view(1, 3, 1, 1))
 
 

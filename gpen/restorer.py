@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import logging
+import time
+from contextlib import contextmanager
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
 Forward = Callable[[torch.Tensor], torch.Tensor]
+CANCEL_CHECK_SECONDS = 0.5  # on the CPU, how often a running forward asks the caller whether to go on
 
 
 def restore_crops(forward: Forward, size: int, faces: torch.Tensor, *, device: torch.device | str = "cpu",
@@ -17,7 +20,8 @@ def restore_crops(forward: Forward, size: int, faces: torch.Tensor, *, device: t
     """Restore aligned crops (B,S,S,3 float 0..1) and return them in the same layout and size.
 
     `forward` maps NCHW RGB in [-1, 1] at `size` to the same. Crops of another size are resized to
-    the model's and back. `on_batch(done, total)` is called after each batch; it may raise to cancel.
+    the model's and back. `on_batch(done, total)` is called after each batch, and on the CPU also
+    between a torch model's layers every CANCEL_CHECK_SECONDS; it may raise to cancel.
     A batch that runs out of GPU memory is retried in halves, down to one face. A face whose output is
     not finite (NaN weights, an fp16 overflow) comes back as NaN, for the caller to leave unrestored.
     """
@@ -32,7 +36,8 @@ def restore_crops(forward: Forward, size: int, faces: torch.Tensor, *, device: t
         while start < total:
             x = faces[start:start + batch_size].to(device=device, dtype=torch.float32).permute(0, 3, 1, 2)
             try:
-                y = forward((_resize(x.clamp(0, 1), size, size) * 2 - 1).to(dtype)).float()
+                with _interruptible(forward, on_batch and (lambda: on_batch(start, total))):
+                    y = forward((_resize(x.clamp(0, 1), size, size) * 2 - 1).to(dtype)).float()
             except torch.OutOfMemoryError:
                 if batch_size == 1:
                     raise
@@ -73,6 +78,29 @@ def finite_faces(faces: torch.Tensor) -> torch.Tensor:
 def check_strength(strength: float) -> None:
     if not 0 <= strength <= 1:  # also refuses NaN
         raise ValueError(f"strength must be between 0 and 1, got {strength}")
+
+
+@contextmanager
+def _interruptible(forward: Forward, ping: Callable[[], None] | None):
+    """While a network runs on the CPU (seconds a face), call `ping` between its layers, at most every
+    CANCEL_CHECK_SECONDS: the caller's cancel hook, which `ping` reaches, is seen mid-batch."""
+    if ping is None or not isinstance(forward, torch.nn.Module) or next(forward.parameters()).device.type != "cpu":
+        yield
+        return
+    last = time.monotonic()
+
+    def between_layers(module, args) -> None:
+        nonlocal last
+        if time.monotonic() - last >= CANCEL_CHECK_SECONDS:
+            last = time.monotonic()
+            ping()
+
+    handles = [m.register_forward_pre_hook(between_layers) for m in forward.modules()]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def _empty_cache(device) -> None:

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import gpen
+import gpen.restorer
 from gpen.align import GPEN_TEMPLATE, template_points
 from gpen.blend import face_mask
 from gpen.detection import Faces
@@ -270,3 +271,12 @@ def test_extreme_shapes_come_back_unchanged(detector, shape):
     images = torch.rand(shape)
     result = gpen.restore_faces(images, IdentityRestorer(), detector)
     assert torch.equal(result.images, images) and result.masks.shape == shape[:3]
+
+
+def test_a_long_forward_on_the_cpu_is_cancelled_between_its_layers(solvay, detector, monkeypatch):
+    monkeypatch.setattr(gpen.restorer, "CANCEL_CHECK_SECONDS", 0.0)
+    asked = []
+    with pytest.raises(gpen.Cancelled):
+        gpen.restore_faces(solvay, random_gpen(64, 1, 0.125), detector, face_batch=29,
+                           cancel=lambda: asked.append(1) or len(asked) > 12)
+    assert len(asked) == 13  # one batch of all 29 faces, stopped inside its forward
