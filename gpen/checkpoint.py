@@ -64,7 +64,7 @@ class CheckpointError(ValueError):
 
     def __init__(self, path: str | os.PathLike, problem: str):
         super().__init__(f"{path}: {problem}")
-        self.path = str(path)
+        self.path, self.problem = str(path), problem
 
 
 def read_state_dict(path: str | os.PathLike, trust: bool = False) -> dict[str, torch.Tensor]:

@@ -14,7 +14,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .checkpoint import CheckpointError, check_file, check_finite, describe_other_network, first_line, read_state_dict
+from . import registry
+from .checkpoint import CheckpointError, check_file, first_line, read_state_dict
 from .images import as_rgb
 from .retinaface import RetinaFace, decode, prior_boxes
 
@@ -259,24 +260,12 @@ def load_detector(path: str | os.PathLike, device: torch.device | str | None = N
     if path.suffix.lower() == ".onnx":
         check_file(path)
         return ScrfdDetector(path, device, detect_size)
-    state = read_state_dict(path)
-    backbone = RetinaFace.backbone_of(state)
-    if backbone is None:
-        other = describe_other_network(state)
-        found = f"holds {other} weights" if other and "RetinaFace" not in other else "is not a RetinaFace checkpoint"
-        if "generator.style.1.weight" in state:
-            found = "holds GPEN restoration weights"
-        raise CheckpointError(path, f"{found}; face detectors are detection_Resnet50_Final.pth, "
-                              "detection_mobilenet0.25_Final.pth or an SCRFD .onnx")
-    check_finite(state, path)
-    net = RetinaFace(backbone)
     try:
-        net.load_state_dict(state, strict=True)
-    except RuntimeError as e:
-        raise CheckpointError(path, f"has RetinaFace keys but does not fit the {backbone} layout "
-                              f"({first_line(e)})") from None
+        net = registry.build(read_state_dict(path), path, role="detector")
+    except CheckpointError as e:
+        raise CheckpointError(path, f"{e.problem}; face detectors are detection_Resnet50_Final.pth, "
+                              "detection_mobilenet0.25_Final.pth or an SCRFD .onnx") from None
     return RetinaFaceDetector(net, device, detect_size)
-
 
 
 def candidates(boxes, scores, points, threshold, nms_threshold, top_k) -> Faces:

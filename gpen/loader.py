@@ -7,6 +7,7 @@ built on the meta device, before anything its size is allocated.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import re
@@ -14,16 +15,8 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import (
-    CheckpointError,
-    ModelInfo,
-    check_finite,
-    check_layout,
-    describe_other_network,
-    first_line,
-    read_state_dict,
-    write_safetensors,
-)
+from . import registry
+from .checkpoint import ModelInfo, read_state_dict, write_safetensors
 from .model import GPEN, channel_widths
 
 GPEN_KEYS = ("generator.style.1.weight", "generator.input.input", "ecd0.0.0.weight", "final_linear.0.weight")
@@ -68,49 +61,9 @@ def check_gpen_config(config: dict) -> None:
         raise ValueError(f"layer widths {min(widths)} to {max(widths)} are outside 1..{MAX_CHANNELS}")
 
 
-def gpen_skeleton(state: dict[str, torch.Tensor], path: str | os.PathLike = "<state dict>") -> GPEN:
-    """The GPEN these weights are for, on the meta device (no memory), checked key for key and shape
-    for shape against them; a CheckpointError saying why not."""
-    if not all(k in state for k in GPEN_KEYS):
-        other = describe_other_network(state)
-        if other:
-            raise CheckpointError(path, f"holds {other} weights, not GPEN; GPEN files are named like GPEN-BFR-512.pth")
-        sample = ", ".join(list(state)[:3])
-        raise CheckpointError(path, f"is not a GPEN checkpoint: none of GPEN's keys ({GPEN_KEYS[0]}, …) found; "
-                              f"it starts with {sample}")
-    try:
-        config = infer_gpen_config(state)
-        check_gpen_config(config)
-    except (KeyError, IndexError, ValueError, ZeroDivisionError) as e:
-        raise CheckpointError(path, f"has GPEN keys but does not fit the GPEN FullGenerator layout ({first_line(e)})") from None
-    with torch.device("meta"):
-        skeleton = GPEN(**config)
-    check_layout(state, skeleton, path, "GPEN FullGenerator")
-    return skeleton
-
-
 def build_gpen(state: dict[str, torch.Tensor], path: str | os.PathLike = "<state dict>") -> GPEN:
     """A GPEN network holding these weights (in float32), or a CheckpointError saying why not."""
-    # Allocated but not initialised: every parameter and buffer of GPEN is in its state dict, so the
-    # strict copy fills them all (converting float16 and bfloat16 to float32).
-    model = gpen_skeleton(state, path).to_empty(device="cpu")
-    model.load_state_dict(state, strict=True)
-    check_finite(model.state_dict(), path)  # after the copy, so float64 that overflows float32 is caught too
-    return model
-
-
-def gpen_info(model: GPEN, state: dict[str, torch.Tensor], path: Path) -> ModelInfo:
-    return ModelInfo(kind="GPEN", format=weight_format(path), dtype=stored_dtype(state),
-                     parameters=sum(p.numel() for p in model.parameters()),
-                     **{k: getattr(model, k) for k in ("size", "channel_multiplier", "narrow", "style_dim", "n_mlp")})
-
-
-def weight_format(path: Path) -> str:
-    return "safetensors" if path.suffix.lower() == ".safetensors" else "pth"
-
-
-def stored_dtype(state: dict[str, torch.Tensor]) -> str:
-    return str(next(iter(state.values())).dtype).removeprefix("torch.")
+    return registry.build(state, path, role="restorer")
 
 
 def load_model(path: str | os.PathLike, device: torch.device | str | None = None,
@@ -127,10 +80,8 @@ def load_model(path: str | os.PathLike, device: torch.device | str | None = None
 
         return OnnxGPEN(path, device=device)
     device, dtype = resolve_device(device), resolve_dtype(dtype)
-    state = read_state_dict(path)
-    model = build_gpen(state, path)
-    model.info = gpen_info(model, state, path)
-    return model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    model = build_gpen(read_state_dict(path), path)
+    return model.to(device=device, dtype=dtype)
 
 
 def describe_weights(path: str | os.PathLike) -> ModelInfo:
@@ -141,27 +92,7 @@ def describe_weights(path: str | os.PathLike) -> ModelInfo:
         from .onnx_model import describe_onnx
 
         return describe_onnx(path)
-    from .retinaface import RetinaFace
-
-    state = read_state_dict(path)
-    if all(k in state for k in GPEN_KEYS):
-        skeleton = gpen_skeleton(state, path)
-        check_finite(state, path)
-        return gpen_info(skeleton, state, path)
-    backbone = RetinaFace.backbone_of(state)
-    if backbone is not None:
-        with torch.device("meta"):
-            skeleton = RetinaFace(backbone)
-        check_layout(state, skeleton, path, f"RetinaFace {backbone}")
-        check_finite(state, path)
-        return ModelInfo(kind="RetinaFace face-detector", format=weight_format(path), dtype=stored_dtype(state),
-                         detail=f"{backbone} backbone", parameters=sum(p.numel() for p in skeleton.parameters()))
-    other = describe_other_network(state)
-    if other is None:
-        raise CheckpointError(path, "is not a network ComfyUI-GPEN knows (GPEN, RetinaFace, SCRFD, ParseNet, BiSeNet, "
-                              f"GFPGAN, CodeFormer, ...); it starts with {', '.join(list(state)[:3])}")
-    return ModelInfo(kind=other, format=weight_format(path), dtype=stored_dtype(state),
-                     parameters=sum(t.numel() for t in state.values() if t.is_floating_point()))
+    return registry.describe(read_state_dict(path), path)
 
 
 def convert_checkpoint(source: str | os.PathLike, target: str | os.PathLike, half: bool = False,
@@ -180,7 +111,7 @@ def convert_checkpoint(source: str | os.PathLike, target: str | os.PathLike, hal
     dtype = torch.float16 if half else torch.float32
     tensors = {k: v.to(dtype).contiguous() for k, v in model.state_dict().items()}
     write_safetensors(tensors, target, metadata={"format": "pt", "arch": "GPEN", "size": str(model.size)})
-    return gpen_info(model, tensors, target)
+    return dataclasses.replace(model.info, format="safetensors", dtype=str(dtype).removeprefix("torch."))
 
 
 def resolve_device(device: torch.device | str | None) -> torch.device:

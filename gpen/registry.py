@@ -104,13 +104,15 @@ def skeleton(state: dict[str, torch.Tensor], path: str | os.PathLike,
 
 
 def build(state: dict[str, torch.Tensor], path: str | os.PathLike, role: str | None = None) -> nn.Module:
-    """The network holding these weights, in float32 and eval mode, on the CPU, after `skeleton`'s checks."""
-    _, net = skeleton(state, path, role)
+    """The network holding these weights, in float32 and eval mode, on the CPU, after `skeleton`'s
+    checks; its `.info` says what it is."""
+    arch, net = skeleton(state, path, role)
     # Allocated, not initialised: every parameter and buffer is in the state dict, and the strict copy
     # fills them all (widening float16 and bfloat16 to float32).
     net = net.to_empty(device="cpu")
     net.load_state_dict(state, strict=True)
     check_finite(net.state_dict(), path)  # float64 that overflows float32 shows only after the copy
+    net.info = info(arch, net, state, path)
     return net.eval().requires_grad_(False)
 
 
@@ -124,6 +126,11 @@ def describe(state: dict[str, torch.Tensor], path: str | os.PathLike) -> ModelIn
             raise
         return ModelInfo(kind=other, format=weight_format(path), dtype=stored_dtype(state),
                          parameters=sum(t.numel() for t in state.values() if t.is_floating_point()))
+    return info(arch, net, state, path)
+
+
+def info(arch: Architecture, net: nn.Module, state: dict[str, torch.Tensor], path: str | os.PathLike) -> ModelInfo:
+    """The descriptor of a network of `arch` holding `state`, read from file `path`."""
     return ModelInfo(kind=arch.name, format=weight_format(path), dtype=stored_dtype(state),
                      parameters=sum(p.numel() for p in net.parameters()), **arch.details(net))
 

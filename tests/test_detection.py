@@ -56,7 +56,7 @@ def test_backbone_comes_from_the_keys_not_the_file_name(tmp_path):
 
 
 def test_restoration_weights_are_not_a_detector(shared):
-    with pytest.raises(CheckpointError, match="GPEN restoration weights"):
+    with pytest.raises(CheckpointError, match="holds GPEN weights, not a detector"):
         gpen.load_detector(shared / "fixtures" / "gpen_random_64.pth")
 
 

@@ -136,14 +136,14 @@ def test_other_restorers_weights(tmp_path, key, network):
 
 def test_unknown_weights(tmp_path):
     torch.save({"fc.weight": torch.zeros(2, 2)}, tmp_path / "other.pth")
-    assert "not a GPEN checkpoint" in error_for(tmp_path / "other.pth")
+    assert "is not a network ComfyUI-GPEN knows" in error_for(tmp_path / "other.pth")
 
 
 def test_gpen_keys_with_the_wrong_shapes(tmp_path, small_checkpoint):
     state = torch.load(small_checkpoint, weights_only=True)
     state["generator.conv1.conv.weight"] = torch.zeros(1, 3, 3, 3, 3)
     torch.save(state, tmp_path / "bad.pth")
-    assert "does not fit the GPEN FullGenerator layout: generator.conv1.conv.weight is (1, 3, 3, 3, 3) float32 " \
+    assert "does not fit the GPEN layout: generator.conv1.conv.weight is (1, 3, 3, 3, 3) float32 " \
            "where the layout has (1, 64, 64, 3, 3) float32" in error_for(tmp_path / "bad.pth")
 
 
@@ -262,7 +262,7 @@ def test_a_failed_convert_leaves_the_target_untouched(tmp_path, small_checkpoint
     convert_checkpoint(small_checkpoint, target)
     before = target.read_bytes()
     torch.save({"fc.weight": torch.zeros(2, 2)}, tmp_path / "other.pth")
-    with pytest.raises(CheckpointError, match="not a GPEN checkpoint"):
+    with pytest.raises(CheckpointError, match="is not a network ComfyUI-GPEN knows"):
         convert_checkpoint(tmp_path / "other.pth", target)
     assert target.read_bytes() == before and len(list(tmp_path.iterdir())) == 2
 
