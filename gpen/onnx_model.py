@@ -88,10 +88,16 @@ def gpen_face_size(session, path: Path) -> int:
 
 
 def describe_onnx(path: str | os.PathLike) -> ModelInfo:
-    """What an ONNX file is: an SCRFD face detector or a GPEN export (checked like load_model does)."""
+    """What an ONNX file is: an SCRFD face detector, a FaceFusion region parser or occluder (told by
+    their shapes), or a GPEN export (checked like load_model does)."""
+    from .onnx_parsers import describe_onnx_parser
+
     path = Path(path)
     session = open_session(path, "cpu")
     dtype = input_dtype(session).name
+    parser = describe_onnx_parser(session)
+    if parser is not None:
+        return parser
     landmarks = SCRFD_OUTPUTS.get(len(session.get_outputs()))
     if landmarks is not None:
         detail = "with landmarks" if landmarks else "without landmarks (alignment needs them: use a *_bnkps or det_10g file)"
