@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .checkpoint import CheckpointError, check_finite, check_layout
+from .checkpoint import CheckpointError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -220,17 +220,3 @@ def bisenet_config(state: dict[str, torch.Tensor], path: str | os.PathLike = "Bi
     if not 1 <= num_class <= MAX_CLASSES:
         raise CheckpointError(path, f"BiSeNet with {num_class} classes; a face parser has 1 to {MAX_CLASSES}")
     return {"num_class": int(num_class)}
-
-
-def build_bisenet(state: dict[str, torch.Tensor], path: str | os.PathLike = "BiSeNet weights") -> BiSeNet:
-    """A float32 BiSeNet in eval mode holding `state`, checked before anything is allocated: the
-    configuration from the shapes, every key and shape against a meta-device skeleton, finite
-    weights; then a strict load (fp16/bf16 files are widened to float32; cast the model after)."""
-    config = bisenet_config(state, path)
-    with torch.device("meta"):
-        skeleton = BiSeNet(**config)
-    check_layout(state, skeleton, path, f"BiSeNet({config['num_class']})")
-    check_finite(state, path)
-    model = BiSeNet(**config)
-    model.load_state_dict(state, strict=True)
-    return model.eval().requires_grad_(False)

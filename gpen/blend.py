@@ -65,11 +65,13 @@ def soften(crops: torch.Tensor) -> torch.Tensor:
 def paste_faces(images: torch.Tensor, restored: torch.Tensor, affines: torch.Tensor,
                 frames: torch.Tensor | None = None, *, strength: float = 1.0, mask_shape: str = "box",
                 erode: float = GPEN_ERODE, feather: float = GPEN_FEATHER, color_correction: bool = False,
-                smooth_small_faces: bool = True, crop_size: int | None = None,
+                smooth_small_faces: bool = True, crop_size: int | None = None, face_masks: torch.Tensor | None = None,
                 device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Blend restored crops (N,S,S,3) back into images (B,H,W,C; C = 1, 3 or 4) through their affines (N,2,3).
 
-    `crop_size` is the size the affines were made for, when the restored crops have another. The work
+    `crop_size` is the size the affines were made for, when the restored crops have another.
+    `face_masks` (N,S,S) in crop coordinates (from a face parser, 1 where the face shows) are combined
+    with the box mask by minimum: where one is 0 the original stays, bit for bit. The work
     runs on `device` (default: the crops'), one frame's face region at a time. Returns the images in
     their own channels, dtype and device, and the masks used (B,H,W float32). Under the mask the restored
     face replaces the original (strength scales the mask, GPEN's alpha); every pixel where the mask is
@@ -79,6 +81,9 @@ def paste_faces(images: torch.Tensor, restored: torch.Tensor, affines: torch.Ten
     if restored.ndim != 4 or restored.shape[-1] != 3 or len(restored) != len(affines):
         raise ValueError(f"restored must be (N, S, S, 3) with one affine each; got {tuple(restored.shape)} "
                          f"and {len(affines)} affines")
+    if face_masks is not None and (face_masks.ndim != 3 or len(face_masks) != len(restored)):
+        raise ValueError(f"face_masks must be (N, S, S), one per restored face; got {tuple(face_masks.shape)} "
+                         f"for {len(restored)} faces")
     single = images.ndim == 3
     images = images[None] if single else images
     frames = frames_of(images, len(restored), frames)
@@ -87,8 +92,14 @@ def paste_faces(images: torch.Tensor, restored: torch.Tensor, affines: torch.Ten
         device = torch.device(device) if device is not None else restored.device
         affines = resize_affines(affines.to(torch.float64), restored.shape[1] / (crop_size or restored.shape[1]))
         crops = prepare_crops(images, restored.to(device), affines, frames, color_correction, smooth_small_faces)
-        mask = face_mask(restored.shape[1], mask_shape, erode, feather).to(device)
-        for crop, affine, frame in zip(crops, affines, frames.tolist()):
+        size = restored.shape[1]
+        box = face_mask(size, mask_shape, erode, feather).to(device)
+        if face_masks is not None:
+            face_masks = face_masks.to(device, torch.float32)
+            if face_masks.shape[-2:] != (size, size):
+                face_masks = F.interpolate(face_masks[:, None], size=(size, size), mode="bilinear")[:, 0]
+        for i, (crop, affine, frame) in enumerate(zip(crops, affines, frames.tolist())):
+            mask = box if face_masks is None else torch.minimum(box, face_masks[i])
             _paste_face(out[frame], masks[frame], images[frame], crop, affine, mask, strength)
     return (out[0], masks[0]) if single else (out, masks)
 

@@ -27,6 +27,7 @@ import torch
 from torch.nn import functional as F
 
 from .bisenet import IMAGENET_MEAN, IMAGENET_STD
+from .masks import class_masks
 from .checkpoint import CheckpointError, ModelInfo
 from .onnx_model import SCRFD_OUTPUTS, gpen_face_size, input_dtype, open_session
 
@@ -154,9 +155,7 @@ class OnnxRegionParser(OnnxFaceNetwork):
     def masks(self, crops: torch.Tensor, regions: Collection[int]) -> torch.Tensor:
         """(N, H, W) float: 1.0 where the most likely class is one of `regions` (class indices,
         e.g. {1, 2, 3, 4, 5, 10, 11, 12, 13} for skin, brows, eyes, nose, mouth and lips), else 0.0."""
-        classes = self.logits(crops).argmax(1)
-        wanted = torch.tensor(sorted({int(r) for r in regions}), dtype=classes.dtype, device=classes.device)
-        return torch.isin(classes, wanted).float()
+        return class_masks(self.logits(crops), regions)
 
 
 class OnnxOccluder(OnnxFaceNetwork):

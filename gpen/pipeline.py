@@ -18,10 +18,13 @@ import torch
 from .align import crop_faces
 from .blend import GPEN_ERODE, GPEN_FEATHER, paste_faces
 from .detection import Faces, box_iou
+from .masks import PARSE_FEATHER, smooth_over_time
+from .parsing import parse_faces
 from .restorer import check_strength, finite_faces
 
 ORDERS = ("largest", "left-right", "top-bottom", "confidence")
 MIN_DETECT_SIDE = 32  # below this RetinaFace's coarsest level has no cell; nothing is detected
+PARSE_SOURCES = ("original", "restored")
 DETECT_CHUNK = 4  # frames detected between two looks at the cancel hook
 log = logging.getLogger("gpen")
 
@@ -137,7 +140,19 @@ def smooth_landmarks(faces: list[Faces], sigma: float = 1.5, min_iou: float = 0.
     each track's landmarks are fitted with Gaussian-weighted local lines over time (sigma in frames)."""
     if sigma <= 0 or len(faces) < 2:
         return faces
-    tracks: list[list[tuple[int, int]]] = []  # (frame, face index) along each track
+    smoothed = [Faces(f.boxes, f.scores, f.landmarks.clone()) for f in faces]
+    for track in face_tracks(faces, min_iou):
+        times = torch.tensor([t for t, _ in track], dtype=torch.float64)
+        points = torch.stack([faces[t].landmarks[i] for t, i in track]).double()
+        for (t, i), p in zip(track, torch.einsum("ts,skd->tkd", local_linear_weights(times, sigma), points)):
+            smoothed[t].landmarks[i] = p.to(faces[t].landmarks.dtype)
+    return smoothed
+
+
+def face_tracks(faces: list[Faces], min_iou: float = 0.3) -> list[list[tuple[int, int]]]:
+    """The same face across frames: (frame, face index) along each track, faces linked frame to frame
+    by the largest box overlap above `min_iou`."""
+    tracks: list[list[tuple[int, int]]] = []
     open_tracks: dict[int, int] = {}  # face index in the previous frame -> track
     for t, frame_faces in enumerate(faces):
         matched: dict[int, int] = {}
@@ -155,13 +170,7 @@ def smooth_landmarks(faces: list[Faces], sigma: float = 1.5, min_iou: float = 0.
                 tracks.append([])
             tracks[track].append((t, i))
             open_tracks[i] = track
-    smoothed = [Faces(f.boxes, f.scores, f.landmarks.clone()) for f in faces]
-    for track in tracks:
-        times = torch.tensor([t for t, _ in track], dtype=torch.float64)
-        points = torch.stack([faces[t].landmarks[i] for t, i in track]).double()
-        for (t, i), p in zip(track, torch.einsum("ts,skd->tkd", local_linear_weights(times, sigma), points)):
-            smoothed[t].landmarks[i] = p.to(faces[t].landmarks.dtype)
-    return smoothed
+    return tracks
 
 
 def local_linear_weights(times: torch.Tensor, sigma: float) -> torch.Tensor:
@@ -222,7 +231,9 @@ def restore_faces(images: torch.Tensor, model, detector, *, threshold: float = 0
                   template: str = "gpen", strength: float = 1.0, mask_shape: str = "box",
                   erode: float = GPEN_ERODE, feather: float = GPEN_FEATHER, color_correction: bool = False,
                   smooth_small_faces: bool = True, temporal_sigma: float = 0.0, face_batch: int = 4,
-                  faces: list[Faces] | None = None, progress: Callable[[int, int], None] | None = None,
+                  faces: list[Faces] | None = None, parser=None, mask_regions=None, parse_source: str = "original",
+                  parse_feather: float = PARSE_FEATHER, mask_temporal_sigma: float = 0.0,
+                  progress: Callable[[int, int], None] | None = None,
                   cancel: Callable[[], bool | None] | None = None, timings: dict | None = None) -> Restoration:
     """Restore every face in a batch of frames (B,H,W,C float 0..1; C = 1, 3 or 4).
 
@@ -236,8 +247,18 @@ def restore_faces(images: torch.Tensor, model, detector, *, threshold: float = 0
     was left out. A `timings` dict receives each stage's seconds. `faces` (one `Faces` per frame, from
     `detect_faces`) skips detection and selection, for callers that detect a longer sequence first
     (smoothing landmarks across all of it) and restore it in parts.
+
+    Occlusion- and region-aware paste: `parser` (from `load_parser`, or several in a list, combined by
+    minimum) decides per face which pixels take the restored face: the `mask_regions` classes (default:
+    the face without hair, hat, neck or background; see masks.REGION_PRESETS) and what no occluder
+    covers. Elsewhere the original stays, bit for bit. `parse_source` "original" parses the crop
+    before restoration (what sees a hand or a microphone), "restored" the restored face, as facexlib
+    does. `parse_feather` softens the mask edge (a fraction of the crop, inside the mask);
+    `mask_temporal_sigma` steadies masks along each face's track across frames.
     """
     check_strength(strength)
+    if parse_source not in PARSE_SOURCES:
+        raise ValueError(f"parse_source must be one of {', '.join(PARSE_SOURCES)}, got {parse_source!r}")
     if images.ndim == 3:
         images = images[None]
     check_cancel(cancel)
@@ -254,20 +275,36 @@ def restore_faces(images: torch.Tensor, model, detector, *, threshold: float = 0
     if len(crops):
         with _stage(timings, "restore", info.device):
             restored = model.restore(crops, batch_size=face_batch, on_batch=on_batch).to(info.device)
+    face_masks = None
+    if parser is not None and len(crops):
+        with _stage(timings, "parse", info.device):
+            face_masks = parse_faces(parser, crops if parse_source == "original" else restored, mask_regions,
+                                     parse_feather, batch_size=face_batch, on_batch=lambda *_: check_cancel(cancel))
+        if mask_temporal_sigma > 0:
+            offsets = _face_offsets(info.faces)
+            tracks = [torch.tensor([offsets[t] + i for t, i in track]) for track in face_tracks(info.faces)]
+            face_masks = smooth_over_time(face_masks, tracks, mask_temporal_sigma)
     finite = finite_faces(restored)
     unrestored = int((~finite).sum())
     if unrestored:
         log.warning("%d face(s) left unrestored: the restorer's output was not finite (NaN or Inf)", unrestored)
     if unrestored:
         restored, affines, frames = restored[finite], info.affines[finite], info.frames[finite]
+        face_masks = face_masks[finite] if face_masks is not None else None
     else:
         affines, frames = info.affines, info.frames
     with _stage(timings, "paste", info.device):
         pasted, masks = paste_faces(images, restored, affines, frames,
                                     strength=strength, mask_shape=mask_shape, erode=erode, feather=feather,
                                     color_correction=color_correction, smooth_small_faces=smooth_small_faces,
-                                    device=info.device)
+                                    face_masks=face_masks, device=info.device)
     return Restoration(pasted, masks, info, unrestored)
+
+
+def _face_offsets(faces: list[Faces]) -> list[int]:
+    """Where each frame's faces start in the flat list of crops."""
+    counts = [len(f) for f in faces]
+    return [sum(counts[:t]) for t in range(len(counts))]
 
 
 @contextmanager

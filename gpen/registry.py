@@ -94,6 +94,8 @@ def skeleton(state: dict[str, torch.Tensor], path: str | os.PathLike,
     arch = identify(state, path, role)
     try:
         config = arch.config(state)
+    except CheckpointError as e:  # a configuration reader that names its own problem
+        raise CheckpointError(path, e.problem) from None
     except (KeyError, IndexError, ValueError, ZeroDivisionError) as e:
         raise CheckpointError(path, f"has {arch.name} keys but does not fit its layout ({first_line(e)})") from None
     with torch.device("meta"):

@@ -6,7 +6,8 @@ import json
 import pytest
 import torch
 
-from gpen.bisenet import BiSeNet, bisenet_config, build_bisenet, imagenet_normalise, is_bisenet
+from gpen.bisenet import BiSeNet, bisenet_config, imagenet_normalise, is_bisenet
+from gpen.registry import build
 from gpen.checkpoint import CheckpointError, read_state_dict
 
 
@@ -24,7 +25,7 @@ def bisenet_io(shared) -> dict:
 
 @pytest.fixture(scope="module")
 def parser(fp16_state) -> BiSeNet:
-    return build_bisenet(fp16_state)  # weights widened to fp32, as the reference ran them
+    return build(fp16_state, "bisenet.pth", "parser")  # weights widened to fp32, as the reference ran them
 
 
 def test_keys_and_shapes_are_those_of_the_released_file(shared):
@@ -79,7 +80,7 @@ def test_fp16_files_load_into_fp32_and_fp16_models(fp16_state, parser):
 
 def test_bf16_inference_agrees_with_fp32(fp16_state, parser, bisenet_io):
     x = imagenet_normalise(bisenet_io["input"])
-    bf16 = build_bisenet(fp16_state).to(torch.bfloat16)
+    bf16 = build(fp16_state, "bisenet.pth", "parser").to(torch.bfloat16)
     with torch.no_grad():
         full, low = parser(x), bf16(x.to(torch.bfloat16))
     assert low.dtype == torch.bfloat16
@@ -104,11 +105,11 @@ def test_classifiers_that_disagree_are_refused_before_building():
 
 def test_wrong_layouts_and_damaged_weights_are_refused(fp16_state):
     wrong = dict(fp16_state, **{"cp.arm16.conv.conv.weight": torch.zeros(128, 128, 3, 3)})
-    with pytest.raises(CheckpointError, match="does not fit the BiSeNet\\(19\\) layout: cp.arm16.conv.conv.weight"):
-        build_bisenet(wrong, "wrong.pth")
+    with pytest.raises(CheckpointError, match="does not fit the BiSeNet face-parser layout: cp.arm16.conv.conv.weight"):
+        build(wrong, "wrong.pth", "parser")
     missing = {k: v for k, v in fp16_state.items() if not k.startswith("cp.resnet.layer4.1.")}
     with pytest.raises(CheckpointError, match="missing cp.resnet.layer4.1"):
-        build_bisenet(missing, "missing.pth")
+        build(missing, "missing.pth", "parser")
     nan = dict(fp16_state, **{"ffm.conv1.weight": torch.full((64, 256, 1, 1), float("nan"))})
     with pytest.raises(CheckpointError, match="ffm.conv1.weight holds NaN"):
-        build_bisenet(nan, "nan.pth")
+        build(nan, "nan.pth", "parser")
