@@ -1,0 +1,145 @@
+"""Occlusion- and region-aware paste-back: parsers loaded by their tensors, masks that keep hair,
+hats and occluders bit-identical, several parsers combined, masks steadied over video frames."""
+
+import shutil
+
+import pytest
+import torch
+
+import gpen
+from gpen.align import warp
+from gpen.masks import FACE_REGIONS, REGION_PRESETS, feather_inside, region_classes, smooth_over_time
+from gpen.parsing import load_parser, parse_faces
+from tests.helpers import IdentityRestorer
+
+
+class GreyRestorer(IdentityRestorer):
+    def restore(self, faces, batch_size=4, on_batch=None):
+        return torch.full_like(super().restore(faces, batch_size, on_batch), 0.5)
+
+
+class HairOnTop:
+    """A region parser that calls the top half of every crop hair (17) and the rest skin (1)."""
+
+    kind, size = "bisenet", 512
+
+    def __init__(self):
+        self.seen = []
+
+    def logits(self, crops):
+        self.seen.append(crops.clone())
+        n, s = crops.shape[:2]
+        logits = torch.zeros(n, 19, s, s)
+        logits[:, 17, : s // 2] = 5
+        logits[:, 1, s // 2:] = 5
+        return logits
+
+
+class HandOnLeft:
+    """An occluder that sees something in front of the left third of every face."""
+
+    kind, size = "occluder", 256
+
+    def masks(self, crops, regions=None):
+        n, s = crops.shape[:2]
+        visible = torch.ones(n, s, s)
+        visible[:, :, : s // 3] = 0
+        return visible
+
+
+def in_image(crop_mask: torch.Tensor, affines: torch.Tensor, frames: torch.Tensor, shape) -> torch.Tensor:
+    """Where a crop-space indicator (S,S) lands in each frame (B,H,W), for every face."""
+    from gpen.align import invert_affine
+
+    out = torch.zeros(shape[:3])
+    for affine, frame in zip(affines, frames.tolist()):
+        back = warp(crop_mask[None], invert_affine(affine.double())[None].float(), *shape[1:3], mode="nearest")[0, 0]
+        out[frame] = torch.maximum(out[frame], back)
+    return out
+
+
+def test_parsers_are_loaded_by_their_tensors_not_their_names(shared, tmp_path):
+    shutil.copy(shared / "fixtures" / "parsenet_random_64.pth", tmp_path / "face_model.pth")
+    parsenet = load_parser(tmp_path / "face_model.pth", device="cpu")
+    bisenet = load_parser(shared / "fixtures" / "bisenet_random_fp16.pth", device="cpu", dtype="bf16")
+    assert (parsenet.kind, parsenet.size, bisenet.kind, bisenet.size) == ("parsenet", 512, "bisenet", 512)
+    crops = torch.rand(2, 96, 96, 3)
+    assert parsenet.logits(crops).shape == bisenet.logits(crops).shape == (2, 19, 96, 96)
+    masks = bisenet.masks(crops, FACE_REGIONS)
+    assert masks.shape == (2, 96, 96) and set(masks.unique().tolist()) <= {0.0, 1.0}
+    with pytest.raises(gpen.CheckpointError, match="holds GPEN weights, not a parser"):
+        load_parser(shared / "fixtures" / "gpen_random_64.pth")
+
+
+def test_region_presets_names_and_indices():
+    assert region_classes() == FACE_REGIONS == REGION_PRESETS["face"]
+    assert 17 in region_classes("face and hair") and 6 not in region_classes("face without glasses")
+    assert region_classes("skin, nose") == region_classes([1, "10"]) == (1, 10)
+    with pytest.raises(ValueError, match="unknown face region 'beard'"):
+        region_classes("skin, beard")
+
+
+def test_hair_stays_bit_identical_and_the_face_is_restored(solvay, detector):
+    parser = HairOnTop()
+    result = gpen.restore_faces(solvay, GreyRestorer(), detector, parser=parser, max_faces=1)  # no neighbours
+    assert result.face_count == 1 and len(parser.seen) == 1
+    size = 512
+    hair = torch.zeros(size, size)
+    hair[: size // 2 - 12] = 1  # the top half, less the feather's reach and the warp's support
+    in_hair = in_image(hair, result.info.affines, result.info.frames, solvay.shape) > 0
+    assert in_hair.sum() > 1000
+    assert result.masks[in_hair].max() == 0 and torch.equal(result.images[in_hair], solvay[in_hair])
+    plain = gpen.restore_faces(solvay, GreyRestorer(), detector, max_faces=1)
+    assert (plain.masks[in_hair] > 0.99).float().mean() > 0.5  # without the parser the hair was painted
+    skin = torch.zeros(size, size)
+    skin[size // 2 + 40: size - 60, 60:-60] = 1
+    in_skin = in_image(skin, result.info.affines, result.info.frames, solvay.shape) > 0
+    assert (result.masks[in_skin] > 0.99).float().mean() > 0.9
+
+
+def test_an_occluder_and_a_parser_combine_by_minimum():
+    crops = torch.rand(3, 64, 64, 3)
+    masks = parse_faces([HairOnTop(), HandOnLeft()], crops, feather=0)
+    expected = torch.zeros(64, 64)
+    expected[32:, 21:] = 1  # skin below the hair, right of the hand
+    assert torch.equal(masks, expected.expand(3, -1, -1))
+
+
+def test_feathering_stays_inside_the_mask():
+    mask = torch.zeros(1, 128, 128)
+    mask[:, 32:96, 32:96] = 1
+    soft = feather_inside(mask, 0.02)
+    assert soft[mask == 0].max() == 0  # never outside
+    assert soft[0, 64, 64] == pytest.approx(1, abs=1e-5) and 0 < soft[0, 36, 64] < 1  # soft edge inside
+
+
+def test_faces_are_parsed_in_the_restore_batches(solvay, detector):
+    parser = HairOnTop()
+    gpen.restore_faces(solvay, GreyRestorer(), detector, parser=parser, face_batch=8)
+    assert [len(seen) for seen in parser.seen] == [8, 8, 8, 5]
+
+
+def test_parse_source_restored_parses_what_the_restorer_made(solvay, detector):
+    parser = HairOnTop()
+    gpen.restore_faces(solvay[:, :300, :500], GreyRestorer(), detector, parser=parser, parse_source="restored")
+    assert all(torch.all(seen == 0.5) for seen in parser.seen)
+    with pytest.raises(ValueError, match="parse_source"):
+        gpen.restore_faces(solvay, GreyRestorer(), detector, parser=parser, parse_source="both")
+
+
+def test_masks_are_steadied_along_tracks_without_growing():
+    masks = torch.ones(5, 8, 8)
+    masks[2] = 0  # a frame where the parse flickered off: it stays off
+    masks[3, :4] = 1
+    flicker_on = torch.zeros(5, 8, 8)
+    flicker_on[2] = 1  # one frame where a region flickered on: held back
+    steady = smooth_over_time(masks, [torch.arange(5)], sigma=1.0)
+    assert torch.all(steady <= masks) and steady[2].max() == 0
+    held = smooth_over_time(flicker_on, [torch.arange(5)], sigma=1.0)
+    assert held[2].max() < 0.5
+
+
+def test_video_masks_follow_each_face(solvay, detector):
+    frames = solvay[:, :300, :500].expand(3, -1, -1, -1).contiguous()
+    result = gpen.restore_faces(frames, GreyRestorer(), detector, parser=HairOnTop(), mask_temporal_sigma=1.0)
+    assert torch.allclose(result.masks[0], result.masks[1], atol=1e-6) and result.face_count > 0
