@@ -280,3 +280,47 @@ def test_a_long_forward_on_the_cpu_is_cancelled_between_its_layers(solvay, detec
         gpen.restore_faces(solvay, random_gpen(64, 1, 0.125), detector, face_batch=29,
                            cancel=lambda: asked.append(1) or len(asked) > 12)
     assert len(asked) == 13  # one batch of all 29 faces, stopped inside its forward
+
+
+def swap(image, crops, info, faces, source: int, tint=None):
+    """A face swap as ReActor makes one: faces `faces` replaced by face `source`'s crop (optionally tinted),
+    pasted with the pack's own functions inside an oval around the face."""
+    new = crops[source].expand(len(faces), -1, -1, -1) if tint is None else (crops[faces] + torch.tensor(tint)).clamp(0, 1)
+    pasted, _ = gpen.paste_faces(image, new, info.affines[faces], info.frames[faces], mask_shape="ellipse", erode=0.2)
+    return pasted
+
+
+def test_after_a_swap_only_the_swapped_faces_are_restored(solvay, detector):
+    crops, info = gpen.locate_faces(solvay, detector, 512)
+    swapped_faces = torch.tensor([3, 11, 20])
+    swapped = swap(solvay, crops, info, swapped_faces, source=0)
+    result = gpen.restore_faces(swapped, GreyRestorer(), detector, changed_from=solvay)
+    assert result.summary == "3 of 29 faces changed; restored 3 face(s) in 1 image(s)"
+    restored_centres = result.faces[0].boxes[:, :2]
+    assert torch.allclose(restored_centres.sort(0).values, info.faces[0].boxes[swapped_faces, :2].sort(0).values, atol=6)
+    outside = result.masks == 0
+    assert torch.equal(result.images[outside], swapped[outside])  # no other pixel changes
+
+
+def test_a_slight_colour_change_is_not_a_changed_face(solvay, detector):
+    crops, info = gpen.locate_faces(solvay, detector, 512)
+    tinted = swap(solvay, crops, info, torch.tensor([5]), source=5, tint=[0.03, 0.0, -0.03])  # ~8/255, as a VAE shifts
+    result = gpen.restore_faces(tinted, GreyRestorer(), detector, changed_from=solvay)
+    assert result.summary == "0 of 29 faces changed; no face restored; images returned unchanged"
+    assert torch.equal(result.images, tinted)
+
+
+def test_frames_where_nothing_changed_pass_through_whole(solvay, detector):
+    crops, info = gpen.locate_faces(solvay, detector, 512)
+    before = torch.cat([solvay, solvay, solvay])
+    after = torch.cat([solvay, swap(solvay, crops, info, torch.tensor([8]), source=1), solvay])
+    result = gpen.restore_faces(after, GreyRestorer(), detector, changed_from=before)
+    assert [len(f) for f in result.faces] == [0, 1, 0]
+    assert torch.equal(result.images[0], solvay[0]) and torch.equal(result.images[2], solvay[0])
+    single = gpen.restore_faces(after, GreyRestorer(), detector, changed_from=solvay)  # one frame for all
+    assert [len(f) for f in single.faces] == [0, 1, 0]
+
+
+def test_the_image_before_the_swap_must_match_in_size(solvay, detector):
+    with pytest.raises(ValueError, match="before the swap is 1 frame\\(s\\) of 600x300, but the images are 1 frame\\(s\\) of 1328x568"):
+        gpen.restore_faces(solvay, GreyRestorer(), detector, changed_from=solvay[:, :300, :600])
