@@ -16,14 +16,16 @@ from .download import DownloadError, download, validate_weights
 
 PACK = Path(__file__).resolve().parents[1]
 CATALOGUE_FILE = PACK / "models" / "catalogue.json"
-# ComfyUI model folders by kind: GPEN files live with the other face restorers (ReActor, facerestore_cf).
-MODEL_FOLDERS = {"gpen": ("facerestore_models", "gpen"), "detector": ("facedetection",)}
+# ComfyUI model folders by kind: GPEN files live with the other face restorers (ReActor, facerestore_cf),
+# face parsers with the detectors, where facexlib's users (ReActor, facerestore_cf) already keep them.
+MODEL_FOLDERS = {"gpen": ("facerestore_models", "gpen"), "detector": ("facedetection",),
+                 "parser": ("facedetection", "face_parsing")}
 
 
 @dataclass(frozen=True)
 class Entry:
     name: str
-    kind: str  # "gpen" or "detector"
+    kind: str  # "gpen", "detector" or "parser"
     file: str
     folder: str
     url: str

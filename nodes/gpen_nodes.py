@@ -9,9 +9,12 @@ from collections import OrderedDict
 import torch
 
 from .. import gpen
-from ..gpen.align import TEMPLATES
+from ..gpen.align import TEMPLATES, warp_faces
 from ..gpen.blend import GPEN_ERODE, GPEN_FEATHER, MASK_SHAPES
-from ..gpen.pipeline import ORDERS, locate_faces
+from ..gpen.images import as_rgb
+from ..gpen.masks import PARSE_FEATHER, REGION_PRESETS
+from ..gpen.parsing import load_parser, parse_faces
+from ..gpen.pipeline import ORDERS, PARSE_SOURCES, locate_faces
 from ..gpen.loader import resolve_dtype
 from ..gpen.restorer import restore_aligned
 from . import host
@@ -40,8 +43,9 @@ def _detection_options(required: dict) -> dict:
         "order": (list(ORDERS), {"default": "largest", "tooltip": "How faces are numbered in each frame."}),
         "indices": ("STRING", {"default": "", "tooltip": "Only these faces, by number in that order, e.g. '0,2' (empty: all)."}),
         "temporal_smoothing": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 10.0, "step": 0.5,
-                                         "tooltip": "For video frames: steadies landmarks across frames "
-                                                    "(Gaussian width in frames; 0 is off)."}),
+                                         "tooltip": "For video frames: steadies landmarks (and, with a face "
+                                                    "parser, its masks) across frames (Gaussian width in "
+                                                    "frames; 0 is off)."}),
     })
     return required
 
@@ -60,6 +64,31 @@ def _paste_options(required: dict) -> dict:
                                                                        "to the original (mean and std in Lab)."}),
     })
     return required
+
+
+def _mask_options(inputs: dict, source: bool = True) -> dict:
+    """The parse-mask widgets: which regions are restored, what is parsed, how soft the edge is."""
+    inputs["mask_regions"] = (list(REGION_PRESETS), {
+        "default": "face", "tooltip": "Which parts of the face take the restored pixels (with a face parser). "
+                                      "face: skin, brows, eyes, glasses, ears, nose, mouth and lips; hair, hat, "
+                                      "neck, earrings, clothes and background keep the original. 'without "
+                                      "glasses' keeps the rims, 'without ears' the ears, 'and hair' adds hair."})
+    if source:
+        inputs["parse_source"] = (list(PARSE_SOURCES), {
+            "default": "original", "tooltip": "What the face parser looks at: original, the face before "
+                                              "restoration (sees a hand or a microphone in front of it); "
+                                              "restored, GPEN's face (as facexlib does)."})
+    inputs["parse_feather"] = ("FLOAT", {"default": round(PARSE_FEATHER, 4), "min": 0.0, "max": 0.1, "step": 0.001,
+                                         "tooltip": "Softness of the parse mask's edge, as a fraction of the "
+                                                    "face crop; the soft edge stays inside the mask."})
+    return inputs
+
+
+def _parser_options(optional: dict) -> dict:
+    optional["face_parser"] = ("FACE_PARSER", {"tooltip": "From Load Face Parser: restore only the face's own "
+                                                          "pixels (mask_regions), never hair, hands or what "
+                                                          "covers the face."})
+    return _mask_options(optional)
 
 
 class LoadGPENModel:
@@ -115,6 +144,42 @@ class LoadFaceDetector:
         detector = _cached(key, lambda: gpen.load_detector(path, device=target if detector_name.startswith("insightface/")
                                                             else "cpu", detect_size=detect_size))
         return (host.Loaded(detector, target),)
+
+
+class LoadFaceParser:
+    DESCRIPTION = ("Loads a face parser: facexlib's BiSeNet or ParseNet (parsing_bisenet.pth, parsing_parsenet.pth) "
+                   "or FaceFusion's ONNX region parsers (bisenet_resnet_*.onnx) and occluders (xseg_*.onnx). "
+                   "Chain two (a region parser and an occluder) through and_parser: a pixel is restored only "
+                   "where every one of them shows the face.")
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("FACE_PARSER",)
+    OUTPUT_TOOLTIPS = ("The face parser, with any chained to it: for GPEN Face Restore, Paste Faces Back, Face Parsing Mask.",)
+    FUNCTION = "load"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "parser_name": (host.parser_files(), {"tooltip": "A parser or occluder from models/facedetection or "
+                                                             "models/face_parsing (.pth, .safetensors or .onnx)."}),
+            "precision": (["auto", "fp32", "fp16", "bf16"], {"default": "auto",
+                          "tooltip": "auto: fp16 on a GPU, fp32 on the CPU. ONNX files keep their own."}),
+            "device": (["auto", "cpu", "gpu"], {"default": "auto", "tooltip": "Where the parser runs; auto follows ComfyUI."}),
+        }, "optional": {
+            "and_parser": ("FACE_PARSER", {"tooltip": "Another Load Face Parser (e.g. an occluder): both are used, "
+                                                      "their masks combined by minimum."}),
+        }}
+
+    def load(self, parser_name: str, precision: str, device: str, and_parser=None):
+        path = host.find_parser_file(parser_name)
+        target = host.torch_device(device)
+        onnx = path.lower().endswith(".onnx")
+        dtype = None if onnx else resolve_dtype(precision, target)
+        key = (path, os.path.getmtime(path), dtype, target.type if onnx else target.type == "cpu")
+        # Torch parsers wait on the offload device and visit the GPU per run; onnxruntime picks its own.
+        parser = _cached(key, lambda: load_parser(path, device=target if onnx else host.offload_device(), dtype=dtype))
+        net = getattr(parser, "net", None)
+        size = sum(p.numel() * p.element_size() for p in net.parameters()) if isinstance(net, torch.nn.Module) else 0
+        return ((*(and_parser or ()), host.Loaded(parser, target, size)),)
 
 
 class DetectAndCropFaces:
@@ -179,7 +244,8 @@ class GPENRestoreFaces:
 
 
 class PasteFacesBack:
-    DESCRIPTION = "Blends restored crops back into the frames they were cut from."
+    DESCRIPTION = ("Blends restored crops back into the frames they were cut from; with a face parser, only "
+                   "over the face itself.")
     CATEGORY = CATEGORY
     RETURN_TYPES = ("IMAGE", "MASK")
     RETURN_NAMES = ("image", "mask")
@@ -193,23 +259,35 @@ class PasteFacesBack:
             "restored": ("IMAGE", {"tooltip": "Restored crops, in the order Detect and Crop Faces gave them."}),
             "face_info": ("FACE_INFO", {"tooltip": "From Detect and Crop Faces."}),
         }
-        return {"required": _paste_options(required)}
+        return {"required": _paste_options(required), "optional": _parser_options({})}
 
-    def paste(self, image, restored, face_info, strength, mask_shape, feather, erode, color_correction):
+    def paste(self, image, restored, face_info, strength, mask_shape, feather, erode, color_correction,
+              face_parser=None, mask_regions="face", parse_source="original", parse_feather=PARSE_FEATHER):
         if tuple(image.shape[1:3]) != tuple(face_info.image_size):
             raise ValueError(f"image is {tuple(image.shape[1:3])} but the faces were found in "
                              f"{tuple(face_info.image_size)} frames")
         if len(restored) != len(face_info):
             raise ValueError(f"{len(restored)} restored crops for {len(face_info)} detected faces")
-        return gpen.paste_faces(image, restored[..., :3], face_info.affines, face_info.frames, strength=strength,
+        restored = as_rgb(restored)
+        face_masks = None
+        if face_parser is not None and len(restored):
+            if parse_source == "original":  # the crops Detect and Crop Faces cut, cut again from the frames
+                crops = warp_faces(image, face_info.affines, face_info.frames, face_info.crop_size,
+                                   face_info.device).clamp_(0, 1).permute(0, 2, 3, 1)
+            else:
+                crops = restored.to(face_info.device)
+            with host.using_all(face_parser) as parsers:
+                face_masks = parse_faces(parsers, crops, mask_regions, parse_feather, on_batch=host.Progress().step)
+        return gpen.paste_faces(image, restored, face_info.affines, face_info.frames, strength=strength,
                                 mask_shape=mask_shape, feather=feather, erode=erode,
                                 color_correction=color_correction, crop_size=face_info.crop_size,
-                                device=face_info.device)
+                                face_masks=face_masks, device=face_info.device)
 
 
 class GPENFaceRestore:
     DESCRIPTION = ("Restores every face in the image or video frames with GPEN: detect, align, restore and "
-                   "blend back in one node. Frames without faces pass through unchanged.")
+                   "blend back in one node. Frames without faces pass through unchanged. With a face parser, "
+                   "only the face itself is restored: hair, hands and what covers the face keep the original.")
     CATEGORY = CATEGORY
     RETURN_TYPES = ("IMAGE", "MASK")
     RETURN_NAMES = ("image", "mask")
@@ -225,34 +303,64 @@ class GPENFaceRestore:
             "face_batch": ("INT", {"default": 4, "min": 1, "max": 64,
                                    "tooltip": "Faces per GPEN pass, across frames; halved automatically on out-of-memory."}),
         }
-        return {"required": _paste_options(_detection_options(required))}
+        return {"required": _paste_options(_detection_options(required)), "optional": _parser_options({})}
 
     def restore(self, image, gpen_model, face_detector, face_batch, threshold, min_size, max_faces, order, indices,
-                temporal_smoothing, strength, mask_shape, feather, erode, color_correction):
+                temporal_smoothing, strength, mask_shape, feather, erode, color_correction, face_parser=None,
+                mask_regions="face", parse_source="original", parse_feather=PARSE_FEATHER):
         progress = host.Progress()
-        with gpen_model as model, face_detector as detector:
+        with gpen_model as model, face_detector as detector, host.using_all(face_parser) as parsers:
             result = gpen.restore_faces(image, model, detector, threshold=threshold, min_size=min_size,
                                         max_faces=max_faces, order=order, indices=indices, strength=strength,
                                         mask_shape=mask_shape, feather=feather, erode=erode,
                                         color_correction=color_correction, temporal_sigma=temporal_smoothing,
-                                        face_batch=face_batch, progress=progress, cancel=progress.cancel)
+                                        face_batch=face_batch, parser=parsers, mask_regions=mask_regions,
+                                        parse_source=parse_source, parse_feather=parse_feather,
+                                        mask_temporal_sigma=temporal_smoothing, progress=progress,
+                                        cancel=progress.cancel)
         logging.info("[GPEN] %s", result.summary)
         return (result.images, result.masks)
+
+
+class FaceParsingMask:
+    DESCRIPTION = ("A mask of each aligned face crop from a face parser: 1 where the face shows (mask_regions, "
+                   "and nothing covers it), for any pack's paste-back or inpainting.")
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("MASK",)
+    RETURN_NAMES = ("mask",)
+    OUTPUT_TOOLTIPS = ("One mask per crop, the crops' size, 0..1.",)
+    FUNCTION = "parse"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": _mask_options({
+            "crops": ("IMAGE", {"tooltip": "Aligned face crops (from Detect and Crop Faces or another pack), any size."}),
+            "face_parser": ("FACE_PARSER", {"tooltip": "From Load Face Parser."}),
+        }, source=False)}
+
+    def parse(self, crops, face_parser, mask_regions, parse_feather):
+        with host.using_all(face_parser) as parsers:
+            return (parse_faces(parsers, as_rgb(crops), mask_regions, parse_feather,
+                                on_batch=host.Progress().step).cpu(),)
 
 
 NODE_CLASS_MAPPINGS = {
     "GPENLoadModel": LoadGPENModel,
     "GPENLoadFaceDetector": LoadFaceDetector,
+    "GPENLoadFaceParser": LoadFaceParser,
     "GPENDetectAndCropFaces": DetectAndCropFaces,
     "GPENRestoreFaces": GPENRestoreFaces,
     "GPENPasteFacesBack": PasteFacesBack,
     "GPENFaceRestore": GPENFaceRestore,
+    "GPENFaceParsingMask": FaceParsingMask,
 }
 NODE_DISPLAY_NAME_MAPPINGS = {
     "GPENLoadModel": "Load GPEN Model",
     "GPENLoadFaceDetector": "Load Face Detector (GPEN)",
+    "GPENLoadFaceParser": "Load Face Parser (GPEN)",
     "GPENDetectAndCropFaces": "Detect and Crop Faces (GPEN)",
     "GPENRestoreFaces": "GPEN Restore Faces",
     "GPENPasteFacesBack": "Paste Faces Back (GPEN)",
     "GPENFaceRestore": "GPEN Face Restore",
+    "GPENFaceParsingMask": "Face Parsing Mask (GPEN)",
 }

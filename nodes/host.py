@@ -4,6 +4,7 @@ stand-ins when the modules are imported outside ComfyUI (tests, scripts)."""
 from __future__ import annotations
 
 import os
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,12 +22,19 @@ except ImportError:  # outside ComfyUI: the pack's own models/ folder, no progre
     folder_paths = None
 
 PACK_MODELS = Path(__file__).resolve().parents[1] / "models"
-WEIGHT_SUFFIXES = {".pth", ".pt", ".safetensors", ".onnx"}
+TORCH_SUFFIXES = {".pth", ".pt", ".safetensors"}
+WEIGHT_SUFFIXES = TORCH_SUFFIXES | {".onnx"}
 GPEN_FOLDERS = MODEL_FOLDERS["gpen"]
-FOLDERS = {**{name: WEIGHT_SUFFIXES for name in GPEN_FOLDERS},
-           **{name: {".pth", ".pt", ".safetensors"} for name in MODEL_FOLDERS["detector"]}, "insightface": {".onnx"}}
+PARSER_FOLDERS = MODEL_FOLDERS["parser"]  # facedetection (where facexlib's parsers go) and face_parsing
+FOLDERS: dict[str, set[str]] = {"insightface": {".onnx"}}
+for _kind, _suffixes in (("gpen", WEIGHT_SUFFIXES), ("detector", TORCH_SUFFIXES), ("parser", WEIGHT_SUFFIXES)):
+    for _name in MODEL_FOLDERS[_kind]:  # facedetection holds detectors and parsers: .onnx too, for FaceFusion's
+        FOLDERS[_name] = FOLDERS.get(_name, set()) | _suffixes
+# File names detectors go by (facexlib, insightface, FaceFusion): kept out of the parser list.
+DETECTOR_NAMES = ("detection_", "det_", "scrfd", "retinaface", "yolo")
 NO_GPEN = "(no GPEN model: put GPEN-BFR-512.pth in models/facerestore_models)"
 NO_DETECTOR = "(no detector: put detection_Resnet50_Final.pth in models/facedetection)"
+NO_PARSER = "(no face parser: put parsing_bisenet.pth in models/facedetection)"
 
 
 def register_model_folders() -> None:
@@ -65,10 +73,18 @@ def gpen_model_files() -> list[str]:
 
 
 def detector_files() -> list[str]:
-    detection = [f for f in folder_files("facedetection") if not any(w in f.lower() for w in ("parsing", "yolo"))]
+    detection = [f for f in folder_files("facedetection") if Path(f).suffix.lower() != ".onnx"
+                 and not any(w in f.lower() for w in ("parsing", "yolo"))]
     scrfd = [f"insightface/{f}" for f in folder_files("insightface")
              if Path(f).name.startswith(("det_", "scrfd"))]
     return detection + scrfd or [NO_DETECTOR]
+
+
+def parser_files() -> list[str]:
+    """Every weight file in facedetection and face_parsing but the detectors' (by their usual names): a
+    parser is told apart by its tensors when it is loaded, so a renamed one is listed."""
+    return sorted({f for folder in PARSER_FOLDERS for f in folder_files(folder)
+                   if not Path(f).name.lower().startswith(DETECTOR_NAMES)}) or [NO_PARSER]
 
 
 def find_gpen_file(name: str) -> str:
@@ -94,6 +110,18 @@ def find_detector_file(name: str) -> str:
     return path
 
 
+def find_parser_file(name: str) -> str:
+    folders = " or ".join(describe_folder(folder) for folder in PARSER_FOLDERS)
+    if name == NO_PARSER:
+        raise FileNotFoundError(f"No face parser found. Put facexlib's parsing_bisenet.pth or parsing_parsenet.pth, "
+                                f"or FaceFusion's bisenet_resnet_34.onnx or xseg_1.onnx, in {folders}")
+    for folder in PARSER_FOLDERS:
+        path = full_path(folder, name)
+        if path:
+            return path
+    raise FileNotFoundError(f"{name} is no longer in {folders}")
+
+
 def describe_folder(name: str) -> str:
     if folder_paths is not None:
         return " or ".join(folder_paths.get_folder_paths(name))
@@ -115,7 +143,7 @@ def offload_device() -> torch.device:
 
 @dataclass
 class Loaded:
-    """A GPEN model or detector and where it runs; it waits on the offload device between runs."""
+    """A GPEN model, detector or face parser and where it runs; it waits on the offload device between runs."""
 
     model: object
     device: torch.device
@@ -134,6 +162,17 @@ class Loaded:
             if model_management is not None:
                 model_management.soft_empty_cache()
         return False
+
+
+@contextmanager
+def using_all(chain: tuple[Loaded, ...] | None):
+    """Enter each Loaded of a chain (a FACE_PARSER: a parser and what was chained to it) for the length of
+    a run; yields their models as a list, or None when nothing is connected."""
+    if chain is None:
+        yield None
+        return
+    with ExitStack() as stack:
+        yield [stack.enter_context(loaded) for loaded in chain]
 
 
 class Progress:

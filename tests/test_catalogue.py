@@ -50,7 +50,8 @@ def use_catalogue(monkeypatch, tmp_path, change):
 def test_catalogue_names_every_checkpoint_users_have():
     entries = catalogue.catalogue()
     assert {"GPEN-BFR-256", "GPEN-BFR-512", "GPEN-BFR-1024", "GPEN-BFR-2048",
-            "retinaface_resnet50", "retinaface_mobilenet0.25"} <= set(entries)
+            "retinaface_resnet50", "retinaface_mobilenet0.25", "parsing_parsenet", "parsing_bisenet",
+            "GPEN-BFR-512-onnx", "gpen_bfr_256", "gpen_bfr_512", "gpen_bfr_1024", "gpen_bfr_2048"} <= set(entries)
     for entry in entries.values():
         assert entry.url.startswith("https://") and entry.source
         assert entry.sha256 is None or re.fullmatch(r"[0-9a-f]{64}", entry.sha256)
@@ -61,7 +62,19 @@ def test_catalogue_names_every_checkpoint_users_have():
 def test_lookup_by_name_file_or_stem_ignoring_case():
     assert catalogue.lookup("gpen-bfr-512").file == "GPEN-BFR-512.pth"
     assert catalogue.lookup("detection_Resnet50_Final.pth").name == "retinaface_resnet50"
-    assert catalogue.lookup("GPEN-BFR-512.onnx") is None
+    assert catalogue.lookup("GPEN-BFR-512.onnx").name == "GPEN-BFR-512-onnx"  # ReActor's, by its file name
+    assert catalogue.lookup("gpen_bfr_2048").file == "gpen_bfr_2048.onnx"  # FaceFusion's
+    assert catalogue.lookup("GPEN-BFR-4096") is None
+
+
+def test_face_parsers_are_facexlibs_releases_saved_with_the_detectors():
+    entries = catalogue.catalogue()
+    for name, tag in (("parsing_parsenet", "v0.2.2"), ("parsing_bisenet", "v0.2.0")):
+        entry = entries[name]
+        assert (entry.kind, entry.folder, entry.file) == ("parser", "facedetection", f"{name}.pth")
+        assert entry.url == f"https://github.com/xinntao/facexlib/releases/download/{tag}/{name}.pth"
+    assert catalogue.MODEL_FOLDERS["parser"] == ("facedetection", "face_parsing")
+    assert {e.folder for e in entries.values() if e.file.endswith(".onnx")} == {"facerestore_models"}
 
 
 def test_models_live_in_comfyui_when_told_or_when_the_pack_is_inside_it(tmp_path, monkeypatch):
@@ -79,6 +92,10 @@ def test_files_already_in_the_folders_are_found_without_the_network(tmp_path):
     (tmp_path / "gpen").mkdir()
     (tmp_path / "gpen" / "GPEN-BFR-1024.pth").write_bytes(WEIGHTS)
     assert catalogue.resolve("GPEN-BFR-1024", "gpen", tmp_path, fetch=False) == tmp_path / "gpen" / "GPEN-BFR-1024.pth"
+    (tmp_path / "face_parsing").mkdir()
+    (tmp_path / "face_parsing" / "parsing_bisenet.pth").write_bytes(WEIGHTS)
+    assert catalogue.resolve("parsing_bisenet", "parser", tmp_path, fetch=False) == \
+        tmp_path / "face_parsing" / "parsing_bisenet.pth"
     with pytest.raises(FileNotFoundError, match="not a model this pack knows"):
         catalogue.resolve("GPEN-BFR-4096", "gpen", tmp_path)
 

@@ -44,10 +44,45 @@ def models_dir(tmp_path, monkeypatch, pack, shared):
     return tmp_path
 
 
-def test_the_pack_exposes_six_nodes_under_one_menu(pack):
+@pytest.fixture
+def parsers_dir(models_dir, shared):
+    """The models folder with face parsers where users keep them: facexlib's BiSeNet in facedetection
+    under its own name, a ParseNet renamed in face_parsing, and a file that is no parser."""
+    shutil.copy(shared / "fixtures" / "bisenet_random_fp16.pth", models_dir / "facedetection" / "parsing_bisenet.pth")
+    (models_dir / "face_parsing").mkdir()
+    shutil.copy(shared / "fixtures" / "parsenet_random_64.pth", models_dir / "face_parsing" / "my_parser.pth")
+    (models_dir / "facedetection" / "xseg_1.onnx").write_bytes(b"not really an occluder")
+    return models_dir
+
+
+class HalfFaceParser:
+    """Stands in for a face parser: the left half of every crop is skin, the right half background.
+    It keeps the crops it was shown."""
+
+    kind, size = "half", 64
+
+    def __init__(self):
+        self.seen = []
+
+    def logits(self, crops):
+        self.seen.append(crops.clone())
+        n, s = crops.shape[:2]
+        logits = torch.zeros(n, 19, s, s)
+        logits[:, 1, :, : s // 2] = 1  # skin
+        logits[:, 0, :, s // 2:] = 1  # background
+        return logits
+
+
+def half_face_parser(pack):
+    host = sys.modules[pack.__name__ + ".nodes.host"]
+    parser = HalfFaceParser()
+    return parser, (host.Loaded(parser, torch.device("cpu")),)
+
+
+def test_the_pack_exposes_eight_nodes_under_one_menu(pack):
     assert set(pack.NODE_CLASS_MAPPINGS) == set(pack.NODE_DISPLAY_NAME_MAPPINGS) == {
-        "GPENLoadModel", "GPENLoadFaceDetector", "GPENDetectAndCropFaces", "GPENRestoreFaces",
-        "GPENPasteFacesBack", "GPENFaceRestore"}
+        "GPENLoadModel", "GPENLoadFaceDetector", "GPENLoadFaceParser", "GPENDetectAndCropFaces", "GPENRestoreFaces",
+        "GPENPasteFacesBack", "GPENFaceRestore", "GPENFaceParsingMask"}
     assert {cls.CATEGORY for cls in pack.NODE_CLASS_MAPPINGS.values()} == {"GPEN"}
 
 
@@ -77,6 +112,10 @@ def test_empty_model_folders_say_which_folder_to_fill(pack, tmp_path, monkeypatc
     (choice,) = pack.NODE_CLASS_MAPPINGS["GPENLoadFaceDetector"].INPUT_TYPES()["required"]["detector_name"][0]
     with pytest.raises(FileNotFoundError, match="facedetection"):
         pack.NODE_CLASS_MAPPINGS["GPENLoadFaceDetector"]().load(choice, "auto")
+    (choice,) = pack.NODE_CLASS_MAPPINGS["GPENLoadFaceParser"].INPUT_TYPES()["required"]["parser_name"][0]
+    assert choice == "(no face parser: put parsing_bisenet.pth in models/facedetection)"
+    with pytest.raises(FileNotFoundError, match="parsing_bisenet.pth.*facedetection.* or .*face_parsing"):
+        pack.NODE_CLASS_MAPPINGS["GPENLoadFaceParser"]().load(choice, "auto", "auto")
 
 
 def test_model_list_shows_every_weight_file_and_loading_says_what_it_is(pack, models_dir):
@@ -158,3 +197,82 @@ def test_detector_loader_takes_a_detect_size(pack, models_dir, solvay):
     assert auto.model.detect_size == "auto" and fixed.model.detect_size == 1024
     with pytest.raises(ValueError, match="detect_size"):
         load("detection_mobilenet0.25_Final.pth", "cpu", "huge")
+
+
+def test_parser_list_shows_parsers_of_both_folders_and_leaves_the_detectors_out(pack, parsers_dir):
+    nodes = pack.NODE_CLASS_MAPPINGS
+    assert nodes["GPENLoadFaceParser"].INPUT_TYPES()["required"]["parser_name"][0] == [
+        "my_parser.pth", "parsing_bisenet.pth", "xseg_1.onnx"]
+    assert nodes["GPENLoadFaceDetector"].INPUT_TYPES()["required"]["detector_name"][0] == [
+        "detection_mobilenet0.25_Final.pth"]
+
+
+def test_face_parsers_load_and_chain(pack, parsers_dir):
+    load = pack.NODE_CLASS_MAPPINGS["GPENLoadFaceParser"]().load
+    (bisenet,) = load("parsing_bisenet.pth", "auto", "cpu")
+    (both,) = load("my_parser.pth", "fp32", "cpu", and_parser=bisenet)
+    assert len(bisenet) == 1 and [p.model.kind for p in both] == ["bisenet", "parsenet"]
+    assert both[0] is bisenet[0] and both[1].size_bytes > 0
+    with pytest.raises(ValueError, match="xseg_1.onnx"):
+        load("xseg_1.onnx", "auto", "cpu")
+
+
+def test_face_parsing_mask_gives_one_mask_per_crop(pack, parsers_dir):
+    (chain,) = pack.NODE_CLASS_MAPPINGS["GPENLoadFaceParser"]().load("parsing_bisenet.pth", "auto", "cpu")
+    crops = torch.rand(3, 96, 96, 3)
+    (mask,) = pack.NODE_CLASS_MAPPINGS["GPENFaceParsingMask"]().parse(crops, chain, "face and hair", 0.01)
+    assert mask.shape == (3, 96, 96) and mask.dtype == torch.float32 and 0 <= mask.min() <= mask.max() <= 1
+    _, half = half_face_parser(pack)
+    (mask,) = pack.NODE_CLASS_MAPPINGS["GPENFaceParsingMask"]().parse(crops, half, "face", 0.0)
+    assert mask[:, :, :48].eq(1).all() and mask[:, :, 48:].eq(0).all()
+
+
+def crop_points_in_image(info, x, y):
+    """Where the crop point (x, y), given as fractions of the crop, lies in each face's frame (row, column)."""
+    from gpen.align import invert_affine
+
+    point = torch.tensor([x, y], dtype=torch.float64) * (info.crop_size - 1)
+    inverse = invert_affine(info.affines.double())
+    xy = torch.einsum("nij,j->ni", inverse[:, :, :2], point) + inverse[:, :, 2]
+    return xy.round().long().flip(1)
+
+
+def test_all_in_one_node_restores_only_where_the_parser_shows_the_face(pack, models_dir, solvay):
+    nodes = pack.NODE_CLASS_MAPPINGS
+    model, detector = load_models(pack)
+    options = {"face_batch": 4, "threshold": 0.5, "min_size": 0, "max_faces": 3, "order": "largest", "indices": "",
+               "temporal_smoothing": 0.0, "strength": 1.0, "mask_shape": "box", "feather": 0.011, "erode": 0.05,
+               "color_correction": False}
+    _, plain = nodes["GPENFaceRestore"]().restore(solvay, model, detector, **options)
+    parser, chain = half_face_parser(pack)
+    image, mask = nodes["GPENFaceRestore"]().restore(solvay, model, detector, **options, face_parser=chain,
+                                                     mask_regions="face", parse_source="original", parse_feather=0.01)
+    assert len(parser.seen) == 1 and parser.seen[0].shape == (3, 64, 64, 3)
+    assert (mask <= plain + 0.1).all() and 0.3 < mask.sum() / plain.sum() < 0.7  # masks are warped bicubically
+    assert torch.equal(image[0][mask[0] == 0], solvay[0][mask[0] == 0])  # not-face pixels: the original, bit for bit
+    _, info, _ = nodes["GPENDetectAndCropFaces"]().detect(solvay, detector, 512, "gpen", 0.5, 0, 3, "largest", "",
+                                                          0.0, gpen_model=model)
+    for (row, col), (row_r, col_r) in zip(crop_points_in_image(info, 0.3, 0.5), crop_points_in_image(info, 0.75, 0.5)):
+        assert mask[0, row, col] > 0.9 and plain[0, row, col] > 0.9  # the half the parser calls face
+        assert mask[0, row_r, col_r] == 0 and plain[0, row_r, col_r] > 0.9  # the half it does not
+
+
+@pytest.mark.parametrize("parse_source", ["original", "restored"])
+def test_paste_node_with_a_parser_parses_the_crops_asked_for(pack, models_dir, solvay, parse_source):
+    nodes = pack.NODE_CLASS_MAPPINGS
+    model, detector = load_models(pack)
+    crops, info, _ = nodes["GPENDetectAndCropFaces"]().detect(solvay, detector, 256, "gpen", 0.5, 0, 2, "largest", "",
+                                                              0.0, gpen_model=model)
+    (restored,) = nodes["GPENRestoreFaces"]().restore(model, crops, strength=1.0, face_batch=4)
+    paste = nodes["GPENPasteFacesBack"]().paste
+    _, plain = paste(solvay, restored, info, 1.0, "box", 0.011, 0.05, False)
+    parser, chain = half_face_parser(pack)
+    image, mask = paste(solvay, restored, info, 1.0, "box", 0.011, 0.05, False, face_parser=chain,
+                        mask_regions="face", parse_source=parse_source, parse_feather=0.01)
+    (seen,) = parser.seen
+    wanted = crops if parse_source == "original" else restored
+    assert seen.shape == wanted.shape and (seen - wanted).abs().max() < 1e-3
+    assert (mask <= plain + 0.1).all() and 0.3 < mask.sum() / plain.sum() < 0.7  # masks are warped bicubically
+    assert torch.equal(image[0][mask[0] == 0], solvay[0][mask[0] == 0])
+    for row, col in crop_points_in_image(info, 0.75, 0.5):
+        assert mask[0, row, col] == 0 and plain[0, row, col] > 0.9

@@ -29,8 +29,10 @@ KNOWN = {
     "ReActorFaceSwap": ({"input_image": "IMAGE", "source_image": "IMAGE", "face_model": "FACE_MODEL",
                          "face_boost": "FACE_BOOST"}, ["IMAGE", "FACE_MODEL", "IMAGE"], 11),
 }
-REAL_FILES = {"model_name": ("GPEN-BFR-256.pth", "GPEN-BFR-512.pth", "GPEN-BFR-1024.pth", "GPEN-BFR-2048.pth"),
-              "detector_name": ("detection_Resnet50_Final.pth", "detection_mobilenet0.25_Final.pth")}
+REAL_FILES = {"model_name": ("GPEN-BFR-256.pth", "GPEN-BFR-512.pth", "GPEN-BFR-1024.pth", "GPEN-BFR-2048.pth",
+                             "GPEN-BFR-512.onnx"),  # the last: what ReActor downloads
+              "detector_name": ("detection_Resnet50_Final.pth", "detection_mobilenet0.25_Final.pth"),
+              "parser_name": ("parsing_bisenet.pth", "parsing_parsenet.pth")}
 
 
 def node_spec(pack, node_type):
@@ -84,7 +86,29 @@ def test_workflow_is_valid(path):
     assert {"GPENLoadModel", "GPENLoadFaceDetector"} <= ours
 
 
-def test_the_six_example_workflows_are_there():
+def test_the_seven_example_workflows_are_there():
     assert [p.stem for p in WORKFLOWS] == [
         "gpen_after_reactor_swap", "gpen_after_txt2img", "gpen_large_portrait_2048",
-        "gpen_modular_detect_restore_paste", "gpen_restore_photo", "gpen_video_temporal_smoothing"]
+        "gpen_modular_detect_restore_paste", "gpen_occlusion_aware", "gpen_restore_photo",
+        "gpen_video_temporal_smoothing"]
+
+
+def workflow(stem):
+    return json.loads((WORKFLOWS[0].parent / f"{stem}.json").read_text())
+
+
+def test_after_reactor_uses_the_gpen_file_reactor_downloads():
+    (loader,) = [n for n in workflow("gpen_after_reactor_swap")["nodes"] if n["type"] == "GPENLoadModel"]
+    assert loader["widgets_values"][0] == "GPEN-BFR-512.onnx"
+
+
+def test_occlusion_aware_workflow_restores_through_a_parser_and_shows_its_mask():
+    flow = workflow("gpen_occlusion_aware")
+    nodes = {n["id"]: n for n in flow["nodes"]}
+    links = {link[0]: link for link in flow["links"]}
+    (restore,) = [n for n in nodes.values() if n["type"] == "GPENFaceRestore"]
+    parser_link = links[next(s["link"] for s in restore["inputs"] if s["name"] == "face_parser")]
+    assert nodes[parser_link[1]]["type"] == "GPENLoadFaceParser"
+    assert nodes[parser_link[1]]["widgets_values"][0] == "parsing_bisenet.pth"
+    mask_users = [nodes[links[link][3]]["type"] for link in restore["outputs"][1]["links"]]
+    assert mask_users == ["MaskToImage"]
