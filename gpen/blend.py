@@ -132,8 +132,10 @@ def _paste_face(out: torch.Tensor, masks: torch.Tensor, original: torch.Tensor, 
     y0, y1, x0, x1 = region
     shift = affine.clone()
     shift[:, 2] += affine[:, :2] @ torch.tensor([x0, y0], dtype=torch.float64)  # region px -> crop px
-    back = warp(torch.cat([crop, mask[None]]), invert_affine(shift)[None], y1 - y0, x1 - x0)[0].clamp(0, 1)
-    weight = back[3] * strength
+    to_region = invert_affine(shift)[None]
+    back = warp(crop, to_region, y1 - y0, x1 - x0)[0].clamp(0, 1)
+    # The mask is warped bilinearly, as GPEN warps it: bicubic would ring past a sharp parse edge.
+    weight = warp(mask[None], to_region, y1 - y0, x1 - x0, mode="bilinear")[0, 0].clamp(0, 1) * strength
     wins = weight > masks[y0:y1, x0:x1].to(weight.device)
     source = original[y0:y1, x0:x1].to(crop.device)
     base = as_rgb(source)[0]

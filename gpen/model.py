@@ -285,11 +285,11 @@ class GPEN(nn.Module):
         self.n_encoders = log_size - 1
         self.info = None  # a checkpoint.ModelInfo once loaded from a file
 
-    def restore(self, faces: torch.Tensor, batch_size: int = 4, on_batch=None) -> torch.Tensor:
+    def restore(self, faces: torch.Tensor, batch_size: int = 4, on_batch=None, cancel=None) -> torch.Tensor:
         """Restore aligned face crops, (B,S,S,3) float 0..1 -> the same; see restorer.restore_crops."""
         weight = self.ecd0[0][0].weight
         return restore_crops(self, self.size, faces, device=weight.device, dtype=weight.dtype,
-                             batch_size=batch_size, on_batch=on_batch)
+                             batch_size=batch_size, on_batch=on_batch, cancel=cancel)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.to(self.ecd0[0][0].weight.dtype).contiguous(memory_format=torch.channels_last)

@@ -21,7 +21,7 @@ from .blend import GPEN_ERODE, GPEN_FEATHER, paste_faces
 from .detection import Faces, box_iou
 from .masks import PARSE_FEATHER, smooth_over_time
 from .parsing import parse_faces
-from .restorer import check_strength, finite_faces
+from .restorer import cancel_hook, check_strength, finite_faces
 
 ORDERS = ("largest", "left-right", "top-bottom", "confidence")
 MIN_DETECT_SIDE = 32  # below this RetinaFace's coarsest level has no cell; nothing is detected
@@ -293,7 +293,7 @@ def restore_faces(images: torch.Tensor, model, detector, *, threshold: float = 0
                   cancel: Callable[[], bool | None] | None = None, timings: dict | None = None) -> Restoration:
     """Restore every face in a batch of frames (B,H,W,C float 0..1; C = 1, 3 or 4).
 
-    `model` is any restorer with `.size` and `restore(faces, batch_size, on_batch)` (a GPEN model);
+    `model` is any restorer with `.size` and `restore(faces, batch_size, on_batch[, cancel])` (a GPEN model);
     `detector` has `detect(images, threshold)`. Faces from all frames are restored together in
     batches of `face_batch`; `progress(done, total)` follows them and `cancel()` is asked between
     detection chunks and face batches (return True, or raise, to stop: Cancelled is raised).
@@ -335,7 +335,8 @@ def restore_faces(images: torch.Tensor, model, detector, *, threshold: float = 0
     restored = crops
     if len(crops):
         with _stage(timings, "restore", info.device):
-            restored = model.restore(crops, batch_size=face_batch, on_batch=on_batch).to(info.device)
+            restored = model.restore(crops, batch_size=face_batch, on_batch=on_batch,
+                                     **cancel_hook(model, cancel and (lambda: check_cancel(cancel)))).to(info.device)
     face_masks = None
     if parser is not None and len(crops):
         with _stage(timings, "parse", info.device):

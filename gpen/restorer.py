@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
 import time
 from contextlib import contextmanager
@@ -16,12 +17,14 @@ CANCEL_CHECK_SECONDS = 0.5  # on the CPU, how often a running forward asks the c
 
 def restore_crops(forward: Forward, size: int, faces: torch.Tensor, *, device: torch.device | str = "cpu",
                   dtype: torch.dtype = torch.float32, batch_size: int = 4,
-                  on_batch: Callable[[int, int], None] | None = None) -> torch.Tensor:
+                  on_batch: Callable[[int, int], None] | None = None,
+                  cancel: Callable[[], None] | None = None) -> torch.Tensor:
     """Restore aligned crops (B,S,S,3 float 0..1) and return them in the same layout and size.
 
     `forward` maps NCHW RGB in [-1, 1] at `size` to the same. Crops of another size are resized to
-    the model's and back. `on_batch(done, total)` is called after each batch, and on the CPU also
-    between a torch model's layers every CANCEL_CHECK_SECONDS; it may raise to cancel.
+    the model's and back. `on_batch(done, total)` is called after each batch; it may raise to cancel.
+    `cancel()`, which raises to cancel, is also asked on the CPU between a torch model's layers every
+    CANCEL_CHECK_SECONDS, since one face there takes seconds.
     A batch that runs out of GPU memory is retried in halves, down to one face. A face whose output is
     not finite (NaN weights, an fp16 overflow) comes back as NaN, for the caller to leave unrestored.
     """
@@ -36,7 +39,7 @@ def restore_crops(forward: Forward, size: int, faces: torch.Tensor, *, device: t
         while start < total:
             x = faces[start:start + batch_size].to(device=device, dtype=torch.float32).permute(0, 3, 1, 2)
             try:
-                with _interruptible(forward, on_batch and (lambda: on_batch(start, total))):
+                with _interruptible(forward, cancel):
                     y = forward((_resize(x.clamp(0, 1), size, size) * 2 - 1).to(dtype)).float()
             except torch.OutOfMemoryError:
                 if batch_size == 1:
@@ -54,20 +57,29 @@ def restore_crops(forward: Forward, size: int, faces: torch.Tensor, *, device: t
 
 
 def restore_aligned(model, crops: torch.Tensor, strength: float = 1.0, batch_size: int = 4,
-                    on_batch: Callable[[int, int], None] | None = None) -> torch.Tensor:
+                    on_batch: Callable[[int, int], None] | None = None,
+                    cancel: Callable[[], None] | None = None) -> torch.Tensor:
     """Aligned crops (N,S,S,C) restored by `model`, blended with the input by `strength` (GPEN's alpha),
     in the input's channels."""
     from .images import as_rgb, match_channels
 
     check_strength(strength)
     rgb = as_rgb(crops)
-    restored = model.restore(rgb, batch_size=batch_size, on_batch=on_batch).to(rgb)
+    restored = model.restore(rgb, batch_size=batch_size, on_batch=on_batch, **cancel_hook(model, cancel)).to(rgb)
     broken = ~finite_faces(restored)
     if broken.any():
         logging.getLogger("gpen").warning("%d face(s) left unrestored: the restorer's output was not finite "
                                           "(NaN or Inf)", int(broken.sum()))
         restored[broken] = rgb[broken]
     return match_channels(torch.lerp(rgb, restored, strength), crops)
+
+
+def cancel_hook(model, cancel: Callable[[], None] | None) -> dict:
+    """{"cancel": cancel} for restorers whose restore() takes one (GPEN's), else nothing: any object
+    with `.size` and `restore(faces, batch_size, on_batch)` is a restorer."""
+    if cancel is None or "cancel" not in inspect.signature(model.restore).parameters:
+        return {}
+    return {"cancel": cancel}
 
 
 def finite_faces(faces: torch.Tensor) -> torch.Tensor:
@@ -81,10 +93,10 @@ def check_strength(strength: float) -> None:
 
 
 @contextmanager
-def _interruptible(forward: Forward, ping: Callable[[], None] | None):
-    """While a network runs on the CPU (seconds a face), call `ping` between its layers, at most every
-    CANCEL_CHECK_SECONDS: the caller's cancel hook, which `ping` reaches, is seen mid-batch."""
-    if ping is None or not isinstance(forward, torch.nn.Module) or next(forward.parameters()).device.type != "cpu":
+def _interruptible(forward: Forward, cancel: Callable[[], None] | None):
+    """While a network runs on the CPU (seconds a face), ask `cancel` between its layers, at most every
+    CANCEL_CHECK_SECONDS, so that a cancel is seen mid-batch."""
+    if cancel is None or not isinstance(forward, torch.nn.Module) or next(forward.parameters()).device.type != "cpu":
         yield
         return
     last = time.monotonic()
@@ -93,7 +105,7 @@ def _interruptible(forward: Forward, ping: Callable[[], None] | None):
         nonlocal last
         if time.monotonic() - last >= CANCEL_CHECK_SECONDS:
             last = time.monotonic()
-            ping()
+            cancel()
 
     handles = [m.register_forward_pre_hook(between_layers) for m in forward.modules()]
     try:

@@ -26,7 +26,7 @@ _CACHE: OrderedDict = OrderedDict()  # (path, mtime, dtype) -> loaded object, th
 def _cached(key, load):
     if key not in _CACHE:
         _CACHE[key] = load()
-        while len(_CACHE) > 2:
+        while len(_CACHE) > 4:  # a GPEN model, a detector and a parser or two
             _CACHE.popitem(last=False)
     _CACHE.move_to_end(key)
     return _CACHE[key]
@@ -82,6 +82,10 @@ def _mask_options(inputs: dict, source: bool = True) -> dict:
                                          "tooltip": "Softness of the parse mask's edge, as a fraction of the "
                                                     "face crop; the soft edge stays inside the mask."})
     return inputs
+
+
+ORIGINAL_IMAGE = ("IMAGE", {"tooltip": "The image before a face swap (connect ReActor's input image): only the faces "
+                                       "the swap changed are taken, and frames where nothing changed pass through."})
 
 
 def _parser_options(optional: dict) -> dict:
@@ -203,14 +207,15 @@ class DetectAndCropFaces:
                                                                          "ffhq: facexlib's, as GFPGAN/CodeFormer use."}),
         }
         return {"required": _detection_options(required),
-                "optional": {"gpen_model": ("GPEN_MODEL", {"tooltip": "Take the crop size from this model."})}}
+                "optional": {"gpen_model": ("GPEN_MODEL", {"tooltip": "Take the crop size from this model."}),
+                             "original_image": ORIGINAL_IMAGE}}
 
     def detect(self, image, face_detector, crop_size, template, threshold, min_size, max_faces, order, indices,
-               temporal_smoothing, gpen_model=None):
+               temporal_smoothing, gpen_model=None, original_image=None):
         size = gpen_model.model.size if gpen_model is not None else crop_size
         with face_detector as detector:
             crops, info = locate_faces(image, detector, size, template=template, cancel=host.Progress.cancel,
-                                       threshold=threshold, min_size=min_size, max_faces=max_faces, order=order,
+                                       changed_from=original_image, threshold=threshold, min_size=min_size, max_faces=max_faces, order=order,
                                        indices=indices, temporal_sigma=temporal_smoothing)
             _, masks = gpen.paste_faces(image[..., :1], crops, info.affines, info.frames,
                                         smooth_small_faces=False, device=info.device)
@@ -240,7 +245,8 @@ class GPENRestoreFaces:
     def restore(self, gpen_model, crops, strength, face_batch):
         progress = host.Progress()
         with gpen_model as model:
-            return (restore_aligned(model, crops, strength, batch_size=face_batch, on_batch=progress.step),)
+            return (restore_aligned(model, crops, strength, batch_size=face_batch, on_batch=progress.step,
+                                    cancel=progress.cancel),)
 
 
 class PasteFacesBack:
@@ -303,18 +309,20 @@ class GPENFaceRestore:
             "face_batch": ("INT", {"default": 4, "min": 1, "max": 64,
                                    "tooltip": "Faces per GPEN pass, across frames; halved automatically on out-of-memory."}),
         }
-        return {"required": _paste_options(_detection_options(required)), "optional": _parser_options({})}
+        return {"required": _paste_options(_detection_options(required)),
+                "optional": _parser_options({"original_image": ORIGINAL_IMAGE})}
 
     def restore(self, image, gpen_model, face_detector, face_batch, threshold, min_size, max_faces, order, indices,
-                temporal_smoothing, strength, mask_shape, feather, erode, color_correction, face_parser=None,
-                mask_regions="face", parse_source="original", parse_feather=PARSE_FEATHER):
+                temporal_smoothing, strength, mask_shape, feather, erode, color_correction, original_image=None,
+                face_parser=None, mask_regions="face", parse_source="original", parse_feather=PARSE_FEATHER):
         progress = host.Progress()
         with gpen_model as model, face_detector as detector, host.using_all(face_parser) as parsers:
             result = gpen.restore_faces(image, model, detector, threshold=threshold, min_size=min_size,
                                         max_faces=max_faces, order=order, indices=indices, strength=strength,
                                         mask_shape=mask_shape, feather=feather, erode=erode,
                                         color_correction=color_correction, temporal_sigma=temporal_smoothing,
-                                        face_batch=face_batch, parser=parsers, mask_regions=mask_regions,
+                                        face_batch=face_batch, changed_from=original_image,
+                                        parser=parsers, mask_regions=mask_regions,
                                         parse_source=parse_source, parse_feather=parse_feather,
                                         mask_temporal_sigma=temporal_smoothing, progress=progress,
                                         cancel=progress.cancel)

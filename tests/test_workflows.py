@@ -102,6 +102,17 @@ def test_after_reactor_uses_the_gpen_file_reactor_downloads():
     assert loader["widgets_values"][0] == "GPEN-BFR-512.onnx"
 
 
+def test_after_reactor_restores_only_the_faces_the_swap_changed():
+    flow = workflow("gpen_after_reactor_swap")
+    links = {link[0]: link for link in flow["links"]}
+    nodes = {n["id"]: n for n in flow["nodes"]}
+    (swap,) = [n for n in nodes.values() if n["type"] == "ReActorFaceSwap"]
+    (restore,) = [n for n in nodes.values() if n["type"] == "GPENFaceRestore"]
+    swap_input = links[next(s["link"] for s in swap["inputs"] if s["name"] == "input_image")]
+    original = links[next(s["link"] for s in restore["inputs"] if s["name"] == "original_image")]
+    assert original[1:3] == swap_input[1:3]  # the same image ReActor swapped into
+
+
 def test_occlusion_aware_workflow_restores_through_a_parser_and_shows_its_mask():
     flow = workflow("gpen_occlusion_aware")
     nodes = {n["id"]: n for n in flow["nodes"]}
