@@ -21,14 +21,15 @@ from __future__ import annotations
 import os
 from collections.abc import Collection
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
 from torch.nn import functional as F
 
 from .bisenet import IMAGENET_MEAN, IMAGENET_STD
-from .masks import class_masks
 from .checkpoint import CheckpointError, ModelInfo
+from .masks import class_masks
 from .onnx_model import SCRFD_OUTPUTS, gpen_face_size, input_dtype, open_session
 
 PARSER_SIZE = 512
@@ -98,10 +99,17 @@ class OnnxFaceNetwork:
 
     kind: str
     size: int
+    label: str  # what the file is, for messages and names
+    fits: Callable  # whether a session has this kind's input and output shapes
 
-    def __init__(self, path: Path, session):
-        self.path = path
-        self.session = session
+    def __init__(self, path: str | os.PathLike, device: torch.device | str | None = None, session=None):
+        path = Path(path)
+        session = open_session(path, device) if session is None else session
+        if not self.fits(session):
+            raise CheckpointError(path, f"is not a {self.label} ({describe_shapes(session)})")
+        self.path, self.session = path, session
+        self.name = f"{self.label} {path.name}"
+        self.info = describe_onnx_parser(session)
         inputs = session.get_inputs()
         self.input_name, self.output_name = inputs[0].name, session.get_outputs()[0].name
         self.input_dtype = input_dtype(session)
@@ -129,15 +137,8 @@ class OnnxRegionParser(OnnxFaceNetwork):
     kind = "bisenet-onnx"
     size = PARSER_SIZE
     classes = PARSER_CLASSES
-
-    def __init__(self, path: str | os.PathLike, device: torch.device | str | None = None, session=None):
-        path = Path(path)
-        session = open_session(path, device) if session is None else session
-        if not is_region_parser(session):
-            raise CheckpointError(path, f"is not a FaceFusion region parser ({describe_shapes(session)})")
-        super().__init__(path, session)
-        self.name = f"FaceFusion region parser {path.name}"
-        self.info = describe_onnx_parser(session)
+    label = "FaceFusion region parser"
+    fits = staticmethod(is_region_parser)
 
     @torch.no_grad()
     def logits(self, crops: torch.Tensor) -> torch.Tensor:
@@ -163,15 +164,8 @@ class OnnxOccluder(OnnxFaceNetwork):
 
     kind = "occluder"
     size = OCCLUDER_SIZE
-
-    def __init__(self, path: str | os.PathLike, device: torch.device | str | None = None, session=None):
-        path = Path(path)
-        session = open_session(path, device) if session is None else session
-        if not is_occluder(session):
-            raise CheckpointError(path, f"is not a FaceFusion occluder ({describe_shapes(session)})")
-        super().__init__(path, session)
-        self.name = f"FaceFusion occluder {path.name}"
-        self.info = describe_onnx_parser(session)
+    label = "FaceFusion occluder"
+    fits = staticmethod(is_occluder)
 
     @torch.no_grad()
     def masks(self, crops: torch.Tensor, regions: Collection[int] | None = None) -> torch.Tensor:

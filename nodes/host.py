@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from ..gpen.catalogue import MODEL_FOLDERS
-from ..gpen.loader import resolve_device, resolve_dtype
+from ..gpen.loader import resolve_device
 
 try:  # inside ComfyUI
     import comfy.model_management as model_management
@@ -91,11 +91,7 @@ def find_gpen_file(name: str) -> str:
     if name == NO_GPEN:
         raise FileNotFoundError(f"No GPEN model found. Put GPEN-BFR-512.pth (or 256/1024/2048, .pth, "
                                 f".safetensors or .onnx) in {describe_folder('facerestore_models')}")
-    for folder in GPEN_FOLDERS:
-        path = full_path(folder, name)
-        if path:
-            return path
-    raise FileNotFoundError(f"{name} is no longer in {describe_folder('facerestore_models')}")
+    return find_in(GPEN_FOLDERS, name)
 
 
 def find_detector_file(name: str) -> str:
@@ -111,15 +107,20 @@ def find_detector_file(name: str) -> str:
 
 
 def find_parser_file(name: str) -> str:
-    folders = " or ".join(describe_folder(folder) for folder in PARSER_FOLDERS)
     if name == NO_PARSER:
         raise FileNotFoundError(f"No face parser found. Put facexlib's parsing_bisenet.pth or parsing_parsenet.pth, "
-                                f"or FaceFusion's bisenet_resnet_34.onnx or xseg_1.onnx, in {folders}")
-    for folder in PARSER_FOLDERS:
+                                f"or FaceFusion's bisenet_resnet_34.onnx or xseg_1.onnx, in "
+                                f"{' or '.join(describe_folder(folder) for folder in PARSER_FOLDERS)}")
+    return find_in(PARSER_FOLDERS, name)
+
+
+def find_in(folders: tuple[str, ...], name: str) -> str:
+    """The full path of `name` in the first of these model folders that has it."""
+    for folder in folders:
         path = full_path(folder, name)
         if path:
             return path
-    raise FileNotFoundError(f"{name} is no longer in {folders}")
+    raise FileNotFoundError(f"{name} is no longer in {' or '.join(describe_folder(folder) for folder in folders)}")
 
 
 def describe_folder(name: str) -> str:

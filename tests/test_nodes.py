@@ -10,7 +10,7 @@ import torch
 
 import gpen
 
-from tests.helpers import random_gpen
+from tests.helpers import SplitParser, random_gpen
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -57,27 +57,9 @@ def parsers_dir(models_dir, shared):
     return models_dir
 
 
-class HalfFaceParser:
-    """Stands in for a face parser: the left half of every crop is skin, the right half background.
-    It keeps the crops it was shown."""
-
-    kind, size = "half", 64
-
-    def __init__(self):
-        self.seen = []
-
-    def logits(self, crops):
-        self.seen.append(crops.clone())
-        n, s = crops.shape[:2]
-        logits = torch.zeros(n, 19, s, s)
-        logits[:, 1, :, : s // 2] = 1  # skin
-        logits[:, 0, :, s // 2:] = 1  # background
-        return logits
-
-
 def half_face_parser(pack):
     host = sys.modules[pack.__name__ + ".nodes.host"]
-    parser = HalfFaceParser()
+    parser = SplitParser(1, 0)  # skin on the left, background on the right
     return parser, (host.Loaded(parser, torch.device("cpu")),)
 
 

@@ -10,29 +10,9 @@ import gpen
 from gpen.align import warp
 from gpen.masks import FACE_REGIONS, REGION_PRESETS, feather_inside, region_classes, smooth_over_time
 from gpen.parsing import load_parser, parse_faces
-from tests.helpers import IdentityRestorer
+from tests.helpers import GreyRestorer, SplitParser
 
 
-class GreyRestorer(IdentityRestorer):
-    def restore(self, faces, batch_size=4, on_batch=None):
-        return torch.full_like(super().restore(faces, batch_size, on_batch), 0.5)
-
-
-class HairOnTop:
-    """A region parser that calls the top half of every crop hair (17) and the rest skin (1)."""
-
-    kind, size = "bisenet", 512
-
-    def __init__(self):
-        self.seen = []
-
-    def logits(self, crops):
-        self.seen.append(crops.clone())
-        n, s = crops.shape[:2]
-        logits = torch.zeros(n, 19, s, s)
-        logits[:, 17, : s // 2] = 5
-        logits[:, 1, s // 2:] = 5
-        return logits
 
 
 class HandOnLeft:
@@ -80,7 +60,7 @@ def test_region_presets_names_and_indices():
 
 
 def test_hair_stays_bit_identical_and_the_face_is_restored(solvay, detector):
-    parser = HairOnTop()
+    parser = SplitParser(17, 1, rows=True)
     result = gpen.restore_faces(solvay, GreyRestorer(), detector, parser=parser, max_faces=1)  # no neighbours
     assert result.face_count == 1 and len(parser.seen) == 1
     size = 512
@@ -99,7 +79,7 @@ def test_hair_stays_bit_identical_and_the_face_is_restored(solvay, detector):
 
 def test_an_occluder_and_a_parser_combine_by_minimum():
     crops = torch.rand(3, 64, 64, 3)
-    masks = parse_faces([HairOnTop(), HandOnLeft()], crops, feather=0)
+    masks = parse_faces([SplitParser(17, 1, rows=True), HandOnLeft()], crops, feather=0)
     expected = torch.zeros(64, 64)
     expected[32:, 21:] = 1  # skin below the hair, right of the hand
     assert torch.equal(masks, expected.expand(3, -1, -1))
@@ -114,13 +94,13 @@ def test_feathering_stays_inside_the_mask():
 
 
 def test_faces_are_parsed_in_the_restore_batches(solvay, detector):
-    parser = HairOnTop()
+    parser = SplitParser(17, 1, rows=True)
     gpen.restore_faces(solvay, GreyRestorer(), detector, parser=parser, face_batch=8)
     assert [len(seen) for seen in parser.seen] == [8, 8, 8, 5]
 
 
 def test_parse_source_restored_parses_what_the_restorer_made(solvay, detector):
-    parser = HairOnTop()
+    parser = SplitParser(17, 1, rows=True)
     gpen.restore_faces(solvay[:, :300, :500], GreyRestorer(), detector, parser=parser, parse_source="restored")
     assert all(torch.all(seen == 0.5) for seen in parser.seen)
     with pytest.raises(ValueError, match="parse_source"):
@@ -141,5 +121,5 @@ def test_masks_are_steadied_along_tracks_without_growing():
 
 def test_video_masks_follow_each_face(solvay, detector):
     frames = solvay[:, :300, :500].expand(3, -1, -1, -1).contiguous()
-    result = gpen.restore_faces(frames, GreyRestorer(), detector, parser=HairOnTop(), mask_temporal_sigma=1.0)
+    result = gpen.restore_faces(frames, GreyRestorer(), detector, parser=SplitParser(17, 1, rows=True), mask_temporal_sigma=1.0)
     assert torch.allclose(result.masks[0], result.masks[1], atol=1e-6) and result.face_count > 0

@@ -11,7 +11,7 @@ from gpen.align import GPEN_TEMPLATE, template_points
 from gpen.blend import face_mask
 from gpen.detection import Faces
 from gpen.pipeline import smooth_landmarks
-from tests.helpers import IdentityRestorer, psnr, random_gpen
+from tests.helpers import GreyRestorer, IdentityRestorer, psnr, random_gpen
 
 
 def test_gpen_template_is_the_one_gpen_was_trained_with():
@@ -205,11 +205,6 @@ def test_temporal_smoothing_on_faces_the_detector_found_in_a_panning_shot(solvay
     assert jitter_after < jitter_before / 3 and error_after < error_before
 
 
-class GreyRestorer(IdentityRestorer):
-    """A restorer whose every face is flat grey, so that what it touched is plain to see."""
-
-    def restore(self, faces, batch_size=4, on_batch=None):
-        return torch.full_like(super().restore(faces, batch_size, on_batch), 0.5)
 
 
 class BrokenRestorer(IdentityRestorer):
