@@ -15,7 +15,8 @@ from .checkpoint import CheckpointError
 from .detection import Faces, load_detector
 from .loader import ModelInfo, load_model
 from .model import GPEN
+from .parsing import load_parser
 from .pipeline import Cancelled, FaceInfo, Restoration, locate_faces, restore_faces, select_faces
 
 __all__ = ["GPEN", "Cancelled", "CheckpointError", "FaceInfo", "Faces", "ModelInfo", "Restoration", "crop_faces",
-           "load_detector", "load_model", "locate_faces", "paste_faces", "restore_faces", "select_faces"]
+           "load_detector", "load_model", "load_parser", "locate_faces", "paste_faces", "restore_faces", "select_faces"]
