@@ -200,9 +200,11 @@ def detect_faces(images: torch.Tensor, detector, *, threshold: float = 0.5, min_
     if min(images.shape[1:3]) < MIN_DETECT_SIDE:
         return [Faces.empty() for _ in range(len(images))]
     found = []
-    for start in range(0, len(images), DETECT_CHUNK):
+    # On a GPU frames are detected a few at a time; on the CPU, where that gains nothing, one by one.
+    chunk = DETECT_CHUNK if torch.device(getattr(detector, "device", "cpu")).type == "cuda" else 1
+    for start in range(0, len(images), chunk):
         check_cancel(cancel)
-        found += detector.detect(images[start:start + DETECT_CHUNK], threshold=threshold)
+        found += detector.detect(images[start:start + chunk], threshold=threshold)
     faces = [select_faces(f, min_size, max_faces, order, indices, selection) for f in found]
     return smooth_landmarks(faces, temporal_sigma)
 

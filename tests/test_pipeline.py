@@ -258,7 +258,7 @@ def test_cancel_is_asked_during_detection(solvay, detector):
     with pytest.raises(gpen.Cancelled):
         gpen.restore_faces(solvay.expand(12, -1, -1, -1), IdentityRestorer(), detector,
                            cancel=lambda: asked.append(1) or len(asked) > 2)
-    assert len(asked) == 3  # the batch start, then after each chunk of frames: stopped before restoring
+    assert len(asked) == 3  # the batch start, then before each frame on the CPU: stopped before restoring
 
 
 @pytest.mark.parametrize("shape", [(1, 32, 100000, 3), (1, 0, 0, 3), (3, 40, 5000, 1)])
