@@ -222,6 +222,7 @@ def locate_faces(images: torch.Tensor, detector, crop_size: int, *, template: st
     see `changed_faces`.
     """
     if changed_from is not None:
+        changed_from = changed_from[None] if changed_from.ndim == 3 else changed_from
         check_same_frames(images, changed_from)
     device = torch.device(device or getattr(detector, "device", images.device))
     selection = Selection()
@@ -265,8 +266,6 @@ def changed_faces(crops: torch.Tensor, originals: torch.Tensor, affines: torch.T
 
 
 def check_same_frames(images: torch.Tensor, changed_from: torch.Tensor) -> None:
-    if changed_from.ndim == 3:
-        changed_from = changed_from[None]
     if changed_from.shape[1:3] != images.shape[1:3] or len(changed_from) not in (1, len(images)):
         raise ValueError(f"the image before the swap is {len(changed_from)} frame(s) of "
                          f"{changed_from.shape[2]}x{changed_from.shape[1]}, but the images are {len(images)} "
