@@ -20,7 +20,7 @@ def main(argv: list[str] | None = None) -> int:
                "--model_path GPEN-BFR-512.pth works as run_gpen-style instructions write it.")
     commands = parser.add_subparsers(dest="command", required=True)
     bench.add_arguments(commands.add_parser("bench", help="time the GPEN forward pass, print a JSON table"))
-    add_restore_arguments(commands.add_parser("restore", help="restore the faces in image files",
+    add_restore_arguments(commands.add_parser("restore", help="restore the faces in image and video files",
                                               description=RESTORE_DESCRIPTION))
     fetch = commands.add_parser("download", help="download catalogue models (GPEN-BFR-512, ..., or all)")
     fetch.add_argument("names", nargs="+", metavar="NAME")
@@ -56,12 +56,14 @@ def main(argv: list[str] | None = None) -> int:
 
 
 RESTORE_DESCRIPTION = """\
-Restore the faces in image files. Results are never written over an input (asking for that is
-refused before any work), and an existing result is skipped, with a line saying so, unless
---overwrite is given. Each result appears whole or not at all (written to a temporary file beside
-it, then renamed), so Ctrl-C or a full disk leaves what was there. One input and -o NAME.png write
-that file; otherwise results go under -o with the inputs' folder layout below their common folder,
-so same-named files from different folders stay apart."""
+Restore the faces in image and video files (mp4, mov, mkv, webm, avi; photos and clips may be mixed).
+Results are never written over an input (asking for that is refused before any work), and an
+existing result is skipped, with a line saying so, unless --overwrite is given. Each result appears
+whole or not at all (written to a temporary file beside it, then renamed), so Ctrl-C or a full disk
+leaves what was there. One input and -o NAME.png (or NAME.mp4 for a clip) write that file; otherwise
+results go under -o with the inputs' folder layout below their common folder, so same-named files
+from different folders stay apart. Clips are streamed: decoded, restored and encoded a chunk at a
+time, keeping their frame count, rate and time base, and copying their audio untouched."""
 
 
 def add_restore_arguments(parser: argparse.ArgumentParser) -> None:
@@ -69,7 +71,7 @@ def add_restore_arguments(parser: argparse.ArgumentParser) -> None:
     from .io import MAX_MEGAPIXELS
     from .pipeline import ORDERS
 
-    parser.add_argument("inputs", nargs="*", metavar="INPUT", help="image files, folders or globs")
+    parser.add_argument("inputs", nargs="*", metavar="INPUT", help="image or video files, folders or globs")
     parser.add_argument("-o", "--output", help="output folder (or file, for one input)")
     parser.add_argument("--input", dest="legacy_inputs", action="append", default=[], help=argparse.SUPPRESS)
     parser.add_argument("--overwrite", action="store_true", help="replace results that exist (inputs never are)")
@@ -94,7 +96,8 @@ def add_restore_arguments(parser: argparse.ArgumentParser) -> None:
     select.add_argument("--order", choices=ORDERS, default="largest", help="face order for --indices and --max-faces")
     select.add_argument("--indices", help="only these faces, counted in --order from 0: '0,2'")
     select.add_argument("--temporal-smoothing", type=float, default=0, metavar="SIGMA",
-                        help="the inputs are frames of one video, in order: steady the landmarks over SIGMA frames")
+                        help="steady the landmarks over SIGMA frames: within each video file, and across the "
+                             "image inputs, which are then frames of one video, in order")
     blend = parser.add_argument_group("blending")
     blend.add_argument("--strength", type=float, default=1.0, help="how much of the restored face replaces the original")
     blend.add_argument("--template", choices=("gpen", "ffhq"), default="gpen", help="alignment template")
@@ -104,6 +107,13 @@ def add_restore_arguments(parser: argparse.ArgumentParser) -> None:
     blend.add_argument("--feather", type=float, default=GPEN_FEATHER,
                        help="mask blur, a fraction of the crop (default GPEN's %(default).4f)")
     blend.add_argument("--color-correction", action="store_true", help="match the restored face's colours to the original")
+    video = parser.add_argument_group("video files")
+    video.add_argument("--codec", default="libx264",
+                       help="video encoder (default %(default)s; webm files get libvpx-vp9): libx265, libvpx-vp9, ...")
+    video.add_argument("--crf", type=float, default=16,
+                       help="encoder quality, lower is better (default %(default)g: near-transparent H.264)")
+    video.add_argument("--chunk", type=int, default=16,
+                       help="frames restored together; memory holds about this many frames (default %(default)s)")
 
 
 def _yes_no(text: str) -> bool:
@@ -130,16 +140,25 @@ def run_restore(args) -> int:
     device = resolve_device(args.device)
     jobs = plan_jobs(expand_inputs(args.inputs + args.legacy_inputs), Path(args.output))
     detect = args.face_align and not args.aligned
-    if args.temporal_smoothing > 0:
-        check_sequence(jobs, detect, args.max_megapixels)
+    if any(is_video(job.source) for job in jobs):
+        from .video import check_video_options
+
+        check_video_options(args.codec, args.crf, args.chunk)
+    frames = [job for job in jobs if not is_video(job.source)]  # with --temporal-smoothing, one sequence
+    if args.temporal_smoothing > 0 and len(frames) > 1:
+        check_sequence(frames, detect, args.max_megapixels)
     check_writable(Path(os.path.commonpath([job.target.parent for job in jobs])))
     report = Report(len(jobs))
-    todo = admit(jobs, args, report)
+    todo, videos = admit(jobs, args, report, detect)
     if todo:
         model, detector = load_models(args, device, detect)
-        faces = detect_sequence(jobs, detector, args) if args.temporal_smoothing > 0 else {}
+        sequence = [job for job in todo if not is_video(job.source)]
+        faces = detect_sequence(sequence, detector, args) if args.temporal_smoothing > 0 and len(sequence) > 1 else {}
         for job in todo:
             try:
+                if is_video(job.source):
+                    report.done(job, restore_clip(job, model, detector, args, videos[job], report.prefix(job)))
+                    continue
                 progress = _face_progress(report.prefix(job))
                 report.done(job, restore_file(job, model, detector, args, faces.get(job), progress))
             except (ValueError, OSError) as e:
@@ -147,38 +166,48 @@ def run_restore(args) -> int:
     return report.exit_status()
 
 
+def is_video(path: Path) -> bool:
+    from .video import VIDEO_SUFFIXES
+
+    return path.suffix.lower() in VIDEO_SUFFIXES
+
+
 def expand_inputs(items: list[str]) -> list[Path]:
     from glob import glob
 
     from .io import IMAGE_SUFFIXES
+    from .video import VIDEO_SUFFIXES
 
+    suffixes = IMAGE_SUFFIXES + VIDEO_SUFFIXES
     files = []
     for item in items:
         path = Path(item)
         if path.is_dir():
-            files += sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+            files += sorted(p for p in path.iterdir() if p.suffix.lower() in suffixes)
         elif path.is_file():
             files.append(path)
         elif matches := sorted(glob(item, recursive=True)):
-            files += [Path(m) for m in matches if Path(m).suffix.lower() in IMAGE_SUFFIXES]
+            files += [Path(m) for m in matches if Path(m).suffix.lower() in suffixes]
         else:
             raise FileNotFoundError(f"{item}: no such file, folder or pattern")
     if not files:
-        raise ValueError("no image files among the inputs")
+        raise ValueError("no image or video files among the inputs")
     return files
 
 
 def plan_jobs(files: list[Path], output: Path) -> list[Job]:
-    """Where each result goes: `output` itself for one input and an image file name, else under
-    `output` at the input's path relative to the inputs' common folder. Refused, before any work,
-    when a result would land on an input or two results on one file."""
+    """Where each result goes: `output` itself for one input and a file name of its kind (image or
+    video), else under `output` at the input's path relative to the inputs' common folder. Refused,
+    before any work, when a result would land on an input or two results on one file."""
     from .io import IMAGE_SUFFIXES
+    from .video import VIDEO_SUFFIXES
 
     unique: dict[tuple[int, int], Path] = {}
     for file in files:
         unique.setdefault(file_id(file), file)  # a file named twice (a folder and a glob) runs once
     files = list(unique.values())
-    if len(files) == 1 and output.suffix.lower() in IMAGE_SUFFIXES and not output.is_dir():
+    kind = VIDEO_SUFFIXES if files and is_video(files[0]) else IMAGE_SUFFIXES
+    if len(files) == 1 and output.suffix.lower() in kind and not output.is_dir():
         jobs = [Job(1, files[0], output)]
     else:
         absolute = [Path(os.path.abspath(f)) for f in files]
@@ -267,23 +296,31 @@ class Report:
         return 1 if self.failed else 0
 
 
-def admit(jobs: list[Job], args, report: Report) -> list[Job]:
-    """The jobs to run: their result may be written and their image is not too large. Decided from
-    names and headers, before any model is loaded."""
+def admit(jobs: list[Job], args, report: Report, detect: bool = True) -> tuple[list[Job], dict]:
+    """The jobs to run: their result may be written and their image is not too large, or their
+    video readable, holding a video stream, of constant frame rate; and what was read of each video.
+    Decided from names, headers and packets, before any model is loaded."""
     from .io import check_image_size
 
-    todo = []
+    todo, videos = [], {}
     for job in jobs:
         if job.target.exists() and not args.overwrite:
             report.skip(job, f"{job.target} exists (--overwrite replaces it)")
             continue
         try:
-            check_image_size(job.source, args.max_megapixels)
+            if not is_video(job.source):
+                check_image_size(job.source, args.max_megapixels)
+            elif not detect:
+                raise ValueError(f"{job.source}: --aligned is for aligned face crops in image files, not video")
+            else:
+                from .video import probe_video
+
+                videos[job] = probe_video(job.source, args.max_megapixels)
         except (ValueError, OSError) as e:
             report.fail(job, e)
             continue
         todo.append(job)
-    return todo
+    return todo, videos
 
 
 def load_models(args, device, detect: bool):
@@ -342,6 +379,20 @@ def restore_file(job: Job, model, detector, args, faces=None, progress=None) -> 
         restored, summary = result.images, result.summary
     write_image(job.target, restored[0].numpy(), fmt, overwrite=args.overwrite)
     return summary
+
+
+def restore_clip(job: Job, model, detector, args, info, label: str) -> str:
+    """Restore one video file, streaming; returns its summary line."""
+    from .video import restore_video
+
+    summary = restore_video(job.source, job.target, model, detector, codec=args.codec, crf=args.crf,
+                            chunk=args.chunk, temporal_sigma=args.temporal_smoothing, progress=label,
+                            overwrite=args.overwrite, max_megapixels=args.max_megapixels,
+                            info=info, **selection(args), template=args.template,
+                            strength=args.strength, mask_shape=args.mask_shape, erode=args.erode,
+                            feather=args.feather, color_correction=args.color_correction,
+                            face_batch=args.face_batch)
+    return str(summary)
 
 
 def _face_progress(prefix: str):

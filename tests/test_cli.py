@@ -442,3 +442,21 @@ def test_bench_fails_when_a_row_fails(shared):
     for done in (plain, pipeline):
         assert done.returncode == 1
         assert all("dtype must be one of" in row["error"] for row in json.loads(done.stdout))
+
+
+def test_restore_a_clip_and_a_photo_in_one_call(shared, gpen64, tmp_path):
+    """python -m gpen restore clip.mp4 photo.png -o OUT: one line each, the clip's name kept."""
+    pytest.importorskip("av", reason="video needs PyAV (pip install av)")
+    from tests.test_video import make_clip, timing
+
+    photo, _ = read_image(shared / "images" / "solvay_1927.png")
+    pixels = (photo[..., :3] * 255).round().astype(np.uint8)
+    make_clip(tmp_path / "clip.mp4", pixels, frames=6, size=(400, 240))
+    write_image(tmp_path / "photo.png", photo[:240, :400, :3])
+    done = restore(shared, gpen64, tmp_path / "clip.mp4", tmp_path / "photo.png", "-o", tmp_path / "out",
+                   "--max-faces", 2, "--detect-size", 640)
+    assert done.returncode == 0, done.stderr
+    assert "[1/2] clip.mp4: 6 frames, 12 faces restored, " in done.stdout
+    assert f" s -> {tmp_path / 'out' / 'clip.mp4'}\n" in done.stdout
+    assert "[2/2] photo.png: restored 2 face(s) in 1 image(s)" in done.stdout
+    assert timing(tmp_path / "out" / "clip.mp4") == timing(tmp_path / "clip.mp4")

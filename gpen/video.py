@@ -1,0 +1,604 @@
+"""Video files: restore every frame's faces while streaming, keeping the clip's timing and audio.
+
+    summary = gpen.restore_video("clip.mp4", "out/clip.mp4", model, detector, temporal_sigma=2)
+    print(summary)                        # 240 frames, 231 faces restored, 81.2 s
+
+Frames are decoded, restored and encoded a chunk at a time (PyAV), so a clip of any length needs the
+memory of a few dozen frames. `restore_frames` is the engine on its own: a generator over any
+sequence of frames, for tools with frames from elsewhere. Landmark smoothing (`temporal_sigma`) looks
+ahead and behind across chunk boundaries and gives what smoothing the whole clip at once gives.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import sys
+import tempfile
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from fractions import Fraction
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+import numpy as np
+import torch
+
+from .detection import Faces
+from .io import _UMASK, MAX_MEGAPIXELS
+from .pipeline import DETECT_CHUNK, Restoration, Selection, detect_faces, restore_faces, smooth_landmarks
+
+VIDEO_SUFFIXES = (".mp4", ".mov", ".mkv", ".webm", ".avi")
+CONTAINERS = {".mp4": "mp4", ".mov": "mov", ".mkv": "matroska", ".webm": "webm", ".avi": "avi"}  # FFmpeg's names
+DEFAULT_CODEC = "libx264"
+DEFAULT_CRF = 16
+CRF_CODECS = ("libx264", "libx265", "libvpx-vp9", "libaom-av1", "libsvtav1")
+USUAL_CODEC = {"webm": "libvpx-vp9"}  # where the default H.264 cannot go
+SMOOTHING_REACH = 4  # Gaussian sigmas: weights beyond are under exp(-8) of the centre's
+
+
+@dataclass(frozen=True)
+class VideoInfo:
+    """What a video file holds, read without decoding a frame."""
+
+    path: Path
+    width: int  # as stored; frames are turned upright per the display rotation when decoded
+    height: int
+    frames: int  # video packets: the frames, for all but damaged files
+    rate: Fraction  # frames per second
+    time_base: Fraction
+    timestamps: tuple[int, ...] = field(default=(), repr=False)  # of the frames, in order, in time_base
+    codec: str = ""
+    audio: tuple[str, ...] = ()  # codec of each audio stream
+    other_streams: int = 0  # subtitles, data, attachments: not copied
+
+
+@dataclass
+class VideoSummary:
+    """What restore_video did: `str(summary)` is the CLI's line."""
+
+    source: Path
+    target: Path
+    frames: int = 0
+    faces: int = 0  # faces restored, all frames
+    unrestored: int = 0  # faces left as they were: the restorer's output was not finite
+    seconds: float = 0.0
+    selection: Selection = field(default_factory=Selection)
+    notes: list[str] = field(default_factory=list)  # codec fallbacks, streams not copied
+
+    def __str__(self) -> str:
+        notes = self.selection.notes() + self.notes
+        if self.unrestored:
+            notes.append(f"{self.unrestored} face(s) left unrestored: the restorer's output was not finite")
+        if not self.faces and not self.selection.found:
+            notes.insert(0, "no face found")
+        return "; ".join([f"{self.frames} frames, {self.faces} faces restored, {self.seconds:.1f} s", *notes])
+
+
+def _av():
+    try:
+        import av
+    except ImportError:
+        raise ImportError("video files need PyAV: pip install av") from None
+    return av
+
+
+def smoothing_reach(sigma: float) -> int:
+    """Frames each side whose landmarks change a frame's smoothed ones: ceil(4 sigma) + 1, 0 without smoothing."""
+    return math.ceil(SMOOTHING_REACH * sigma) + 1 if sigma > 0 else 0
+
+
+# Reading.
+
+def probe_video(path: str | os.PathLike, max_megapixels: float | None = MAX_MEGAPIXELS) -> VideoInfo:
+    """The file's first video stream, checked before any work: a ValueError naming the file when it
+    is not a video FFmpeg reads, holds no video, is damaged, has frames over `max_megapixels`, or has
+    a variable frame rate. Reads every packet (not decoding them) to count frames and time them."""
+    av = _av()
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file")
+    try:
+        container = av.open(str(path), metadata_errors="ignore")
+    except av.FFmpegError as e:
+        raise ValueError(f"{path}: not a video file FFmpeg can read ({_reason(e)})") from None
+    with container:
+        stream = _video_stream(container, path)
+        width, height = stream.codec_context.width, stream.codec_context.height
+        if not width or not height:
+            raise ValueError(f"{path}: the video stream has no frame size; the file is damaged")
+        if max_megapixels and width * height / 1e6 > max_megapixels:
+            raise ValueError(f"{path}: {width}x{height} frames are {width * height / 1e6:.0f} megapixels, "
+                             f"over the {max_megapixels:g} MP limit (--max-megapixels raises it)")
+        times = []
+        try:
+            for packet in container.demux(stream):
+                if packet.size and not packet.is_discard:  # discarded: before an edit list's start
+                    times.append(packet.pts if packet.pts is not None else packet.dts)
+        except av.FFmpegError as e:
+            raise ValueError(f"{path}: damaged video data after {len(times)} frames ({_reason(e)})") from None
+        if not times:
+            raise ValueError(f"{path}: the video stream holds no frames (the file is damaged or cut short)")
+        time_base = Fraction(stream.time_base)
+        times = sorted(t for t in times if t is not None)
+        rate = _frame_rate(path, stream, times, time_base)
+        _check_whole(path, stream, times, time_base, rate)
+        audio = tuple(s.codec_context.codec.canonical_name for s in container.streams.audio)
+        others = len(container.streams) - 1 - len(audio)
+        return VideoInfo(path, width, height, len(times), rate, time_base, tuple(times),
+                         stream.codec_context.codec.canonical_name, audio, others)
+
+
+def _video_stream(container, path: Path):
+    streams = [s for s in container.streams.video if not s.disposition & 0x400]  # not cover art (attached_pic)
+    if not streams:
+        kinds = sorted({s.type for s in container.streams})
+        raise ValueError(f"{path}: holds no video stream ({'only ' + ', '.join(kinds) if kinds else 'no streams'})")
+    return streams[0]
+
+
+def _frame_rate(path: Path, stream, times: list[int], time_base: Fraction) -> Fraction:
+    """The constant frame rate, from the timestamps: refused when frames last different times.
+    Containers that store milliseconds round each timestamp, so where a frame lasts several ticks one
+    tick of difference is allowed; where it lasts one (AVI), a frame missing is a change of rate."""
+    deltas = [b - a for a, b in zip(times, times[1:])]
+    if deltas:
+        typical = sorted(deltas)[len(deltas) // 2]
+        if typical <= 0:
+            raise ValueError(f"{path}: frames share timestamps; the file is damaged")
+        tolerance = (1 if typical >= 3 else 0) + typical / 100
+        if any(abs(d - typical) > tolerance for d in deltas):
+            shortest, longest = (float(d * time_base * 1000) for d in (min(deltas), max(deltas)))
+            raise ValueError(f"{path}: variable frame rate (frames last {shortest:.1f} to {longest:.1f} ms); "
+                             f"only constant-frame-rate video is restored: convert it first, e.g. "
+                             f"ffmpeg -i {path.name} -fps_mode cfr -r {float(1 / (typical * time_base)):.3g} "
+                             f"cfr{path.suffix}")
+    for rate in (stream.average_rate, stream.guessed_rate, stream.base_rate):
+        if rate:
+            return Fraction(rate)
+    if deltas:
+        return 1 / (typical * time_base)
+    raise ValueError(f"{path}: the video stream has no frame rate")
+
+
+def _check_whole(path: Path, stream, times: list[int], time_base: Fraction, rate: Fraction) -> None:
+    """Refuse a file cut short: its frames end well before the duration its header declares."""
+    declared = None
+    if stream.duration:
+        declared = float(stream.duration * time_base)
+    elif duration := stream.metadata.get("DURATION"):  # Matroska and WebM keep it per track, as text
+        with contextlib.suppress(ValueError):
+            hours, minutes, seconds = duration.split(":")
+            declared = int(hours) * 3600 + int(minutes) * 60 + float(seconds)
+    if declared is None or not times:
+        return
+    held = float((times[-1] - times[0]) * time_base + 1 / rate)
+    if declared - held > max(3 / rate, 0.1):
+        raise ValueError(f"{path}: cut short: its frames last {held:.2f} s of the {declared:.2f} s its header declares")
+
+
+def _reason(error: Exception) -> str:
+    return getattr(error, "strerror", None) or str(error)
+
+
+# FFmpeg colour spaces (AVColorSpace) as swscale's matrices, so frames go to RGB and back with one matrix.
+_SWS_COLORSPACE = {1: 1, 4: 4, 5: 5, 6: 5, 7: 7, 9: 9, 10: 9}
+
+
+def _exact_conversions():
+    """swscale flags for YUV <-> RGB without its default truncation, which darkens every frame by
+    about one level on a round trip: rounded arithmetic, and full chroma interpolation from YUV."""
+    from av.video.reformatter import Interpolation as I
+
+    return I.BILINEAR | I.ACCURATE_RND | I.FULL_CHR_H_INT | I.FULL_CHR_H_INP, I.BILINEAR | I.ACCURATE_RND
+
+
+class VideoReader:
+    """The frames of a video file's first video stream, decoded as they are asked for.
+
+    `frames()` yields each frame as an (H,W,3) uint8 RGB tensor, turned upright per the stream's
+    display rotation, and appends its timestamp to `pts` (the i-th frame gets the i-th of the stream's
+    timestamps in order: AVI's are decoding times, out of order with B-frames); `chunks(n)` stacks
+    them n at a time. With `keep_yuv`, each frame's own YUV 4:2:0 planes (upright) go to `originals`,
+    so that a writer can keep them where nothing changed instead of converting RGB back.
+    Audio packets met on the way go, untouched, to `on_audio` once it is set (those met before wait).
+    """
+
+    def __init__(self, path: str | os.PathLike, max_megapixels: float | None = MAX_MEGAPIXELS,
+                 info: VideoInfo | None = None, keep_yuv: bool = False):
+        av = _av()
+
+        self.info = info or probe_video(path, max_megapixels)
+        self.path = self.info.path
+        self.container = av.open(str(self.path), metadata_errors="ignore")
+        self.stream = _video_stream(self.container, self.path)
+        self.stream.thread_type = "AUTO"
+        self.audio = list(self.container.streams.audio)
+        self.pts: deque[int] = deque()
+        self.keep_yuv = keep_yuv
+        self.originals: deque[list[np.ndarray]] = deque()
+        self.on_audio: Callable | None = None
+        self.waiting_audio: list = []  # audio packets met before on_audio was set
+        self.colorspace = self.color_range = self.color_primaries = self.color_trc = None  # from the first frame
+        self.rotation = 0
+        self.decoded = 0
+
+    def frames(self) -> Iterator[torch.Tensor]:
+        av = _av()
+
+        step = max(1, round(1 / (self.info.rate * self.info.time_base)))  # ticks per frame
+        times = self.info.timestamps
+        to_rgb, _ = _exact_conversions()
+        try:
+            for packet in self.container.demux(self.stream, *self.audio):
+                if packet.stream.type == "audio" and packet.size:
+                    self.waiting_audio.append(packet)
+                self._pass_audio()
+                if packet.stream.type == "audio":
+                    continue
+                for frame in packet.decode():
+                    if self.colorspace is None:
+                        self.colorspace, self.color_range = frame.colorspace, frame.color_range
+                        self.rotation = round(frame.rotation / 90) % 4 if frame.rotation else 0
+                        self.color_primaries, self.color_trc = frame.color_primaries, frame.color_trc
+                    n = self.decoded
+                    pts = times[n] if n < len(times) else (times[-1] if times else 0) + (n - len(times) + 1) * step
+                    colorspace = _SWS_COLORSPACE.get(self.colorspace)
+                    rgb = frame.to_ndarray(format="rgb24", src_colorspace=colorspace,
+                                           src_color_range=self.color_range or None, interpolation=to_rgb)
+                    if self.keep_yuv:
+                        yuv = frame if frame.format.name == "yuv420p" else frame.reformat(
+                            format="yuv420p", src_colorspace=colorspace, dst_colorspace=colorspace,
+                            src_color_range=self.color_range or None, dst_color_range=self.color_range or None,
+                            interpolation=to_rgb)
+                        self.originals.append([np.rot90(plane, self.rotation) for plane in _planes(yuv)])
+                    self.decoded += 1
+                    self.pts.append(pts)
+                    yield torch.from_numpy(np.ascontiguousarray(np.rot90(rgb, self.rotation)))
+            self._pass_audio()
+        except av.FFmpegError as e:
+            raise ValueError(f"{self.path}: damaged video data at frame {self.decoded + 1} ({_reason(e)})") from None
+
+    def _pass_audio(self) -> None:
+        if self.on_audio is not None:
+            for packet in self.waiting_audio:
+                self.on_audio(packet)
+            self.waiting_audio.clear()
+
+    def chunks(self, size: int) -> Iterator[torch.Tensor]:
+        """(n,H,W,3) uint8 chunks of `size` frames (the last one shorter)."""
+        batch = []
+        for frame in self.frames():
+            batch.append(frame)
+            if len(batch) == size:
+                yield torch.stack(batch)
+                batch = []
+        if batch:
+            yield torch.stack(batch)
+
+    def close(self) -> None:
+        self.container.close()
+
+    def __enter__(self) -> "VideoReader":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+# Restoring.
+
+def restore_frames(frames: Iterable, model, detector, *, chunk: int = 16, temporal_sigma: float = 0.0,
+                   threshold: float = 0.5, min_size: float = 0, max_faces: int = 0, order: str = "largest",
+                   indices: str | None = None, selection: Selection | None = None,
+                   cancel: Callable[[], bool | None] | None = None, **restore_options) -> Iterator[Restoration]:
+    """Restore a stream of frames: yields one `Restoration` per chunk of up to `chunk` consecutive
+    frames, in order (its `images` float 0..1, its `faces` the landmarks used, its `face_count`).
+
+    `frames` yields (H,W,3) frames or (n,H,W,3) batches, uint8 or float 0..1, numpy or torch, all of
+    one size. With `temporal_sigma` each face's landmarks are steadied along its track as
+    `smooth_landmarks` does over the whole sequence: frames are detected up to
+    `smoothing_reach(sigma)` frames ahead of the chunk being restored, and only landmarks, not
+    frames, are kept from behind it, so at most `chunk + smoothing_reach(sigma)` frames are held.
+    Selection options are detect_faces', the others restore_faces' (`mask_temporal_sigma` steadies
+    masks within each chunk); `selection` gathers what detection found and left out.
+    """
+    if chunk < 1:
+        raise ValueError(f"chunk must be at least 1 frame, got {chunk}")
+    if detector is None:
+        raise ValueError("restore_frames needs a face detector")
+    reach = smoothing_reach(temporal_sigma)
+    selection = selection if selection is not None else Selection()
+    options = dict(threshold=threshold, min_size=min_size, max_faces=max_faces, order=order, indices=indices)
+    pending: deque = deque()  # frames not restored yet; pending[0] is frame `first`
+    found: list[Faces] = []  # selected, unsmoothed faces of frames kept_from .. detected - 1
+    first = kept_from = detected = 0
+
+    def detect_pending() -> None:
+        nonlocal detected
+        waiting = list(pending)[detected - first:]
+        for start in range(0, len(waiting), DETECT_CHUNK):
+            batch = _as_float(waiting[start:start + DETECT_CHUNK])
+            found.extend(detect_faces(batch, detector, selection=selection, cancel=cancel, **options))
+        detected = first + len(pending)
+
+    def restore_next(count: int) -> Restoration:
+        nonlocal first, kept_from
+        lo, hi = max(kept_from, first - reach), min(detected, first + count + reach)
+        window = smooth_landmarks(found[lo - kept_from:hi - kept_from], temporal_sigma)
+        faces = window[first - lo:first - lo + count]
+        images = _as_float([pending.popleft() for _ in range(count)])
+        result = restore_faces(images, model, detector, faces=faces, cancel=cancel, **restore_options)
+        first += count
+        drop = max(0, first - reach - kept_from)
+        del found[:drop]
+        kept_from += drop
+        return result
+
+    for frame in _each_frame(frames):
+        pending.append(frame)
+        if len(pending) >= chunk + reach or first + len(pending) - detected >= DETECT_CHUNK:
+            detect_pending()
+        if detected - reach - first >= chunk:
+            yield restore_next(chunk)
+    detect_pending()
+    while pending:
+        yield restore_next(min(chunk, len(pending)))
+
+
+def _each_frame(frames: Iterable) -> Iterator:
+    for item in frames:
+        if item.ndim == 4:
+            yield from item
+        else:
+            yield item
+
+
+def _as_float(frames: list) -> torch.Tensor:
+    batch = torch.stack([torch.as_tensor(f) for f in frames])
+    return batch.float().div_(255) if batch.dtype == torch.uint8 else batch
+
+
+# Writing.
+
+class VideoWriter:
+    """Encodes frames into `path` with the reader's timing, and copies its audio packets untouched."""
+
+    def __init__(self, path: str | os.PathLike, reader: VideoReader, width: int, height: int,
+                 codec: str = DEFAULT_CODEC, crf: float = DEFAULT_CRF, container: str | None = None):
+        av = _av()
+
+        self.path = Path(path)
+        self.notes: list[str] = []
+        self.container = av.open(str(self.path), "w", format=container)  # None: from the file's suffix
+        try:
+            self._add_video(reader, width, height, codec, crf)
+            self._add_audio(reader)
+        except BaseException:
+            self.container.close()
+            raise
+        self.encoded = 0
+
+    def _add_video(self, reader: VideoReader, width: int, height: int, codec: str, crf: float) -> None:
+        av = _av()
+
+        kind = self.container.format.name
+        if av.Codec(codec, "w").canonical_name not in self.container.supported_codecs:
+            usual = USUAL_CODEC.get(kind) or self.container.default_video_codec
+            self.notes.append(f"video encoded with {usual}: {kind} files do not hold {codec}")
+            codec = usual
+        info = reader.info
+        self.counts_frames = kind == "avi"  # AVI stores frames in sequence, one per 1/rate, no timestamps
+        self.time_base = 1 / Fraction(info.rate) if self.counts_frames else info.time_base
+        self.source_time_base = info.time_base
+        options = {}
+        if codec in CRF_CODECS:
+            options["crf"] = f"{crf:g}"
+            if codec in ("libvpx-vp9", "libaom-av1"):
+                options["b"] = "0"  # constant quality, no bitrate cap
+            if codec == "libvpx-vp9":
+                options.update({"deadline": "good", "cpu-used": "4", "row-mt": "1"})
+        elif crf != DEFAULT_CRF:
+            self.notes.append(f"crf does not apply to {codec}")
+        if kind == "avi" and codec in ("libx264", "libx265"):
+            options["bf"] = "0"  # AVI stores no presentation times: B-frames would scramble them
+        stream = self.container.add_stream(codec, rate=info.rate, options=options)
+        stream.width, stream.height = width, height
+        self.pix_fmt = "yuv420p" if width % 2 == 0 and height % 2 == 0 else "yuv444p"
+        if self.pix_fmt != "yuv420p":
+            self.notes.append(f"encoded as yuv444p: yuv420p needs an even frame size, not {width}x{height}")
+        stream.pix_fmt = self.pix_fmt
+        self.to_yuv = _exact_conversions()[1]
+        stream.time_base = stream.codec_context.time_base = self.time_base
+        self.colorspace, self.color_range = reader.colorspace, reader.color_range or 1
+        context = stream.codec_context
+        if reader.colorspace is not None:
+            context.colorspace, context.color_range = reader.colorspace, self.color_range
+            context.color_primaries, context.color_trc = reader.color_primaries, reader.color_trc
+        self.video = stream
+
+    def _add_audio(self, reader: VideoReader) -> None:
+        self.audio = {}
+        supported, kind = self.container.supported_codecs, self.container.format.name
+        for number, stream in enumerate(reader.audio, 1):
+            name = stream.codec_context.codec.canonical_name
+            if name not in supported:
+                self.notes.append(f"audio stream {number} ({name}) not copied: {kind} files do not hold it, "
+                                  f"and audio is never re-encoded")
+                continue
+            self.audio[stream.index] = self.container.add_stream_from_template(stream)
+        if reader.info.other_streams:
+            self.notes.append(f"{reader.info.other_streams} subtitle or data stream(s) not copied")
+
+    def write(self, image: np.ndarray, pts: int, original: list[np.ndarray] | None = None,
+              mask: np.ndarray | None = None) -> None:
+        """One (H,W,3) uint8 RGB frame, at `pts` in the source's time base. Given the source frame's
+        own YUV 4:2:0 planes and the (H,W) mask of what changed, pixels outside the mask keep the
+        source's YUV values as they were, and the RGB frame's are blended in by the mask."""
+        av = _av()
+
+        if original is not None and mask is not None and self.pix_fmt == "yuv420p" and not mask.any():
+            frame = _frame_from_planes(original, "yuv420p")
+        else:
+            frame = av.VideoFrame.from_ndarray(image, format="rgb24")
+            frame = frame.reformat(format=self.pix_fmt, dst_colorspace=_SWS_COLORSPACE.get(self.colorspace),
+                                   dst_color_range=self.color_range, interpolation=self.to_yuv)
+            if original is not None and mask is not None and self.pix_fmt == "yuv420p":
+                frame = _frame_from_planes(_blend_planes(original, _planes(frame), mask), "yuv420p")
+        frame.pts = self.encoded if self.counts_frames else round(pts * self.source_time_base / self.time_base)
+        frame.time_base = self.time_base
+        self.container.mux(self.video.encode(frame))
+        self.encoded += 1
+
+    def mux_audio(self, packet) -> None:
+        stream = self.audio.get(packet.stream.index)
+        if stream is not None:
+            packet.stream = stream
+            self.container.mux(packet)
+
+    def finish(self) -> None:
+        self.container.mux(self.video.encode())
+        self.container.close()
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self.container.close()
+
+
+def _planes(frame) -> list[np.ndarray]:
+    """The planes of a planar frame as (h,w) uint8 arrays, without their row padding."""
+    return [np.frombuffer(p, np.uint8).reshape(p.height, p.line_size)[:, :p.width].copy() for p in frame.planes]
+
+
+def _frame_from_planes(planes: list[np.ndarray], pix_fmt: str):
+    av = _av()
+
+    frame = av.VideoFrame(planes[0].shape[1], planes[0].shape[0], pix_fmt)
+    for plane, data in zip(frame.planes, planes):
+        rows = np.zeros((plane.height, plane.line_size), np.uint8)
+        rows[:, :plane.width] = data
+        plane.update(rows)
+    return frame
+
+
+def _blend_planes(original: list[np.ndarray], new: list[np.ndarray], mask: np.ndarray) -> list[np.ndarray]:
+    """YUV 4:2:0 planes: the original where the mask is 0, the new ones where it is 1, mixed between."""
+    h, w = mask.shape
+    chroma_mask = mask.reshape(h // 2, 2, w // 2, 2).mean((1, 3))
+    blended = []
+    for old, fresh, m in zip(original, new, (mask, chroma_mask, chroma_mask)):
+        old_f = old.astype(np.float32)
+        mixed = np.rint(old_f + m * (fresh.astype(np.float32) - old_f)).astype(np.uint8)
+        blended.append(np.where(m > 0, mixed, old))
+    return blended
+
+
+def restore_video(src: str | os.PathLike, dst: str | os.PathLike, model, detector, *, codec: str = DEFAULT_CODEC,
+                  crf: float = DEFAULT_CRF, chunk: int = 16, temporal_sigma: float = 0.0,
+                  progress: bool | str = True, overwrite: bool = True,
+                  max_megapixels: float | None = MAX_MEGAPIXELS, info: VideoInfo | None = None,
+                  **restore_options) -> VideoSummary:
+    """Restore every face of the video `src` into `dst` (its container from its suffix), streaming.
+
+    Frame count, rate and time base are kept, audio streams are copied packet for packet, and video
+    is encoded with `codec` at `crf` (H.264 CRF 16, yuv420p, by default; a container that cannot hold
+    the codec gets its usual one, and the summary says so). `dst` appears whole or not at all: the
+    encoding goes to a temporary file beside it, renamed at the end and removed on any failure,
+    Ctrl-C included. `progress` shows a bar (tqdm) with frames per second and ETA; a string labels it.
+    Other options are restore_frames' (selection, temporal_sigma, masks, cancel ...).
+    """
+    av = _av()
+
+    start = time.perf_counter()
+    src, dst = Path(src), Path(dst)
+    check_video_options(codec, crf, chunk)
+    summary = VideoSummary(src, dst)
+    reader = VideoReader(src, max_megapixels, info, keep_yuv=True)
+    bar = writer = temp = None
+    try:
+        frames = reader.frames()
+        first = next(frames, None)  # the first frame says the colour space, rotation and output size
+        if first is None:
+            raise ValueError(f"{src}: no frame could be decoded")
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        container = CONTAINERS.get(dst.suffix.lower())  # named, so the temporary file need not end in .mp4
+        fd, temp = tempfile.mkstemp(dir=dst.parent, prefix=f".{dst.name}.", suffix=".part" if container else dst.suffix)
+        os.close(fd)
+        try:
+            writer = VideoWriter(temp, reader, first.shape[1], first.shape[0], codec, crf, container)
+            summary.notes += writer.notes
+            if writer.pix_fmt != "yuv420p":
+                reader.keep_yuv = False
+                reader.originals.clear()
+            reader.on_audio = writer.mux_audio
+            bar = _progress_bar(progress, reader.info.frames, src.name)
+            for result in restore_frames(_prepend(first, frames), model, detector, chunk=chunk,
+                                         temporal_sigma=temporal_sigma, selection=summary.selection,
+                                         **restore_options):
+                pixels = (result.images[..., :3].clamp(0, 1) * 255 + 0.5).to(torch.uint8).numpy()
+                masks = result.masks.float().cpu().numpy()
+                for image, mask in zip(pixels, masks):
+                    original = reader.originals.popleft() if reader.keep_yuv else None
+                    writer.write(image, reader.pts.popleft(), original, mask)
+                summary.frames += len(pixels)
+                summary.faces += result.face_count
+                summary.unrestored += result.unrestored
+                if bar is not None:
+                    bar.update(len(pixels))
+            writer.finish()
+            if summary.frames < reader.info.frames:
+                summary.notes.append(f"{reader.info.frames - summary.frames} of {reader.info.frames} frames "
+                                     f"could not be decoded")
+        except av.FFmpegError as e:
+            if isinstance(e, OSError):
+                raise
+            raise ValueError(f"{dst}: the video could not be encoded ({_reason(e)})") from None
+        os.chmod(temp, 0o666 & ~_UMASK)  # mkstemp makes 0600; a result is an ordinary file
+        if not overwrite and dst.exists():
+            raise FileExistsError(f"{dst}: exists, not replaced")
+        os.replace(temp, dst)
+        temp = None
+    finally:  # Ctrl-C included: no temporary file is left behind
+        if bar is not None:
+            bar.close()
+        if writer is not None:
+            writer.close()
+        reader.close()
+        if temp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(temp)
+    summary.seconds = time.perf_counter() - start
+    return summary
+
+
+def check_video_options(codec: str, crf: float, chunk: int) -> None:
+    """Refuse an unknown encoder, a CRF out of range, or an empty chunk, before any work."""
+    av = _av()
+
+    try:
+        encoder = av.Codec(codec, "w")
+    except (ValueError, av.FFmpegError):
+        raise ValueError(f"unknown video encoder {codec!r} (libx264, libx265, libvpx-vp9, libsvtav1, ...)") from None
+    if encoder.type != "video":
+        raise ValueError(f"{codec} is an {encoder.type} encoder, not a video one")
+    if not 0 <= crf <= 63:
+        raise ValueError(f"crf must be in [0, 63] (lower is better; 16 is near-transparent), got {crf:g}")
+    if chunk < 1:
+        raise ValueError(f"chunk must be at least 1 frame, got {chunk}")
+
+
+def _prepend(first, rest: Iterator) -> Iterator:
+    yield first
+    yield from rest
+
+
+def _progress_bar(progress: bool | str, total: int, label: str):
+    if not progress:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=progress if isinstance(progress, str) else label, unit="frame",
+                file=sys.stderr, disable=None, dynamic_ncols=True, leave=False)
