@@ -20,6 +20,7 @@ MASK_SHAPES = ("box", "ellipse")
 # GPEN's paste mask at 512: a box 26 px in from the edge, blurred twice with sigma 4.
 GPEN_ERODE = 26 / 512
 GPEN_FEATHER = 4 * math.sqrt(2) / 512
+MASK_TIE = 1e-4  # weights closer than this are a tie (float rounding), and one this small changes nothing
 SMALL_FACE = 100  # px: GPEN softens restored faces smaller than this, which would look over-sharp
 
 
@@ -136,7 +137,7 @@ def _paste_face(out: torch.Tensor, masks: torch.Tensor, original: torch.Tensor, 
     back = warp(crop, to_region, y1 - y0, x1 - x0)[0].clamp(0, 1)
     # The mask is warped bilinearly, as GPEN warps it: bicubic would ring past a sharp parse edge.
     weight = warp(mask[None], to_region, y1 - y0, x1 - x0, mode="bilinear")[0, 0].clamp(0, 1) * strength
-    wins = weight > masks[y0:y1, x0:x1].to(weight.device)
+    wins = weight > masks[y0:y1, x0:x1].to(weight.device) + MASK_TIE  # a tie keeps the face already there
     source = original[y0:y1, x0:x1].to(crop.device)
     base = as_rgb(source)[0]
     blended = match_channels(base + (back[:3].permute(1, 2, 0) - base) * weight[..., None], source)

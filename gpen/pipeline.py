@@ -82,6 +82,7 @@ class Restoration:
     masks: torch.Tensor  # (B,H,W) the blend masks
     info: FaceInfo = field(repr=False)
     unrestored: int = 0  # faces left as they were: the restorer's output was not finite
+    masked_out: int = 0  # faces left as they were: the face parser found none of the wanted regions
 
     @property
     def faces(self) -> list[Faces]:
@@ -89,7 +90,7 @@ class Restoration:
 
     @property
     def face_count(self) -> int:
-        return len(self.info) - self.unrestored
+        return len(self.info) - self.unrestored - self.masked_out
 
     @property
     def summary(self) -> str:
@@ -100,6 +101,8 @@ class Restoration:
         lead, notes = (notes[:1], notes[1:]) if self.info.selection.compared is not None else ([], notes)  # "3 of 29 faces changed"
         if self.unrestored:
             notes.append(f"{self.unrestored} face(s) left unrestored: the restorer's output was not finite (NaN or Inf)")
+        if self.masked_out:
+            notes.append(f"{self.masked_out} face(s) left as they were: the face parser found none of mask_regions in them")
         if not self.face_count:
             found = "no face found" if not self.info.selection.found else "no face restored"
             return "; ".join([*lead, found, *notes, "images returned unchanged"])
@@ -351,9 +354,10 @@ def restore_faces(images: torch.Tensor, model, detector, *, threshold: float = 0
     unrestored = int((~finite).sum())
     if unrestored:
         log.warning("%d face(s) left unrestored: the restorer's output was not finite (NaN or Inf)", unrestored)
-    if unrestored:
-        restored, affines, frames = restored[finite], info.affines[finite], info.frames[finite]
-        face_masks = face_masks[finite] if face_masks is not None else None
+    shown = finite if face_masks is None else finite & (face_masks.flatten(1).amax(1) > 0).to(finite.device)
+    if not shown.all():
+        restored, affines, frames = restored[shown], info.affines[shown.cpu()], info.frames[shown.cpu()]
+        face_masks = face_masks[shown.to(face_masks.device)] if face_masks is not None else None
     else:
         affines, frames = info.affines, info.frames
     with _stage(timings, "paste", info.device):
@@ -361,7 +365,7 @@ def restore_faces(images: torch.Tensor, model, detector, *, threshold: float = 0
                                     strength=strength, mask_shape=mask_shape, erode=erode, feather=feather,
                                     color_correction=color_correction, smooth_small_faces=smooth_small_faces,
                                     face_masks=face_masks, device=info.device)
-    return Restoration(pasted, masks, info, unrestored)
+    return Restoration(pasted, masks, info, unrestored, int((finite & ~shown).sum()))
 
 
 def _face_offsets(faces: list[Faces]) -> list[int]:

@@ -123,3 +123,11 @@ def test_video_masks_follow_each_face(solvay, detector):
     frames = solvay[:, :300, :500].expand(3, -1, -1, -1).contiguous()
     result = gpen.restore_faces(frames, GreyRestorer(), detector, parser=SplitParser(17, 1, rows=True), mask_temporal_sigma=1.0)
     assert torch.allclose(result.masks[0], result.masks[1], atol=1e-6) and result.face_count > 0
+
+
+def test_faces_the_parser_finds_no_face_in_are_left_alone_and_counted(solvay, detector):
+    background_only = SplitParser(0, 0)
+    result = gpen.restore_faces(solvay, GreyRestorer(), detector, parser=background_only)
+    assert torch.equal(result.images, solvay) and result.face_count == 0
+    assert result.summary == ("no face restored; 29 face(s) left as they were: the face parser found none of "
+                              "mask_regions in them; images returned unchanged")

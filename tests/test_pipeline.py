@@ -319,3 +319,12 @@ def test_frames_where_nothing_changed_pass_through_whole(solvay, detector):
 def test_the_image_before_the_swap_must_match_in_size(solvay, detector):
     with pytest.raises(ValueError, match="before the swap is 1 frame\\(s\\) of 600x300, but the images are 1 frame\\(s\\) of 1328x568"):
         gpen.restore_faces(solvay, GreyRestorer(), detector, changed_from=solvay[:, :300, :600])
+
+
+def test_where_two_faces_overlap_fully_one_of_them_takes_every_pixel():
+    image = torch.full((1, 200, 200, 3), 0.5)
+    nearly_the_same = torch.tensor([[[1.3, 0.2, -30], [-0.2, 1.3, -25]], [[1.3, 0.2, -30.013], [-0.2, 1.3, -24.987]]])
+    faces = torch.stack([torch.ones(128, 128, 3), torch.zeros(128, 128, 3)])
+    out, masks = gpen.paste_faces(image, faces, nearly_the_same, torch.tensor([0, 0]), smooth_small_faces=False)
+    inside = masks[0] > 0.999
+    assert inside.sum() > 5000 and (out[0][inside] > 0.99).all()  # float rounding lets no black spot through
