@@ -114,6 +114,15 @@ def add_restore_arguments(parser: argparse.ArgumentParser) -> None:
                        help="encoder quality, lower is better (default %(default)g: near-transparent H.264)")
     video.add_argument("--chunk", type=int, default=16,
                        help="frames restored together; memory holds about this many frames (default %(default)s)")
+    cluster = parser.add_argument_group("on a Ray cluster (pip install .[cluster])")
+    cluster.add_argument("--ray", nargs="?", const="local", metavar="ADDRESS",
+                         help="run on Ray: 'local' (the default when no ADDRESS) starts one on this machine, "
+                              "else a cluster's address (HEAD:6379, or auto); one actor per GPU, or per CPU slot "
+                              "where there is none; inputs and outputs must be at the same paths on every node")
+    cluster.add_argument("--ray-cpus-per-actor", type=int, default=1, metavar="N",
+                         help="CPU slots (and torch threads) per actor where the cluster has no GPU (default %(default)s)")
+    cluster.add_argument("--ray-actors", type=int, default=0, metavar="N",
+                         help="at most N actors (default 0: as many as the GPUs or CPU slots)")
 
 
 def _yes_no(text: str) -> bool:
@@ -137,7 +146,12 @@ def run_restore(args) -> int:
     if not args.output:
         raise ValueError("say where the results go: -o OUTPUT")
     check_options(args)
-    device = resolve_device(args.device)
+    ray_address = getattr(args, "ray", None)
+    if ray_address:
+        from .distributed import _ray
+
+        _ray()  # refused now, not after the planning, when Ray is not installed
+    device = None if ray_address else resolve_device(args.device)  # with --ray, each worker resolves its own
     jobs = plan_jobs(expand_inputs(args.inputs + args.legacy_inputs), Path(args.output))
     detect = args.face_align and not args.aligned
     if any(is_video(job.source) for job in jobs):
@@ -147,9 +161,18 @@ def run_restore(args) -> int:
     frames = [job for job in jobs if not is_video(job.source)]  # with --temporal-smoothing, one sequence
     if args.temporal_smoothing > 0 and len(frames) > 1:
         check_sequence(frames, detect, args.max_megapixels)
+        if ray_address:
+            raise ValueError("--temporal-smoothing over image inputs makes them one sequence, which --ray does not "
+                             "split; run it without --ray (video files are smoothed within each file with --ray)")
     check_writable(Path(os.path.commonpath([job.target.parent for job in jobs])))
     report = Report(len(jobs))
     todo, videos = admit(jobs, args, report, detect)
+    if ray_address:
+        from .distributed import run_on_ray
+
+        if todo:
+            run_on_ray(todo, args, ray_address, report, videos)
+        return report.exit_status()
     if todo:
         model, detector = load_models(args, device, detect)
         sequence = [job for job in todo if not is_video(job.source)]

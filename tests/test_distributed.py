@@ -1,0 +1,129 @@
+"""python -m gpen restore --ray, on a local Ray (ray.init(num_cpus=2)) against a local folder."""
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+ray = pytest.importorskip("ray", reason="--ray needs Ray: pip install .[cluster]")
+
+from gpen import cli  # noqa: E402
+from gpen.io import read_image, write_image  # noqa: E402
+from tests.helpers import random_gpen  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def local_ray():
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}})
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def gpen64(tmp_path_factory):
+    path = tmp_path_factory.mktemp("weights") / "GPEN-random-64.pth"
+    torch.save(random_gpen(64, 1, 0.125).state_dict(), path)
+    return path
+
+
+@pytest.fixture
+def restore(monkeypatch, shared, gpen64):
+    """python -m gpen restore, in this process, with the random GPEN-64 and the shared detector."""
+    monkeypatch.setattr(cli, "keep_freed_memory", lambda: None)
+    detector = shared / "models" / "retinaface_mobilenet0.25.pth"
+    return lambda *args: cli.main(["restore", *map(str, args), "--model", str(gpen64), "--detector", str(detector),
+                                   "--detect-size", "640", "--max-faces", "3"])
+
+
+@pytest.fixture(scope="module")
+def photos(shared, tmp_path_factory):
+    import cv2
+
+    folder = tmp_path_factory.mktemp("in")
+    bgr = cv2.imread(str(shared / "images" / "solvay_1927.png"), cv2.IMREAD_COLOR)
+    for i in range(3):
+        write_image(folder / f"photo{i}.png", bgr[:300, 60 * i:60 * i + 400, ::-1] / 255)
+    return folder
+
+
+def one_thread(run):
+    """The plain run with the actors' torch thread count: the random-weight model amplifies the last-bit
+    differences that another thread count gives, so only like is compared with like."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return run()
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_photos_equal_the_plain_run_and_a_rerun_skips_them(restore, photos, tmp_path, capsys):
+    assert one_thread(lambda: restore(photos, "-o", tmp_path / "plain")) == 0
+    capsys.readouterr()
+    assert restore(photos, "-o", tmp_path / "ray", "--ray", "local") == 0
+    out = capsys.readouterr().out
+    for i in range(3):
+        assert f"photo{i}.png: restored " in out
+        plain = read_image(tmp_path / "plain" / f"photo{i}.png")[0].astype(int)
+        done = read_image(tmp_path / "ray" / f"photo{i}.png")[0].astype(int)
+        assert np.abs(plain - done).max() <= 1
+    assert sorted(os.listdir(tmp_path / "ray")) == ["photo0.png", "photo1.png", "photo2.png"]  # no temporary files
+    stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "ray").iterdir()}
+    assert restore(photos, "-o", tmp_path / "ray", "--ray") == 0
+    captured = capsys.readouterr()
+    assert captured.out.count("skipped: ") == 3 and "3 of 3 file(s) skipped" in captured.err
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "ray").iterdir()} == stamps
+
+
+def test_a_file_failing_twice_is_reported_by_name_and_the_others_complete(restore, photos, tmp_path, capsys):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for name in ("photo0.png", "photo1.png"):
+        (folder / name).write_bytes((photos / name).read_bytes())
+    whole = (photos / "photo2.png").read_bytes()
+    (folder / "cut.png").write_bytes(whole[:len(whole) // 3])  # its header passes; its pixels are not all there
+    assert restore(folder, "-o", tmp_path / "out", "--ray", "local") == 1
+    captured = capsys.readouterr()
+    assert "cut.png failed on actor" in captured.err and "trying again" in captured.err
+    (line,) = [line for line in captured.err.splitlines() if "] cut.png: failed: " in line]
+    assert "failed 2 times: " in line and str(folder / "cut.png") in line
+    assert "photo0.png: restored" in captured.out and "photo1.png: restored" in captured.out
+    assert "1 of 3 file(s) failed" in captured.err
+    assert sorted(os.listdir(tmp_path / "out")) == ["photo0.png", "photo1.png"]
+
+
+def test_clips_keep_frame_count_timing_and_audio(restore, photos, tmp_path, capsys):
+    from tests.test_video import audio_packets, make_clip, timing
+
+    picture = (read_image(photos / "photo0.png")[0] * 255).round().astype(np.uint8)
+    folder = tmp_path / "in"
+    folder.mkdir()
+    make_clip(folder / "a.mp4", picture, frames=6, size=(320, 240), step=2)
+    make_clip(folder / "b.mkv", picture, frames=5, size=(320, 240), step=2, audio="libopus")
+    assert restore(folder, "-o", tmp_path / "out", "--ray", "local", "--temporal-smoothing", 1, "--chunk", 2) == 0
+    out = capsys.readouterr().out
+    assert "a.mp4: 6 frames, " in out and "b.mkv: 5 frames, " in out
+    for name in ("a.mp4", "b.mkv"):
+        assert timing(tmp_path / "out" / name) == timing(folder / name)
+        assert audio_packets(tmp_path / "out" / name) == audio_packets(folder / name)
+
+
+def test_without_ray_the_message_names_the_extra(monkeypatch, restore, photos, tmp_path, capsys):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_ray(name, *args, **kwargs):
+        if name == "ray":
+            raise ImportError("No module named 'ray'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_ray)
+    assert restore(photos, "-o", tmp_path / "out", "--ray") == 1
+    assert "pip install .[cluster]" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
