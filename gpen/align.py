@@ -20,7 +20,7 @@ FFHQ_TEMPLATE = ((192.98138 / 512, 239.94708 / 512), (318.90277 / 512, 240.1936 
                  (256.63416 / 512, 314.01935 / 512), (201.26117 / 512, 371.41043 / 512),
                  (313.08905 / 512, 371.15118 / 512))
 TEMPLATES = {"gpen": GPEN_TEMPLATE, "ffhq": FFHQ_TEMPLATE}
-WARP_CHUNK = 4  # faces warped together
+WARP_CHUNK = 1  # faces warped together
 
 
 def template_points(size: int, template: str = "gpen") -> torch.Tensor:

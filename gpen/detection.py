@@ -198,7 +198,9 @@ class RetinaFaceDetector:
         x = (x[:, :3] if x.shape[1] >= 3 else x.expand(-1, 3, -1, -1)).float()
         if scale != 1:
             size = (max(1, round(x.shape[2] * scale)), max(1, round(x.shape[3] * scale)))
-            x = F.interpolate(x, size=size, mode="bilinear", antialias=scale < 1, align_corners=False)
+            # Shrinking averages areas: antialiased bilinear would first make a full-height copy of the frame.
+            x = F.interpolate(x, size=size, mode="area") if scale < 1 else \
+                F.interpolate(x, size=size, mode="bilinear", align_corners=False)
         x = x.clamp(0, 1).flip(1).contiguous()  # planar: channels-last convolutions are several times slower here
         return x.mul_(255).sub_(x.new_tensor(BGR_MEAN).view(1, 3, 1, 1))
 
