@@ -1,4 +1,5 @@
-"""The example workflows: every node known, every link well typed, every widget of ours valid."""
+"""The example workflows: every node known, every link well typed, every widget of ours valid; a Note
+in each; a layout where no node hides another and the saved view shows the whole graph."""
 
 import json
 from pathlib import Path
@@ -11,6 +12,7 @@ WORKFLOWS = sorted((Path(__file__).resolve().parents[1] / "workflows").glob("*.j
 WIDGET_KINDS = ("INT", "FLOAT", "STRING", "BOOLEAN")
 # ComfyUI core nodes and listed third-party ones the workflows use: inputs, outputs, widget count.
 KNOWN = {
+    "Note": ({}, [], 1),  # the frontend's own note (no server class; not sent to the server)
     "LoadImage": ({}, ["IMAGE", "MASK"], 2),
     "SaveImage": ({"images": "IMAGE"}, [], 1),
     "PreviewImage": ({"images": "IMAGE"}, [], 0),
@@ -123,3 +125,109 @@ def test_occlusion_aware_workflow_restores_through_a_parser_and_shows_its_mask()
     assert nodes[parser_link[1]]["widgets_values"][0] == "parsing_bisenet.pth"
     mask_users = [nodes[links[link][3]]["type"] for link in restore["outputs"][1]["links"]]
     assert mask_users == ["MaskToImage"]
+
+
+# ----------------------------------------------------------------------------------------------- layout
+# What the frontend (ComfyUI_frontend 1.27, LiteGraph) draws, in graph units: a node is its box
+# pos..pos+size plus its title bar above pos (NODE_TITLE_HEIGHT). On loading, the frontend grows any
+# node to at least its computeSize(): one 20 px row per input or output slot (the larger count), 24 px per
+# widget, 8 px below the widgets and 6 px at the bottom. The sizes saved here must already be that large, or the boxes checked here
+# are not the ones users see.
+TITLE_HEIGHT = 30
+SLOT_HEIGHT, WIDGET_ROW, WIDGETS_PADDING, BOTTOM_PADDING = 20, 24, 8, 6
+# Other nodes' minimum heights, measured in frontend 1.27.10 (computeSize after loading). A video
+# preview (Load Video; Save Video after a run) is as wide as the node, and its height is the video's at
+# that width (4:3 here); the node does not grow for it, the video just spills over what lies below.
+MIN_HEIGHT = {"LoadImage": 326, "SaveImage": 58, "PreviewImage": 26, "MaskToImage": 26, "Note": 88,
+              "CheckpointLoaderSimple": 98, "CLIPTextEncode": 88, "EmptyLatentImage": 106, "KSampler": 262,
+              "VAEDecode": 46, "GetVideoComponents": 66, "CreateVideo": 78, "ReActorFaceSwap": 358,
+              "LoadVideo": lambda width: 86 + width * 3 / 4, "SaveVideo": lambda width: 110 + width * 3 / 4}
+# The saved view (extra.ds: screen = (graph + offset) * scale, in canvas pixels) in the smallest window
+# we design for, a 1280x720 browser viewport: the canvas is 1240x680 (a 40 px side bar on the left,
+# the 40 px menu bar above); below 1536 px the workflow tabs sit on a second row over the canvas's top
+# 37 px; the minimap and zoom controls cover its bottom-right 330x270. Every node, title bar included,
+# must be on the canvas and clear of those. Below a zoom of 8/14 (the frontend's level-of-detail
+# threshold: 8 px text at 14 px font size) nodes are drawn without their widgets, so the view must zoom
+# to 0.6 or more; above 1.0 it would only blow the graph up.
+CANVAS = (1240, 680)
+TABS_HEIGHT = 37
+CORNER = (CANVAS[0] - 330, CANVAS[1] - 270)
+MIN_SCALE, MAX_SCALE = 0.6, 1.0
+
+
+def min_height(pack, node):
+    if node["type"] in MIN_HEIGHT:
+        rule = MIN_HEIGHT[node["type"]]
+        return rule(node["size"][0]) if callable(rule) else rule
+    inputs, outputs, widgets = node_spec(pack, node["type"])
+    rows = max(len(inputs), len(outputs), 1)
+    return rows * SLOT_HEIGHT + len(widgets) * WIDGET_ROW + (WIDGETS_PADDING if widgets else 0) + BOTTOM_PADDING
+
+
+def boxes(workflow):
+    """(x0, y0, x1, y1) of each node as drawn: its title bar on top of pos..pos+size."""
+    out = {}
+    for node in workflow["nodes"]:
+        (x, y), (w, h) = node["pos"], node["size"]
+        out[f"{node['id']} {node.get('title') or node['type']}"] = (x, y - TITLE_HEIGHT, x + w, y + h)
+    return out
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=[p.stem for p in WORKFLOWS])
+def test_nodes_are_saved_at_the_size_the_frontend_draws(path):
+    pack = load_pack()
+    for node in json.loads(path.read_text())["nodes"]:
+        need = min_height(pack, node)
+        assert node["size"][1] >= need, f"{node['id']} {node['type']}: height {node['size'][1]} < {need}"
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=[p.stem for p in WORKFLOWS])
+def test_no_node_covers_another(path):
+    drawn = sorted(boxes(json.loads(path.read_text())).items())
+    for i, (a, (ax0, ay0, ax1, ay1)) in enumerate(drawn):
+        for b, (bx0, by0, bx1, by1) in drawn[i + 1:]:
+            assert not (ax0 < bx1 and bx0 < ax1 and ay0 < by1 and by0 < ay1), f"{a} and {b} overlap"
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=[p.stem for p in WORKFLOWS])
+def test_the_saved_view_shows_the_whole_graph(path):
+    workflow = json.loads(path.read_text())
+    ds = workflow["extra"]["ds"]
+    scale, (dx, dy) = ds["scale"], ds["offset"]
+    assert MIN_SCALE <= scale <= MAX_SCALE, f"zoom {scale}"
+    for name, (x0, y0, x1, y1) in boxes(workflow).items():
+        sx0, sy0, sx1, sy1 = (x0 + dx) * scale, (y0 + dy) * scale, (x1 + dx) * scale, (y1 + dy) * scale
+        assert sx0 >= 0 and sx1 <= CANVAS[0] and sy1 <= CANVAS[1], f"{name} is off the canvas: {sx0, sy0, sx1, sy1}"
+        assert sy0 >= TABS_HEIGHT, f"{name}'s title bar is under the workflow tabs (screen y {sy0:.0f})"
+        assert not (sx1 > CORNER[0] and sy1 > CORNER[1]), f"{name} is under the minimap ({sx1:.0f}, {sy1:.0f})"
+
+
+# ----------------------------------------------------------------------------------------------- notes
+LOADER_FILES = {"GPENLoadModel", "GPENLoadFaceDetector", "GPENLoadFaceParser", "CheckpointLoaderSimple"}
+FOLDERS = {"GPENLoadModel": "models/facerestore_models", "GPENLoadFaceDetector": "models/facedetection",
+           "GPENLoadFaceParser": "models/facedetection", "CheckpointLoaderSimple": "models/checkpoints"}
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=[p.stem for p in WORKFLOWS])
+def test_one_note_says_what_the_workflow_does_and_which_files_go_where(path):
+    workflow = json.loads(path.read_text())
+    notes = [n for n in workflow["nodes"] if n["type"] == "Note"]
+    assert len(notes) == 1
+    text = notes[0]["widgets_values"][0]
+    assert len(text.splitlines()[0]) > 10  # a first line that says what it is
+    for node in workflow["nodes"]:
+        if node["type"] in LOADER_FILES:
+            assert node["widgets_values"][0] in text, f"the note does not name {node['widgets_values'][0]}"
+            assert FOLDERS[node["type"]] in text, f"the note does not say where {node['widgets_values'][0]} goes"
+
+
+def test_the_2048_workflow_picks_the_confident_large_face_and_says_what_input_it_expects():
+    flow = workflow("gpen_large_portrait_2048")
+    (restore,) = [n for n in flow["nodes"] if n["type"] == "GPENFaceRestore"]
+    threshold, min_size, max_faces, order = restore["widgets_values"][1:5]
+    # One face wanted: a weak detection (a torso at 0.64 once beat the face at 0.999 by size) must
+    # not pass the threshold, and the largest confident face is the portrait's.
+    assert max_faces == 1 and order == "largest" and threshold >= 0.8
+    (note,) = [n["widgets_values"][0] for n in flow["nodes"] if n["type"] == "Note"]
+    assert "2048 px" in note and f"min_size {min_size}" in note
+
