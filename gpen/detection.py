@@ -201,7 +201,7 @@ class RetinaFaceDetector:
             # Shrinking averages areas: antialiased bilinear would first make a full-height copy of the frame.
             x = F.interpolate(x, size=size, mode="area") if scale < 1 else \
                 F.interpolate(x, size=size, mode="bilinear", align_corners=False)
-        x = x.clamp(0, 1).flip(1).contiguous()  # planar: channels-last convolutions are several times slower here
+        x = x.clamp(0, 1).flip(1)
         return x.mul_(255).sub_(x.new_tensor(BGR_MEAN).view(1, 3, 1, 1))
 
 
