@@ -178,7 +178,7 @@ class RetinaFaceDetector:
                 passes = [(scale, self._detect_at(chunk, scale, threshold, nms_threshold, top_k)) for scale in scales]
                 results += [one_box_per_face(merge_scales([(s, found[i]) for s, found in passes]))
                             for i in range(len(chunk))]
-        return results or [Faces.empty() for _ in range(len(images)) if not scales]
+        return results
 
     def _detect_at(self, images: torch.Tensor, scale: float, threshold: float, nms_threshold: float,
                    top_k: int) -> list[Faces]:
