@@ -123,6 +123,9 @@ def add_restore_arguments(parser: argparse.ArgumentParser) -> None:
                          help="CPU slots (and torch threads) per actor where the cluster has no GPU (default %(default)s)")
     cluster.add_argument("--ray-actors", type=int, default=0, metavar="N",
                          help="at most N actors (default 0: as many as the GPUs or CPU slots)")
+    cluster.add_argument("--ray-segment", type=float, default=60, metavar="SECONDS",
+                         help="clips longer than this are split into segments of about this length, restored "
+                              "in parallel and joined (default %(default)g; 0 never splits)")
 
 
 def _yes_no(text: str) -> bool:
@@ -180,7 +183,7 @@ def run_restore(args) -> int:
         for job in todo:
             try:
                 if is_video(job.source):
-                    report.done(job, restore_clip(job, model, detector, args, videos[job], report.prefix(job)))
+                    report.done(job, str(restore_clip(job, model, detector, args, videos[job], report.prefix(job))))
                     continue
                 progress = _face_progress(report.prefix(job))
                 report.done(job, restore_file(job, model, detector, args, faces.get(job), progress))
@@ -274,6 +277,8 @@ def check_options(args) -> None:
     check_detect_size(args.detect_size)
     face_mask(8, args.mask_shape, args.erode, args.feather)
     parse_indices(args.indices or "")
+    if not args.ray_segment >= 0:
+        raise ValueError(f"--ray-segment must be 0 (never split) or a number of seconds, got {args.ray_segment:g}")
 
 
 def check_sequence(jobs: list[Job], detect: bool, max_megapixels: float) -> None:
@@ -404,18 +409,19 @@ def restore_file(job: Job, model, detector, args, faces=None, progress=None) -> 
     return summary
 
 
-def restore_clip(job: Job, model, detector, args, info, label: str) -> str:
-    """Restore one video file, streaming; returns its summary line."""
+def restore_clip(job: Job, model, detector, args, info, label: str, span: range | None = None,
+                 target: Path | None = None):
+    """Restore one video file, streaming, into job.target (or frames `span` alone, into the segment
+    file `target`); returns its VideoSummary."""
     from .video import restore_video
 
-    summary = restore_video(job.source, job.target, model, detector, codec=args.codec, crf=args.crf,
-                            chunk=args.chunk, temporal_sigma=args.temporal_smoothing, progress=label,
-                            overwrite=args.overwrite, max_megapixels=args.max_megapixels,
-                            info=info, **selection(args), template=args.template,
-                            strength=args.strength, mask_shape=args.mask_shape, erode=args.erode,
-                            feather=args.feather, color_correction=args.color_correction,
-                            face_batch=args.face_batch)
-    return str(summary)
+    return restore_video(job.source, target or job.target, model, detector, codec=args.codec, crf=args.crf,
+                         chunk=args.chunk, temporal_sigma=args.temporal_smoothing, progress=label,
+                         overwrite=args.overwrite or span is not None, max_megapixels=args.max_megapixels,
+                         info=info, span=span, **selection(args), template=args.template,
+                         strength=args.strength, mask_shape=args.mask_shape, erode=args.erode,
+                         feather=args.feather, color_correction=args.color_correction,
+                         face_batch=args.face_batch)
 
 
 def _face_progress(prefix: str):

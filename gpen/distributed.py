@@ -17,7 +17,10 @@ Ray is an optional dependency: pip install .[cluster]  (or -r requirements-clust
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -57,24 +60,89 @@ class Restorer:
 
         return f"{socket.gethostname()}:{os.getpid()} ({self.device})"
 
-    def restore(self, job, overwrite: bool, info=None) -> str:
-        """Restore one file (photo or clip) into job.target, atomically; returns the summary line."""
+    def restore(self, task, overwrite: bool, info=None):
+        """Restore one file (photo or clip) into its target, atomically, and return the summary line;
+        or one segment of a clip into its file, and return its VideoSummary."""
         from .cli import is_video, restore_clip, restore_file
 
-        if job.target.exists() and not overwrite:  # finished by an earlier attempt, or another run
-            return f"skipped: {job.target} exists (--overwrite replaces it)"
-        if is_video(job.source):
-            return restore_clip(job, self.model, self.detector, self.args, info, job.source.name)
-        return restore_file(job, self.model, self.detector, self.args)
+        if isinstance(task, Segment):
+            return task.restore(self, info)
+        if task.target.exists() and not overwrite:  # finished by an earlier attempt, or another run
+            return f"skipped: {task.target} exists (--overwrite replaces it)"
+        if is_video(task.source):
+            return str(restore_clip(task, self.model, self.detector, self.args, info, task.source.name))
+        return restore_file(task, self.model, self.detector, self.args)
+
+
+@dataclass(frozen=True)
+class Segment:
+    """Frames `span` of a long clip's job, restored into `path` beside the result, to be joined with
+    the clip's other segments. A segment is complete once its record (its summary) is written."""
+
+    job: object
+    span: range
+    path: Path
+
+    @property
+    def record(self) -> Path:
+        return self.path.with_name(self.path.name + ".json")
+
+    def restore(self, worker: Restorer, info):
+        from .cli import restore_clip
+        from .io import write_file_atomically
+
+        if self.record.exists() and self.path.exists():  # done by an earlier run, or attempt
+            return read_summary(self.record)
+        label = f"{self.job.source.name} [{self.span.start}:{self.span.stop}]"
+        summary = restore_clip(self.job, worker.model, worker.detector, worker.args, info, label, self.span, self.path)
+        write_file_atomically(self.record, json.dumps(dataclasses.asdict(summary), default=str).encode())
+        return summary
+
+
+def read_summary(path: Path):
+    """A segment's VideoSummary, from its record."""
+    from .pipeline import Selection
+    from .video import VideoSummary
+
+    fields = json.loads(path.read_text())
+    chosen = fields.pop("selection")
+    chosen["missing_indices"] = {int(k): v for k, v in chosen["missing_indices"].items()}
+    return VideoSummary(**dict(fields, source=Path(fields["source"]), target=Path(fields["target"]),
+                               selection=Selection(**chosen)))
+
+
+def segment_folder(target: Path) -> Path:
+    """Where a clip's segments wait to be joined: a hidden folder beside its result."""
+    return target.with_name(f".{target.name}.segments")
+
+
+def plan_tasks(jobs: list, videos: dict, seconds: float, overwrite: bool) -> list:
+    """The jobs, with each clip longer than 1.5 x `seconds` split into segments of about `seconds`
+    (0: never split). With `overwrite`, segments left by an earlier run are removed, not reused."""
+    tasks = []
+    for job in jobs:
+        info = videos.get(job)
+        length = round(seconds * info.rate) if info is not None else 0
+        if not length or info.frames <= 1.5 * length:
+            tasks.append(job)
+            continue
+        folder = segment_folder(job.target)
+        if overwrite:
+            shutil.rmtree(folder, ignore_errors=True)
+        count = round(info.frames / length)
+        bounds = [round(i * info.frames / count) for i in range(count + 1)]
+        tasks += [Segment(job, range(a, b), folder / f"{a:09d}-{b:09d}{job.target.suffix}")
+                  for a, b in zip(bounds, bounds[1:])]
+    return tasks
 
 
 @dataclass
 class Outcome:
-    """What happened to one job: 'done', or 'failed' with the reasons of each attempt."""
+    """What happened to one task: 'done', or 'failed' with the reasons of each attempt."""
 
-    job: object
+    task: object
     status: str = "pending"
-    summary: str = ""
+    summary: object = ""
     errors: list[str] = field(default_factory=list)
     actors: list[int] = field(default_factory=list)  # the pool slots it ran on
 
@@ -110,88 +178,137 @@ def run_on_ray(jobs: list, args, address: str | None = "local", report=None, vid
                task_timeout: float | None = None) -> dict:
     """Restore `jobs` (the CLI's planned and admitted Jobs) on a pool of Ray actors.
 
-    Returns {job: Outcome}; each outcome is also told to `report` (the CLI's Report) as it happens.
-    A task that raises, or runs past `task_timeout` seconds, is retried once (on another actor when
-    the pool has several); a file that fails twice is reported failed with both reasons.
+    Clips longer than `args.ray_segment` seconds are split into segments (see plan_tasks), restored
+    like files, and joined here, in order, with the clip's audio, once all are done. Returns
+    {task: Outcome} (a task is a Job, or a Segment of one); what becomes of each job is told to
+    `report` (the CLI's Report) as it happens. A task that raises, or runs past `task_timeout`
+    seconds, is retried once (on another actor when the pool has several); a task that fails twice
+    fails its file, reported with both reasons.
     """
     ray = connect(address, getattr(args, "ray_cpus", None))
     cpus_per_actor = max(1, getattr(args, "ray_cpus_per_actor", 1) or 1)
-    size, resources = pool_shape(ray, address, cpus_per_actor)
-    size = max(1, min(size, len(jobs), getattr(args, "ray_actors", 0) or size))
-    threads = 0 if "num_gpus" in resources else cpus_per_actor
-    actor_class = ray.remote(**resources, max_restarts=1, max_task_retries=0)(Restorer)
     videos = videos or {}
     overwrite = bool(args.overwrite)
-    outcomes = {job: Outcome(job) for job in jobs}
-    if not jobs:
+    tasks = plan_tasks(jobs, videos, getattr(args, "ray_segment", 0), overwrite)
+    outcomes = {task: Outcome(task) for task in tasks}
+    if not tasks:
         return outcomes
+    size, resources = pool_shape(ray, address, cpus_per_actor)
+    size = max(1, min(size, len(tasks), getattr(args, "ray_actors", 0) or size))
+    threads = 0 if "num_gpus" in resources else cpus_per_actor
+    actor_class = ray.remote(**resources, max_restarts=1, max_task_retries=0)(Restorer)
+    segments: dict = {}  # job -> its segments, for the clips split
+    for task in tasks:
+        if isinstance(task, Segment):
+            segments.setdefault(task.job, []).append(task)
+    began = {job: time.monotonic() for job in jobs}
+    ended: set = set()  # jobs reported done or failed
 
     actors = [actor_class.remote(args, threads) for _ in range(size)]
     print(f"ray: {size} actor(s), each {resources}", file=sys.stderr, flush=True)
-    queue = list(jobs)  # (re)tries wait here
+    queue = list(tasks)  # (re)tries wait here
     idle = list(range(size))
-    running: dict = {}  # ObjectRef -> (job, slot, started)
+    running: dict = {}  # ObjectRef -> (task, slot, started)
 
-    def start(slot: int, job) -> None:
-        ref = actors[slot].restore.remote(job, overwrite, videos.get(job))
-        outcomes[job].actors.append(slot)
-        running[ref] = (job, slot, time.monotonic())
+    def job_of(task):
+        return task.job if isinstance(task, Segment) else task
 
-    def pick(job) -> int:
-        tried = outcomes[job].actors
+    def start(slot: int, task) -> None:
+        ref = actors[slot].restore.remote(task, overwrite, videos.get(job_of(task)))
+        outcomes[task].actors.append(slot)
+        running[ref] = (task, slot, time.monotonic())
+
+    def pick(task) -> int:
+        tried = outcomes[task].actors
         fresh = [slot for slot in idle if slot not in tried]
         slot = (fresh or idle)[0]
         idle.remove(slot)
         return slot
 
-    def failed(job, slot: int, reason: str) -> None:
-        outcome = outcomes[job]
+    def failed(task, slot: int, reason: str) -> None:
+        outcome = outcomes[task]
         outcome.errors.append(reason)
+        name = job_of(task).source.name + (f" [{task.span.start}:{task.span.stop}]" if task is not job_of(task) else "")
         if len(outcome.errors) < ATTEMPTS:
-            print(f"ray: {job.source.name} failed on actor {slot} ({reason}); trying again", file=sys.stderr,
-                  flush=True)
-            queue.insert(0, job)
+            print(f"ray: {name} failed on actor {slot} ({reason}); trying again", file=sys.stderr, flush=True)
+            queue.insert(0, task)
             return
         outcome.status = "failed"
+        fail(job_of(task), RuntimeError(f"{'' if task is job_of(task) else name + ' '}failed {len(outcome.errors)} "
+                                        f"times: " + "; ".join(outcome.errors)))
+
+    def fail(job, error: Exception) -> None:
+        if job in ended:
+            return
+        ended.add(job)
+        queue[:] = [task for task in queue if job_of(task) is not job]  # its other segments are no use now
         if report is not None:
-            report.fail(job, RuntimeError(f"failed {len(outcome.errors)} times: " + "; ".join(outcome.errors)))
+            report.fail(job, error)
+
+    def finished(task, summary) -> None:
+        outcome = outcomes[task]
+        outcome.summary = summary
+        outcome.status = "done"
+        job = job_of(task)
+        if job in ended:
+            return
+        if task is job:
+            if summary.startswith("skipped: "):
+                outcome.status = "skipped"
+                if report is not None:
+                    report.skip(job, summary.removeprefix("skipped: "))
+            elif report is not None:
+                report.done(job, summary)
+            ended.add(job)
+        elif all(outcomes[part].status == "done" for part in segments[job]):
+            join(job)
+
+    def join(job) -> None:
+        from .video import VideoSummary, join_segments
+
+        parts = segments[job]
+        try:
+            notes = join_segments([part.path for part in parts], job.source, job.target, overwrite)
+        except (ValueError, OSError) as e:
+            return fail(job, e)
+        except Exception as e:  # PyAV's errors: a segment that cannot be read back
+            return fail(job, RuntimeError(f"{job.target}: the segments could not be joined ({e})"))
+        total = VideoSummary(job.source, job.target, notes=notes)
+        for part in parts:
+            total.add(outcomes[part].summary)
+        total.seconds = time.monotonic() - began[job]
+        shutil.rmtree(segment_folder(job.target), ignore_errors=True)
+        ended.add(job)
+        if report is not None:
+            report.done(job, f"{total} (in {len(parts)} segments)")
 
     try:
         while queue or running:
             while queue and idle:
-                job = queue.pop(0)
-                start(pick(job), job)
+                task = queue.pop(0)
+                start(pick(task), task)
             ready, _ = ray.wait(list(running), num_returns=1, timeout=1.0)
             for ref in ready:
-                job, slot, _ = running.pop(ref)
+                task, slot, _ = running.pop(ref)
                 idle.append(slot)
                 try:
                     summary = ray.get(ref)
                 except ray.exceptions.RayActorError as e:
-                    failed(job, slot, f"worker lost: {_reason(e)}")
+                    failed(task, slot, f"worker lost: {_reason(e)}")
                     continue
                 except ray.exceptions.RayTaskError as e:
-                    failed(job, slot, _reason(e))
+                    failed(task, slot, _reason(e))
                     continue
-                outcome = outcomes[job]
-                outcome.summary = summary
-                if summary.startswith("skipped: "):
-                    outcome.status = "skipped"
-                    if report is not None:
-                        report.skip(job, summary.removeprefix("skipped: "))
-                else:
-                    outcome.status = "done"
-                    if report is not None:
-                        report.done(job, summary)
+                finished(task, summary)
             if task_timeout is not None:
                 now = time.monotonic()
-                for ref, (job, slot, started) in list(running.items()):
+                for ref, (task, slot, started) in list(running.items()):
                     if now - started > task_timeout:
                         running.pop(ref)
                         ray.kill(actors[slot], no_restart=True)
                         actors[slot] = actor_class.remote(args, threads)  # a fresh one takes its place
                         idle.append(slot)
-                        failed(job, slot, f"ran past {task_timeout:g} s")
+                        failed(task, slot, f"ran past {task_timeout:g} s")
     finally:
         for actor in actors:
             ray.kill(actor, no_restart=True)

@@ -13,7 +13,7 @@ import struct
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, Iterator
 
 import cv2
 import numpy as np
@@ -127,17 +127,26 @@ def write_image(path: str | os.PathLike, image: np.ndarray, fmt: ImageFormat | N
 
 def write_file_atomically(path: Path, data: bytes, overwrite: bool = True) -> None:
     """Write to a temporary file in the same folder, then rename it to `path` in one step."""
-    fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
+    with atomic_file(path, overwrite) as temp, open(temp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+@contextlib.contextmanager
+def atomic_file(path: Path, overwrite: bool = True, suffix: str = ".part") -> Iterator[str]:
+    """A temporary file in `path`'s folder, to write and close within the block: it becomes `path`
+    when the block ends, and is removed when the block fails, Ctrl-C included. With overwrite=False
+    an existing `path` is kept and FileExistsError raised."""
+    fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+        yield temp
         os.chmod(temp, 0o666 & ~_UMASK)  # mkstemp makes 0600; a result is an ordinary file
         if not overwrite and path.exists():
             raise FileExistsError(f"{path}: exists, not replaced")
         os.replace(temp, path)
-    except BaseException:  # Ctrl-C included: no temporary file is left behind
+    except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(temp)
         raise

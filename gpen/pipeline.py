@@ -46,6 +46,17 @@ class Selection:
     compared: int | None = None  # faces compared with the image before a swap (changed_from)
     changed: int = 0  # of those, the ones that differ
 
+    def add(self, other: "Selection") -> None:
+        """Count in what `other` found in another part of the same sequence."""
+        self.found += other.found
+        self.too_small += other.too_small
+        self.min_size = other.min_size or self.min_size
+        for index, count in other.missing_indices.items():
+            self.missing_indices[index] = max(self.missing_indices.get(index, 0), count)
+        if other.compared is not None:
+            self.compared = (self.compared or 0) + other.compared
+            self.changed += other.changed
+
     def notes(self) -> list[str]:
         notes = [] if self.compared is None else [f"{self.changed} of {self.compared} faces changed"]
         if self.too_small:

@@ -12,10 +12,11 @@ ahead and behind across chunk boundaries and gives what smoothing the whole clip
 from __future__ import annotations
 
 import contextlib
+import heapq
+import itertools
 import math
 import os
 import sys
-import tempfile
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -27,7 +28,7 @@ import numpy as np
 import torch
 
 from .detection import Faces
-from .io import _UMASK, MAX_MEGAPIXELS
+from .io import MAX_MEGAPIXELS, atomic_file
 from .pipeline import DETECT_CHUNK, Restoration, Selection, detect_faces, restore_faces, smooth_landmarks
 
 VIDEO_SUFFIXES = (".mp4", ".mov", ".mkv", ".webm", ".avi")
@@ -75,6 +76,14 @@ class VideoSummary:
         if not self.faces and not self.selection.found:
             notes.insert(0, "no face found")
         return "; ".join([f"{self.frames} frames, {self.faces} faces restored, {self.seconds:.1f} s", *notes])
+
+    def add(self, part: "VideoSummary") -> None:
+        """Count in a segment of the same clip (restore_video with `span`)."""
+        self.frames += part.frames
+        self.faces += part.faces
+        self.unrestored += part.unrestored
+        self.selection.add(part.selection)
+        self.notes += [note for note in part.notes if note not in self.notes]
 
 
 def _av():
@@ -201,22 +210,19 @@ class VideoReader:
 
     `frames()` yields each frame as an (H,W,3) uint8 RGB tensor, turned upright per the stream's
     display rotation, and appends its timestamp to `pts` (the i-th frame gets the i-th of the stream's
-    timestamps in order: AVI's are decoding times, out of order with B-frames); `chunks(n)` stacks
-    them n at a time. With `keep_yuv`, each frame's own YUV 4:2:0 planes (upright) go to `originals`,
-    so that a writer can keep them where nothing changed instead of converting RGB back.
-    Audio packets met on the way go, untouched, to `on_audio` once it is set (those met before wait).
+    timestamps in order: AVI's are decoding times, out of order with B-frames); `frames(start)` begins
+    at frame `start` (a seek to the keyframe before it); `chunks(n)` stacks them n at a time. With
+    `keep_yuv`, each frame's own YUV 4:2:0 planes (upright) go to `originals`, so that a writer can
+    keep them where nothing changed instead of converting RGB back. Audio packets met on the way go,
+    untouched, to `on_audio` once it is set (those met before wait); `audio=False` skips them.
     """
 
     def __init__(self, path: str | os.PathLike, max_megapixels: float | None = MAX_MEGAPIXELS,
-                 info: VideoInfo | None = None, keep_yuv: bool = False):
-        av = _av()
-
+                 info: VideoInfo | None = None, keep_yuv: bool = False, audio: bool = True):
         self.info = info or probe_video(path, max_megapixels)
         self.path = self.info.path
-        self.container = av.open(str(self.path), metadata_errors="ignore")
-        self.stream = _video_stream(self.container, self.path)
-        self.stream.thread_type = "AUTO"
-        self.audio = list(self.container.streams.audio)
+        self.with_audio = audio
+        self._open()
         self.pts: deque[int] = deque()
         self.keep_yuv = keep_yuv
         self.originals: deque[list[np.ndarray]] = deque()
@@ -224,43 +230,76 @@ class VideoReader:
         self.waiting_audio: list = []  # audio packets met before on_audio was set
         self.colorspace = self.color_range = self.color_primaries = self.color_trc = None  # from the first frame
         self.rotation = 0
-        self.decoded = 0
+        self.decoded = 0  # the index of the next frame
 
-    def frames(self) -> Iterator[torch.Tensor]:
+    def _open(self) -> None:
+        av = _av()
+
+        self.container = av.open(str(self.path), metadata_errors="ignore")
+        self.stream = _video_stream(self.container, self.path)
+        self.stream.thread_type = "AUTO"
+        self.audio = list(self.container.streams.audio) if self.with_audio else []
+
+    def frames(self, start: int = 0) -> Iterator[torch.Tensor]:
         av = _av()
 
         step = max(1, round(1 / (self.info.rate * self.info.time_base)))  # ticks per frame
         times = self.info.timestamps
         to_rgb, _ = _exact_conversions()
         try:
-            for packet in self.container.demux(self.stream, *self.audio):
-                if packet.stream.type == "audio" and packet.size:
-                    self.waiting_audio.append(packet)
-                self._pass_audio()
-                if packet.stream.type == "audio":
+            for n, frame in self._decoded(start):
+                self.decoded = n + 1
+                if n < start:
                     continue
-                for frame in packet.decode():
-                    if self.colorspace is None:
-                        self.colorspace, self.color_range = frame.colorspace, frame.color_range
-                        self.rotation = round(frame.rotation / 90) % 4 if frame.rotation else 0
-                        self.color_primaries, self.color_trc = frame.color_primaries, frame.color_trc
-                    n = self.decoded
-                    pts = times[n] if n < len(times) else (times[-1] if times else 0) + (n - len(times) + 1) * step
-                    colorspace = _SWS_COLORSPACE.get(self.colorspace)
-                    rgb = frame.to_ndarray(format="rgb24", src_colorspace=colorspace,
-                                           src_color_range=self.color_range or None, interpolation=to_rgb)
-                    if self.keep_yuv:
-                        yuv = frame if frame.format.name == "yuv420p" else frame.reformat(
-                            format="yuv420p", src_colorspace=colorspace, dst_colorspace=colorspace,
-                            src_color_range=self.color_range or None, dst_color_range=self.color_range or None,
-                            interpolation=to_rgb)
-                        self.originals.append([np.rot90(plane, self.rotation) for plane in _planes(yuv)])
-                    self.decoded += 1
-                    self.pts.append(pts)
-                    yield torch.from_numpy(np.ascontiguousarray(np.rot90(rgb, self.rotation)))
+                if self.colorspace is None:
+                    self.colorspace, self.color_range = frame.colorspace, frame.color_range
+                    self.rotation = round(frame.rotation / 90) % 4 if frame.rotation else 0
+                    self.color_primaries, self.color_trc = frame.color_primaries, frame.color_trc
+                pts = times[n] if n < len(times) else (times[-1] if times else 0) + (n - len(times) + 1) * step
+                colorspace = _SWS_COLORSPACE.get(self.colorspace)
+                rgb = frame.to_ndarray(format="rgb24", src_colorspace=colorspace,
+                                       src_color_range=self.color_range or None, interpolation=to_rgb)
+                if self.keep_yuv:
+                    yuv = frame if frame.format.name == "yuv420p" else frame.reformat(
+                        format="yuv420p", src_colorspace=colorspace, dst_colorspace=colorspace,
+                        src_color_range=self.color_range or None, dst_color_range=self.color_range or None,
+                        interpolation=to_rgb)
+                    self.originals.append([np.rot90(plane, self.rotation) for plane in _planes(yuv)])
+                self.pts.append(pts)
+                yield torch.from_numpy(np.ascontiguousarray(np.rot90(rgb, self.rotation)))
             self._pass_audio()
         except av.FFmpegError as e:
             raise ValueError(f"{self.path}: damaged video data at frame {self.decoded + 1} ({_reason(e)})") from None
+
+    def _decoded(self, start: int) -> Iterator[tuple[int, object]]:
+        """(index, decoded frame) in presentation order, from the keyframe at or before frame `start`.
+        Where the decoder's first timestamp after the seek does not place that frame among the
+        stream's, the file is read again from its first frame, counting."""
+        if start > 0 and start < len(self.info.timestamps):
+            self.container.seek(self.info.timestamps[start], stream=self.stream, backward=True)
+            frames = self._decode()
+            first = next(frames, None)
+            place = {t: i for i, t in enumerate(self.info.timestamps)}
+            n = place.get(first.pts) if first is not None else None
+            if n is not None and n <= start:
+                yield n, first
+                for n, frame in enumerate(frames, n + 1):
+                    yield n, frame
+                return
+            self.container.close()
+            self._open()
+            self.waiting_audio.clear()
+        yield from enumerate(self._decode())
+
+    def _decode(self) -> Iterator:
+        for packet in self.container.demux(self.stream, *self.audio):
+            if packet.stream.type == "audio":
+                if packet.size:
+                    self.waiting_audio.append(packet)
+                self._pass_audio()
+                continue
+            self._pass_audio()
+            yield from packet.decode()
 
     def _pass_audio(self) -> None:
         if self.on_audio is not None:
@@ -293,7 +332,7 @@ class VideoReader:
 
 def restore_frames(frames: Iterable, model, detector, *, chunk: int = 16, temporal_sigma: float = 0.0,
                    threshold: float = 0.5, min_size: float = 0, max_faces: int = 0, order: str = "largest",
-                   indices: str | None = None, selection: Selection | None = None,
+                   indices: str | None = None, selection: Selection | None = None, span: range | None = None,
                    cancel: Callable[[], bool | None] | None = None, **restore_options) -> Iterator[Restoration]:
     """Restore a stream of frames: yields one `Restoration` per chunk of up to `chunk` consecutive
     frames, in order (its `images` float 0..1, its `faces` the landmarks used, its `face_count`).
@@ -303,15 +342,20 @@ def restore_frames(frames: Iterable, model, detector, *, chunk: int = 16, tempor
     `smooth_landmarks` does over the whole sequence: frames are detected up to
     `smoothing_reach(sigma)` frames ahead of the chunk being restored, and only landmarks, not
     frames, are kept from behind it, so at most `chunk + smoothing_reach(sigma)` frames are held.
+    `span` restores and yields only the frames at those positions of the stream (one segment of a
+    long clip, restored as restoring it whole would): the frames within that reach of it are
+    detected for the smoothing alone, earlier ones skipped, and the stream is read no further.
     Selection options are detect_faces', the others restore_faces' (`mask_temporal_sigma` steadies
-    masks within each chunk); `selection` gathers what detection found and left out.
+    masks within each chunk); `selection` gathers what detection found and left out (in the span).
     """
     if chunk < 1:
         raise ValueError(f"chunk must be at least 1 frame, got {chunk}")
     if detector is None:
         raise ValueError("restore_frames needs a face detector")
     reach = smoothing_reach(temporal_sigma)
+    begin, end = (span.start, span.stop) if span is not None else (0, math.inf)
     selection = selection if selection is not None else Selection()
+    context = Selection()  # what detection found around the span, not counted
     options = dict(threshold=threshold, min_size=min_size, max_faces=max_faces, order=order, indices=indices)
     pending: deque = deque()  # frames not restored yet; pending[0] is frame `first`
     found: list[Faces] = []  # selected, unsmoothed faces of frames kept_from .. detected - 1
@@ -320,33 +364,55 @@ def restore_frames(frames: Iterable, model, detector, *, chunk: int = 16, tempor
     def detect_pending() -> None:
         nonlocal detected
         waiting = list(pending)[detected - first:]
-        for start in range(0, len(waiting), DETECT_CHUNK):
-            batch = _as_float(waiting[start:start + DETECT_CHUNK])
-            found.extend(detect_faces(batch, detector, selection=selection, cancel=cancel, **options))
+        start = 0
+        while start < len(waiting):  # batches end where the span does, so its counts are its own
+            at = detected + start
+            stop = int(min(len(waiting), start + DETECT_CHUNK, *(b - detected for b in (begin, end) if b > at)))
+            batch = _as_float(waiting[start:stop])
+            gathers = selection if begin <= at < end else context
+            found.extend(detect_faces(batch, detector, selection=gathers, cancel=cancel, **options))
+            start = stop
         detected = first + len(pending)
 
-    def restore_next(count: int) -> Restoration:
+    def restore_next(count: int) -> Restoration | None:
         nonlocal first, kept_from
         lo, hi = max(kept_from, first - reach), min(detected, first + count + reach)
         window = smooth_landmarks(found[lo - kept_from:hi - kept_from], temporal_sigma)
         faces = window[first - lo:first - lo + count]
-        images = _as_float([pending.popleft() for _ in range(count)])
-        result = restore_faces(images, model, detector, faces=faces, cancel=cancel, **restore_options)
+        images = [pending.popleft() for _ in range(count)]
+        wanted = slice(max(0, begin - first), int(max(0, min(count, end - first))))
+        result = None
+        if wanted.start < wanted.stop:
+            result = restore_faces(_as_float(images[wanted]), model, detector, faces=faces[wanted], cancel=cancel,
+                                   **restore_options)
         first += count
         drop = max(0, first - reach - kept_from)
         del found[:drop]
         kept_from += drop
         return result
 
-    for frame in _each_frame(frames):
+    def next_count() -> int:  # chunks start where the span does
+        return min(chunk, begin - first) if first < begin else chunk
+
+    def restored(count: int) -> Iterator[Restoration]:
+        result = restore_next(count)
+        if result is not None:
+            yield result
+
+    stream = _each_frame(frames) if span is None else itertools.islice(_each_frame(frames), span.stop + reach)
+    for frame in stream:
+        at = first + len(pending)
+        if at < begin - reach:  # too far ahead of the span to change its smoothing
+            first = kept_from = detected = at + 1
+            continue
         pending.append(frame)
         if len(pending) >= chunk + reach or first + len(pending) - detected >= DETECT_CHUNK:
             detect_pending()
-        if detected - reach - first >= chunk:
-            yield restore_next(chunk)
+        if detected - reach - first >= next_count():
+            yield from restored(next_count())
     detect_pending()
     while pending:
-        yield restore_next(min(chunk, len(pending)))
+        yield from restored(min(next_count(), len(pending)))
 
 
 def _each_frame(frames: Iterable) -> Iterator:
@@ -373,7 +439,11 @@ class VideoWriter:
 
         self.path = Path(path)
         self.notes: list[str] = []
-        self.container = av.open(str(self.path), "w", format=container)  # None: from the file's suffix
+        kind = container or CONTAINERS.get(self.path.suffix.lower())
+        # A segment's start is an MP4 edit list entry in the movie's timescale (milliseconds by default):
+        # the clip's own timescale keeps it exact.
+        options = {"movie_timescale": str(reader.info.time_base.denominator)} if kind in ("mp4", "mov") else {}
+        self.container = av.open(str(self.path), "w", format=container, options=options)  # None: from the suffix
         try:
             self._add_video(reader, width, height, codec, crf)
             self._add_audio(reader)
@@ -421,16 +491,9 @@ class VideoWriter:
         self.video = stream
 
     def _add_audio(self, reader: VideoReader) -> None:
-        self.audio = {}
-        supported, kind = self.container.supported_codecs, self.container.format.name
-        for number, stream in enumerate(reader.audio, 1):
-            name = stream.codec_context.codec.canonical_name
-            if name not in supported:
-                self.notes.append(f"audio stream {number} ({name}) not copied: {kind} files do not hold it, "
-                                  f"and audio is never re-encoded")
-                continue
-            self.audio[stream.index] = self.container.add_stream_from_template(stream)
-        if reader.info.other_streams:
+        self.audio, notes = add_audio_streams(self.container, reader.audio)
+        self.notes += notes
+        if reader.with_audio and reader.info.other_streams:
             self.notes.append(f"{reader.info.other_streams} subtitle or data stream(s) not copied")
 
     def write(self, image: np.ndarray, pts: int, original: list[np.ndarray] | None = None,
@@ -468,6 +531,21 @@ class VideoWriter:
             self.container.close()
 
 
+def add_audio_streams(container, streams: list) -> tuple[dict, list[str]]:
+    """Output streams in `container` for copying the audio `streams` packet for packet: {input
+    stream index: output stream}, and a note for each stream the container cannot hold."""
+    copies, notes = {}, []
+    supported, kind = container.supported_codecs, container.format.name
+    for number, stream in enumerate(streams, 1):
+        name = stream.codec_context.codec.canonical_name
+        if name not in supported:
+            notes.append(f"audio stream {number} ({name}) not copied: {kind} files do not hold it, "
+                         f"and audio is never re-encoded")
+            continue
+        copies[stream.index] = container.add_stream_from_template(stream)
+    return copies, notes
+
+
 def _planes(frame) -> list[np.ndarray]:
     """The planes of a planar frame as (h,w) uint8 arrays, without their row padding."""
     return [np.frombuffer(p, np.uint8).reshape(p.height, p.line_size)[:, :p.width].copy() for p in frame.planes]
@@ -500,7 +578,7 @@ def restore_video(src: str | os.PathLike, dst: str | os.PathLike, model, detecto
                   crf: float = DEFAULT_CRF, chunk: int = 16, temporal_sigma: float = 0.0,
                   progress: bool | str = True, overwrite: bool = True,
                   max_megapixels: float | None = MAX_MEGAPIXELS, info: VideoInfo | None = None,
-                  **restore_options) -> VideoSummary:
+                  span: range | None = None, **restore_options) -> VideoSummary:
     """Restore every face of the video `src` into `dst` (its container from its suffix), streaming.
 
     Frame count, rate and time base are kept, audio streams are copied packet for packet, and video
@@ -509,69 +587,133 @@ def restore_video(src: str | os.PathLike, dst: str | os.PathLike, model, detecto
     encoding goes to a temporary file beside it, renamed at the end and removed on any failure,
     Ctrl-C included. `progress` shows a bar (tqdm) with frames per second and ETA; a string labels it.
     Other options are restore_frames' (selection, temporal_sigma, masks, cancel ...).
+
+    With `span`, only those frames of the clip are restored, into `dst` as a segment holding video
+    alone, at the clip's timestamps, for `join_segments` to put together with the others and the
+    audio: the frames around it are read as far as smoothing looks, so the segments of a clip
+    together are the clip restored whole.
     """
     av = _av()
 
-    start = time.perf_counter()
+    began = time.perf_counter()
     src, dst = Path(src), Path(dst)
     check_video_options(codec, crf, chunk)
     summary = VideoSummary(src, dst)
-    reader = VideoReader(src, max_megapixels, info, keep_yuv=True)
-    bar = writer = temp = None
+    reader = VideoReader(src, max_megapixels, info, keep_yuv=True, audio=span is None)
+    span = span or range(reader.info.frames)
+    start = max(0, span.start - smoothing_reach(temporal_sigma))  # the first frame read
+    lead = span.start - start  # frames read for smoothing alone, before the segment
+    bar = None
     try:
-        frames = reader.frames()
+        frames = reader.frames(start)
         first = next(frames, None)  # the first frame says the colour space, rotation and output size
         if first is None:
             raise ValueError(f"{src}: no frame could be decoded")
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        container = CONTAINERS.get(dst.suffix.lower())  # named, so the temporary file need not end in .mp4
-        fd, temp = tempfile.mkstemp(dir=dst.parent, prefix=f".{dst.name}.", suffix=".part" if container else dst.suffix)
-        os.close(fd)
-        try:
-            writer = VideoWriter(temp, reader, first.shape[1], first.shape[0], codec, crf, container)
-            summary.notes += writer.notes
-            if writer.pix_fmt != "yuv420p":
-                reader.keep_yuv = False
-                reader.originals.clear()
-            reader.on_audio = writer.mux_audio
-            bar = _progress_bar(progress, reader.info.frames, src.name)
-            for result in restore_frames(_prepend(first, frames), model, detector, chunk=chunk,
-                                         temporal_sigma=temporal_sigma, selection=summary.selection,
-                                         **restore_options):
-                pixels = (result.images[..., :3].clamp(0, 1) * 255 + 0.5).to(torch.uint8).numpy()
-                masks = result.masks.float().cpu().numpy()
-                for image, mask in zip(pixels, masks):
-                    original = reader.originals.popleft() if reader.keep_yuv else None
-                    writer.write(image, reader.pts.popleft(), original, mask)
-                summary.frames += len(pixels)
-                summary.faces += result.face_count
-                summary.unrestored += result.unrestored
-                if bar is not None:
-                    bar.update(len(pixels))
-            writer.finish()
-            if summary.frames < reader.info.frames:
-                summary.notes.append(f"{reader.info.frames - summary.frames} of {reader.info.frames} frames "
-                                     f"could not be decoded")
-        except av.FFmpegError as e:
-            if isinstance(e, OSError):
-                raise
-            raise ValueError(f"{dst}: the video could not be encoded ({_reason(e)})") from None
-        os.chmod(temp, 0o666 & ~_UMASK)  # mkstemp makes 0600; a result is an ordinary file
-        if not overwrite and dst.exists():
-            raise FileExistsError(f"{dst}: exists, not replaced")
-        os.replace(temp, dst)
-        temp = None
-    finally:  # Ctrl-C included: no temporary file is left behind
+        with atomic_output(dst, overwrite) as (temp, container):
+            writer = None
+            try:
+                writer = VideoWriter(temp, reader, first.shape[1], first.shape[0], codec, crf, container)
+                summary.notes += writer.notes
+                if writer.pix_fmt != "yuv420p":
+                    reader.keep_yuv = False
+                    reader.originals.clear()
+                reader.on_audio = writer.mux_audio
+                bar = _progress_bar(progress, len(span), src.name)
+                for result in restore_frames(_prepend(first, frames), model, detector, chunk=chunk,
+                                             temporal_sigma=temporal_sigma, selection=summary.selection,
+                                             span=range(lead, len(span) + lead), **restore_options):
+                    pixels = (result.images[..., :3].clamp(0, 1) * 255 + 0.5).to(torch.uint8).numpy()
+                    masks = result.masks.float().cpu().numpy()
+                    for _ in range(lead):  # read before the segment, for its smoothing
+                        reader.pts.popleft()
+                        if reader.keep_yuv:
+                            reader.originals.popleft()
+                    lead = 0
+                    for image, mask in zip(pixels, masks):
+                        original = reader.originals.popleft() if reader.keep_yuv else None
+                        writer.write(image, reader.pts.popleft(), original, mask)
+                    summary.frames += len(pixels)
+                    summary.faces += result.face_count
+                    summary.unrestored += result.unrestored
+                    if bar is not None:
+                        bar.update(len(pixels))
+                writer.finish()
+            except av.FFmpegError as e:
+                if isinstance(e, OSError):
+                    raise
+                raise ValueError(f"{dst}: the video could not be encoded ({_reason(e)})") from None
+            finally:
+                if writer is not None:
+                    writer.close()
+        if summary.frames < len(span):
+            summary.notes.append(f"{len(span) - summary.frames} of {len(span)} frames could not be decoded")
+    finally:
         if bar is not None:
             bar.close()
-        if writer is not None:
-            writer.close()
         reader.close()
-        if temp is not None:
-            with contextlib.suppress(OSError):
-                os.unlink(temp)
-    summary.seconds = time.perf_counter() - start
+    summary.seconds = time.perf_counter() - began
     return summary
+
+
+@contextlib.contextmanager
+def atomic_output(dst: Path, overwrite: bool = True) -> Iterator[tuple[str, str | None]]:
+    """(a temporary file beside `dst`, the FFmpeg container `dst`'s suffix names): io.atomic_file."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    container = CONTAINERS.get(dst.suffix.lower())  # named, so the temporary file need not end in .mp4
+    with atomic_file(dst, overwrite, ".part" if container else dst.suffix) as temp:
+        yield temp, container
+
+
+def join_segments(segments: list[Path], src: str | os.PathLike, dst: str | os.PathLike,
+                  overwrite: bool = True) -> list[str]:
+    """Put the segments of `src` restored by restore_video(span=...) together, in order, into `dst`
+    with `src`'s audio streams: packets are copied, nothing is encoded again. `dst` appears whole or
+    not at all. Returns notes on audio streams `dst`'s container cannot hold."""
+    av = _av()
+
+    src, dst = Path(src), Path(dst)
+    with contextlib.ExitStack() as stack:
+        inputs = [stack.enter_context(av.open(str(path))) for path in segments]
+        source = stack.enter_context(av.open(str(src), metadata_errors="ignore"))
+        temp, container = stack.enter_context(atomic_output(dst, overwrite))
+        out = stack.enter_context(av.open(temp, "w", format=container))
+        video = out.add_stream_from_template(inputs[0].streams.video[0])
+        original = _video_stream(source, src)
+        video.codec_context.framerate = original.average_rate or original.guessed_rate  # Matroska keeps it per track
+        audio, notes = add_audio_streams(out, list(source.streams.audio))
+        pieces = [_moved(part.demux(video=0), {part.streams.video[0].index: video}) for part in inputs]
+        sound = _moved(source.demux(*(source.streams[index] for index in audio)), audio)
+        frames = _timed(itertools.chain(*pieces), counted=out.format.name == "avi")
+        for packet in heapq.merge(frames, sound, key=_decode_time):
+            out.mux(packet)
+    return notes
+
+
+def _timed(packets: Iterator, counted: bool) -> Iterator:
+    """The segments' video packets, timed for one stream. AVI counts frames (each segment counts
+    from 0, and is written without B-frames); Matroska stores no decoding time for the packets
+    before a segment's first frame is shown, and a muxer needs them to increase across the joins."""
+    last = None
+    for number, packet in enumerate(packets):
+        if counted:
+            packet.pts = packet.dts = number
+        elif packet.dts is None and last is not None:
+            packet.dts = last + 1  # still before its own time: a segment starts after the last one ends
+        last = packet.dts if packet.dts is not None else last
+        yield packet
+
+
+def _moved(demuxed: Iterator, streams: dict) -> Iterator:
+    """The packets, each moved to the output stream for its input stream's index."""
+    for packet in demuxed:
+        if packet.size:  # not the empty ones that end each stream
+            packet.stream = streams[packet.stream.index]
+            yield packet
+
+
+def _decode_time(packet) -> Fraction:
+    time = packet.dts if packet.dts is not None else packet.pts
+    return Fraction(time or 0) * packet.time_base
 
 
 def check_video_options(codec: str, crf: float, chunk: int) -> None:

@@ -1,6 +1,7 @@
 """python -m gpen restore --ray, on a local Ray (ray.init(num_cpus=2)) against a local folder."""
 
 import os
+from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
@@ -8,6 +9,7 @@ import pytest
 import torch
 
 ray = pytest.importorskip("ray", reason="--ray needs Ray: pip install .[cluster]")
+av = pytest.importorskip("av", reason="video needs PyAV (pip install av)")
 
 from gpen import cli  # noqa: E402
 from gpen.io import read_image, write_image  # noqa: E402
@@ -127,3 +129,67 @@ def test_without_ray_the_message_names_the_extra(monkeypatch, restore, photos, t
     assert restore(photos, "-o", tmp_path / "out", "--ray") == 1
     assert "pip install .[cluster]" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_a_long_clip_is_split_into_segments_restored_apart_and_joined(restore, photos, tmp_path, capsys):
+    from tests.test_video import audio_packets, make_clip, timing
+
+    picture = (read_image(photos / "photo0.png")[0] * 255).round().astype(np.uint8)
+    folder = tmp_path / "in"
+    folder.mkdir()
+    make_clip(folder / "long.mp4", picture, frames=30, size=(320, 240), step=2, gop=8)
+    options = ["--temporal-smoothing", 1, "--chunk", 4, "--crf", 0]  # x264 at CRF 0 is lossless
+    assert one_thread(lambda: restore(folder, "-o", tmp_path / "plain", *options)) == 0
+    counts = capsys.readouterr().out.split("long.mp4: ")[1].split(" restored")[0]
+    assert counts == "30 frames, 90 faces"
+    assert restore(folder, "-o", tmp_path / "ray", "--ray", "local", "--ray-segment", 0.4, *options) == 0
+    (line,) = [line for line in capsys.readouterr().out.splitlines() if "long.mp4: " in line]
+    assert f"long.mp4: {counts} restored, " in line and "(in 3 segments)" in line  # 10 frames each
+    plain, done = tmp_path / "plain" / "long.mp4", tmp_path / "ray" / "long.mp4"
+    assert timing(done) == timing(plain) and audio_packets(done) == audio_packets(folder / "long.mp4")
+    with av.open(str(plain)) as a, av.open(str(done)) as b:
+        gaps = [np.abs(x.to_ndarray(format="rgb24").astype(int) - y.to_ndarray(format="rgb24")).max()
+                for x, y in zip(a.decode(video=0), b.decode(video=0))]
+    assert len(gaps) == 30 and max(gaps) <= 1
+    assert os.listdir(tmp_path / "ray") == ["long.mp4"]  # the segments are gone once joined
+
+
+def test_clips_are_cut_into_segments_of_about_the_length_asked(tmp_path):
+    from gpen.distributed import Segment, plan_tasks
+    from gpen.video import VideoInfo
+
+    jobs = [cli.Job(1, tmp_path / "a.mp4", tmp_path / "out" / "a.mp4"), cli.Job(2, tmp_path / "b.png", tmp_path / "b.png")]
+    videos = {jobs[0]: VideoInfo(jobs[0].source, 320, 240, frames=250, rate=Fraction(25), time_base=Fraction(1, 25))}
+    tasks = plan_tasks(jobs, videos, seconds=3, overwrite=False)  # 75 frames: 250 / 75 = 3.3 segments
+    assert [t.span for t in tasks[:-1]] == [range(0, 83), range(83, 167), range(167, 250)] and tasks[-1] is jobs[1]
+    assert tasks[0].path == tmp_path / "out" / ".a.mp4.segments" / "000000000-000000083.mp4"
+    assert all(isinstance(t, Segment) and t.job is jobs[0] for t in tasks[:-1])
+    assert plan_tasks(jobs, videos, seconds=8, overwrite=False) == jobs  # under 1.5 segments: whole
+    assert plan_tasks(jobs, videos, seconds=0, overwrite=False) == jobs
+    tasks[0].path.parent.mkdir(parents=True)
+    tasks[0].path.write_bytes(b"from an earlier run")
+    plan_tasks(jobs, videos, seconds=3, overwrite=False)
+    assert tasks[0].path.exists()  # kept, to resume from
+    plan_tasks(jobs, videos, seconds=3, overwrite=True)
+    assert not tasks[0].path.parent.exists()  # --overwrite starts again
+
+
+def test_a_segment_finished_by_an_earlier_run_is_not_restored_again(tmp_path):
+    import argparse
+    from types import SimpleNamespace
+
+    from gpen.distributed import Segment
+    from tests.helpers import IdentityRestorer
+    from tests.test_video import OneFace, make_clip
+
+    source = make_clip(tmp_path / "a.mp4", frames=12, audio=None)
+    parser = argparse.ArgumentParser()
+    cli.add_restore_arguments(parser)
+    args = parser.parse_args([str(source), "-o", str(tmp_path / "out")])
+    segment = Segment(cli.Job(1, source, tmp_path / "out" / "a.mp4"), range(4, 12), tmp_path / "parts" / "4.mp4")
+    worker = SimpleNamespace(model=IdentityRestorer(64), detector=OneFace(), args=args)
+    first = segment.restore(worker, None)
+    assert (first.frames, first.faces) == (8, 8) and segment.record.exists()
+    worker.model = None  # restoring again would fail
+    again = segment.restore(worker, None)
+    assert again == first and isinstance(again.selection.missing_indices, dict)

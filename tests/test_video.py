@@ -15,17 +15,20 @@ import torch
 import gpen
 from gpen.detection import Faces
 from gpen.pipeline import detect_faces, smooth_landmarks
-from gpen.video import VideoReader, VideoWriter, probe_video, restore_frames, restore_video, smoothing_reach
-from tests.helpers import IdentityRestorer, random_gpen
+from gpen.video import (VideoReader, VideoWriter, join_segments, probe_video, restore_frames, restore_video,
+                        smoothing_reach)
+from tests.helpers import GreyRestorer, IdentityRestorer, random_gpen
 
 av = pytest.importorskip("av", reason="video needs PyAV (pip install av)")
 
 AUDIO = {".mp4": "aac", ".mov": "aac", ".mkv": "libopus", ".webm": "libopus", ".avi": "pcm_s16le"}
 
 
-def make_clip(path, picture=None, frames=24, size=(320, 240), rate=24, audio="aac", step=3, rotation=0, pts=None):
+def make_clip(path, picture=None, frames=24, size=(320, 240), rate=24, audio="aac", step=3, rotation=0, pts=None,
+              gop=None):
     """A clip panning `step` px a frame over `picture` (H,W,3 uint8; a smooth random one if None),
-    with a 440 Hz sine in `audio` muxed in time with the frames, as recorders interleave them."""
+    with a 440 Hz sine in `audio` muxed in time with the frames, as recorders interleave them;
+    a keyframe every `gop` frames (the encoder's default if None)."""
     width, height = size
     if picture is None:  # smooth colours, as in a photograph
         import cv2
@@ -35,7 +38,7 @@ def make_clip(path, picture=None, frames=24, size=(320, 240), rate=24, audio="aa
         picture = cv2.resize(small, (small.shape[1] * 16, small.shape[0] * 16), interpolation=cv2.INTER_CUBIC)
     codec = {".webm": "libvpx-vp9", ".avi": "mpeg4"}.get(path.suffix, "libx264")
     out = av.open(str(path), "w")
-    video = out.add_stream(codec, rate=rate)
+    video = out.add_stream(codec, rate=rate, options={"g": str(gop)} if gop else {})
     video.width, video.height, video.pix_fmt = width, height, "yuv420p"
     if rotation:
         video.set_display_rotation(rotation)
@@ -214,6 +217,85 @@ def test_streamed_landmarks_equal_whole_clip_smoothing(picture, fast_detector):
     assert max(float((r.landmarks - w.landmarks).abs().max()) for r, w in zip(raw, whole)) > 0.5  # it smooths
     chunked = [f for start in range(0, 30, 6) for f in smooth_landmarks(raw[start:start + 6], 1.5)]
     assert max(float((c.landmarks - w.landmarks).abs().max()) for c, w in zip(chunked, whole)) > 0.1
+
+
+class CountingDetector:
+    """A detector that counts the frames it is shown."""
+
+    def __init__(self, detector):
+        self.detector, self.frames = detector, 0
+
+    def __getattr__(self, name):
+        return getattr(self.detector, name)
+
+    def detect(self, images, *args, **kwargs):
+        self.frames += len(images)
+        return self.detector.detect(images, *args, **kwargs)
+
+
+def test_segments_restore_as_the_whole_clip_does(picture, fast_detector):
+    """A long clip cut into segments (on Ray, each can go to another worker): each reads the
+    frames around it only as far as smoothing reaches, restores its own frames alone, and together
+    they give the landmarks of the whole clip restored in one stream."""
+    frames = [torch.from_numpy(np.ascontiguousarray(picture[10:250, 3 * t:3 * t + 400])) for t in range(30)]
+    options = dict(chunk=6, max_faces=4, temporal_sigma=1.5)
+    results = list(restore_frames(iter(frames), IdentityRestorer(64), fast_detector, **options))
+    whole = [faces for result in results for faces in result.faces]
+    restored = torch.cat([result.images for result in results])
+    reach = smoothing_reach(1.5)
+    segments = []
+    for span in (range(0, 11), range(11, 20), range(20, 30)):
+        detector, taken = CountingDetector(fast_detector), []
+
+        def counted():
+            for frame in frames:
+                taken.append(1)
+                yield frame
+
+        results = list(restore_frames(counted(), IdentityRestorer(64), detector, span=span, **options))
+        images = torch.cat([result.images for result in results])
+        assert (images - restored[span.start:span.stop]).abs().max() < 1 / 255  # its frames, no others
+        assert len(taken) == min(30, span.stop + reach)  # read no further than smoothing reaches
+        assert detector.frames == min(30, span.stop + reach) - max(0, span.start - reach)  # earlier ones skipped
+        segments += [faces for result in results for faces in result.faces]
+    assert [len(f) for f in segments] == [len(f) for f in whole]
+    assert max(float((s.landmarks - w.landmarks).abs().max()) for s, w in zip(segments, whole)) < 0.05
+
+
+@pytest.mark.parametrize("suffix", [".mp4", ".mkv", ".avi"])
+def test_the_reader_starts_at_any_frame(tmp_path, suffix):
+    source = make_clip(tmp_path / f"clip{suffix}", frames=30, size=(64, 48), audio=None, step=1, gop=7)
+    with VideoReader(source) as reader:
+        every, stamps = list(reader.frames()), list(reader.pts)
+    for start in (1, 7, 12, 29):
+        with VideoReader(source) as reader:
+            later = list(reader.frames(start))
+            assert list(reader.pts) == stamps[start:]
+        assert len(later) == 30 - start and all(torch.equal(a, b) for a, b in zip(later, every[start:]))
+
+
+@pytest.mark.parametrize("suffix", [".mp4", ".mov", ".mkv", ".webm", ".avi"])
+def test_segments_joined_are_the_clip_restored_whole(tmp_path, suffix):
+    source = make_clip(tmp_path / f"clip{suffix}", frames=30, audio=AUDIO[suffix], step=2, gop=8)
+    options = dict(progress=False, temporal_sigma=1, chunk=4, crf=0)  # x264 at CRF 0 is lossless
+    restore_video(source, tmp_path / f"whole{suffix}", GreyRestorer(64), OneFace(), **options)
+    parts = []
+    for span in (range(0, 11), range(11, 20), range(20, 30)):
+        part = tmp_path / "segments" / f"{span.start}{suffix}"
+        summary = restore_video(source, part, GreyRestorer(64), OneFace(), span=span, **options)
+        assert (summary.frames, summary.faces) == (len(span), len(span))
+        with av.open(str(part)) as segment:
+            assert not segment.streams.audio  # the clip's audio is copied once, whole, when joining
+        parts.append(part)
+    assert join_segments(parts, source, tmp_path / f"joined{suffix}") == []
+    joined, whole = tmp_path / f"joined{suffix}", tmp_path / f"whole{suffix}"
+    assert timing(joined) == timing(whole)
+    assert audio_packets(joined) == audio_packets(source)
+    if suffix != ".webm":  # VP9 at CRF 0 is not lossless
+        with av.open(str(joined)) as a, av.open(str(whole)) as b:
+            assert all(np.array_equal(x.to_ndarray(), y.to_ndarray()) for x, y in zip(a.decode(video=0),
+                                                                                       b.decode(video=0)))
+    assert sorted(os.listdir(tmp_path)) == sorted(["clip" + suffix, "segments", "whole" + suffix, "joined" + suffix])
 
 
 def test_restore_video_with_gpen_and_real_faces(tmp_path, picture, fast_detector):
