@@ -23,8 +23,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from . import winograd
+from . import winograd, workspace
 from .restorer import restore_crops
+from .workspace import Workspace, conv_into
 
 BLUR_KERNEL = (1, 3, 3, 1)
 LRELU_SLOPE = 0.2
@@ -49,15 +50,26 @@ def make_blur_kernel(gain: float = 1.0) -> torch.Tensor:
 
 def fused_leaky_relu(x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     """sqrt(2) * leaky_relu(x + bias): StyleGAN2's biased activation, in place on x."""
-    x = x.add_(bias.to(x.dtype).view(1, -1, *([1] * (x.ndim - 2))))
+    return leaky_relu_gain_(x.add_(bias.to(x.dtype).view(1, -1, *([1] * (x.ndim - 2)))))
+
+
+def leaky_relu_gain_(x: torch.Tensor) -> torch.Tensor:
     return F.leaky_relu_(x, LRELU_SLOPE).mul_(LRELU_GAIN)
+
+
+def fill_bias_(out: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """Each channel of `out` set to its bias: where the workspace path adds its convolutions."""
+    return out.copy_(bias.to(out.dtype).view(1, -1, 1, 1).expand(out.shape))
 
 
 def blur(x: torch.Tensor, kernel: torch.Tensor, pad: int) -> torch.Tensor:
     """The reference's upfirdn2d(up=1, down=1, pad=(pad, pad)) as a depthwise convolution."""
-    channels = x.shape[1]
-    weight = kernel.flip(0, 1).to(x.dtype)[None, None].expand(channels, 1, *kernel.shape)
-    return F.conv2d(x, weight, padding=pad, groups=channels)
+    return F.conv2d(x, blur_weight(kernel, x), padding=pad, groups=x.shape[1])
+
+
+def blur_weight(kernel: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """The depthwise convolution weight that blurs each of x's channels with `kernel`."""
+    return kernel.flip(0, 1).to(x.dtype)[None, None].expand(x.shape[1], 1, *kernel.shape)
 
 
 class EqualLinear(nn.Module):
@@ -113,19 +125,35 @@ class ModulatedConv2d(nn.Module):
             # The transposed conv's output is 2h+1 wide; the blur (4 taps, padding 1) brings it to 2h.
             self.blur = Blur(pad=1, gain=4)
 
-    def forward(self, x: torch.Tensor, style: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor | tuple[torch.Tensor, ...], style: torch.Tensor,
+                out: torch.Tensor | None = None, space: Workspace | None = None) -> torch.Tensor:
+        """The modulated convolution of x. On the workspace path (CPU, batch 1) x may be a tuple of
+        maps that together are its channels (a concatenation never made), and given `out`, the
+        result is added into it."""
         s = self.modulation(style) * self.scale  # (B, in), float32
         weight = self.weight[0]  # (out, in, k, k)
         demod = None
         if self.demodulate:  # sum over (in, k, k) of (weight * s)^2, without forming weight * s
             energy = torch.linalg.vector_norm(weight.float(), dim=(2, 3)).square()
             demod = torch.rsqrt(s.square() @ energy.t() + 1e-8)
-        if x.shape[0] == 1 and weight.numel() < x.numel():
+        parts = x if isinstance(x, tuple) else (x,)
+        if parts[0].shape[0] == 1 and weight.numel() < sum(part.numel() for part in parts):
             # Folding style and demodulation into the weight is cheaper than touching the activations.
             scale = s.view(1, -1) if demod is None else demod.view(-1, 1) * s.view(1, -1)
-            return self._conv(x, (weight.float() * scale[:, :, None, None]).to(x.dtype))
-        out = self._conv(x * s.to(x.dtype)[:, :, None, None], weight.to(x.dtype))
-        return out if demod is None else out.mul_(demod.to(out.dtype)[:, :, None, None])
+            weight = (weight.float() * scale[:, :, None, None]).to(parts[0].dtype)
+            if out is None and len(parts) == 1:
+                return self._conv(x, weight)
+            if out is None:
+                out = torch.zeros(*self._out_shape(parts[0]), dtype=weight.dtype, device=weight.device)
+            return self._conv_into(out, parts, weight, space)
+        x = torch.cat(parts, 1)
+        result = self._conv(x * s.to(x.dtype)[:, :, None, None], weight.to(x.dtype))
+        result = result if demod is None else result.mul_(demod.to(result.dtype)[:, :, None, None])
+        return result if out is None else out.add_(result)
+
+    def _out_shape(self, x: torch.Tensor) -> tuple[int, int, int, int]:
+        factor = 2 if self.upsample else 1
+        return x.shape[0], self.out_channel, factor * x.shape[2], factor * x.shape[3]
 
     def _conv(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         if self.upsample:
@@ -133,6 +161,32 @@ class ModulatedConv2d(nn.Module):
         if winograd.worthwhile(x, weight):
             return winograd.conv3x3(x, weight)
         return F.conv2d(x, weight, padding=self.padding)
+
+    def _conv_into(self, out: torch.Tensor, parts: tuple[torch.Tensor, ...], weight: torch.Tensor,
+                   space: Workspace | None) -> torch.Tensor:
+        """out += the convolution of the parts' channels, each convolved with its slice of the weight
+        and written straight into out (oneDNN adds into a dense destination in place)."""
+        if not self.upsample and winograd.worthwhile(parts[0], weight):
+            return winograd.conv3x3(parts, weight, out)
+        weights = weight.split([part.shape[1] for part in parts], dim=1)
+        if not self.upsample:
+            for part, w in zip(parts, weights):
+                conv_into(out, part, w, (self.padding, self.padding))
+            return out
+        # The transposed convolution's output T (2h+1 square) by its four phases, each an ordinary
+        # convolution: an even row 2m of T takes kernel row 2 from x's row m-1 and kernel row 0 from
+        # row m, an odd row 2m+1 kernel row 1 from row m; columns alike. Each phase is made in a
+        # dense block of its own, then set into T's even or odd rows and columns.
+        batch, _, height, width = parts[0].shape
+        t = space.take("t", (batch, weight.shape[0], 2 * height + 1, 2 * width + 1), parts[0])
+        phases = ((0, [2, 0], 1, height + 1), (1, [1], 0, height))
+        for row, row_taps, row_pad, rows in phases:
+            for col, col_taps, col_pad, cols in phases:
+                phase = space.take("phase", (batch, weight.shape[0], rows, cols), parts[0]).zero_()
+                for part, w in zip(parts, weights):
+                    conv_into(phase, part, w[:, :, row_taps][:, :, :, col_taps].contiguous(), (row_pad, col_pad))
+                t[:, :, row::2, col::2] = phase
+        return conv_into(out, t, blur_weight(self.blur.kernel, t), (self.blur.pad, self.blur.pad), groups=t.shape[1])
 
 
 class NoiseInjection(nn.Module):
@@ -162,8 +216,18 @@ class StyledConv(nn.Module):
         self.noise = NoiseInjection()
         self.activate = FusedLeakyReLU(out_channel * 2)
 
-    def forward(self, x: torch.Tensor, style: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-        return self.activate(self.noise(self.conv(x, style), noise))
+    def forward(self, x: torch.Tensor | tuple[torch.Tensor, torch.Tensor], style: torch.Tensor,
+                noise: torch.Tensor, space: Workspace | None = None, names: tuple[str, str] = ("", "")):
+        """cat(conv(x), noise) activated. On the workspace path the two halves are never joined:
+        they are returned as a pair of maps, written into the blocks `names`, and x may be a pair."""
+        if space is None:
+            return self.activate(self.noise(self.conv(x, style), noise))
+        channels, bias = noise.shape[1], self.activate.bias
+        convolved = fill_bias_(space.take(names[0], noise.shape, noise), bias[:channels])
+        self.conv(x, style, convolved, space)
+        scaled = fill_bias_(space.take(names[1], noise.shape, noise), bias[channels:])
+        scaled.add_(noise, alpha=float(self.noise.weight))
+        return leaky_relu_gain_(convolved), leaky_relu_gain_(scaled)
 
 
 class Upsample(nn.Module):
@@ -187,8 +251,10 @@ class ToRGB(nn.Module):
         self.conv = ModulatedConv2d(in_channel, 3, 1, style_dim, demodulate=False)
         self.bias = nn.Parameter(torch.zeros(1, 3, 1, 1))
 
-    def forward(self, x: torch.Tensor, style: torch.Tensor, skip: torch.Tensor | None = None) -> torch.Tensor:
-        out = self.conv(x, style) + self.bias.to(x.dtype)
+    def forward(self, x: torch.Tensor | tuple[torch.Tensor, torch.Tensor], style: torch.Tensor,
+                skip: torch.Tensor | None = None) -> torch.Tensor:
+        out = self.conv(x, style)
+        out = out + self.bias.to(out.dtype)
         if skip is not None:
             out = out + self.upsample(skip)
         return out
@@ -220,14 +286,22 @@ class Generator(nn.Module):
             self.to_rgbs.append(ToRGB(out_channel * 2, style_dim))
             in_channel = out_channel
 
-    def forward(self, latent: torch.Tensor, features: list[torch.Tensor]) -> torch.Tensor:
-        """latent: (B, style_dim) from the encoder; features: encoder outputs from 4x4 upwards."""
+    def forward(self, latent: torch.Tensor, features: list[torch.Tensor], space: Workspace | None = None) -> torch.Tensor:
+        """latent: (B, style_dim) from the encoder; features: encoder outputs from 4x4 upwards.
+        With `space`, large layers write into three pairs of its blocks in turn (input, two outputs)."""
         w = self.style(latent)
         x = self.input.input.to(features[0].dtype).expand(latent.shape[0], -1, -1, -1)
         x = self.conv1(x, w, features[0])
         skip = self.to_rgb1(x, w)
+        holding = None  # the blocks x is in
         for conv_up, conv, to_rgb, feature in zip(self.convs[::2], self.convs[1::2], self.to_rgbs, features[1:]):
-            x = conv(conv_up(x, w, feature), w, feature)
+            if space is not None and workspace.worthwhile(feature, 2 * feature.numel() * feature.element_size()):
+                first, second = [name for name in "abc" if name != holding][:2]
+                x = conv_up(x, w, feature, space, (first + "0", first + "1"))
+                x = conv(x, w, feature, space, (second + "0", second + "1"))
+                holding = second
+            else:
+                x = conv(conv_up(x, w, feature), w, feature)
             skip = to_rgb(x, w, skip)
         return skip
 
@@ -252,13 +326,24 @@ class EncoderLayer(nn.Sequential):
         self.downsample = downsample
         self.padding = 0 if downsample else kernel_size // 2
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, space: Workspace | None = None, name: str = "") -> torch.Tensor:
+        """With `space`, a large layer writes its output into the block `name` (and blurs in 'blurred')."""
         *pre, conv, act = self
-        for layer in pre:
-            x = layer(x)
         weight = (conv.weight * conv.scale).to(x.dtype)
-        x = F.conv2d(x, weight, stride=2 if self.downsample else 1, padding=self.padding)
-        return act(x)
+        stride = 2 if self.downsample else 1
+        batch, channels, height, width = x.shape
+        shape = (batch, weight.shape[0], height // stride, width // stride)
+        largest = max(math.prod(shape), channels * (height + 1) * (width + 1) * batch) * x.element_size()
+        if space is None or not workspace.worthwhile(x, largest):
+            for layer in pre:
+                x = layer(x)
+            return act(F.conv2d(x, weight, stride=stride, padding=self.padding))
+        for blur_layer in pre:
+            blurred = space.take("blurred", (batch, channels, height + 1, width + 1), x).zero_()
+            x = conv_into(blurred, x, blur_weight(blur_layer.kernel, x), (blur_layer.pad, blur_layer.pad),
+                          groups=channels)
+        out = fill_bias_(space.take(name, shape, x), act.bias)
+        return leaky_relu_gain_(conv_into(out, x, weight, (self.padding, self.padding), stride))
 
 
 class GPEN(nn.Module):
@@ -292,10 +377,20 @@ class GPEN(nn.Module):
                              batch_size=batch_size, on_batch=on_batch, cancel=cancel)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] > 1 and x.device.type == "cpu":
+            # At batch 1 styles fold into the weights (plain dense convolutions); on the CPU that beats
+            # modulating a batch's activations, so a batch goes one face at a time.
+            return torch.cat([self(face[None]) for face in x])
         x = x.to(self.ecd0[0][0].weight.dtype).contiguous(memory_format=torch.channels_last)
+        space = workspace.workspace(self) if workspace.usable(self, x) else None  # batch 1, see above
         features = []
         for i in range(self.n_encoders):
-            x = getattr(self, f"ecd{i}")(x)
+            x = getattr(self, f"ecd{i}")[0](x, space, f"e{i}")
             features.append(x)
         latent = self.final_linear(x.reshape(x.shape[0], -1))
-        return self.generator(latent, features[::-1]).contiguous()
+        return self.generator(latent, features[::-1], space).contiguous()
+
+    def release_workspace(self) -> None:
+        """Free the memory this thread's CPU forward passes keep for the large feature maps (about
+        the size of the largest few: ~0.6 GB at GPEN-512); the next pass makes it again."""
+        workspace.release(self)

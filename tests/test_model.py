@@ -132,10 +132,56 @@ def test_winograd_convolution_equals_direct_convolution():
     from gpen import winograd
 
     torch.manual_seed(0)
-    x = torch.randn(3, 256, 12, 20).contiguous(memory_format=torch.channels_last)
+    x = torch.randn(2, 256, 64, 72).contiguous(memory_format=torch.channels_last)
     weight = torch.randn(40, 256, 3, 3) / 48
     assert winograd.worthwhile(x, weight) and not winograd.worthwhile(x.half(), weight.half())
+    assert not winograd.worthwhile(x[:, :, :32, :32], weight)  # on small maps the direct one is faster
     direct = torch.nn.functional.conv2d(x, weight, padding=1)
-    fast = winograd.conv3x3(x, weight)
+    fast = winograd.conv3x3(x, weight, part_bytes=2 ** 20)  # in several bands of rows
     assert (fast - direct).abs().max() < 1e-4 * direct.abs().max()
     assert fast.is_contiguous(memory_format=torch.channels_last)
+    # Channels given in two maps (a concatenation never made), the result added into a map.
+    out = torch.ones_like(direct)
+    winograd.conv3x3((x[:, :100], x[:, 100:]), weight, out, part_bytes=2 ** 20)
+    assert (out - 1 - direct).abs().max() < 1e-4 * direct.abs().max()
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["onednn-in-place", "fallback"])
+def test_the_cpu_workspace_path_gives_the_plain_forward(monkeypatch, fused):
+    """On the CPU, large layers write into memory the model keeps (gpen/workspace.py), through
+    oneDNN's in-place convolution where this PyTorch has it, else an ordinary one added in."""
+    from gpen import workspace
+
+    if fused and not workspace.fused_add_works(torch.float32):
+        pytest.skip("this PyTorch build has no oneDNN in-place convolution")
+    monkeypatch.setattr(workspace, "fused_add_works", lambda dtype: fused)
+    model = random_gpen(128, 1, 0.5)
+    x = torch.rand(2, 3, 128, 128) * 2 - 1
+    with torch.inference_mode():
+        monkeypatch.setattr(workspace, "MIN_BYTES", 2 ** 40)
+        plain = model(x)
+        assert workspace.workspace(model).bytes == 0
+        monkeypatch.setattr(workspace, "MIN_BYTES", 1)  # every layer in the workspace
+        first = model(x)
+        held = workspace.workspace(model).bytes
+        again = model(x)
+    assert held > 0 and workspace.workspace(model).bytes == held  # reused, not grown
+    assert (first - plain).abs().max() < 1e-4 and torch.equal(first, again)
+    assert torch.equal(first[1:], model(x[1:]))  # a batch goes face by face on the CPU
+    model.release_workspace()
+    assert workspace.workspace(model).bytes == 0
+
+
+def test_threads_sharing_a_model_keep_their_own_workspace(monkeypatch):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from gpen import workspace
+
+    monkeypatch.setattr(workspace, "MIN_BYTES", 1)
+    model = random_gpen(64, 1, 0.25)
+    inputs = [torch.rand(1, 3, 64, 64) * 2 - 1 for _ in range(4)]
+    with torch.inference_mode():
+        alone = [model(x) for x in inputs]
+        with ThreadPoolExecutor(4) as pool:
+            together = list(pool.map(lambda x: model(x), inputs * 3))
+    assert all(torch.equal(a, b) for a, b in zip(alone * 3, together))
