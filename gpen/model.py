@@ -294,11 +294,15 @@ class Generator(nn.Module):
         x = self.conv1(x, w, features[0])
         skip = self.to_rgb1(x, w)
         holding = None  # the blocks x is in
-        for conv_up, conv, to_rgb, feature in zip(self.convs[::2], self.convs[1::2], self.to_rgbs, features[1:]):
+        stages = list(zip(self.convs[::2], self.convs[1::2], self.to_rgbs, features[1:]))
+        for conv_up, conv, to_rgb, feature in stages:
             if space is not None and workspace.worthwhile(feature, 2 * feature.numel() * feature.element_size()):
                 first, second = [name for name in "abc" if name != holding][:2]
                 x = conv_up(x, w, feature, space, (first + "0", first + "1"))
-                x = conv(x, w, feature, space, (second + "0", second + "1"))
+                # The last layer's noise half goes into block 't', free once the upsampling is done:
+                # the largest maps are then held once fewer.
+                last = feature is stages[-1][3]
+                x = conv(x, w, feature, space, (second + "0", "t" if last else second + "1"))
                 holding = second
             else:
                 x = conv(conv_up(x, w, feature), w, feature)
@@ -327,7 +331,8 @@ class EncoderLayer(nn.Sequential):
         self.padding = 0 if downsample else kernel_size // 2
 
     def forward(self, x: torch.Tensor, space: Workspace | None = None, name: str = "") -> torch.Tensor:
-        """With `space`, a large layer writes its output into the block `name` (and blurs in 'blurred')."""
+        """With `space`, a large layer writes its output into the block `name` (and blurs in block
+        't', which the decoder's transposed convolutions use once the encoder is done)."""
         *pre, conv, act = self
         weight = (conv.weight * conv.scale).to(x.dtype)
         stride = 2 if self.downsample else 1
@@ -339,7 +344,7 @@ class EncoderLayer(nn.Sequential):
                 x = layer(x)
             return act(F.conv2d(x, weight, stride=stride, padding=self.padding))
         for blur_layer in pre:
-            blurred = space.take("blurred", (batch, channels, height + 1, width + 1), x).zero_()
+            blurred = space.take("t", (batch, channels, height + 1, width + 1), x).zero_()
             x = conv_into(blurred, x, blur_weight(blur_layer.kernel, x), (blur_layer.pad, blur_layer.pad),
                           groups=channels)
         out = fill_bias_(space.take(name, shape, x), act.bias)
