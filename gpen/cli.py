@@ -466,9 +466,10 @@ def run_convert(args) -> int:
 def keep_freed_memory() -> None:
     """Stop glibc from unmapping large freed blocks, for this process only.
 
-    Each feature map of a 512+ forward pass is tens of MB; by default glibc mmaps and unmaps every
-    one, and refaulting those pages costs about a third of the run time on virtual machines. The
-    library never does this by itself: it is a process-wide choice, made here for the CLI.
+    By default glibc maps and unmaps every block over 32 MiB, and refaulting those pages is slow on
+    virtual machines. GPEN's own forward no longer needs this (it keeps its large maps in a
+    workspace, gpen/workspace.py); the pipeline around it (detection, crops, paste-back) still makes
+    such blocks. The library never does this by itself: it is a process-wide choice, made here for the CLI.
     """
     if not sys.platform.startswith("linux"):
         return
