@@ -116,9 +116,10 @@ def segment_folder(target: Path) -> Path:
     return target.with_name(f".{target.name}.segments")
 
 
-def plan_tasks(jobs: list, videos: dict, seconds: float, overwrite: bool) -> list:
+def plan_tasks(jobs: list, videos: dict, seconds: float, overwrite: bool, actors: int = 1) -> list:
     """The jobs, with each clip longer than 1.5 x `seconds` split into segments of about `seconds`
-    (0: never split). With `overwrite`, segments left by an earlier run are removed, not reused."""
+    (0: never split), as many as a multiple of `actors`, so that no actor waits out the last round.
+    With `overwrite`, segments left by an earlier run are removed, not reused."""
     tasks = []
     for job in jobs:
         info = videos.get(job)
@@ -129,7 +130,7 @@ def plan_tasks(jobs: list, videos: dict, seconds: float, overwrite: bool) -> lis
         folder = segment_folder(job.target)
         if overwrite:
             shutil.rmtree(folder, ignore_errors=True)
-        count = round(info.frames / length)
+        count = min(info.frames, -(-round(info.frames / length) // actors) * actors)
         bounds = [round(i * info.frames / count) for i in range(count + 1)]
         tasks += [Segment(job, range(a, b), folder / f"{a:09d}-{b:09d}{job.target.suffix}")
                   for a, b in zip(bounds, bounds[1:])]
@@ -189,12 +190,13 @@ def run_on_ray(jobs: list, args, address: str | None = "local", report=None, vid
     cpus_per_actor = max(1, getattr(args, "ray_cpus_per_actor", 1) or 1)
     videos = videos or {}
     overwrite = bool(args.overwrite)
-    tasks = plan_tasks(jobs, videos, getattr(args, "ray_segment", 0), overwrite)
+    size, resources = pool_shape(ray, address, cpus_per_actor)
+    size = max(1, min(size, getattr(args, "ray_actors", 0) or size))
+    tasks = plan_tasks(jobs, videos, getattr(args, "ray_segment", 0), overwrite, size)
     outcomes = {task: Outcome(task) for task in tasks}
     if not tasks:
         return outcomes
-    size, resources = pool_shape(ray, address, cpus_per_actor)
-    size = max(1, min(size, len(tasks), getattr(args, "ray_actors", 0) or size))
+    size = min(size, len(tasks))
     threads = 0 if "num_gpus" in resources else cpus_per_actor
     actor_class = ray.remote(**resources, max_restarts=1, max_task_retries=0)(Restorer)
     segments: dict = {}  # job -> its segments, for the clips split

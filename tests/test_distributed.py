@@ -144,7 +144,7 @@ def test_a_long_clip_is_split_into_segments_restored_apart_and_joined(restore, p
     assert counts == "30 frames, 90 faces"
     assert restore(folder, "-o", tmp_path / "ray", "--ray", "local", "--ray-segment", 0.4, *options) == 0
     (line,) = [line for line in capsys.readouterr().out.splitlines() if "long.mp4: " in line]
-    assert f"long.mp4: {counts} restored, " in line and "(in 3 segments)" in line  # 10 frames each
+    assert f"long.mp4: {counts} restored, " in line and "(in 4 segments)" in line  # 3 of 10 frames, made 4 for 2 actors
     plain, done = tmp_path / "plain" / "long.mp4", tmp_path / "ray" / "long.mp4"
     assert timing(done) == timing(plain) and audio_packets(done) == audio_packets(folder / "long.mp4")
     with av.open(str(plain)) as a, av.open(str(done)) as b:
@@ -164,6 +164,8 @@ def test_clips_are_cut_into_segments_of_about_the_length_asked(tmp_path):
     assert [t.span for t in tasks[:-1]] == [range(0, 83), range(83, 167), range(167, 250)] and tasks[-1] is jobs[1]
     assert tasks[0].path == tmp_path / "out" / ".a.mp4.segments" / "000000000-000000083.mp4"
     assert all(isinstance(t, Segment) and t.job is jobs[0] for t in tasks[:-1])
+    halves = plan_tasks(jobs, videos, seconds=3, overwrite=False, actors=2)  # 4: no actor idle in the last round
+    assert [t.span for t in halves[:-1]] == [range(0, 62), range(62, 125), range(125, 188), range(188, 250)]
     assert plan_tasks(jobs, videos, seconds=8, overwrite=False) == jobs  # under 1.5 segments: whole
     assert plan_tasks(jobs, videos, seconds=0, overwrite=False) == jobs
     tasks[0].path.parent.mkdir(parents=True)
