@@ -11,6 +11,9 @@ written for inference speed rather than as a transcript of the reference:
   modulated instead and the output demodulated, again with plain convolutions;
 - the fixed FIR blur runs as a depthwise convolution instead of upfirdn2d's reshapes;
 - feature maps are channels_last, and wide 3x3 layers on the CPU use Winograd (winograd.py);
+- on the CPU, large layers write into a workspace the model keeps (workspace.py), in place: the
+  concatenations with the encoder's features are never made (each half is convolved with its half
+  of the weight) and the transposed convolutions are made from their four phases;
 - styles, modulations and demodulation coefficients are computed in float32 whatever the weights'
   dtype, so float16 cannot overflow in the sums of squares.
 """
@@ -144,7 +147,8 @@ class ModulatedConv2d(nn.Module):
             if out is None and len(parts) == 1:
                 return self._conv(x, weight)
             if out is None:
-                out = torch.zeros(*self._out_shape(parts[0]), dtype=weight.dtype, device=weight.device)
+                out = torch.empty(self._out_shape(parts[0]), dtype=weight.dtype, device=weight.device,
+                                  memory_format=torch.channels_last).zero_()
             return self._conv_into(out, parts, weight, space)
         x = torch.cat(parts, 1)
         result = self._conv(x * s.to(x.dtype)[:, :, None, None], weight.to(x.dtype))
