@@ -380,10 +380,12 @@ class GPEN(nn.Module):
         self.info = None  # a checkpoint.ModelInfo once loaded from a file
 
     def restore(self, faces: torch.Tensor, batch_size: int = 4, on_batch=None, cancel=None) -> torch.Tensor:
-        """Restore aligned face crops, (B,S,S,3) float 0..1 -> the same; see restorer.restore_crops."""
+        """Restore aligned face crops, (B,S,S,3) float 0..1 -> the same; see restorer.restore_crops.
+        On the CPU faces go one at a time whatever `batch_size` (see forward), each batch of one."""
         weight = self.ecd0[0][0].weight
         return restore_crops(self, self.size, faces, device=weight.device, dtype=weight.dtype,
-                             batch_size=batch_size, on_batch=on_batch, cancel=cancel)
+                             batch_size=1 if weight.device.type == "cpu" else batch_size,
+                             on_batch=on_batch, cancel=cancel)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[0] > 1 and x.device.type == "cpu":
