@@ -120,7 +120,7 @@ def add_restore_arguments(parser: argparse.ArgumentParser) -> None:
                               "else a cluster's address (HEAD:6379, or auto); one actor per GPU, or per CPU slot "
                               "where there is none; inputs and outputs must be at the same paths on every node")
     cluster.add_argument("--ray-cpus-per-actor", type=int, default=1, metavar="N",
-                         help="CPU slots (and torch threads) per actor where the cluster has no GPU (default %(default)s)")
+                         help="CPU slots per actor where the cluster has no GPU (default %(default)s); each runs twice as many torch threads")
     cluster.add_argument("--ray-actors", type=int, default=0, metavar="N",
                          help="at most N actors (default 0: as many as the GPUs or CPU slots)")
     cluster.add_argument("--ray-segment", type=float, default=60, metavar="SECONDS",

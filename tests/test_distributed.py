@@ -53,11 +53,12 @@ def photos(shared, tmp_path_factory):
     return folder
 
 
-def one_thread(run):
-    """The plain run with the actors' torch thread count: the random-weight model amplifies the last-bit
-    differences that another thread count gives, so only like is compared with like."""
+def like_the_actors(run):
+    """The plain run with the actors' torch thread count (two a CPU slot, at most the machine's cores):
+    the random-weight model amplifies the last-bit differences that another thread count gives, so only
+    like is compared with like."""
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+    torch.set_num_threads(min(2, os.cpu_count()))
     try:
         return run()
     finally:
@@ -65,7 +66,7 @@ def one_thread(run):
 
 
 def test_photos_equal_the_plain_run_and_a_rerun_skips_them(restore, photos, tmp_path, capsys):
-    assert one_thread(lambda: restore(photos, "-o", tmp_path / "plain")) == 0
+    assert like_the_actors(lambda: restore(photos, "-o", tmp_path / "plain")) == 0
     capsys.readouterr()
     assert restore(photos, "-o", tmp_path / "ray", "--ray", "local") == 0
     out = capsys.readouterr().out
@@ -115,6 +116,22 @@ def test_clips_keep_frame_count_timing_and_audio(restore, photos, tmp_path, caps
         assert audio_packets(tmp_path / "out" / name) == audio_packets(folder / name)
 
 
+def test_cpu_actors_take_idle_cores_and_wait_for_work_asleep():
+    """Each actor on a CPU slot runs two torch threads, so that the last files of a run, when the other
+    slots are idle, do not crawl on one core; its threads sleep while they wait, so that actors sharing
+    the cores do not spin against each other."""
+    from gpen import distributed
+
+    size, resources, threads = distributed.pool_shape(ray, "local", cpus_per_actor=1)
+    assert (size, threads) == (2, 2) and resources["num_cpus"] == 1
+
+    def environment():
+        return os.environ.get("OMP_WAIT_POLICY"), os.environ.get("PYTHONPATH")
+
+    wait_policy, path = ray.get(ray.remote(**resources)(environment).remote())
+    assert wait_policy == "PASSIVE" and str(REPO) in path  # the job's own variables are kept
+
+
 def test_without_ray_the_message_names_the_extra(monkeypatch, restore, photos, tmp_path, capsys):
     import builtins
 
@@ -139,7 +156,7 @@ def test_a_long_clip_is_split_into_segments_restored_apart_and_joined(restore, p
     folder.mkdir()
     make_clip(folder / "long.mp4", picture, frames=30, size=(320, 240), step=2, gop=8)
     options = ["--temporal-smoothing", 1, "--chunk", 4, "--crf", 0]  # x264 at CRF 0 is lossless
-    assert one_thread(lambda: restore(folder, "-o", tmp_path / "plain", *options)) == 0
+    assert like_the_actors(lambda: restore(folder, "-o", tmp_path / "plain", *options)) == 0
     counts = capsys.readouterr().out.split("long.mp4: ")[1].split(" restored")[0]
     assert counts == "30 frames, 90 faces"
     assert restore(folder, "-o", tmp_path / "ray", "--ray", "local", "--ray-segment", 0.4, *options) == 0
