@@ -600,7 +600,10 @@ def restore_video(src: str | os.PathLike, dst: str | os.PathLike, model, detecto
     check_video_options(codec, crf, chunk)
     summary = VideoSummary(src, dst)
     reader = VideoReader(src, max_megapixels, info, keep_yuv=True, audio=span is None)
-    span = span or range(reader.info.frames)
+    span = range(reader.info.frames) if span is None else span
+    if not span:
+        reader.close()
+        raise ValueError(f"{src}: span {span.start}:{span.stop} holds no frame")
     start = max(0, span.start - smoothing_reach(temporal_sigma))  # the first frame read
     lead = span.start - start  # frames read for smoothing alone, before the segment
     bar = None
@@ -682,7 +685,8 @@ def join_segments(segments: list[Path], src: str | os.PathLike, dst: str | os.Pa
         video.codec_context.framerate = original.average_rate or original.guessed_rate  # Matroska keeps it per track
         audio, notes = add_audio_streams(out, list(source.streams.audio))
         pieces = [_moved(part.demux(video=0), {part.streams.video[0].index: video}) for part in inputs]
-        sound = _moved(source.demux(*(source.streams[index] for index in audio)), audio)
+        # demux() with no stream reads them all: a clip with no audio to copy has no sound to merge.
+        sound = _moved(source.demux(*(source.streams[index] for index in audio)), audio) if audio else iter(())
         frames = _timed(itertools.chain(*pieces), counted=out.format.name == "avi")
         for packet in heapq.merge(frames, sound, key=_decode_time):
             out.mux(packet)

@@ -274,9 +274,10 @@ def test_the_reader_starts_at_any_frame(tmp_path, suffix):
         assert len(later) == 30 - start and all(torch.equal(a, b) for a, b in zip(later, every[start:]))
 
 
-@pytest.mark.parametrize("suffix", [".mp4", ".mov", ".mkv", ".webm", ".avi"])
-def test_segments_joined_are_the_clip_restored_whole(tmp_path, suffix):
-    source = make_clip(tmp_path / f"clip{suffix}", frames=30, audio=AUDIO[suffix], step=2, gop=8)
+@pytest.mark.parametrize("suffix, silent", [(s, False) for s in (".mp4", ".mov", ".mkv", ".webm", ".avi")]
+                         + [(".mp4", True), (".mkv", True)], ids=lambda v: {True: "silent", False: "audio"}.get(v, v))
+def test_segments_joined_are_the_clip_restored_whole(tmp_path, suffix, silent):
+    source = make_clip(tmp_path / f"clip{suffix}", frames=30, audio=None if silent else AUDIO[suffix], step=2, gop=8)
     options = dict(progress=False, temporal_sigma=1, chunk=4, crf=0)  # x264 at CRF 0 is lossless
     restore_video(source, tmp_path / f"whole{suffix}", GreyRestorer(64), OneFace(), **options)
     parts = []
@@ -287,10 +288,17 @@ def test_segments_joined_are_the_clip_restored_whole(tmp_path, suffix):
         with av.open(str(part)) as segment:
             assert not segment.streams.audio  # the clip's audio is copied once, whole, when joining
         parts.append(part)
+    with pytest.raises(ValueError, match="span 5:5 holds no frame"):
+        restore_video(source, tmp_path / "segments" / f"empty{suffix}", GreyRestorer(64), OneFace(), span=range(5, 5),
+                      **options)
     assert join_segments(parts, source, tmp_path / f"joined{suffix}") == []
     joined, whole = tmp_path / f"joined{suffix}", tmp_path / f"whole{suffix}"
     assert timing(joined) == timing(whole)
-    assert audio_packets(joined) == audio_packets(source)
+    if silent:
+        with av.open(str(joined)) as result:
+            assert not result.streams.audio
+    else:
+        assert audio_packets(joined) == audio_packets(source)
     if suffix != ".webm":  # VP9 at CRF 0 is not lossless
         with av.open(str(joined)) as a, av.open(str(whole)) as b:
             assert all(np.array_equal(x.to_ndarray(), y.to_ndarray()) for x, y in zip(a.decode(video=0),
