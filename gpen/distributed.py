@@ -26,6 +26,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .io import write_file_atomically
+
 ATTEMPTS = 2  # a file is tried this many times before it is reported failed
 # CPU actors run more torch threads than their slots; OpenMP threads that spin while they wait for work
 # would then take the cores from each other (2 actors x 2 threads on 2 cores: 8.5 s a GPEN-512 face
@@ -88,7 +90,6 @@ class Segment:
 
     def restore(self, worker: Restorer, info):
         from .cli import restore_clip
-        from .io import write_file_atomically
 
         if self.record.exists() and self.path.exists():  # done by an earlier run, or attempt
             return read_summary(self.record)
@@ -115,10 +116,15 @@ def segment_folder(target: Path) -> Path:
     return target.with_name(f".{target.name}.segments")
 
 
-def plan_tasks(jobs: list, videos: dict, seconds: float, overwrite: bool, actors: int = 1) -> list:
+def plan_tasks(jobs: list, videos: dict, seconds: float, overwrite: bool, actors: int = 1, chunk: int = 1,
+               made_with=None) -> list:
     """The jobs, with each clip longer than 1.5 x `seconds` split into segments of about `seconds`
-    (0: never split), as many as a multiple of `actors`, so that no actor waits out the last round.
-    With `overwrite`, segments left by an earlier run are removed, not reused."""
+    (0: never split); into a multiple of `actors` of them where that keeps them at least half as long,
+    so that no actor waits out the last round. Segments start on multiples of `chunk`, where the whole
+    run's chunks start too, so that what is smoothed within a chunk (masks) is as in the whole run.
+
+    Segments an earlier run left are reused only when `made_with(job)` (a JSON-able record of what
+    decides their pixels) is what they were made with, and never with `overwrite`."""
     tasks = []
     for job in jobs:
         info = videos.get(job)
@@ -127,13 +133,37 @@ def plan_tasks(jobs: list, videos: dict, seconds: float, overwrite: bool, actors
             tasks.append(job)
             continue
         folder = segment_folder(job.target)
-        if overwrite:
+        record = folder / "made-with.json"
+        made = json.dumps(made_with(job) if made_with else {}, sort_keys=True, default=str)
+        if overwrite or not (record.is_file() and record.read_text() == made):
             shutil.rmtree(folder, ignore_errors=True)
-        count = min(info.frames, -(-round(info.frames / length) // actors) * actors)
-        bounds = [round(i * info.frames / count) for i in range(count + 1)]
+        folder.mkdir(parents=True, exist_ok=True)
+        write_file_atomically(record, made.encode())
+        count = round(info.frames / length)
+        pooled = -(-count // actors) * actors
+        count = pooled if info.frames / pooled >= length / 2 else count
+        starts = {round(i * info.frames / count / chunk) * chunk for i in range(count)}
+        bounds = sorted({start for start in starts if start < info.frames} | {info.frames})
         tasks += [Segment(job, range(a, b), folder / f"{a:09d}-{b:09d}{job.target.suffix}")
                   for a, b in zip(bounds, bounds[1:])]
     return tasks
+
+
+# Options that say how a run is carried out, not what its results hold.
+RUN_OPTIONS = {"inputs", "legacy_inputs", "output", "overwrite", "ray", "ray_actors", "ray_cpus_per_actor",
+               "max_megapixels", "face_batch"}
+
+
+def made_with(args, job) -> dict:
+    """What decides a clip's restored pixels: the restore options, and the size and time of its source
+    and of the model and detector files given by path."""
+    made = {name: value for name, value in sorted(vars(args).items()) if name not in RUN_OPTIONS}
+    for name, path in (("source", job.source), ("model_file", getattr(args, "model", None)),
+                       ("detector_file", getattr(args, "detector", None))):
+        if path and Path(path).is_file():
+            stat = Path(path).stat()
+            made[name] = [str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns]
+    return made
 
 
 @dataclass
@@ -201,7 +231,8 @@ def run_on_ray(jobs: list, args, address: str | None = "local", report=None, vid
     overwrite = bool(args.overwrite)
     size, resources, threads = pool_shape(ray, address, cpus_per_actor)
     size = max(1, min(size, getattr(args, "ray_actors", 0) or size))
-    tasks = plan_tasks(jobs, videos, getattr(args, "ray_segment", 0), overwrite, size)
+    tasks = plan_tasks(jobs, videos, getattr(args, "ray_segment", 0), overwrite, size, getattr(args, "chunk", 1),
+                       lambda job: made_with(args, job))
     outcomes = {task: Outcome(task) for task in tasks}
     if not tasks:
         return outcomes

@@ -183,14 +183,46 @@ def test_clips_are_cut_into_segments_of_about_the_length_asked(tmp_path):
     assert all(isinstance(t, Segment) and t.job is jobs[0] for t in tasks[:-1])
     halves = plan_tasks(jobs, videos, seconds=3, overwrite=False, actors=2)  # 4: no actor idle in the last round
     assert [t.span for t in halves[:-1]] == [range(0, 62), range(62, 125), range(125, 188), range(188, 250)]
+    many = plan_tasks(jobs, videos, seconds=3, overwrite=False, actors=64)  # 64 segments of 4 frames: no
+    assert [t.span for t in many[:-1]] == [t.span for t in tasks[:-1]]
+    aligned = plan_tasks(jobs, videos, seconds=3, overwrite=False, chunk=16)  # where the whole run's chunks start
+    assert [t.span for t in aligned[:-1]] == [range(0, 80), range(80, 160), range(160, 250)]
     assert plan_tasks(jobs, videos, seconds=8, overwrite=False) == jobs  # under 1.5 segments: whole
     assert plan_tasks(jobs, videos, seconds=0, overwrite=False) == jobs
-    tasks[0].path.parent.mkdir(parents=True)
-    tasks[0].path.write_bytes(b"from an earlier run")
-    plan_tasks(jobs, videos, seconds=3, overwrite=False)
-    assert tasks[0].path.exists()  # kept, to resume from
-    plan_tasks(jobs, videos, seconds=3, overwrite=True)
-    assert not tasks[0].path.parent.exists()  # --overwrite starts again
+
+
+def test_segments_of_an_earlier_run_are_reused_only_if_made_the_same_way(tmp_path):
+    from gpen.distributed import plan_tasks
+    from gpen.video import VideoInfo
+
+    job = cli.Job(1, tmp_path / "a.mp4", tmp_path / "out" / "a.mp4")
+    videos = {job: VideoInfo(job.source, 320, 240, frames=250, rate=Fraction(25), time_base=Fraction(1, 25))}
+    plan = lambda overwrite=False, model="GPEN-BFR-512": plan_tasks(  # noqa: E731
+        [job], videos, seconds=3, overwrite=overwrite, made_with=lambda job: {"model": model})
+    first = plan()[0].path
+    first.write_bytes(b"from an earlier run")
+    plan()
+    assert first.exists()  # kept, to resume from
+    plan(model="GPEN-BFR-1024")
+    assert not first.exists()  # made with another model: restored again
+    first.write_bytes(b"from an earlier run")
+    plan(overwrite=True, model="GPEN-BFR-1024")
+    assert not first.exists()  # --overwrite starts again
+
+
+def test_what_a_segment_is_made_with_is_the_options_and_the_files(tmp_path):
+    from argparse import Namespace
+
+    from gpen.distributed import made_with
+
+    source = tmp_path / "a.mp4"
+    source.write_bytes(b"a clip")
+    job = cli.Job(1, source, tmp_path / "out" / "a.mp4")
+    args = Namespace(strength=0.5, crf=16, model="GPEN-BFR-512", detector=None, output="out", ray="local", ray_actors=2)
+    made = made_with(args, job)
+    assert made["strength"] == 0.5 and made["model"] == "GPEN-BFR-512" and "output" not in made and "ray" not in made
+    os.utime(source, ns=(0, 0))  # the source replaced or touched
+    assert made_with(args, job) != made
 
 
 def test_a_segment_finished_by_an_earlier_run_is_not_restored_again(tmp_path):
