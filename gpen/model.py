@@ -388,12 +388,14 @@ class GPEN(nn.Module):
                              on_batch=on_batch, cancel=cancel)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[0] > 1 and x.device.type == "cpu":
+        fast = workspace.usable(self, x)  # on the CPU, not recording autograd nor tracing
+        if x.shape[0] > 1 and fast:
             # At batch 1 styles fold into the weights (plain dense convolutions); on the CPU that beats
-            # modulating a batch's activations, so a batch goes one face at a time.
+            # modulating a batch's activations, so a batch goes one face at a time. A trace (ONNX
+            # export) keeps the batched layers, so that it takes any batch size.
             return torch.cat([self(face[None]) for face in x])
         x = x.to(self.ecd0[0][0].weight.dtype).contiguous(memory_format=torch.channels_last)
-        space = workspace.workspace(self) if workspace.usable(self, x) else None  # batch 1, see above
+        space = workspace.workspace(self) if fast else None
         features = []
         for i in range(self.n_encoders):
             x = getattr(self, f"ecd{i}")[0](x, space, f"e{i}")

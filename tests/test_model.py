@@ -172,6 +172,14 @@ def test_the_cpu_workspace_path_gives_the_plain_forward(monkeypatch, fused):
     assert workspace.workspace(model).bytes == 0
 
 
+def test_a_trace_takes_any_batch_size():
+    model = random_gpen()
+    x = torch.rand(3, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        traced = torch.jit.trace(model, x[:2], check_trace=False)
+        assert torch.allclose(traced(x), model(x), atol=1e-5)
+
+
 def test_threads_sharing_a_model_keep_their_own_workspace(monkeypatch):
     from concurrent.futures import ThreadPoolExecutor
 
