@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .workspace import tracing
+
 # Lavin & Gray (2016), interpolation points 0, 1, -1, 2, -2 and infinity.
 _BT = torch.tensor([[4, 0, -5, 0, 1, 0], [0, -4, -4, 1, 1, 0], [0, 4, -4, -1, 1, 0],
                     [0, -2, -1, 2, 1, 0], [0, 2, -1, -2, 1, 0], [0, 4, 0, -5, 0, 1]], dtype=torch.float64)
@@ -32,7 +34,7 @@ PART_BYTES = 16 * 2 ** 20
 def worthwhile(x: torch.Tensor, weight: torch.Tensor) -> bool:
     return (x.device.type == "cpu" and x.dtype == torch.float32 and weight.shape[-2:] == (3, 3)
             and weight.shape[1] >= MIN_CHANNELS and x.shape[-2] % 4 == 0 and x.shape[-1] % 4 == 0
-            and x.shape[-2] * x.shape[-1] >= MIN_PIXELS)
+            and x.shape[-2] * x.shape[-1] >= MIN_PIXELS and not tracing())
 
 
 def conv3x3(x: torch.Tensor | tuple[torch.Tensor, ...], weight: torch.Tensor, out: torch.Tensor | None = None,

@@ -65,8 +65,12 @@ def usable(model: torch.nn.Module, x: torch.Tensor) -> bool:
     """The workspace path is for running on the CPU: its in-place writes are not differentiable,
     and a trace (ONNX export, TorchScript, torch.compile) should see the plain layers."""
     recording = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in model.parameters()))
-    tracing = torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or torch.compiler.is_compiling()
-    return x.device.type == "cpu" and not recording and not tracing
+    return x.device.type == "cpu" and not recording and not tracing()
+
+
+def tracing() -> bool:
+    """Whether a trace (ONNX export, TorchScript, torch.compile) is recording: it should see plain layers."""
+    return torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or torch.compiler.is_compiling()
 
 
 def worthwhile(x: torch.Tensor, largest_map_bytes: int) -> bool:
