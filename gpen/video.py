@@ -591,7 +591,8 @@ def restore_video(src: str | os.PathLike, dst: str | os.PathLike, model, detecto
     With `span`, only those frames of the clip are restored, into `dst` as a segment holding video
     alone, at the clip's timestamps, for `join_segments` to put together with the others and the
     audio: the frames around it are read as far as smoothing looks, so the segments of a clip
-    together are the clip restored whole.
+    together are the clip restored whole (masks smoothed within a chunk too, where each segment starts
+    on a multiple of `chunk`).
     """
     av = _av()
 
