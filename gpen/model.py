@@ -11,15 +11,18 @@ written for inference speed rather than as a transcript of the reference:
   modulated instead and the output demodulated, again with plain convolutions;
 - the fixed FIR blur runs as a depthwise convolution instead of upfirdn2d's reshapes;
 - feature maps are channels_last, and wide 3x3 layers on the CPU use Winograd (winograd.py);
-- on the CPU, large layers write into a workspace the model keeps (workspace.py), in place: the
-  concatenations with the encoder's features are never made (each half is convolved with its half
-  of the weight) and the transposed convolutions are made from their four phases;
+- on the CPU (batch 1: a batch goes face by face there), layers write into a workspace the model
+  keeps (workspace.py), in place: the concatenations with the encoder's features are never made
+  (each half is convolved with its half of the weight) and the transposed convolutions are made
+  from their four phases;
+- convolution weights are kept channels_last in memory (`conv_weight`), as oneDNN takes them;
 - styles, modulations and demodulation coefficients are computed in float32 whatever the weights'
   dtype, so float16 cannot overflow in the sums of squares.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import torch
@@ -65,6 +68,19 @@ def fill_bias_(out: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     return out.copy_(bias.to(out.dtype).view(1, -1, 1, 1).expand(out.shape))
 
 
+def conv_weight(*shape: int) -> nn.Parameter:
+    """A random convolution weight of the checkpoints' shape (..., out, in, k, k), kept in memory as
+    (..., out, k, k, in): channels_last, the layout oneDNN's CPU convolutions take without a copy,
+    in which the taps of a kernel are dense (out, in) slices. Loading copies into this layout."""
+    *outer, channels, height, width = shape
+    return nn.Parameter(torch.randn(*outer, height, width, channels).movedim(-1, -3))
+
+
+def modulate(weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """weight (O,C,k,k) times scale (O,C), worked in float32, in weight's dtype and memory layout."""
+    return (weight.float() * scale[:, :, None, None]).to(weight.dtype)
+
+
 def blur(x: torch.Tensor, kernel: torch.Tensor, pad: int) -> torch.Tensor:
     """The reference's upfirdn2d(up=1, down=1, pad=(pad, pad)) as a depthwise convolution."""
     return F.conv2d(x, blur_weight(kernel, x), padding=pad, groups=x.shape[1])
@@ -88,12 +104,11 @@ class EqualLinear(nn.Module):
         self.activation = activation
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Always in float32: these layers are tiny and feed the demodulation."""
-        weight = self.weight.float() * self.scale
+        """Always in float32: these layers are small and feed the demodulation. The scale goes on the
+        output, a few hundred numbers, rather than on the weight (4M at GPEN-512's final_linear)."""
+        out = F.linear(x.float(), self.weight.float()).mul_(self.scale)
         bias = self.bias.float() * self.lr_mul
-        if self.activation:
-            return fused_leaky_relu(F.linear(x.float(), weight), bias)
-        return F.linear(x.float(), weight, bias)
+        return fused_leaky_relu(out, bias) if self.activation else out.add_(bias)
 
 
 class PixelNorm(nn.Module):
@@ -122,7 +137,7 @@ class ModulatedConv2d(nn.Module):
         self.demodulate = demodulate
         self.scale = 1 / math.sqrt(in_channel * kernel_size ** 2)
         self.padding = kernel_size // 2
-        self.weight = nn.Parameter(torch.randn(1, out_channel, in_channel, kernel_size, kernel_size))
+        self.weight = conv_weight(1, out_channel, in_channel, kernel_size, kernel_size)
         self.modulation = EqualLinear(style_dim, in_channel, bias_init=1)
         if upsample:
             # The transposed conv's output is 2h+1 wide; the blur (4 taps, padding 1) brings it to 2h.
@@ -134,22 +149,22 @@ class ModulatedConv2d(nn.Module):
         maps that together are its channels (a concatenation never made), and given `out`, the
         result is added into it."""
         s = self.modulation(style) * self.scale  # (B, in), float32
-        weight = self.weight[0]  # (out, in, k, k)
+        weight = self.weight[0]  # (out, in, k, k), channels_last
         demod = None
         if self.demodulate:  # sum over (in, k, k) of (weight * s)^2, without forming weight * s
-            energy = torch.linalg.vector_norm(weight.float(), dim=(2, 3)).square()
+            energy = weight.float().square().sum((2, 3))  # (vector_norm is slow on channels_last)
             demod = torch.rsqrt(s.square() @ energy.t() + 1e-8)
         parts = x if isinstance(x, tuple) else (x,)
-        if parts[0].shape[0] == 1 and weight.numel() < sum(part.numel() for part in parts):
-            # Folding style and demodulation into the weight is cheaper than touching the activations.
+        if out is not None or parts[0].shape[0] == 1 and weight.numel() < sum(part.numel() for part in parts):
+            # At batch 1 style and demodulation fold into the weight: cheaper than touching the
+            # activations where those are the larger, and the way of the workspace path (given out).
             scale = s.view(1, -1) if demod is None else demod.view(-1, 1) * s.view(1, -1)
-            weight = (weight.float() * scale[:, :, None, None]).to(parts[0].dtype)
             if out is None and len(parts) == 1:
-                return self._conv(x, weight)
+                return self._conv(x, modulate(weight, scale))
             if out is None:
                 out = torch.empty(self._out_shape(parts[0]), dtype=weight.dtype, device=weight.device,
                                   memory_format=torch.channels_last).zero_()
-            return self._conv_into(out, parts, weight, space)
+            return self._conv_into(out, parts, weight, scale, space)
         x = torch.cat(parts, 1)
         result = self._conv(x * s.to(x.dtype)[:, :, None, None], weight.to(x.dtype))
         result = result if demod is None else result.mul_(demod.to(result.dtype)[:, :, None, None])
@@ -167,15 +182,17 @@ class ModulatedConv2d(nn.Module):
         return F.conv2d(x, weight, padding=self.padding)
 
     def _conv_into(self, out: torch.Tensor, parts: tuple[torch.Tensor, ...], weight: torch.Tensor,
-                   space: Workspace | None) -> torch.Tensor:
-        """out += the convolution of the parts' channels, each convolved with its slice of the weight
-        and written straight into out (oneDNN adds into a dense destination in place)."""
+                   scale: torch.Tensor, space: Workspace | None) -> torch.Tensor:
+        """out += the convolution of the parts' channels by the weight modulated by scale (O,C), each
+        part convolved with its slice of the weight and written straight into out (oneDNN adds into
+        a dense destination in place)."""
         if not self.upsample and winograd.worthwhile(parts[0], weight):
-            return winograd.conv3x3(parts, weight, out)
-        weights = weight.split([part.shape[1] for part in parts], dim=1)
+            return winograd.conv3x3(parts, modulate(weight, scale), out)
+        bounds = [0, *itertools.accumulate(part.shape[1] for part in parts)]
+        slices = [slice(start, stop) for start, stop in zip(bounds, bounds[1:])]
         if not self.upsample:
-            for part, w in zip(parts, weights):
-                conv_into(out, part, w, (self.padding, self.padding))
+            for part, channels in zip(parts, slices):
+                conv_into(out, part, modulate(weight[:, channels], scale[:, channels]), (self.padding, self.padding))
             return out
         # The transposed convolution's output T (2h+1 square) by its four phases, each an ordinary
         # convolution: an even row 2m of T takes kernel row 2 from x's row m-1 and kernel row 0 from
@@ -187,10 +204,23 @@ class ModulatedConv2d(nn.Module):
         for row, row_taps, row_pad, rows in phases:
             for col, col_taps, col_pad, cols in phases:
                 phase = space.take("phase", (batch, weight.shape[0], rows, cols), parts[0]).zero_()
-                for part, w in zip(parts, weights):
-                    conv_into(phase, part, w[:, :, row_taps][:, :, :, col_taps].contiguous(), (row_pad, col_pad))
+                for part, channels in zip(parts, slices):
+                    taps = phase_weight(weight[:, channels], scale[:, channels], row_taps, col_taps)
+                    conv_into(phase, part, taps, (row_pad, col_pad))
                 t[:, :, row::2, col::2] = phase
         return conv_into(out, t, blur_weight(self.blur.kernel, t), (self.blur.pad, self.blur.pad), groups=t.shape[1])
+
+
+def phase_weight(weight: torch.Tensor, scale: torch.Tensor, rows: list[int], cols: list[int]) -> torch.Tensor:
+    """modulate(weight, scale)[:, :, rows][:, :, :, cols], channels_last, made tap by tap: each tap
+    of a channels_last weight is a dense (O,C) slice, where indexing the whole kernel is slow."""
+    taps = torch.empty(weight.shape[0], weight.shape[1], len(rows), len(cols), dtype=weight.dtype,
+                       device=weight.device, memory_format=torch.channels_last)
+    scale = scale.to(weight.dtype)
+    for i, row in enumerate(rows):
+        for j, col in enumerate(cols):
+            torch.mul(weight[:, :, row, col], scale, out=taps[:, :, i, j])
+    return taps
 
 
 class NoiseInjection(nn.Module):
@@ -292,7 +322,7 @@ class Generator(nn.Module):
 
     def forward(self, latent: torch.Tensor, features: list[torch.Tensor], space: Workspace | None = None) -> torch.Tensor:
         """latent: (B, style_dim) from the encoder; features: encoder outputs from 4x4 upwards.
-        With `space`, large layers write into three pairs of its blocks in turn (input, two outputs)."""
+        With `space`, layers write into three pairs of its blocks in turn (input, two outputs)."""
         w = self.style(latent)
         x = self.input.input.to(features[0].dtype).expand(latent.shape[0], -1, -1, -1)
         x = self.conv1(x, w, features[0])
@@ -300,7 +330,7 @@ class Generator(nn.Module):
         holding = None  # the blocks x is in
         stages = list(zip(self.convs[::2], self.convs[1::2], self.to_rgbs, features[1:]))
         for conv_up, conv, to_rgb, feature in stages:
-            if space is not None and workspace.worthwhile(feature, 2 * feature.numel() * feature.element_size()):
+            if space is not None:
                 first, second = [name for name in "abc" if name != holding][:2]
                 x = conv_up(x, w, feature, space, (first + "0", first + "1"))
                 # The last layer's noise half goes into block 't', free once the upsampling is done:
@@ -317,7 +347,7 @@ class Generator(nn.Module):
 class EqualConv2d(nn.Module):
     def __init__(self, in_channel: int, out_channel: int, kernel_size: int):
         super().__init__()
-        self.weight = nn.Parameter(torch.randn(out_channel, in_channel, kernel_size, kernel_size))
+        self.weight = conv_weight(out_channel, in_channel, kernel_size, kernel_size)
         self.scale = 1 / math.sqrt(in_channel * kernel_size ** 2)
 
 
@@ -335,15 +365,14 @@ class EncoderLayer(nn.Sequential):
         self.padding = 0 if downsample else kernel_size // 2
 
     def forward(self, x: torch.Tensor, space: Workspace | None = None, name: str = "") -> torch.Tensor:
-        """With `space`, a large layer writes its output into the block `name` (and blurs in block
+        """With `space`, the layer writes its output into the block `name` (and blurs in block
         't', which the decoder's transposed convolutions use once the encoder is done)."""
         *pre, conv, act = self
         weight = (conv.weight * conv.scale).to(x.dtype)
         stride = 2 if self.downsample else 1
         batch, channels, height, width = x.shape
         shape = (batch, weight.shape[0], height // stride, width // stride)
-        largest = max(math.prod(shape), channels * (height + 1) * (width + 1) * batch) * x.element_size()
-        if space is None or not workspace.worthwhile(x, largest):
+        if space is None:
             for layer in pre:
                 x = layer(x)
             return act(F.conv2d(x, weight, stride=stride, padding=self.padding))
@@ -353,6 +382,14 @@ class EncoderLayer(nn.Sequential):
                           groups=channels)
         out = fill_bias_(space.take(name, shape, x), act.bias)
         return leaky_relu_gain_(conv_into(out, x, weight, (self.padding, self.padding), stride))
+
+
+def dense_state_dict(module: nn.Module, state: dict, prefix: str, metadata) -> None:
+    """state_dict() hook: weights in the checkpoints' own dense layout whatever their layout in memory
+    (conv_weight), so that they save anywhere (safetensors refuses strided tensors)."""
+    for key, value in state.items():
+        if key.startswith(prefix) and not value.is_contiguous():
+            state[key] = value.contiguous()
 
 
 class GPEN(nn.Module):
@@ -378,6 +415,7 @@ class GPEN(nn.Module):
         self.final_linear = nn.Sequential(EqualLinear(channels[4] * 16, style_dim, activation=True))
         self.n_encoders = log_size - 1
         self.info = None  # a checkpoint.ModelInfo once loaded from a file
+        self.register_state_dict_post_hook(dense_state_dict)
 
     def restore(self, faces: torch.Tensor, batch_size: int = 4, on_batch=None, cancel=None) -> torch.Tensor:
         """Restore aligned face crops, (B,S,S,3) float 0..1 -> the same; see restorer.restore_crops.

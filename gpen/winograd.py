@@ -1,9 +1,11 @@
 """3x3 stride-1 convolution by Winograd's minimal filtering F(4x4, 3x3), for the CPU.
 
 Each 4x4 block of output comes from a 6x6 input tile with 36 multiplies per channel pair instead of
-144, as 36 batched matrix products. PyTorch's CPU convolutions (oneDNN on AVX2) are direct, so on
-GPEN's wide low-resolution layers this halves the time; on narrow high-resolution ones the tile
-transforms cost more than they save, and on GPUs cuDNN already does this. Error is ~1e-5 relative.
+144, as 36 batched matrix products. PyTorch's CPU convolutions (oneDNN) are direct: with AVX2 they
+run at ~200 GFLOP/s on 2 cores and this cuts GPEN's wide low-resolution layers by a third to a half;
+with AVX-512 they run twice as fast, the tile transforms do not, and this loses (measured on one Zen 5
+with and without ONEDNN_MAX_CPU_ISA=AVX2). On narrow high-resolution layers the transforms cost more
+than they save, and on GPUs cuDNN already does this. Error is ~1e-5 relative.
 """
 
 from __future__ import annotations
@@ -29,10 +31,11 @@ MIN_PIXELS = 64 * 64  # and on smaller maps the weight transform does
 # glibc serves freed blocks under 32 MiB again from its heap; larger ones are mapped afresh each time,
 # and faulting their pages in cost about a third of GPEN's CPU time. Work is cut into parts near this.
 PART_BYTES = 16 * 2 ** 20
+ENABLED = "AVX512" not in torch.backends.cpu.get_cpu_capability()
 
 
 def worthwhile(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    return (x.device.type == "cpu" and x.dtype == torch.float32 and weight.shape[-2:] == (3, 3)
+    return (ENABLED and x.device.type == "cpu" and x.dtype == torch.float32 and weight.shape[-2:] == (3, 3)
             and weight.shape[1] >= MIN_CHANNELS and x.shape[-2] % 4 == 0 and x.shape[-1] % 4 == 0
             and x.shape[-2] * x.shape[-1] >= MIN_PIXELS and not tracing())
 

@@ -2,8 +2,8 @@
 
 At GPEN-512 and up, each forward pass makes feature maps of 32-512 MB. Asked for fresh each time,
 glibc maps new pages for every one (blocks over 32 MiB never come from its heap), and faulting
-those pages in cost about a third of the forward pass on the CPU. Here the largest maps go into a
-few named blocks that a model keeps (one set per thread) and reuses, and convolutions write their
+those pages in cost about a third of the forward pass on the CPU. Here the maps go into a few
+named blocks that a model keeps (one set per thread) and reuses, and convolutions write their
 results straight into them, channel slices and strided phases included, with oneDNN's in-place
 "add" convolution, the op PyTorch's own compiler fuses into on the CPU. Where that op is missing
 (another build, another device), `conv_into` falls back to adding an ordinary conv2d's result.
@@ -18,10 +18,6 @@ from functools import lru_cache
 
 import torch
 import torch.nn.functional as F
-
-# Layers whose largest map is at least this big work in the workspace; smaller ones are cheap to
-# allocate (glibc's heap serves them again) and not worth the bookkeeping.
-MIN_BYTES = 16 * 2 ** 20
 
 _held = threading.local()  # per thread: model -> Workspace (weakly, so a model's blocks go with it)
 
@@ -71,10 +67,6 @@ def usable(model: torch.nn.Module, x: torch.Tensor) -> bool:
 def tracing() -> bool:
     """Whether a trace (ONNX export, TorchScript, torch.compile) is recording: it should see plain layers."""
     return torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or torch.compiler.is_compiling()
-
-
-def worthwhile(x: torch.Tensor, largest_map_bytes: int) -> bool:
-    return x.device.type == "cpu" and x.shape[0] == 1 and largest_map_bytes >= MIN_BYTES
 
 
 def conv_into(out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, padding: tuple[int, int] = (0, 0),

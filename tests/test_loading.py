@@ -73,10 +73,10 @@ def export_onnx(model, path):
 
 def test_onnx_export_restores_like_the_torch_model(tmp_path, monkeypatch):
     pytest.importorskip("onnx")
-    from gpen import winograd, workspace
+    from gpen import winograd
 
-    # The CPU workspace path and Winograd, as at 512 and up (Winograd's unfold has no ONNX export): not exported.
-    monkeypatch.setattr(workspace, "MIN_BYTES", 1)
+    # Neither the CPU workspace path nor Winograd (whose unfold has no ONNX export) is exported.
+    monkeypatch.setattr(winograd, "ENABLED", True)
     monkeypatch.setattr(winograd, "MIN_CHANNELS", 1)
     monkeypatch.setattr(winograd, "MIN_PIXELS", 1)
     model = random_gpen(64, narrow=0.0625)  # ONNX GPEN files are 64 to 4096 pixels
