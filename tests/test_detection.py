@@ -1,12 +1,13 @@
 """Face detection: the reference detector's faces on the Solvay photo, both backbones, NMS, batches."""
 
+import cv2
 import pytest
 import torch
 
 import gpen
 from gpen import CheckpointError
 from gpen.detection import box_iou, nms
-from gpen.retinaface import RetinaFace
+from gpen.retinaface import RetinaFace, fold_batch_norms
 
 
 def assert_matches_reference(faces, reference, box_scale=1.0):
@@ -38,8 +39,9 @@ def test_frames_are_detected_in_one_batch(detector, solvay, reference_faces):
 def test_large_frames_are_detected_downscaled_and_mapped_back(detector, solvay):
     big = torch.nn.functional.interpolate(solvay.permute(0, 3, 1, 2), scale_factor=2, mode="bilinear")
     (faces,) = detector.detect(big.permute(0, 2, 3, 1))  # 2656 px wide: run at the detector's 1600
-    working = torch.nn.functional.interpolate(big, size=(684, 1600), mode="area")
-    (at_working_scale,) = detector.detect(working.permute(0, 2, 3, 1))
+    # Shrunk as the detector shrinks frames on the CPU: by pixel areas (OpenCV's INTER_AREA).
+    working = cv2.resize(big[0].permute(1, 2, 0).numpy(), (1600, 684), interpolation=cv2.INTER_AREA)
+    (at_working_scale,) = detector.detect(torch.from_numpy(working)[None])
     assert len(faces) == len(at_working_scale) == 29
     scale = torch.tensor([2656 / 1600, 1136 / 684] * 2)
     assert torch.allclose(faces.boxes, at_working_scale.boxes * scale, atol=0.5)
@@ -187,3 +189,19 @@ def test_a_detector_with_nan_weights_is_refused(tmp_path, shared):
     torch.save(state, tmp_path / "broken.pth")
     with pytest.raises(CheckpointError, match="broken.pth: ClassHead.0.conv1x1.weight holds NaN"):
         gpen.load_detector(tmp_path / "broken.pth")
+
+
+@pytest.mark.parametrize("backbone", ["mobilenet0.25", "resnet50"])
+def test_batch_norms_fold_into_the_convolutions_before_them(backbone):
+    torch.manual_seed(0)
+    net = RetinaFace(backbone).eval().requires_grad_(False)
+    norms = [m for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    for norm in norms:  # statistics as a trained network has them
+        norm.running_mean.normal_(0, 0.2), norm.running_var.uniform_(0.5, 2)
+        norm.weight.normal_(1, 0.2), norm.bias.normal_(0, 0.2)
+    x = torch.randn(1, 3, 64, 96)
+    with torch.inference_mode():
+        expected = net(x)
+        folded = fold_batch_norms(net)
+        assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+        assert all(torch.allclose(a, b, atol=1e-4, rtol=1e-4) for a, b in zip(folded(x), expected))
