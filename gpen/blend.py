@@ -57,10 +57,11 @@ def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
 
 
 def soften(crops: torch.Tensor) -> torch.Tensor:
-    """GPEN's 3x3 [1 2 1]^2/16 smoothing for small faces, on (N,C,S,S), edges replicated."""
-    kernel = torch.tensor([0.25, 0.5, 0.25], dtype=crops.dtype, device=crops.device)
-    kernel = (kernel[:, None] * kernel[None, :]).expand(crops.shape[1], 1, 3, 3)
-    return F.conv2d(F.pad(crops, (1, 1, 1, 1), mode="reflect"), kernel, groups=crops.shape[1])
+    """GPEN's 3x3 [1 2 1]^2/16 smoothing for small faces, on (N,C,S,S), edges mirrored. By rows and
+    columns with additions: a 3-channel depthwise convolution goes through oneDNN's 16-channel blocks."""
+    x = F.pad(crops, (1, 1, 1, 1), mode="reflect")
+    rows = torch.add(x[..., :-2, :], x[..., 2:, :]).add_(x[..., 1:-1, :], alpha=2)
+    return torch.add(rows[..., :-2], rows[..., 2:]).add_(rows[..., 1:-1], alpha=2).div_(16)
 
 
 def paste_faces(images: torch.Tensor, restored: torch.Tensor, affines: torch.Tensor,
@@ -114,7 +115,8 @@ def prepare_crops(images, restored, affines, frames, color_correction, smooth_sm
         small = (face_px * 0.5 < SMALL_FACE).nonzero().squeeze(1).to(crops.device)  # the face is ~half the crop
         if len(small):
             crops = crops.clone()  # the caller's crops stay as they are
-            crops[small] = soften(crops[small])
+            for i in small.tolist():  # face by face: a batch at once is hundreds of MB of fresh memory
+                crops[i] = soften(crops[i:i + 1])[0]
     if color_correction:
         crops = match_color(crops, warp_faces(images, affines, frames, size, crops.device))
     return crops

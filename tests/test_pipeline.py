@@ -8,7 +8,7 @@ import torch
 import gpen
 import gpen.restorer
 from gpen.align import GPEN_TEMPLATE, template_points
-from gpen.blend import face_mask
+from gpen.blend import face_mask, soften
 from gpen.detection import Faces
 from gpen.pipeline import smooth_landmarks
 from tests.helpers import GreyRestorer, IdentityRestorer, psnr, random_gpen
@@ -43,6 +43,14 @@ def test_crops_of_a_batch_come_from_their_own_frames(solvay, reference_faces):
     assert torch.equal(crops[1], alone[0])
     with pytest.raises(ValueError, match="frames must say"):
         gpen.crop_faces(frames, landmarks, 128)
+
+
+def test_small_faces_are_softened_by_gpens_3x3_kernel():
+    crops = torch.rand(2, 3, 16, 20)
+    kernel = torch.tensor([1.0, 2.0, 1.0])
+    kernel = (kernel[:, None] * kernel[None, :] / 16).expand(3, 1, 3, 3)
+    padded = torch.nn.functional.pad(crops, (1, 1, 1, 1), mode="reflect")
+    assert torch.allclose(soften(crops), torch.nn.functional.conv2d(padded, kernel, groups=3), atol=1e-6)
 
 
 def test_identity_restoration_gives_the_image_back(solvay, detector):
