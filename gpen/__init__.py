@@ -10,15 +10,15 @@ Usable without ComfyUI:
     summary = gpen.restore_video("clip.mp4", "out/clip.mp4", model, detector)  # streamed, audio copied
 """
 
-from .align import crop_faces
-from .blend import paste_faces
-from .checkpoint import CheckpointError
-from .detection import Faces, load_detector
-from .loader import ModelInfo, load_model
-from .model import GPEN
-from .parsing import load_parser
-from .pipeline import Cancelled, FaceInfo, Restoration, locate_faces, restore_faces, select_faces
-from .video import VideoSummary, restore_frames, restore_video
+from .apps.video import VideoSummary, restore_video
+from .archs.gpen.network import GPEN
+from .faces.align import crop_faces
+from .faces.detect import Faces
+from .faces.paste import paste_faces
+from .faces.pipeline import Cancelled, FaceInfo, Restoration, locate_faces, restore_faces, select_faces
+from .faces.stream import restore_frames
+from .files.weights import CheckpointError, ModelInfo
+from .load import load_detector, load_model, load_parser
 
 __all__ = ["GPEN", "Cancelled", "CheckpointError", "FaceInfo", "Faces", "ModelInfo", "Restoration", "VideoSummary",
            "crop_faces", "load_detector", "load_model", "load_parser", "locate_faces", "paste_faces", "restore_faces", "restore_frames",

@@ -9,14 +9,15 @@ from collections import OrderedDict
 import torch
 
 from .. import gpen
-from ..gpen.align import TEMPLATES, warp_faces
-from ..gpen.blend import GPEN_ERODE, GPEN_FEATHER, MASK_SHAPES
-from ..gpen.images import as_rgb
-from ..gpen.masks import PARSE_FEATHER, REGION_PRESETS
-from ..gpen.parsing import load_parser, parse_faces
-from ..gpen.pipeline import ORDERS, PARSE_SOURCES, locate_faces
-from ..gpen.loader import resolve_dtype
-from ..gpen.restorer import restore_aligned
+from ..gpen.devices import resolve_dtype
+from ..gpen.faces.align import TEMPLATES, warp_faces
+from ..gpen.faces.masks import PARSE_FEATHER, REGION_PRESETS
+from ..gpen.faces.parse import parse_faces
+from ..gpen.faces.paste import GPEN_ERODE, GPEN_FEATHER, MASK_SHAPES
+from ..gpen.faces.pipeline import ORDERS, PARSE_SOURCES, locate_faces
+from ..gpen.faces.restore import restore_aligned
+from ..gpen.faces.tensors import as_rgb
+from ..gpen.load import load_parser
 from . import host
 
 CATEGORY = "GPEN"

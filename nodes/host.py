@@ -10,8 +10,8 @@ from pathlib import Path
 
 import torch
 
-from ..gpen.catalogue import MODEL_FOLDERS
-from ..gpen.loader import resolve_device
+from ..gpen.devices import resolve_device
+from ..gpen.files.catalogue import MODEL_FOLDERS
 
 try:  # inside ComfyUI
     import comfy.model_management as model_management

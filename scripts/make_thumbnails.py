@@ -36,8 +36,8 @@ sys.path.insert(0, str(ROOT))
 sys.dont_write_bytecode = True  # leave no __pycache__ in the checkout
 
 import gpen
-from gpen.blend import face_mask
-from gpen.pipeline import detect_faces
+from gpen.faces.paste import face_mask
+from gpen.faces.pipeline import detect_faces
 
 SIZE = 512
 CAPTION = 76  # px at the bottom for the title and one line of detail

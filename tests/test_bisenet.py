@@ -6,9 +6,9 @@ import json
 import pytest
 import torch
 
-from gpen.bisenet import BiSeNet, bisenet_config, imagenet_normalise, is_bisenet
-from gpen.registry import build
-from gpen.checkpoint import CheckpointError, read_state_dict
+from gpen.archs.bisenet import BiSeNet, bisenet_config, imagenet_normalise, is_bisenet
+from gpen.files.registry import build
+from gpen.files.weights import CheckpointError, read_state_dict
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from gpen import catalogue
+from gpen.files import catalogue
 
 
 def torch_bytes(state) -> bytes:

@@ -15,8 +15,8 @@ import pytest
 import torch
 
 import gpen
-import gpen.io
-from gpen.io import ImageFormat, read_image, write_image
+import gpen.files.images
+from gpen.files.images import ImageFormat, read_image, write_image
 from tests.helpers import random_gpen
 
 REPO = Path(__file__).resolve().parents[1]
@@ -94,8 +94,8 @@ def run_with_catalogue(tmp_path, base_url, *args):
     for entry in catalogue["models"]:
         entry["url"] = f"{base_url}/{entry['file']}"
     (tmp_path / "catalogue.json").write_text(json.dumps(catalogue))
-    code = ("import sys, pathlib, gpen.catalogue as c; c.CATALOGUE_FILE = pathlib.Path(sys.argv[1]); "
-            "from gpen.cli import main; sys.exit(main(sys.argv[2:]))")
+    code = ("import sys, pathlib, gpen.files.catalogue as c; c.CATALOGUE_FILE = pathlib.Path(sys.argv[1]); "
+            "from gpen.apps.cli import main; sys.exit(main(sys.argv[2:]))")
     return subprocess.run([sys.executable, "-c", code, tmp_path / "catalogue.json", *map(str, args)],
                           cwd=REPO, capture_output=True, text=True)
 
@@ -214,14 +214,14 @@ def test_download_command_fetches_catalogue_files_into_their_folders(shared, tmp
     assert (tmp_path / "models" / "facedetection" / "detection_mobilenet0.25_Final.pth").stat().st_size == 1789735
 
 
-# No data loss: these run `python -m gpen` in this process (gpen.cli.main), on aligned random crops.
+# No data loss: these run `python -m gpen` in this process (gpen.apps.cli.main), on aligned random crops.
 
 @pytest.fixture
 def gpen_cli(monkeypatch, small_checkpoint):
     """python -m gpen restore --aligned with the small random GPEN; returns the exit status.
 
     The test process keeps its own allocator (main() tunes glibc for the CLI's process)."""
-    from gpen import cli
+    from gpen.apps import cli
 
     monkeypatch.setattr(cli, "keep_freed_memory", lambda: None)
     return lambda *args: cli.main(["restore", *map(str, args), "--aligned", "--model", str(small_checkpoint)])
@@ -297,7 +297,7 @@ def test_results_follow_the_umask_not_mkstemps_0600(gpen_cli, tmp_path):
 
 
 def test_an_unwritable_output_is_refused_before_any_model_loads(monkeypatch, tmp_path, capsys):
-    from gpen import cli
+    from gpen.apps import cli
 
     monkeypatch.setattr(cli, "keep_freed_memory", lambda: None)
     not_a_folder = tmp_path / "notes.txt"
@@ -391,10 +391,10 @@ def test_exif_orientation_is_applied_as_opencv_applies_it(tmp_path, orientation)
     assert np.array_equal(read_image(path)[0], upright)
 
 
-@pytest.mark.parametrize("suffix", gpen.io.IMAGE_SUFFIXES)
+@pytest.mark.parametrize("suffix", gpen.files.images.IMAGE_SUFFIXES)
 def test_the_size_is_read_from_the_header_of_every_file_type(tmp_path, suffix):
     write_image(tmp_path / f"image{suffix}", np.random.rand(30, 70, 3))
-    header = gpen.io.read_header(tmp_path / f"image{suffix}")
+    header = gpen.files.images.read_header(tmp_path / f"image{suffix}")
     assert (header.width, header.height) == (70, 30)
 
 

@@ -6,8 +6,8 @@ import torch
 
 import gpen
 from gpen import CheckpointError
-from gpen.detection import box_iou, nms
-from gpen.retinaface import RetinaFace, fold_batch_norms
+from gpen.archs.retinaface import RetinaFace, fold_batch_norms
+from gpen.faces.detect import box_iou, nms
 
 
 def assert_matches_reference(faces, reference, box_scale=1.0):
@@ -99,7 +99,7 @@ def test_scrfd_onnx_runs_through_insightface_in_image_pixels(tmp_path, height, w
 def close_up(photo: torch.Tensor, box: torch.Tensor, side: int, fill: float) -> torch.Tensor:
     """A square frame of `side` px in which the face in `box` spans `fill` of the width, as a close-up
     shot or an upscaled portrait would show it."""
-    from gpen.align import warp
+    from gpen.faces.align import warp
 
     zoom = side * fill / float(box[2] - box[0])
     centre = (box[:2] + box[2:]) / 2
@@ -159,7 +159,7 @@ def test_the_solvay_faces_are_kept_when_detected_in_two_passes(detector, solvay,
 
 
 def test_detect_size_is_auto_or_a_fixed_long_side(shared, solvay):
-    from gpen.detection import detection_scales
+    from gpen.faces.detect import detection_scales
 
     assert detection_scales(1080, 1920) == [1600 / 1920, 640 / 1920]  # fine for small faces, coarse for large
     assert detection_scales(568, 1328) == [1.0, 640 / 1328]
@@ -175,7 +175,7 @@ def test_detect_size_is_auto_or_a_fixed_long_side(shared, solvay):
 
 
 def test_boxes_inside_or_over_another_are_one_face():
-    from gpen.detection import Faces, one_box_per_face
+    from gpen.faces.detect import Faces, one_box_per_face
 
     boxes = torch.tensor([[0, 0, 100, 100], [10, 10, 60, 60], [5, 0, 105, 100], [200, 0, 260, 60.0]])
     faces = Faces(boxes, torch.tensor([0.9, 0.99, 0.8, 0.7]), torch.zeros(4, 5, 2))

@@ -11,8 +11,9 @@ import torch
 ray = pytest.importorskip("ray", reason="--ray needs Ray: pip install .[cluster]")
 av = pytest.importorskip("av", reason="video needs PyAV (pip install av)")
 
-from gpen import cli  # noqa: E402
-from gpen.io import read_image, write_image  # noqa: E402
+from gpen.apps import cli  # noqa: E402
+from gpen.apps.jobs import Job  # noqa: E402
+from gpen.files.images import read_image, write_image  # noqa: E402
 from tests.helpers import random_gpen  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -120,7 +121,7 @@ def test_cpu_actors_take_idle_cores_and_wait_for_work_asleep():
     """Each actor on a CPU slot runs two torch threads, so that the last files of a run, when the other
     slots are idle, do not crawl on one core; its threads sleep while they wait, so that actors sharing
     the cores do not spin against each other."""
-    from gpen import distributed
+    from gpen.apps import distributed
 
     size, resources, threads = distributed.pool_shape(ray, "local", cpus_per_actor=1)
     assert (size, threads) == (2, 2) and resources["num_cpus"] == 1
@@ -172,10 +173,10 @@ def test_a_long_clip_is_split_into_segments_restored_apart_and_joined(restore, p
 
 
 def test_clips_are_cut_into_segments_of_about_the_length_asked(tmp_path):
-    from gpen.distributed import Segment, plan_tasks
-    from gpen.video import VideoInfo
+    from gpen.apps.distributed import Segment, plan_tasks
+    from gpen.apps.video import VideoInfo
 
-    jobs = [cli.Job(1, tmp_path / "a.mp4", tmp_path / "out" / "a.mp4"), cli.Job(2, tmp_path / "b.png", tmp_path / "b.png")]
+    jobs = [Job(1, tmp_path / "a.mp4", tmp_path / "out" / "a.mp4"), Job(2, tmp_path / "b.png", tmp_path / "b.png")]
     videos = {jobs[0]: VideoInfo(jobs[0].source, 320, 240, frames=250, rate=Fraction(25), time_base=Fraction(1, 25))}
     tasks = plan_tasks(jobs, videos, seconds=3, overwrite=False)  # 75 frames: 250 / 75 = 3.3 segments
     assert [t.span for t in tasks[:-1]] == [range(0, 83), range(83, 167), range(167, 250)] and tasks[-1] is jobs[1]
@@ -192,10 +193,10 @@ def test_clips_are_cut_into_segments_of_about_the_length_asked(tmp_path):
 
 
 def test_segments_of_an_earlier_run_are_reused_only_if_made_the_same_way(tmp_path):
-    from gpen.distributed import plan_tasks
-    from gpen.video import VideoInfo
+    from gpen.apps.distributed import plan_tasks
+    from gpen.apps.video import VideoInfo
 
-    job = cli.Job(1, tmp_path / "a.mp4", tmp_path / "out" / "a.mp4")
+    job = Job(1, tmp_path / "a.mp4", tmp_path / "out" / "a.mp4")
     videos = {job: VideoInfo(job.source, 320, 240, frames=250, rate=Fraction(25), time_base=Fraction(1, 25))}
     plan = lambda overwrite=False, model="GPEN-BFR-512": plan_tasks(  # noqa: E731
         [job], videos, seconds=3, overwrite=overwrite, made_with=lambda job: {"model": model})
@@ -213,11 +214,11 @@ def test_segments_of_an_earlier_run_are_reused_only_if_made_the_same_way(tmp_pat
 def test_what_a_segment_is_made_with_is_the_options_and_the_files(tmp_path):
     from argparse import Namespace
 
-    from gpen.distributed import made_with
+    from gpen.apps.distributed import made_with
 
     source = tmp_path / "a.mp4"
     source.write_bytes(b"a clip")
-    job = cli.Job(1, source, tmp_path / "out" / "a.mp4")
+    job = Job(1, source, tmp_path / "out" / "a.mp4")
     args = Namespace(strength=0.5, crf=16, model="GPEN-BFR-512", detector=None, output="out", ray="local", ray_actors=2)
     made = made_with(args, job)
     assert made["strength"] == 0.5 and made["model"] == "GPEN-BFR-512" and "output" not in made and "ray" not in made
@@ -229,7 +230,7 @@ def test_a_segment_finished_by_an_earlier_run_is_not_restored_again(tmp_path):
     import argparse
     from types import SimpleNamespace
 
-    from gpen.distributed import Segment
+    from gpen.apps.distributed import Segment
     from tests.helpers import IdentityRestorer
     from tests.test_video import OneFace, make_clip
 
@@ -237,7 +238,7 @@ def test_a_segment_finished_by_an_earlier_run_is_not_restored_again(tmp_path):
     parser = argparse.ArgumentParser()
     cli.add_restore_arguments(parser)
     args = parser.parse_args([str(source), "-o", str(tmp_path / "out")])
-    segment = Segment(cli.Job(1, source, tmp_path / "out" / "a.mp4"), range(4, 12), tmp_path / "parts" / "4.mp4")
+    segment = Segment(Job(1, source, tmp_path / "out" / "a.mp4"), range(4, 12), tmp_path / "parts" / "4.mp4")
     worker = SimpleNamespace(model=IdentityRestorer(64), detector=OneFace(), args=args)
     first = segment.restore(worker, None)
     assert (first.frames, first.faces) == (8, 8) and segment.record.exists()

@@ -17,9 +17,9 @@ from urllib.parse import parse_qs, urlsplit
 import pytest
 import torch
 
-import gpen.download
-from gpen.checkpoint import CheckpointError
-from gpen.download import DownloadError, download, validate_weights
+import gpen.files.download
+from gpen.files.download import DownloadError, download, validate_weights
+from gpen.files.weights import CheckpointError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -205,7 +205,7 @@ def test_a_complete_partial_file_is_finished_on_416(site, tmp_path, monkeypatch)
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt  # Ctrl-C after the last byte, before the rename
 
-    monkeypatch.setattr(gpen.download, "validate_weights", interrupted)
+    monkeypatch.setattr(gpen.files.download, "validate_weights", interrupted)
     with pytest.raises(KeyboardInterrupt):
         fetch(site, "/w.pth", tmp_path / "w.pth")
     monkeypatch.undo()
@@ -272,7 +272,7 @@ def test_a_wrong_hash_deletes_the_file(site, tmp_path):
 CHILD = """
 import sys, time
 from pathlib import Path
-from gpen.download import download
+from gpen.files.download import download
 url, dest, ready, go = sys.argv[1], sys.argv[2], Path(sys.argv[3]), Path(sys.argv[4])
 ready.touch()
 for _ in range(3000):  # both start together, or give up after 30 s

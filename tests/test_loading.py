@@ -11,8 +11,9 @@ from safetensors.torch import save_file
 
 import gpen
 from gpen import CheckpointError
-from gpen.checkpoint import read_state_dict
-from gpen.loader import build_gpen, convert_checkpoint, describe_weights, resolve_device
+from gpen.devices import resolve_device
+from gpen.files.weights import read_state_dict
+from gpen.load import build_gpen, convert_checkpoint, describe_weights
 from tests.helpers import export_fake_scrfd, random_gpen
 
 
@@ -73,7 +74,7 @@ def export_onnx(model, path):
 
 def test_onnx_export_restores_like_the_torch_model(tmp_path, monkeypatch):
     pytest.importorskip("onnx")
-    from gpen import winograd
+    from gpen.archs.gpen import winograd
 
     # Neither the CPU workspace path nor Winograd (whose unfold has no ONNX export) is exported.
     monkeypatch.setattr(winograd, "ENABLED", True)

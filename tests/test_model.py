@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import gpen
-from gpen.loader import infer_gpen_config
+from gpen.archs.gpen import infer_gpen_config
 from tests.helpers import random_gpen
 
 REAL_SIZES = [256, 512, 1024, 2048]
@@ -121,7 +121,7 @@ def test_a_batch_out_of_memory_is_retried_in_halves():
             raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
         return model(x)
 
-    from gpen.restorer import restore_crops
+    from gpen.faces.restore import restore_crops
 
     faces = torch.rand(7, 32, 32, 3)
     restored = restore_crops(forward, 32, faces, batch_size=8)
@@ -129,7 +129,7 @@ def test_a_batch_out_of_memory_is_retried_in_halves():
 
 
 def test_winograd_convolution_equals_direct_convolution(monkeypatch):
-    from gpen import winograd
+    from gpen.archs.gpen import winograd
 
     monkeypatch.setattr(winograd, "ENABLED", True)  # as on CPUs without AVX-512
     torch.manual_seed(0)
@@ -151,7 +151,7 @@ def test_winograd_convolution_equals_direct_convolution(monkeypatch):
 def test_the_cpu_workspace_path_gives_the_plain_forward(monkeypatch, fused):
     """On the CPU, large layers write into memory the model keeps (gpen/workspace.py), through
     oneDNN's in-place convolution where this PyTorch has it, else an ordinary one added in."""
-    from gpen import workspace
+    from gpen.archs.gpen import workspace
 
     if fused and not workspace.fused_add_works(torch.float32):
         pytest.skip("this PyTorch build has no oneDNN in-place convolution")

@@ -9,7 +9,6 @@ import pytest
 import torch
 
 import gpen
-
 from tests.helpers import SplitParser, random_gpen
 
 REPO = Path(__file__).resolve().parents[1]
@@ -213,7 +212,7 @@ def test_face_parsing_mask_gives_one_mask_per_crop(pack, parsers_dir):
 
 def crop_points_in_image(info, x, y):
     """Where the crop point (x, y), given as fractions of the crop, lies in each face's frame (row, column)."""
-    from gpen.align import invert_affine
+    from gpen.faces.align import invert_affine
 
     point = torch.tensor([x, y], dtype=torch.float64) * (info.crop_size - 1)
     inverse = invert_affine(info.affines.double())

@@ -17,8 +17,8 @@ pytest.importorskip("onnxruntime")
 pytest.importorskip("onnx")
 
 from gpen import CheckpointError
-from gpen.loader import describe_weights
-from gpen.onnx_parsers import OnnxOccluder, OnnxRegionParser, load_onnx_parser
+from gpen.archs.onnx import OnnxOccluder, OnnxRegionParser
+from gpen.load import describe_weights, load_onnx_parser
 from tests.helpers import export_fake_scrfd
 
 REPO = Path(__file__).resolve().parents[1]

@@ -6,8 +6,8 @@ import json
 import pytest
 import torch
 
-from gpen.checkpoint import check_layout, read_state_dict
-from gpen.parsenet import ParseNet, is_parsenet, parsenet_config
+from gpen.archs.parsenet import ParseNet, is_parsenet, parsenet_config
+from gpen.files.weights import check_layout, read_state_dict
 from tests.helpers import random_gpen
 
 

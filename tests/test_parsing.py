@@ -7,12 +7,11 @@ import pytest
 import torch
 
 import gpen
-from gpen.align import warp
-from gpen.masks import FACE_REGIONS, REGION_PRESETS, feather_inside, region_classes, smooth_over_time
-from gpen.parsing import load_parser, parse_faces
+from gpen.faces.align import warp
+from gpen.faces.masks import FACE_REGIONS, REGION_PRESETS, feather_inside, region_classes, smooth_over_time
+from gpen.faces.parse import parse_faces
+from gpen.load import load_parser
 from tests.helpers import GreyRestorer, SplitParser
-
-
 
 
 class HandOnLeft:
@@ -29,7 +28,7 @@ class HandOnLeft:
 
 def in_image(crop_mask: torch.Tensor, affines: torch.Tensor, frames: torch.Tensor, shape) -> torch.Tensor:
     """Where a crop-space indicator (S,S) lands in each frame (B,H,W), for every face."""
-    from gpen.align import invert_affine
+    from gpen.faces.align import invert_affine
 
     out = torch.zeros(shape[:3])
     for affine, frame in zip(affines, frames.tolist()):

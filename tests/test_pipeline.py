@@ -6,11 +6,11 @@ import pytest
 import torch
 
 import gpen
-import gpen.restorer
-from gpen.align import GPEN_TEMPLATE, template_points
-from gpen.blend import face_mask, soften
-from gpen.detection import Faces
-from gpen.pipeline import smooth_landmarks
+import gpen.faces.restore
+from gpen.faces.align import GPEN_TEMPLATE, template_points
+from gpen.faces.detect import Faces
+from gpen.faces.paste import face_mask, soften
+from gpen.faces.pipeline import smooth_landmarks
 from tests.helpers import GreyRestorer, IdentityRestorer, psnr, random_gpen
 
 
@@ -192,7 +192,7 @@ def test_temporal_smoothing_steadies_landmarks_of_a_moving_face():
 
 
 def test_temporal_smoothing_on_faces_the_detector_found_in_a_panning_shot(solvay, detector):
-    from gpen.align import warp
+    from gpen.faces.align import warp
 
     steps = torch.arange(20, dtype=torch.float64)
     pan = torch.stack([steps * 1.37, steps * 0.53], -1)  # px per frame, sub-pixel on purpose
@@ -248,7 +248,7 @@ def test_repeated_indices_restore_a_face_once_and_missing_ones_are_reported(solv
 
 def test_faces_under_min_size_are_reported():
     faces = Faces(torch.tensor([[0, 0, 40, 40.0]]), torch.ones(1), torch.zeros(1, 5, 2))
-    selection = gpen.pipeline.Selection()
+    selection = gpen.faces.pipeline.Selection()
     assert len(gpen.select_faces(faces, min_size=256, selection=selection)) == 0
     assert selection.notes() == ["1 face(s) found smaller than min_size 256"]
 
@@ -277,7 +277,7 @@ def test_extreme_shapes_come_back_unchanged(detector, shape):
 
 
 def test_a_long_forward_on_the_cpu_is_cancelled_between_its_layers(solvay, detector, monkeypatch):
-    monkeypatch.setattr(gpen.restorer, "CANCEL_CHECK_SECONDS", 0.0)
+    monkeypatch.setattr(gpen.faces.restore, "CANCEL_CHECK_SECONDS", 0.0)
     asked = []
     with pytest.raises(gpen.Cancelled):
         gpen.restore_faces(solvay, random_gpen(64, 1, 0.125), detector, face_batch=29,

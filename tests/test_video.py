@@ -13,10 +13,10 @@ import pytest
 import torch
 
 import gpen
-from gpen.detection import Faces
-from gpen.pipeline import detect_faces, smooth_landmarks
-from gpen.video import (VideoReader, VideoWriter, join_segments, probe_video, restore_frames, restore_video,
-                        smoothing_reach)
+from gpen.apps.video import VideoReader, VideoWriter, join_segments, probe_video, restore_video
+from gpen.faces.detect import Faces
+from gpen.faces.pipeline import detect_faces, smooth_landmarks
+from gpen.faces.stream import restore_frames, smoothing_reach
 from tests.helpers import GreyRestorer, IdentityRestorer, random_gpen
 
 av = pytest.importorskip("av", reason="video needs PyAV (pip install av)")
@@ -373,7 +373,7 @@ def test_bad_inputs_are_refused_with_the_file_named(tmp_path):
 @pytest.fixture
 def gpen_cli(monkeypatch, shared, small_checkpoint):
     """python -m gpen restore with the small random GPEN and the shared detector; returns the exit status."""
-    from gpen import cli
+    from gpen.apps import cli
 
     monkeypatch.setattr(cli, "keep_freed_memory", lambda: None)
     detector = shared / "models" / "retinaface_mobilenet0.25.pth"
@@ -382,7 +382,7 @@ def gpen_cli(monkeypatch, shared, small_checkpoint):
 
 
 def test_cli_restores_photos_and_clips_in_one_call(gpen_cli, tmp_path, picture, capsys):
-    from gpen.io import write_image
+    from gpen.files.images import write_image
 
     (tmp_path / "in").mkdir()
     make_clip(tmp_path / "in" / "clip.mp4", picture, frames=8, size=(400, 240))

@@ -26,7 +26,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .io import write_file_atomically
+from ..files.images import write_file_atomically
 
 ATTEMPTS = 2  # a file is tried this many times before it is reported failed
 # CPU actors run more torch threads than their slots; OpenMP threads that spin while they wait for work
@@ -50,8 +50,8 @@ class Restorer:
     def __init__(self, args, threads: int = 0):
         import torch
 
-        from .cli import keep_freed_memory, load_models
-        from .loader import resolve_device
+        from ..devices import resolve_device
+        from .jobs import keep_freed_memory, load_models
 
         if threads > 0:  # actors sharing a machine must not each take every core (see pool_shape)
             torch.set_num_threads(min(threads, os.cpu_count() or threads))
@@ -64,7 +64,7 @@ class Restorer:
     def restore(self, task, overwrite: bool, info=None):
         """Restore one file (photo or clip) into its target, atomically, and return the summary line;
         or one segment of a clip into its file, and return its VideoSummary."""
-        from .cli import is_video, restore_clip, restore_file
+        from .jobs import is_video, restore_clip, restore_file
 
         if isinstance(task, Segment):
             return task.restore(self, info)
@@ -89,7 +89,7 @@ class Segment:
         return self.path.with_name(self.path.name + ".json")
 
     def restore(self, worker: Restorer, info):
-        from .cli import restore_clip
+        from .jobs import restore_clip
 
         if self.record.exists() and self.path.exists():  # done by an earlier run, or attempt
             return read_summary(self.record)
@@ -101,7 +101,7 @@ class Segment:
 
 def read_summary(path: Path):
     """A segment's VideoSummary, from its record."""
-    from .pipeline import Selection
+    from ..faces.pipeline import Selection
     from .video import VideoSummary
 
     fields = json.loads(path.read_text())
@@ -205,7 +205,7 @@ def connect(address: str | None, num_cpus: int | None = None):
     if ray.is_initialized():
         return ray
     if address in (None, "", "local"):
-        root = str(Path(__file__).resolve().parents[1])  # workers import gpen from this checkout too
+        root = str(Path(__file__).resolve().parents[3])  # workers import gpen from this checkout too
         path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p)
         ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, log_to_driver=False,
                  runtime_env={"env_vars": {"PYTHONPATH": path}})

@@ -17,11 +17,11 @@ import torch
 import torch.nn.functional as F
 
 from .align import crop_faces, warp_faces
-from .blend import GPEN_ERODE, GPEN_FEATHER, paste_faces
-from .detection import Faces, box_iou
+from .detect import Faces, box_iou
 from .masks import PARSE_FEATHER, smooth_over_time
-from .parsing import parse_faces
-from .restorer import cancel_hook, check_strength, finite_faces
+from .parse import parse_faces
+from .paste import GPEN_ERODE, GPEN_FEATHER, paste_faces
+from .restore import cancel_hook, check_strength, finite_faces
 
 ORDERS = ("largest", "left-right", "top-bottom", "confidence")
 MIN_DETECT_SIDE = 32  # below this RetinaFace's coarsest level has no cell; nothing is detected

@@ -64,7 +64,7 @@ def feather_inside(masks: torch.Tensor, feather: float) -> torch.Tensor:
     sigma = feather * masks.shape[-1]
     if sigma <= 0 or not len(masks):
         return masks
-    from .blend import gaussian_blur
+    from .paste import gaussian_blur
 
     reach = max(1, math.ceil(3 * sigma))
     shrunk = -F.max_pool2d(-masks[:, None], 2 * reach + 1, stride=1, padding=reach)

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import filelock
 
-from .checkpoint import CheckpointError, read_state_dict
+from .weights import CheckpointError, read_state_dict
 
 CHUNK = 1 << 20
 CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")

@@ -11,12 +11,11 @@ import json
 import subprocess
 import sys
 import time
-
 from pathlib import Path
 
 import torch
 
-from .checkpoint import first_line
+from ..files.weights import first_line
 
 STANDARD_CONFIGS = {256: (1, 0.5), 512: (2, 1), 1024: (2, 1), 2048: (2, 1)}
 
@@ -46,8 +45,8 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    from .catalogue import resolve
-    from .loader import resolve_device
+    from ..devices import resolve_device
+    from ..files.catalogue import resolve
 
     device = resolve_device(args.device)
     on_gpu = device.type == "cuda"
@@ -92,8 +91,9 @@ def print_table(rows: list[dict]) -> int:
 
 def bench_model(size: int, device: torch.device, dtype: str, checkpoint: str | None):
     """The checkpoint, or random weights in the layout of the real checkpoint of that size."""
-    from .loader import load_model, resolve_dtype
-    from .model import GPEN
+    from ..archs.gpen.network import GPEN
+    from ..devices import resolve_dtype
+    from ..load import load_model
 
     if checkpoint:
         return load_model(checkpoint, device=device, dtype=dtype)
@@ -135,9 +135,9 @@ def measure(size: int, device: torch.device, dtype: str, batch: int, repeat: int
 
 def pipeline_scenes(image_path: str, detector_path: Path, frames: int):
     """A 1080p frame with one large face, and the group photo itself, each repeated `frames` times."""
-    from .align import warp
-    from .detection import load_detector
-    from .io import read_image
+    from ..faces.align import warp
+    from ..files.images import read_image
+    from ..load import load_detector
 
     photo = torch.from_numpy(read_image(image_path)[0]).float()
     detector = load_detector(detector_path, device="cpu")
@@ -169,8 +169,8 @@ def pipeline_row(scene: str, images: torch.Tensor, size: int, device: torch.devi
 
 def time_pipeline(scene: str, images: torch.Tensor, size: int, device: torch.device, dtype: str, detector_path: Path,
                   args) -> dict:
-    from .detection import load_detector
-    from .pipeline import restore_faces
+    from ..faces.pipeline import restore_faces
+    from ..load import load_detector
 
     model = bench_model(size, device, dtype, args.checkpoint)
     detector = load_detector(detector_path, device=device)
@@ -201,9 +201,9 @@ def pipeline_memory(image_path: str, detector_path: Path, size: int, device: tor
     """Peak resident memory of restore_faces beyond its input, on a 6000x4000 frame (Linux: VmHWM)."""
     import cv2
 
-    from .detection import load_detector
-    from .io import read_image
-    from .pipeline import restore_faces
+    from ..faces.pipeline import restore_faces
+    from ..files.images import read_image
+    from ..load import load_detector
 
     photo = read_image(image_path)[0][..., :3]
     scale = min(6000 / photo.shape[1], 4000 / photo.shape[0])

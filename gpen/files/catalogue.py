@@ -11,10 +11,10 @@ import os
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
-from .checkpoint import CheckpointError
 from .download import DownloadError, download, validate_weights
+from .weights import CheckpointError
 
-PACK = Path(__file__).resolve().parents[1]
+PACK = Path(__file__).resolve().parents[2]
 CATALOGUE_FILE = PACK / "models" / "catalogue.json"
 # ComfyUI model folders by kind: GPEN files live with the other face restorers (ReActor, facerestore_cf),
 # face parsers with the detectors, where facexlib's users (ReActor, facerestore_cf) already keep them.

@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 
 from .align import frames_of, invert_affine, warp, warp_faces
-from .images import as_rgb, match_channels
-from .restorer import check_strength
+from .restore import check_strength
+from .tensors import as_rgb, match_channels
 
 MASK_SHAPES = ("box", "ellipse")
 # GPEN's paste mask at 512: a box 26 px in from the edge, blurred twice with sigma 4.

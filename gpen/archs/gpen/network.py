@@ -29,8 +29,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ...faces.restore import restore_crops
 from . import winograd, workspace
-from .restorer import restore_crops
 from .workspace import Workspace, conv_into
 
 BLUR_KERNEL = (1, 3, 3, 1)

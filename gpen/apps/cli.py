@@ -3,14 +3,27 @@
 from __future__ import annotations
 
 import argparse
-import ctypes
 import os
 import sys
-import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 
 from . import bench
+from .jobs import (
+    Report,
+    _face_progress,
+    admit,
+    check_options,
+    check_sequence,
+    check_writable,
+    detect_sequence,
+    expand_inputs,
+    is_video,
+    keep_freed_memory,
+    load_models,
+    plan_jobs,
+    restore_clip,
+    restore_file,
+)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -40,8 +53,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not getattr(args, "system_allocator", False):
         keep_freed_memory()
-    from .checkpoint import CheckpointError
-    from .download import DownloadError
+    from ..files.download import DownloadError
+    from ..files.weights import CheckpointError
 
     run = {"bench": bench.run, "info": run_info, "convert": run_convert, "restore": run_restore,
            "download": run_download}[args.command]
@@ -67,9 +80,9 @@ time, keeping their frame count, rate and time base, and copying their audio unt
 
 
 def add_restore_arguments(parser: argparse.ArgumentParser) -> None:
-    from .blend import GPEN_ERODE, GPEN_FEATHER, MASK_SHAPES
-    from .io import MAX_MEGAPIXELS
-    from .pipeline import ORDERS
+    from ..faces.paste import GPEN_ERODE, GPEN_FEATHER, MASK_SHAPES
+    from ..faces.pipeline import ORDERS
+    from ..files.images import MAX_MEGAPIXELS
 
     parser.add_argument("inputs", nargs="*", metavar="INPUT", help="image or video files, folders or globs")
     parser.add_argument("-o", "--output", help="output folder (or file, for one input)")
@@ -136,15 +149,8 @@ def _yes_no(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
-@dataclass(frozen=True)
-class Job:
-    number: int  # from 1, in input order
-    source: Path
-    target: Path
-
-
 def run_restore(args) -> int:
-    from .loader import resolve_device
+    from ..devices import resolve_device
 
     if not args.output:
         raise ValueError("say where the results go: -o OUTPUT")
@@ -192,247 +198,8 @@ def run_restore(args) -> int:
     return report.exit_status()
 
 
-def is_video(path: Path) -> bool:
-    from .video import VIDEO_SUFFIXES
-
-    return path.suffix.lower() in VIDEO_SUFFIXES
-
-
-def expand_inputs(items: list[str]) -> list[Path]:
-    from glob import glob
-
-    from .io import IMAGE_SUFFIXES
-    from .video import VIDEO_SUFFIXES
-
-    suffixes = IMAGE_SUFFIXES + VIDEO_SUFFIXES
-    files = []
-    for item in items:
-        path = Path(item)
-        if path.is_dir():
-            files += sorted(p for p in path.iterdir() if p.suffix.lower() in suffixes)
-        elif path.is_file():
-            files.append(path)
-        elif matches := sorted(glob(item, recursive=True)):
-            files += [Path(m) for m in matches if Path(m).suffix.lower() in suffixes]
-        else:
-            raise FileNotFoundError(f"{item}: no such file, folder or pattern")
-    if not files:
-        raise ValueError("no image or video files among the inputs")
-    return files
-
-
-def plan_jobs(files: list[Path], output: Path) -> list[Job]:
-    """Where each result goes: `output` itself for one input and a file name of its kind (image or
-    video), else under `output` at the input's path relative to the inputs' common folder. Refused,
-    before any work, when a result would land on an input or two results on one file."""
-    from .io import IMAGE_SUFFIXES
-    from .video import VIDEO_SUFFIXES
-
-    unique: dict[tuple[int, int], Path] = {}
-    for file in files:
-        unique.setdefault(file_id(file), file)  # a file named twice (a folder and a glob) runs once
-    files = list(unique.values())
-    kind = VIDEO_SUFFIXES if files and is_video(files[0]) else IMAGE_SUFFIXES
-    if len(files) == 1 and output.suffix.lower() in kind and not output.is_dir():
-        jobs = [Job(1, files[0], output)]
-    else:
-        absolute = [Path(os.path.abspath(f)) for f in files]
-        common = os.path.commonpath([a.parent for a in absolute])
-        jobs = [Job(n, f, output / a.relative_to(common)) for n, (f, a) in enumerate(zip(files, absolute), 1)]
-    inputs = {file_id(job.source) for job in jobs}
-    targets: dict[str, Path] = {}
-    for job in jobs:
-        if job.target.exists() and file_id(job.target) in inputs:
-            raise ValueError(f"{job.target} is an input; results never replace inputs: choose another -o")
-        other = targets.setdefault(os.path.normcase(job.target.resolve()), job.source)
-        if other != job.source:
-            raise ValueError(f"{other} and {job.source} would both be written to {job.target}")
-    return jobs
-
-
-def file_id(path: Path) -> tuple[int, int]:
-    """What makes two paths one file: links, '..' and case-insensitive names included."""
-    stat = path.stat()
-    return stat.st_dev, stat.st_ino
-
-
-def check_writable(folder: Path) -> None:
-    """Create the output folder and a file in it now, rather than fail after the work."""
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=folder):
-            pass
-    except OSError as e:
-        raise ValueError(f"{folder}: results cannot be written here ({e.strerror or e})") from None
-
-
-def check_options(args) -> None:
-    """Refuse bad option values once, with the library's messages, instead of failing every file."""
-    from .blend import face_mask
-    from .detection import check_detect_size
-    from .pipeline import parse_indices
-    from .restorer import check_strength
-
-    check_strength(args.strength)
-    check_detect_size(args.detect_size)
-    face_mask(8, args.mask_shape, args.erode, args.feather)
-    parse_indices(args.indices or "")
-    if not args.ray_segment >= 0:
-        raise ValueError(f"--ray-segment must be 0 (never split) or a number of seconds, got {args.ray_segment:g}")
-
-
-def check_sequence(jobs: list[Job], detect: bool, max_megapixels: float) -> None:
-    """--temporal-smoothing needs detected faces in frames of one size; checked from the headers."""
-    from .io import check_image_size
-
-    if not detect:
-        raise ValueError("--temporal-smoothing steadies detected faces; aligned crops have none to steady")
-    sizes = {job.source: check_image_size(job.source, max_megapixels).upright_size for job in jobs}
-    first = jobs[0].source
-    for path, size in sizes.items():
-        if size != sizes[first]:
-            raise ValueError(f"--temporal-smoothing needs frames of one size: {first} is {sizes[first][0]}x"
-                             f"{sizes[first][1]}, {path} is {size[0]}x{size[1]}")
-
-
-class Report:
-    """One line per file (results on stdout, failures on stderr), the counts, and the exit status."""
-
-    def __init__(self, total: int):
-        self.total, self.skipped, self.failed = total, 0, 0
-
-    def prefix(self, job: Job) -> str:
-        return f"[{job.number}/{self.total}] {job.source.name}"
-
-    def done(self, job: Job, summary: str) -> None:
-        print(f"{self.prefix(job)}: {summary} -> {job.target}", flush=True)
-
-    def skip(self, job: Job, reason: str) -> None:
-        self.skipped += 1
-        print(f"{self.prefix(job)}: skipped: {reason}", flush=True)
-
-    def fail(self, job: Job, error: Exception) -> None:
-        self.failed += 1
-        print(f"{self.prefix(job)}: failed: {error}", file=sys.stderr, flush=True)
-
-    def exit_status(self) -> int:
-        if self.skipped:
-            print(f"{self.skipped} of {self.total} file(s) skipped: their results exist (--overwrite replaces them)",
-                  file=sys.stderr)
-        if self.failed:
-            print(f"{self.failed} of {self.total} file(s) failed", file=sys.stderr)
-        return 1 if self.failed else 0
-
-
-def admit(jobs: list[Job], args, report: Report, detect: bool = True) -> tuple[list[Job], dict]:
-    """The jobs to run: their result may be written and their image is not too large, or their
-    video readable, holding a video stream, of constant frame rate; and what was read of each video.
-    Decided from names, headers and packets, before any model is loaded."""
-    from .io import check_image_size
-
-    todo, videos = [], {}
-    for job in jobs:
-        if job.target.exists() and not args.overwrite:
-            report.skip(job, f"{job.target} exists (--overwrite replaces it)")
-            continue
-        try:
-            if not is_video(job.source):
-                check_image_size(job.source, args.max_megapixels)
-            elif not detect:
-                raise ValueError(f"{job.source}: --aligned is for aligned face crops in image files, not video")
-            else:
-                from .video import probe_video
-
-                videos[job] = probe_video(job.source, args.max_megapixels)
-        except (ValueError, OSError) as e:
-            report.fail(job, e)
-            continue
-        todo.append(job)
-    return todo, videos
-
-
-def load_models(args, device, detect: bool):
-    """The GPEN model and, unless the inputs are aligned crops, the face detector."""
-    from .catalogue import resolve
-    from .detection import load_detector
-    from .loader import load_model
-
-    path = resolve(args.model or f"GPEN-BFR-{args.size or 512}", "gpen", args.models_dir)
-    model = load_model(path, device=device, dtype=args.dtype)
-    if args.size and model.size != args.size:
-        raise ValueError(f"--size {args.size}, but {path.name} is a GPEN-{model.size} model")
-    detector = load_detector(resolve(args.detector, "detector", args.models_dir), device=device,
-                              detect_size=args.detect_size) if detect else None
-    return model, detector
-
-
-def selection(args) -> dict:
-    return dict(threshold=args.threshold, min_size=args.min_size, max_faces=args.max_faces, order=args.order,
-                indices=args.indices)
-
-
-def detect_sequence(jobs: list[Job], detector, args) -> dict:
-    """Every frame's faces, with landmarks steadied over the whole sequence. Frames are read one at
-    a time and only their landmarks kept, so a long sequence needs no more memory than one frame."""
-    import torch
-
-    from .io import read_image
-    from .pipeline import detect_faces, smooth_landmarks
-
-    print(f"finding the faces in {len(jobs)} frames to steady them over {args.temporal_smoothing:g} frames", flush=True)
-    found = []
-    for job in jobs:
-        image = torch.from_numpy(read_image(job.source, args.max_megapixels)[0])[None]
-        found += detect_faces(image, detector, **selection(args))
-    return dict(zip(jobs, smooth_landmarks(found, args.temporal_smoothing)))
-
-
-def restore_file(job: Job, model, detector, args, faces=None, progress=None) -> str:
-    """Read, restore and write one file; returns what was done."""
-    import torch
-
-    from .io import read_image, write_image
-    from .pipeline import restore_faces
-    from .restorer import restore_aligned
-
-    pixels, fmt = read_image(job.source, args.max_megapixels)
-    image = torch.from_numpy(pixels)[None]
-    if detector is None:
-        restored, summary = restore_aligned(model, image, args.strength, batch_size=1), "restored as one aligned face"
-    else:
-        result = restore_faces(image, model, detector, **selection(args), faces=None if faces is None else [faces],
-                               template=args.template, strength=args.strength, mask_shape=args.mask_shape,
-                               erode=args.erode, feather=args.feather, color_correction=args.color_correction,
-                               face_batch=args.face_batch, progress=progress)
-        restored, summary = result.images, result.summary
-    write_image(job.target, restored[0].numpy(), fmt, overwrite=args.overwrite)
-    return summary
-
-
-def restore_clip(job: Job, model, detector, args, info, label: str, span: range | None = None,
-                 target: Path | None = None):
-    """Restore one video file, streaming, into job.target (or frames `span` alone, into the segment
-    file `target`); returns its VideoSummary."""
-    from .video import restore_video
-
-    return restore_video(job.source, target or job.target, model, detector, codec=args.codec, crf=args.crf,
-                         chunk=args.chunk, temporal_sigma=args.temporal_smoothing, progress=label,
-                         overwrite=args.overwrite or span is not None, max_megapixels=args.max_megapixels,
-                         info=info, span=span, **selection(args), template=args.template,
-                         strength=args.strength, mask_shape=args.mask_shape, erode=args.erode,
-                         feather=args.feather, color_correction=args.color_correction,
-                         face_batch=args.face_batch)
-
-
-def _face_progress(prefix: str):
-    def show(done: int, total: int) -> None:
-        if sys.stderr.isatty():
-            print(f"\r{prefix}: face {done}/{total}", end="" if done < total else "\n", file=sys.stderr, flush=True)
-    return show
-
-
 def run_download(args) -> int:
-    from .catalogue import catalogue, resolve
+    from ..files.catalogue import catalogue, resolve
 
     entries = catalogue()
     names = list(entries) if args.names == ["all"] else args.names
@@ -445,7 +212,7 @@ def run_download(args) -> int:
 
 
 def run_info(args) -> int:
-    from .loader import describe_weights
+    from ..load import describe_weights
 
     info = describe_weights(args.file)
     print(info)
@@ -456,27 +223,10 @@ def run_info(args) -> int:
 
 
 def run_convert(args) -> int:
-    from .loader import convert_checkpoint
+    from ..load import convert_checkpoint
 
     info = convert_checkpoint(args.input, args.output, half=args.half, trust=args.trust)
     print(f"wrote {args.output}: {info}")
     return 0
 
 
-def keep_freed_memory() -> None:
-    """Stop glibc from unmapping large freed blocks, for this process only.
-
-    By default glibc maps and unmaps every block over 32 MiB, and refaulting those pages is slow on
-    virtual machines. GPEN's own forward no longer needs this (it keeps its large maps in a
-    workspace, gpen/workspace.py); the pipeline around it (detection, crops, paste-back) still makes
-    such blocks. The library never does this by itself: it is a process-wide choice, made here for the CLI.
-    """
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return
-    m_trim_threshold, m_mmap_max = -1, -4
-    libc.mallopt(m_mmap_max, 0)
-    libc.mallopt(m_trim_threshold, 2 ** 30)

@@ -61,7 +61,7 @@ def restore_aligned(model, crops: torch.Tensor, strength: float = 1.0, batch_siz
                     cancel: Callable[[], None] | None = None) -> torch.Tensor:
     """Aligned crops (N,S,S,C) restored by `model`, blended with the input by `strength` (GPEN's alpha),
     in the input's channels."""
-    from .images import as_rgb, match_channels
+    from .tensors import as_rgb, match_channels
 
     check_strength(strength)
     rgb = as_rgb(crops)

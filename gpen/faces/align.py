@@ -9,7 +9,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-
 # GPEN's own template, as fractions of the crop size: align_faces.py's 96x112 reference points,
 # squared to 112x112 (x + 8) with inner padding 0.25 (+ 28, in a 168x168 frame). GPEN was trained on it.
 GPEN_TEMPLATE = tuple(((x + 8 + 28) / 168, (y + 28) / 168) for x, y in (

@@ -6,7 +6,6 @@ returns one `Faces` per image, in image pixels, best score first.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,10 +14,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import registry
-from .checkpoint import CheckpointError, check_file, first_line, read_state_dict
-from .images import as_rgb
-from .retinaface import RetinaFace, decode, fold_batch_norms, prior_boxes
+from ..archs.retinaface import RetinaFace, decode, fold_batch_norms, prior_boxes
+from ..files.weights import CheckpointError, first_line
+from .tensors import as_rgb
 
 BGR_MEAN = (104.0, 117.0, 123.0)
 
@@ -260,27 +258,6 @@ class ScrfdDetector:
         faces = Faces(torch.from_numpy(boxes[:, :4]).float(), torch.from_numpy(boxes[:, 4]).float(),
                       torch.from_numpy(points).float().reshape(-1, 5, 2))
         return faces[faces.scores.argsort(descending=True)]
-
-
-def load_detector(path: str | os.PathLike, device: torch.device | str | None = None,
-                  detect_size: int | str = "auto"):
-    """A face detector from a RetinaFace .pth (either backbone) or an insightface SCRFD .onnx.
-
-    `detect_size`: "auto" finds faces from about 16 px to the whole frame (two passes on large frames,
-    see FINE_SIDE and COARSE_SIDE), or a long side in pixels to detect at in one pass.
-    """
-    from .loader import resolve_device
-
-    path, device = Path(path), resolve_device(device)
-    if path.suffix.lower() == ".onnx":
-        check_file(path)
-        return ScrfdDetector(path, device, detect_size)
-    try:
-        net = registry.build(read_state_dict(path), path, role="detector")
-    except CheckpointError as e:
-        raise CheckpointError(path, f"{e.problem}; face detectors are detection_Resnet50_Final.pth, "
-                              "detection_mobilenet0.25_Final.pth or an SCRFD .onnx") from None
-    return RetinaFaceDetector(net, device, detect_size)
 
 
 def candidates(boxes, scores, points, threshold, nms_threshold, top_k) -> Faces:

@@ -17,7 +17,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .checkpoint import CheckpointError, ModelInfo, check_finite, check_layout, describe_other_network, first_line
+from .weights import CheckpointError, ModelInfo, check_finite, check_layout, describe_other_network, first_line
 
 ROLES = ("restorer", "detector", "parser")
 
@@ -33,8 +33,8 @@ class Architecture:
 
 
 def _gpen() -> Architecture:
-    from .loader import GPEN_KEYS, check_gpen_config, infer_gpen_config
-    from .model import GPEN
+    from ..archs.gpen import GPEN_KEYS, check_gpen_config, infer_gpen_config
+    from ..archs.gpen.network import GPEN
 
     def config(state):
         config = infer_gpen_config(state)
@@ -47,7 +47,7 @@ def _gpen() -> Architecture:
 
 
 def _retinaface() -> Architecture:
-    from .retinaface import RetinaFace
+    from ..archs.retinaface import RetinaFace
 
     return Architecture("RetinaFace face-detector", "detector", lambda state: RetinaFace.backbone_of(state) is not None,
                         lambda state: {"backbone": RetinaFace.backbone_of(state)}, RetinaFace,
@@ -55,14 +55,14 @@ def _retinaface() -> Architecture:
 
 
 def _parsenet() -> Architecture:
-    from .parsenet import ParseNet, is_parsenet, parsenet_config
+    from ..archs.parsenet import ParseNet, is_parsenet, parsenet_config
 
     return Architecture("ParseNet face-parser", "parser", is_parsenet, parsenet_config, ParseNet,
                         lambda net: {"size": net.in_size})
 
 
 def _bisenet() -> Architecture:
-    from .bisenet import BiSeNet, bisenet_config, is_bisenet
+    from ..archs.bisenet import BiSeNet, bisenet_config, is_bisenet
 
     return Architecture("BiSeNet face-parser", "parser", is_bisenet, bisenet_config, BiSeNet,
                         lambda net: {"detail": f"{net.num_class} classes"})

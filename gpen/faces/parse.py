@@ -8,8 +8,6 @@ parser; `parse_faces` runs one or several on crops and combines their masks by m
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
 from typing import Callable, Iterable
 
 import torch
@@ -49,7 +47,7 @@ class TorchParser:
         if self.kind == "parsenet":  # facexlib feeds ParseNet RGB in [-1, 1] and takes its first output
             logits = self.net.parse(x * 2 - 1)
         else:  # and BiSeNet RGB normalised with ImageNet's mean and std
-            from .bisenet import imagenet_normalise
+            from ..archs.bisenet import imagenet_normalise
 
             logits = self.net(imagenet_normalise(x))
         logits = logits.float()
@@ -59,31 +57,6 @@ class TorchParser:
 
     def masks(self, crops: torch.Tensor, regions: Iterable[int] | None = None) -> torch.Tensor:
         return class_masks(self.logits(crops), region_classes(regions))
-
-
-def load_parser(path: str | os.PathLike, device: torch.device | str | None = None,
-                dtype: torch.dtype | str | None = None):
-    """A face parser or occluder from parsing_parsenet.pth, parsing_bisenet.pth (any name: what a file
-    is comes from its tensors) or FaceFusion's bisenet_resnet_*.onnx / xseg_*.onnx.
-
-    Torch parsers run on `device` (default: CUDA when available) in `dtype` (default float32; fp16 and
-    bf16 suit GPUs); ONNX ones through onnxruntime, on CUDA when it offers it.
-    """
-    from .checkpoint import read_state_dict
-    from .loader import resolve_device, resolve_dtype
-
-    path = Path(path)
-    device = resolve_device(device)
-    if path.suffix.lower() == ".onnx":
-        from .onnx_parsers import load_onnx_parser
-
-        return load_onnx_parser(path, device)
-    from . import registry
-    from .parsenet import ParseNet
-
-    net = registry.build(read_state_dict(path), path, role="parser")
-    kind, size = ("parsenet", net.in_size) if isinstance(net, ParseNet) else ("bisenet", 512)
-    return TorchParser(net.to(device, resolve_dtype(dtype, device)), kind, size)
 
 
 def parse_faces(parsers, crops: torch.Tensor, regions: str | Iterable[int | str] | None = None,
