@@ -85,11 +85,13 @@ def describe_shapes(session) -> str:
 
 
 def is_gpen_export(session) -> bool:
-    """One image input N,3,S,S with a fixed S (its bounds and output are checked by gpen_export_config)."""
-    inputs = session.get_inputs()
+    """One image input N,3,S,S with a fixed S, and an image out (its bounds and size are checked by
+    gpen_export_config)."""
+    inputs, outputs = session.get_inputs(), session.get_outputs()
     shape = inputs[0].shape if len(inputs) == 1 else ()
+    out = outputs[0].shape if len(outputs) == 1 else ()
     return (len(shape) == 4 and shape[1] == 3 and isinstance(shape[2], int) and shape[2] == shape[3]
-            and len(session.get_outputs()) not in SCRFD_OUTPUTS)
+            and len(out) == 4 and fits(out[1], 3))
 
 
 def gpen_export_config(session) -> dict:
@@ -99,7 +101,7 @@ def gpen_export_config(session) -> dict:
         raise ValueError(f"is an ONNX model for {size}x{size} faces; GPEN exports run from {EXPORT_MIN_SIZE} "
                          f"to {EXPORT_MAX_SIZE} (the released GPEN: 256 to 2048)")
     output = session.get_outputs()[0].shape
-    if len(output) != 4 or any(isinstance(d, int) and d != want for d, want in zip(output[1:], (3, size, size))):
+    if not (fits(output[2], size) and fits(output[3], size)):
         raise ValueError(f"is an ONNX model whose output is {output}, not a GPEN export "
                          f"(output N,3,{size},{size} like its input)")
     return {"size": size}
