@@ -44,7 +44,7 @@ def load(path: str | os.PathLike, role: str | None = None, *, device: torch.devi
         raise ValueError(f"role must be one of {', '.join(ROLES)}, got {role!r}")
     device = resolve_device(device)
     spec, network = registry.load(path, role, device)
-    if isinstance(network, torch.nn.Module) and spec.role != "detector":
+    if isinstance(network, torch.nn.Module) and spec.role != "detector":  # detectors keep float32, and move themselves
         network = network.to(device=device, dtype=resolve_dtype(dtype, device))
     if spec.role == "restorer":
         return RestorerHandle(network, spec)

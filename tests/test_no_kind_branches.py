@@ -34,8 +34,8 @@ def branches(path: Path) -> list[tuple[int, str]]:
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.Compare):
             sides = [node.left, *node.comparators]
-            if any(is_kind(side) for side in sides) and any(isinstance(side, ast.Constant) and isinstance(side.value, str)
-                                                            for side in sides):
+            names = [side for side in sides if isinstance(side, ast.Constant) and isinstance(side.value, str)]
+            if names and any(is_kind(side) for side in sides):
                 found.append((node.lineno, "kind"))
             if any(is_onnx_suffix(side) or isinstance(side, (ast.Tuple, ast.Set, ast.List))
                    and any(is_onnx_suffix(e) for e in side.elts) for side in sides):

@@ -44,7 +44,7 @@ class ParserHandle(NetworkHandle):
     def logits(self, crops: torch.Tensor) -> torch.Tensor:
         """(N,H,W,3) RGB in 0..1 -> (N,19,H,W) float32 logits, on the crops' device."""
         if self.spec.convention.output != "logits":
-            raise TypeError(f"{self.name} gives the {self.spec.convention.output} that the face shows, not class logits")
+            raise TypeError(f"{self.name} gives the probability that the face shows, not class logits")
         return self._run(crops)
 
     @torch.inference_mode()
