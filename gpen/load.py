@@ -49,8 +49,7 @@ def load(path: str | os.PathLike, role: str | None = None, *, device: torch.devi
     if spec.role == "restorer":
         return RestorerHandle(network, spec)
     if spec.role == "parser":
-        return ParserHandle(network, spec, name=None if isinstance(network, torch.nn.Module)
-                            else f"{spec.name} {Path(path).name}")
+        return ParserHandle(network, spec, name=f"{spec.name} {Path(path).name}")
     return detector_handle(network, device, **role_options)
 
 
