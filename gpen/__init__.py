@@ -11,15 +11,20 @@ Usable without ComfyUI:
 """
 
 from .apps.video import VideoSummary, restore_video
+from .archs import register
 from .archs.gpen.network import GPEN
+from .archs.spec import ArchSpec, Convention, ModelInfo
 from .faces.align import crop_faces
-from .faces.detect import Faces
+from .faces.detect import Detector, Faces
+from .faces.parse import Parser
 from .faces.paste import paste_faces
 from .faces.pipeline import Cancelled, FaceInfo, Restoration, locate_faces, restore_faces, select_faces
+from .faces.restore import Restorer
 from .faces.stream import restore_frames
-from .files.weights import CheckpointError, ModelInfo
-from .load import load_detector, load_model, load_parser
+from .files.weights import CheckpointError, read_state_dict
+from .load import load, load_detector, load_model, load_parser
 
-__all__ = ["GPEN", "Cancelled", "CheckpointError", "FaceInfo", "Faces", "ModelInfo", "Restoration", "VideoSummary",
-           "crop_faces", "load_detector", "load_model", "load_parser", "locate_faces", "paste_faces", "restore_faces", "restore_frames",
-           "restore_video", "select_faces"]
+__all__ = ["GPEN", "ArchSpec", "Cancelled", "CheckpointError", "Convention", "Detector", "FaceInfo", "Faces",
+           "ModelInfo", "Parser", "Restoration", "Restorer", "VideoSummary", "crop_faces", "load", "load_detector",
+           "load_model", "load_parser", "locate_faces", "paste_faces", "read_state_dict", "register", "restore_faces",
+           "restore_frames", "restore_video", "select_faces"]

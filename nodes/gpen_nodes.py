@@ -6,8 +6,6 @@ import logging
 import os
 from collections import OrderedDict
 
-import torch
-
 from .. import gpen
 from ..gpen.devices import resolve_dtype
 from ..gpen.faces.align import TEMPLATES, warp_faces
@@ -117,11 +115,8 @@ class LoadGPENModel:
         target = host.torch_device(device)
         dtype = resolve_dtype(precision, target)
         key = (path, os.path.getmtime(path), dtype, target.type == "cpu")
-        # Torch models wait on the offload device and visit the GPU per run; onnxruntime picks its own.
-        home = target if path.lower().endswith(".onnx") else host.offload_device()
-        model = _cached(key, lambda: gpen.load_model(path, device=home, dtype=dtype))
-        size = sum(p.numel() * p.element_size() for p in model.parameters()) if isinstance(model, torch.nn.Module) else 0
-        return (host.Loaded(model, target, size),)
+        model = _cached(key, lambda: host.load_handle(gpen.load_model, path, target, dtype=dtype))
+        return (host.Loaded(model, target),)
 
 
 class LoadFaceDetector:
@@ -146,8 +141,7 @@ class LoadFaceDetector:
         target = host.torch_device(device)
         detect_size = detect_size.strip() or "auto"
         key = (path, os.path.getmtime(path), target.type, detect_size)
-        detector = _cached(key, lambda: gpen.load_detector(path, device=target if detector_name.startswith("insightface/")
-                                                            else "cpu", detect_size=detect_size))
+        detector = _cached(key, lambda: host.load_handle(gpen.load_detector, path, target, detect_size=detect_size))
         return (host.Loaded(detector, target),)
 
 
@@ -177,14 +171,10 @@ class LoadFaceParser:
     def load(self, parser_name: str, precision: str, device: str, and_parser=None):
         path = host.find_parser_file(parser_name)
         target = host.torch_device(device)
-        onnx = path.lower().endswith(".onnx")
-        dtype = None if onnx else resolve_dtype(precision, target)
-        key = (path, os.path.getmtime(path), dtype, target.type if onnx else target.type == "cpu")
-        # Torch parsers wait on the offload device and visit the GPU per run; onnxruntime picks its own.
-        parser = _cached(key, lambda: load_parser(path, device=target if onnx else host.offload_device(), dtype=dtype))
-        net = getattr(parser, "net", None)
-        size = sum(p.numel() * p.element_size() for p in net.parameters()) if isinstance(net, torch.nn.Module) else 0
-        return ((*(and_parser or ()), host.Loaded(parser, target, size)),)
+        dtype = resolve_dtype(precision, target)
+        key = (path, os.path.getmtime(path), dtype, target.type)
+        parser = _cached(key, lambda: host.load_handle(load_parser, path, target, dtype=dtype))
+        return ((*(and_parser or ()), host.Loaded(parser, target)),)
 
 
 class DetectAndCropFaces:

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from ..gpen.devices import resolve_device
+from ..gpen.files import registry
 from ..gpen.files.catalogue import MODEL_FOLDERS
 
 try:  # inside ComfyUI
@@ -73,7 +74,7 @@ def gpen_model_files() -> list[str]:
 
 
 def detector_files() -> list[str]:
-    detection = [f for f in folder_files("facedetection") if Path(f).suffix.lower() != ".onnx"
+    detection = [f for f in folder_files("facedetection") if Path(f).suffix.lower() in TORCH_SUFFIXES
                  and not any(w in f.lower() for w in ("parsing", "yolo"))]
     scrfd = [f"insightface/{f}" for f in folder_files("insightface")
              if Path(f).name.startswith(("det_", "scrfd"))]
@@ -142,13 +143,23 @@ def offload_device() -> torch.device:
     return model_management.unet_offload_device() if model_management is not None else torch.device("cpu")
 
 
+def load_handle(load, path: str, target: torch.device, **options):
+    """`load(path, device=..., **options)`: torch networks are loaded onto the offload device and visit
+    `target` per run (see Loaded); onnxruntime sessions are made on `target` and stay there."""
+    return load(path, device=target if registry.is_onnx(path) else offload_device(), **options)
+
+
 @dataclass
 class Loaded:
     """A GPEN model, detector or face parser and where it runs; it waits on the offload device between runs."""
 
     model: object
     device: torch.device
-    size_bytes: int = 0
+
+    @property
+    def size_bytes(self) -> int:
+        """What its weights take where it runs (0 for onnxruntime's, which ComfyUI does not manage)."""
+        return getattr(self.model, "memory_bytes", 0)
 
     def __enter__(self):
         if hasattr(self.model, "to") and self.device.type != "cpu":  # onnxruntime models stay put

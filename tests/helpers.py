@@ -41,7 +41,7 @@ class SplitParser:
     """Stands in for a face parser: class `first` on one half of every crop and `second` on the other,
     the top and bottom halves with `rows`, else left and right. It keeps the crops it was shown."""
 
-    kind, size = "split", 64
+    size = 64
 
     def __init__(self, first: int, second: int, rows: bool = False):
         self.first, self.second, self.rows = first, second, rows

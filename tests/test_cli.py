@@ -62,7 +62,7 @@ def test_convert_to_safetensors_keeps_the_output(tmp_path, small_checkpoint):
     assert run_gpen("convert", small_checkpoint, out).returncode == 0
     x = torch.rand(1, 3, 32, 32) * 2 - 1
     with torch.inference_mode():
-        same = gpen.load_model(out, device="cpu")(x) - gpen.load_model(small_checkpoint, device="cpu")(x)
+        same = gpen.load_model(out, device="cpu").network(x) - gpen.load_model(small_checkpoint, device="cpu").network(x)
     assert same.abs().max() == 0
     assert run_gpen("convert", small_checkpoint, tmp_path / "half.safetensors", "--half").returncode == 0
     assert gpen.load_model(tmp_path / "half.safetensors", device="cpu").info.dtype == "float16"

@@ -88,7 +88,7 @@ def test_scrfd_onnx_runs_through_insightface_in_image_pixels(tmp_path, height, w
     path = tmp_path / "det_10g.onnx"
     box, points = export_fake_scrfd(path)
     detector = gpen.load_detector(path, device="cpu")
-    assert detector.kind == "scrfd"
+    assert detector.info.arch == "SCRFD face-detector"
     (faces,) = detector.detect(torch.rand(1, height, width, 3), threshold=0.5)
     scale = width / 640  # insightface fits the longer side into 640
     assert len(faces) == 1 and faces.scores[0] == pytest.approx(0.95, abs=1e-4)

@@ -13,19 +13,21 @@ import gpen
 from gpen import CheckpointError
 from gpen.devices import resolve_device
 from gpen.files.weights import read_state_dict
-from gpen.load import build_gpen, convert_checkpoint, describe_weights
+from gpen.faces.restore import as_restorer
+from gpen.files.registry import build
+from gpen.load import convert_checkpoint, describe_weights
 from tests.helpers import export_fake_scrfd, random_gpen
 
 
-def output_of(model, seed=1):
+def output_of(network, seed=1):
     torch.manual_seed(seed)
     with torch.inference_mode():
-        return model(torch.rand(2, 3, model.size, model.size) * 2 - 1)
+        return network(torch.rand(2, 3, network.size, network.size) * 2 - 1)
 
 
 @pytest.fixture(scope="module")
 def expected(small_checkpoint):
-    return output_of(gpen.load_model(small_checkpoint, device="cpu"))
+    return output_of(gpen.load_model(small_checkpoint, device="cpu").network)
 
 
 @pytest.mark.parametrize("wrap", [
@@ -38,7 +40,7 @@ def expected(small_checkpoint):
 def test_wrapped_checkpoints_load_to_the_same_output(tmp_path, small_checkpoint, expected, wrap):
     path = tmp_path / "wrapped.pth"
     torch.save(wrap(torch.load(small_checkpoint, weights_only=True)), path)
-    assert torch.equal(output_of(gpen.load_model(path, device="cpu")), expected)
+    assert torch.equal(output_of(gpen.load_model(path, device="cpu").network), expected)
 
 
 def test_safetensors_load_to_the_same_output(tmp_path, small_checkpoint, expected):
@@ -46,7 +48,7 @@ def test_safetensors_load_to_the_same_output(tmp_path, small_checkpoint, expecte
     save_file(torch.load(small_checkpoint, weights_only=True), path)
     model = gpen.load_model(path, device="cpu")
     assert model.info.format == "safetensors"
-    assert torch.equal(output_of(model), expected)
+    assert torch.equal(output_of(model.network), expected)
 
 
 def test_float16_weights_load_and_run_in_float32(tmp_path, small_checkpoint):
@@ -54,15 +56,15 @@ def test_float16_weights_load_and_run_in_float32(tmp_path, small_checkpoint):
     path = tmp_path / "half.pth"
     torch.save(state, path)
     model = gpen.load_model(path, device="cpu")
-    assert model.info.dtype == "float16" and model.ecd0[0][0].weight.dtype == torch.float32
+    assert model.info.dtype == "float16" and model.network.ecd0[0][0].weight.dtype == torch.float32
     rounded = random_gpen()
     rounded.load_state_dict({k: v.float() for k, v in state.items()})
-    assert torch.equal(output_of(model), output_of(rounded))
+    assert torch.equal(output_of(model.network), output_of(rounded))
 
 
 def test_descriptor_says_what_was_loaded(small_checkpoint):
     info = gpen.load_model(small_checkpoint, device="cpu").info
-    assert (info.kind, info.format, info.size, info.channel_multiplier, info.narrow) == ("GPEN", "pth", 32, 1, 0.125)
+    assert (info.arch, info.format, info.size, info.channel_multiplier, info.narrow) == ("GPEN", "pth", 32, 1, 0.125)
     assert info.parameters > 0 and "GPEN-32" in str(info)
 
 
@@ -85,9 +87,9 @@ def test_onnx_export_restores_like_the_torch_model(tmp_path, monkeypatch):
     export_onnx(model, path)
     onnx_model = gpen.load_model(path, device="cpu")
     assert onnx_model.size == 64 and onnx_model.info.format == "onnx"
-    assert onnx_model.fixed_batch == 1 and "CPUExecutionProvider" in onnx_model.providers
+    assert onnx_model.network.fixed_batch == 1 and "CPUExecutionProvider" in onnx_model.network.providers
     faces = torch.rand(3, 64, 64, 3)
-    assert (onnx_model.restore(faces) - model.restore(faces)).abs().max() < 1e-4
+    assert (onnx_model.restore(faces) - as_restorer(model).restore(faces)).abs().max() < 1e-4
 
 
 def error_for(path) -> str:
@@ -176,14 +178,14 @@ def shapes_of(**config) -> dict[str, torch.Tensor]:
 ])
 def test_configurations_no_training_makes_are_refused_before_building(config, says):
     with pytest.raises(CheckpointError, match=says):
-        build_gpen(shapes_of(**config), "claims.pth")
+        build(shapes_of(**config), "claims.pth", "restorer")
 
 
 def test_sizes_beyond_2048_are_refused_before_building():
     state = shapes_of(size=2048, narrow=0.125)
     state.update({f"ecd{i}.0.1.weight": torch.empty(1, device="meta") for i in range(11, 20)})
     with pytest.raises(CheckpointError, match="19 encoder layers .* GPEN sizes 16 to 2048 have 3 to 10"):
-        build_gpen(state, "claims.pth")
+        build(state, "claims.pth", "restorer")
 
 
 @pytest.mark.parametrize("value", [float("nan"), float("inf")])
@@ -248,8 +250,8 @@ def test_checkpoint_with_python_objects_says_how_to_convert_it(tmp_path, small_c
 def test_convert_with_trust_keeps_only_the_tensors(tmp_path, small_checkpoint, expected):
     training_checkpoint(tmp_path / "train.pth", small_checkpoint)
     info = convert_checkpoint(tmp_path / "train.pth", tmp_path / "GPEN.safetensors", trust=True)
-    assert (info.kind, info.format, info.size, info.dtype) == ("GPEN", "safetensors", 32, "float32")
-    assert torch.equal(output_of(gpen.load_model(tmp_path / "GPEN.safetensors", device="cpu")), expected)
+    assert (info.arch, info.format, info.size, info.dtype) == ("GPEN", "safetensors", 32, "float32")
+    assert torch.equal(output_of(gpen.load_model(tmp_path / "GPEN.safetensors", device="cpu").network), expected)
 
 
 def test_converted_files_follow_the_umask(tmp_path, small_checkpoint):
@@ -284,9 +286,9 @@ def test_describe_face_detectors_and_parsers(shared, tmp_path):
     retinaface = describe_weights(shared / "models" / "retinaface_mobilenet0.25.pth")
     assert str(retinaface) == "RetinaFace face-detector (pth, float32), mobilenet0.25 backbone, 0.4M parameters"
     parsenet = describe_weights(shared / "fixtures" / "parsenet_random_64.pth")
-    assert parsenet.kind == "ParseNet face-parser" and parsenet.parameters > 0
+    assert parsenet.arch == "ParseNet face-parser" and parsenet.parameters > 0
     bisenet = describe_weights(shared / "fixtures" / "bisenet_random_fp16.pth")
-    assert (bisenet.kind, bisenet.dtype) == ("BiSeNet face-parser", "float16")
+    assert (bisenet.arch, bisenet.dtype) == ("BiSeNet face-parser", "float16")
 
 
 def test_describe_other_restorers(tmp_path):

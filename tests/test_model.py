@@ -7,6 +7,7 @@ import torch
 
 import gpen
 from gpen.archs.gpen import infer_gpen_config
+from gpen.faces.restore import as_restorer, restore_crops
 from tests.helpers import random_gpen
 
 REAL_SIZES = [256, 512, 1024, 2048]
@@ -19,14 +20,14 @@ def real_layout(shared, size):
 def test_reproduces_the_reference_outputs(shared, reference_io):
     model = gpen.load_model(shared / "fixtures" / "gpen_random_64.pth", device="cpu")
     with torch.inference_mode():
-        out = model(reference_io["input"])
+        out = model.network(reference_io["input"])
     assert (out - reference_io["output"]).abs().max() < 1e-4  # the contract is 2e-3
 
 
 def test_batch_of_one_takes_the_folded_path_and_agrees(shared, reference_io):
     model = gpen.load_model(shared / "fixtures" / "gpen_random_64.pth", device="cpu")
     with torch.inference_mode():
-        one_by_one = torch.cat([model(x[None]) for x in reference_io["input"]])
+        one_by_one = torch.cat([model.network(x[None]) for x in reference_io["input"]])
     assert (one_by_one - reference_io["output"]).abs().max() < 1e-4
 
 
@@ -65,7 +66,7 @@ def test_rejects_sizes_that_are_not_powers_of_two():
 def test_restore_takes_and_returns_comfyui_crops():
     model = random_gpen()
     faces = torch.rand(5, 32, 32, 3)
-    restored = model.restore(faces, batch_size=2)
+    restored = as_restorer(model).restore(faces, batch_size=2)
     assert restored.shape == faces.shape and restored.dtype == torch.float32
     assert 0 <= restored.min() and restored.max() <= 1
     with torch.inference_mode():
@@ -74,13 +75,13 @@ def test_restore_takes_and_returns_comfyui_crops():
 
 
 def test_restore_resizes_crops_of_another_size_and_back():
-    model = random_gpen()
-    restored = model.restore(torch.rand(2, 48, 48, 3))
+    restorer = as_restorer(random_gpen())
+    restored = restorer.restore(torch.rand(2, 48, 48, 3))
     assert restored.shape == (2, 48, 48, 3)
 
 
 def test_restore_reports_each_batch_and_can_be_cancelled():
-    model = random_gpen()
+    model = as_restorer(random_gpen())
     seen = []
     model.restore(torch.rand(5, 32, 32, 3), batch_size=2, on_batch=lambda done, total: seen.append((done, total)))
     assert seen == [(1, 5), (2, 5), (3, 5), (4, 5), (5, 5)]  # on the CPU a face at a time, whatever batch_size
@@ -94,11 +95,11 @@ def test_restore_reports_each_batch_and_can_be_cancelled():
 
 def test_restore_rejects_images_that_are_not_rgb_crops():
     with pytest.raises(ValueError, match="faces must be"):
-        random_gpen().restore(torch.rand(2, 32, 32, 4))
+        as_restorer(random_gpen()).restore(torch.rand(2, 32, 32, 4))
 
 
 def test_empty_batch_restores_to_empty():
-    assert random_gpen().restore(torch.rand(0, 32, 32, 3)).shape == (0, 32, 32, 3)
+    assert as_restorer(random_gpen()).restore(torch.rand(0, 32, 32, 3)).shape == (0, 32, 32, 3)
 
 
 @pytest.mark.parametrize("dtype", ["fp16", "bf16"])
@@ -108,7 +109,7 @@ def test_half_precision_stays_within_2e_2_of_float32(shared, reference_io, dtype
     half = gpen.load_model(path, device="cpu", dtype=dtype)
     with torch.inference_mode():
         for x in (reference_io["input"], reference_io["input"][:1]):
-            assert (half(x).float() - full(x)).abs().max() < 2e-2
+            assert (half.network(x).float() - full.network(x)).abs().max() < 2e-2
 
 
 def test_a_batch_out_of_memory_is_retried_in_halves():
@@ -121,11 +122,9 @@ def test_a_batch_out_of_memory_is_retried_in_halves():
             raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
         return model(x)
 
-    from gpen.faces.restore import restore_crops
-
     faces = torch.rand(7, 32, 32, 3)
     restored = restore_crops(forward, 32, faces, batch_size=8)
-    assert calls == [7, 4, 2, 2, 2, 1] and torch.allclose(restored, model.restore(faces), atol=1e-5)
+    assert calls == [7, 4, 2, 2, 2, 1] and torch.allclose(restored, as_restorer(model).restore(faces), atol=1e-5)
 
 
 def test_winograd_convolution_equals_direct_convolution(monkeypatch):

@@ -194,7 +194,7 @@ def test_face_parsers_load_and_chain(pack, parsers_dir):
     load = pack.NODE_CLASS_MAPPINGS["GPENLoadFaceParser"]().load
     (bisenet,) = load("parsing_bisenet.pth", "auto", "cpu")
     (both,) = load("my_parser.pth", "fp32", "cpu", and_parser=bisenet)
-    assert len(bisenet) == 1 and [p.model.kind for p in both] == ["bisenet", "parsenet"]
+    assert len(bisenet) == 1 and [p.model.info.arch for p in both] == ["BiSeNet face-parser", "ParseNet face-parser"]
     assert both[0] is bisenet[0] and both[1].size_bytes > 0
     with pytest.raises(ValueError, match="xseg_1.onnx"):
         load("xseg_1.onnx", "auto", "cpu")

@@ -13,12 +13,12 @@ from pathlib import Path
 import pytest
 import torch
 
-pytest.importorskip("onnxruntime")
+onnxruntime = pytest.importorskip("onnxruntime")
 pytest.importorskip("onnx")
 
 from gpen import CheckpointError
-from gpen.archs.onnx import OnnxOccluder, OnnxRegionParser
-from gpen.load import describe_weights, load_onnx_parser
+from gpen.archs.onnx import OCCLUDER, REGION_PARSER
+from gpen.load import describe_weights, load_parser
 from tests.helpers import export_fake_scrfd
 
 REPO = Path(__file__).resolve().parents[1]
@@ -83,7 +83,7 @@ def hair_over_skin(size: int) -> torch.Tensor:
 
 
 class CountingSession:
-    """Stands in for a network's onnxruntime session, noting the batch size of every run."""
+    """Stands in for a parser's onnxruntime session, noting the batch size of every run."""
 
     def __init__(self, session):
         self.session, self.batches = session, []
@@ -93,16 +93,15 @@ class CountingSession:
         return self.session.run(names, feed)
 
 
-def count_runs(network) -> list[int]:
-    network.session = CountingSession(network.session)
-    return network.session.batches
+def count_runs(parser) -> list[int]:
+    parser.network.session = CountingSession(parser.network.session)
+    return parser.network.session.batches
 
 
 @pytest.mark.parametrize("size", [512, 300])
 def test_region_parser_masks_the_chosen_classes(models, size):
-    parser = load_onnx_parser(models["parser"], device="cpu")
-    assert isinstance(parser, OnnxRegionParser)
-    assert (parser.kind, parser.size, parser.classes) == ("bisenet-onnx", 512, 19)
+    parser = load_parser(models["parser"], device="cpu")
+    assert (parser.info.arch, parser.size) == ("FaceFusion region parser", 512)
     crops = hair_over_skin(size)[None]
 
     skin = parser.masks(crops, regions={SKIN})
@@ -122,7 +121,7 @@ def test_region_parser_masks_the_chosen_classes(models, size):
 
 def test_region_parser_batches_faces_one_at_a_time_when_its_batch_is_fixed(models):
     crops = torch.stack([hair_over_skin(128), hair_over_skin(128).flip(0), torch.full((128, 128, 3), 0.9)])
-    fixed, dynamic = load_onnx_parser(models["parser"]), load_onnx_parser(models["parser-dynamic"])
+    fixed, dynamic = load_parser(models["parser"]), load_parser(models["parser-dynamic"])
     fixed_runs, dynamic_runs = count_runs(fixed), count_runs(dynamic)
 
     skin = fixed.masks(crops, regions={SKIN})
@@ -145,13 +144,13 @@ def blue_ramp(size: int) -> torch.Tensor:
 
 @pytest.mark.parametrize("model", ["occluder", "occluder-fixed"])
 def test_occluder_sees_bgr_channels_last(models, model):
-    occluder = load_onnx_parser(models[model], device="cpu")
-    assert isinstance(occluder, OnnxOccluder)
-    assert (occluder.kind, occluder.size) == ("occluder", 256)
-    assert not hasattr(occluder, "logits")
+    occluder = load_parser(models[model], device="cpu")
+    assert (occluder.info.arch, occluder.size) == ("FaceFusion occluder", 256)
 
     # At the occluder's own size its answer is exactly the crops' blue channel.
     crops = torch.stack([blue_ramp(256), blue_ramp(256).flip(1)])
+    with pytest.raises(TypeError, match="not class logits"):
+        occluder.logits(crops)
     visible = occluder.masks(crops)
     assert visible.shape == (2, 256, 256) and visible.dtype == torch.float32
     assert torch.allclose(visible, crops[..., 2], atol=1e-6)
@@ -165,7 +164,7 @@ def test_occluder_sees_bgr_channels_last(models, model):
 
 
 def test_occluder_output_channels_first_is_read_and_clipped(models):
-    occluder = load_onnx_parser(models["occluder-nchw"])
+    occluder = load_parser(models["occluder-nchw"])
     crops = blue_ramp(256)[None]
     visible = occluder.masks(crops)
     assert visible.shape == (1, 256, 256)
@@ -174,7 +173,7 @@ def test_occluder_output_channels_first_is_read_and_clipped(models):
 
 
 def test_results_come_back_where_the_crops_are(models):
-    parser, occluder = load_onnx_parser(models["parser"]), load_onnx_parser(models["occluder"])
+    parser, occluder = load_parser(models["parser"]), load_parser(models["occluder"])
     assert parser.device == torch.device("cpu") and occluder.device == torch.device("cpu")
     crops = hair_over_skin(64)[None].to(parser.device)
     assert parser.masks(crops, {SKIN}).device == crops.device
@@ -184,7 +183,7 @@ def test_results_come_back_where_the_crops_are(models):
 
 
 def test_names_and_info(models):
-    parser, occluder = load_onnx_parser(models["parser"]), load_onnx_parser(models["occluder"])
+    parser, occluder = load_parser(models["parser"]), load_parser(models["occluder"])
     assert parser.name == "FaceFusion region parser bisenet_resnet_18.onnx"
     assert occluder.name == "FaceFusion occluder xseg_1.onnx"
     assert str(parser.info) == "FaceFusion region parser (onnx, float32), 19 face regions at 512x512"
@@ -196,9 +195,9 @@ def test_recognised_by_shapes_not_names(models, tmp_path):
     shutil.copy(models["parser"], tmp_path / "xseg_1.onnx")
     shutil.copy(models["occluder"], tmp_path / "bisenet_resnet_18.onnx")
     shutil.copy(models["occluder-nchw"], tmp_path / "GPEN-BFR-512.onnx")
-    assert load_onnx_parser(tmp_path / "xseg_1.onnx").kind == "bisenet-onnx"
-    assert load_onnx_parser(tmp_path / "bisenet_resnet_18.onnx").kind == "occluder"
-    assert load_onnx_parser(tmp_path / "GPEN-BFR-512.onnx").kind == "occluder"
+    assert load_parser(tmp_path / "xseg_1.onnx").info.arch == "FaceFusion region parser"
+    assert load_parser(tmp_path / "bisenet_resnet_18.onnx").info.arch == "FaceFusion occluder"
+    assert load_parser(tmp_path / "GPEN-BFR-512.onnx").info.arch == "FaceFusion occluder"
 
 
 def test_other_onnx_files_are_refused_with_what_they_hold(tmp_path):
@@ -208,16 +207,16 @@ def test_other_onnx_files_are_refused_with_what_they_hold(tmp_path):
 
     gpen_file = export(FakeGPEN(), torch.zeros(1, 3, 64, 64), tmp_path / "bisenet_resnet_34.onnx")
     with pytest.raises(CheckpointError) as refused:
-        load_onnx_parser(gpen_file)
-    assert str(refused.value).startswith(f"{gpen_file}: holds a GPEN restorer, not a face parser")
+        load_parser(gpen_file)
+    assert str(refused.value).startswith(f"{gpen_file}: holds GPEN weights, not a parser")
 
     export_fake_scrfd(tmp_path / "xseg_2.onnx")
-    with pytest.raises(CheckpointError, match="holds an SCRFD face detector, not a face parser"):
-        load_onnx_parser(tmp_path / "xseg_2.onnx")
+    with pytest.raises(CheckpointError, match="holds SCRFD face-detector weights, not a parser"):
+        load_parser(tmp_path / "xseg_2.onnx")
 
     unrelated = export(torch.nn.Linear(10, 2), torch.zeros(1, 10), tmp_path / "xseg_3.onnx")
     with pytest.raises(CheckpointError) as refused:
-        load_onnx_parser(unrelated)
+        load_parser(unrelated)
     message = str(refused.value)
     assert message.startswith(f"{unrelated}: is an ONNX model with inputs input [1, 10]; outputs output [1, 2]")
     assert "not a face parser or occluder" in message and "\n" not in message
@@ -225,9 +224,9 @@ def test_other_onnx_files_are_refused_with_what_they_hold(tmp_path):
     # A 19-channel output is not enough: a parser's input is 512x512 RGB.
     small = export(FakeRegionParser(), torch.zeros(1, 3, 256, 256), tmp_path / "bisenet_256.onnx")
     with pytest.raises(CheckpointError, match=r"input \[1, 3, 256, 256\]"):
-        load_onnx_parser(small)
-    with pytest.raises(CheckpointError, match="is not a FaceFusion occluder"):
-        OnnxOccluder(small)
+        load_parser(small)
+    session = onnxruntime.InferenceSession(str(small))
+    assert not REGION_PARSER.recognise(session) and not OCCLUDER.recognise(session)
 
 
 def test_info_names_them(models):

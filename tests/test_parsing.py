@@ -17,7 +17,7 @@ from tests.helpers import GreyRestorer, SplitParser
 class HandOnLeft:
     """An occluder that sees something in front of the left third of every face."""
 
-    kind, size = "occluder", 256
+    size = 256
 
     def masks(self, crops, regions=None):
         n, s = crops.shape[:2]
@@ -41,7 +41,8 @@ def test_parsers_are_loaded_by_their_tensors_not_their_names(shared, tmp_path):
     shutil.copy(shared / "fixtures" / "parsenet_random_64.pth", tmp_path / "face_model.pth")
     parsenet = load_parser(tmp_path / "face_model.pth", device="cpu")
     bisenet = load_parser(shared / "fixtures" / "bisenet_random_fp16.pth", device="cpu", dtype="bf16")
-    assert (parsenet.kind, parsenet.size, bisenet.kind, bisenet.size) == ("parsenet", 512, "bisenet", 512)
+    assert (parsenet.info.arch, parsenet.size, bisenet.info.arch, bisenet.size) == (
+        "ParseNet face-parser", 512, "BiSeNet face-parser", 512)
     crops = torch.rand(2, 96, 96, 3)
     assert parsenet.logits(crops).shape == bisenet.logits(crops).shape == (2, 19, 96, 96)
     masks = bisenet.masks(crops, FACE_REGIONS)

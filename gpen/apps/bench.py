@@ -96,7 +96,7 @@ def bench_model(size: int, device: torch.device, dtype: str, checkpoint: str | N
     from ..load import load_model
 
     if checkpoint:
-        return load_model(checkpoint, device=device, dtype=dtype)
+        return load_model(checkpoint, device=device, dtype=dtype).network
     cm, narrow = STANDARD_CONFIGS.get(size, (2, 1))
     model = GPEN(size, channel_multiplier=cm, narrow=narrow)
     return model.to(device, resolve_dtype(dtype)).eval().requires_grad_(False)

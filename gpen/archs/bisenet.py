@@ -11,29 +11,17 @@ The output is the per-class logits at the input's size (facexlib's first output)
 
 from __future__ import annotations
 
-import os
-
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ..files.weights import CheckpointError
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from .spec import ArchSpec, Convention, imagenet_normalise
 
 # Keys that every BiSeNet file of this layout has and no other network here uses.
 BISENET_KEYS = ("cp.resnet.conv1.weight", "cp.arm32.conv_atten.weight", "ffm.convblk.conv.weight",
                 "conv_out.conv_out.weight")
 # The classifier is a 1x1 conv; a file claiming more classes than this is not a face parser.
 MAX_CLASSES = 1024
-
-
-def imagenet_normalise(rgb: torch.Tensor) -> torch.Tensor:
-    """NCHW RGB in 0..1 -> the normalised input BiSeNet was trained on."""
-    mean = torch.tensor(IMAGENET_MEAN, dtype=rgb.dtype, device=rgb.device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, dtype=rgb.dtype, device=rgb.device).view(1, 3, 1, 1)
-    return (rgb - mean) / std
 
 
 class ConvBNReLU(nn.Module):
@@ -197,26 +185,31 @@ def is_bisenet(state: dict[str, torch.Tensor]) -> bool:
     return all(k in state for k in BISENET_KEYS)
 
 
-def bisenet_config(state: dict[str, torch.Tensor], path: str | os.PathLike = "BiSeNet weights") -> dict:
+def bisenet_config(state: dict[str, torch.Tensor]) -> dict:
     """BiSeNet's constructor arguments read from the tensor shapes: {"num_class": n}.
 
     The ResNet-18 context path and all widths are fixed in facexlib's architecture, so the number of
     classes (the classifiers' output channels) is all that varies; the three classifiers must agree.
-    Raises CheckpointError for a state dict that is not BiSeNet's or whose classifiers do not fit.
+    Raises ValueError for a state dict that is not BiSeNet's or whose classifiers do not fit.
     """
     if not is_bisenet(state):
         missing = [k for k in BISENET_KEYS if k not in state]
-        raise CheckpointError(path, f"is not a BiSeNet face parser: missing {', '.join(missing)}")
+        raise ValueError(f"not a BiSeNet face parser: missing {', '.join(missing)}")
     classifiers = {k: state.get(f"{k}.conv_out.weight") for k in ("conv_out", "conv_out16", "conv_out32")}
     widths = {"conv_out": 256, "conv_out16": 64, "conv_out32": 64}
     num_class = classifiers["conv_out"].shape[0] if classifiers["conv_out"].dim() == 4 else None
     for name, weight in classifiers.items():
         expected = (num_class, widths[name], 1, 1)
         if weight is None:
-            raise CheckpointError(path, f"BiSeNet without {name}.conv_out.weight")
+            raise ValueError(f"BiSeNet without {name}.conv_out.weight")
         if num_class is None or tuple(weight.shape) != expected:
-            raise CheckpointError(path, f"BiSeNet's {name}.conv_out.weight is {tuple(weight.shape)}; expected "
+            raise ValueError(f"BiSeNet's {name}.conv_out.weight is {tuple(weight.shape)}; expected "
                                   f"(classes, {widths[name]}, 1, 1) with the same classes for all three classifiers")
     if not 1 <= num_class <= MAX_CLASSES:
-        raise CheckpointError(path, f"BiSeNet with {num_class} classes; a face parser has 1 to {MAX_CLASSES}")
+        raise ValueError(f"BiSeNet with {num_class} classes; a face parser has 1 to {MAX_CLASSES}")
     return {"num_class": int(num_class)}
+
+
+SPEC = ArchSpec("BiSeNet face-parser", "parser", is_bisenet, bisenet_config, BiSeNet,
+                convention=Convention(input="imagenet", output="logits", size=512),
+                details=lambda net: {"detail": f"{net.num_class} classes"})

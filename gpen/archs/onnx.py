@@ -6,8 +6,6 @@ a time.
 
 FaceFusion's face parsers and occluders:
 
-FaceFusion's ONNX face parsers and occluders, run by onnxruntime and recognised by their shapes.
-
 - Region parsers (bisenet_resnet_18.onnx, bisenet_resnet_34.onnx): one input (1 or N, 3, 512, 512),
   RGB normalised with the ImageNet mean/std; the first output holds the 19 face-region logits at
   512x512 (background, skin, brows, eyes, glasses, ears, earring, nose, mouth, lips, neck, necklace,
@@ -16,123 +14,59 @@ FaceFusion's ONNX face parsers and occluders, run by onnxruntime and recognised 
   channels last, BGR in 0..1, the way FaceFusion feeds them; the output is the probability that the
   face shows, (N, 256, 256, 1) channels last (N,256,256 and N,1,256,256 are accepted too).
 
-Both take crops as (N, H, W, 3) RGB float in 0..1 of any size, as torch tensors, and give their
-results at the crops' size on the crops' device. FaceFusion blurs and thresholds these masks; here
-they come back raw (clipped to 0..1): feathering is done where the faces are pasted back.
-
 FaceFusion 2.x's face_parser.onnx has the region parsers' shapes but took RGB scaled to -1..1;
 shapes cannot tell it apart, and it is fed the ImageNet normalisation of the 3.x parsers here.
+
+insightface's SCRFD detectors are told by their number of outputs and run through insightface.
 """
 
 from __future__ import annotations
 
-import os
-from collections.abc import Collection
-from pathlib import Path
-from typing import Callable
-
 import numpy as np
 import torch
-from torch.nn import functional as F
 
-from ..faces.masks import class_masks
-from ..faces.restore import restore_crops
-from ..files.weights import CheckpointError, ModelInfo, check_file, first_line
-from .bisenet import IMAGENET_MEAN, IMAGENET_STD
+from .spec import ArchSpec, Convention
 
 ONNX_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
-# Face sizes accepted from an export: the released GPEN runs 256 to 2048. A fixed input far bigger
-# (a 97-byte file can declare 30000x30000) would take gigabytes on the first restore.
-MIN_SIZE, MAX_SIZE = 64, 4096
+# Face sizes accepted from a GPEN export: the released GPEN runs 256 to 2048. A fixed input far bigger
+# (a 97-byte file can declare 30000x30000) would take gigabytes on the first restore. (The torch
+# network's bounds, read from its layers, are archs.gpen's MIN_SIZE and MAX_SIZE.)
+EXPORT_MIN_SIZE, EXPORT_MAX_SIZE = 64, 4096
 # insightface's SCRFD exports: number of outputs -> whether they include the five landmarks.
 SCRFD_OUTPUTS = {6: False, 9: True, 10: False, 15: True}
+PARSER_SIZE = 512
+PARSER_CLASSES = 19
+OCCLUDER_SIZE = 256
 
 
-class OnnxGPEN:
-    def __init__(self, path: str | os.PathLike, device: torch.device | str | None = None):
-        path = Path(path)
-        self.session = open_session(path, device)
-        self.size = gpen_face_size(self.session, path)
-        inputs, outputs = self.session.get_inputs(), self.session.get_outputs()
-        self.input_name, self.output_name = inputs[0].name, outputs[0].name
-        self.input_dtype = input_dtype(self.session)
+class OnnxRunner:
+    """An onnxruntime session as a tensor -> tensor function, like a torch network: its first input to
+    its first output, in steps of the file's fixed batch (1 for many exports) or all at once."""
+
+    def __init__(self, session):
+        self.session = session
+        inputs = session.get_inputs()
+        self.input_name, self.output_name = inputs[0].name, session.get_outputs()[0].name
+        self.input_dtype = input_dtype(session)
         self.fixed_batch = inputs[0].shape[0] if isinstance(inputs[0].shape[0], int) else None
-        self.providers = self.session.get_providers()
-        self.info = ModelInfo(kind="GPEN", format="onnx", size=self.size, dtype=self.input_dtype.name)
+        self.providers = session.get_providers()
+        on_cuda = "CUDAExecutionProvider" in self.providers and torch.cuda.is_available()
+        # Where callers had best keep their tensors; results always come back on the input's device.
+        self.device = torch.device("cuda" if on_cuda else "cpu")
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """NCHW RGB in [-1, 1] -> the same, like GPEN.forward."""
-        batch = x.detach().cpu().numpy().astype(self.input_dtype)
+        batch = np.ascontiguousarray(x.detach().cpu().numpy(), dtype=self.input_dtype)
         step = self.fixed_batch or len(batch)
         outs = [self.session.run([self.output_name], {self.input_name: batch[i:i + step]})[0]
                 for i in range(0, len(batch), step)]
         return torch.from_numpy(np.concatenate(outs).astype(np.float32)).to(x.device)
 
-    def restore(self, faces: torch.Tensor, batch_size: int = 4, on_batch=None) -> torch.Tensor:
-        return restore_crops(self, self.size, faces, batch_size=batch_size, on_batch=on_batch)
-
-
-def open_session(path: Path, device: torch.device | str | None = None):
-    """An onnxruntime session for `path`, on CUDA when asked for and available, else on the CPU."""
-    try:
-        import onnxruntime as ort
-    except ImportError:
-        raise ImportError(f"{path}: ONNX models need onnxruntime: pip install onnxruntime "
-                          "(or onnxruntime-gpu for CUDA)") from None
-    check_file(path)
-    available = ort.get_available_providers()
-    want_gpu = device is None or str(device) in ("auto", "gpu") or str(device).startswith("cuda")
-    providers = [p for p in ("CUDAExecutionProvider",) if want_gpu and p in available] + ["CPUExecutionProvider"]
-    try:
-        return ort.InferenceSession(str(path), providers=providers)
-    except Exception as e:  # onnxruntime raises its own exception types for bad graphs
-        raise CheckpointError(path, f"is not a usable ONNX model ({first_line(e)})") from None
+    def __repr__(self) -> str:
+        return f"<onnxruntime session on {', '.join(self.providers)}>"
 
 
 def input_dtype(session) -> np.dtype:
     return np.dtype(ONNX_DTYPES.get(session.get_inputs()[0].type, np.float32))
-
-
-def gpen_face_size(session, path: Path) -> int:
-    """The face size S of a GPEN export (one input N,3,S,S and an output of the same shape), checked
-    before anything runs."""
-    inputs = session.get_inputs()
-    shape = inputs[0].shape
-    if len(inputs) != 1 or len(shape) != 4 or shape[1] != 3 or not isinstance(shape[2], int) or shape[2] != shape[3]:
-        raise CheckpointError(path, f"is an ONNX model with input {[(i.name, i.shape) for i in inputs]}, "
-                              "not a GPEN export (one input of shape N,3,S,S)")
-    size = shape[2]
-    if not MIN_SIZE <= size <= MAX_SIZE:
-        raise CheckpointError(path, f"is an ONNX model for {size}x{size} faces; GPEN exports run from {MIN_SIZE} "
-                              f"to {MAX_SIZE} (the released GPEN: 256 to 2048)")
-    output = session.get_outputs()[0].shape
-    if len(output) != 4 or any(isinstance(d, int) and d != want for d, want in zip(output[1:], (3, size, size))):
-        raise CheckpointError(path, f"is an ONNX model whose output is {output}, not a GPEN export "
-                              f"(output N,3,{size},{size} like its input)")
-    return size
-
-
-def describe_onnx(path: str | os.PathLike) -> ModelInfo:
-    """What an ONNX file is: an SCRFD face detector, a FaceFusion region parser or occluder (told by
-    their shapes), or a GPEN export (checked like load_model does)."""
-    from .onnx import describe_onnx_parser
-
-    path = Path(path)
-    session = open_session(path, "cpu")
-    dtype = input_dtype(session).name
-    parser = describe_onnx_parser(session)
-    if parser is not None:
-        return parser
-    landmarks = SCRFD_OUTPUTS.get(len(session.get_outputs()))
-    if landmarks is not None:
-        detail = "with landmarks" if landmarks else "without landmarks (alignment needs them: use a *_bnkps or det_10g file)"
-        return ModelInfo(kind="SCRFD face-detector", format="onnx", dtype=dtype, detail=detail)
-    return ModelInfo(kind="GPEN", format="onnx", size=gpen_face_size(session, path), dtype=dtype)
-
-
-PARSER_SIZE = 512
-PARSER_CLASSES = 19
-OCCLUDER_SIZE = 256
 
 
 def fits(dim, want: int) -> bool:
@@ -142,6 +76,41 @@ def fits(dim, want: int) -> bool:
 
 def is_fixed(dim, want: int) -> bool:
     return isinstance(dim, int) and dim == want
+
+
+def describe_shapes(session) -> str:
+    inputs = ", ".join(f"{i.name} {list(i.shape)}" for i in session.get_inputs())
+    outputs = ", ".join(f"{o.name} {list(o.shape)}" for o in session.get_outputs())
+    return f"inputs {inputs or 'none'}; outputs {outputs or 'none'}"
+
+
+def is_gpen_export(session) -> bool:
+    """One image input N,3,S,S with a fixed S, and an image out (its bounds and size are checked by
+    gpen_export_config)."""
+    inputs, outputs = session.get_inputs(), session.get_outputs()
+    shape = inputs[0].shape if len(inputs) == 1 else ()
+    out = outputs[0].shape if len(outputs) == 1 else ()
+    return (len(shape) == 4 and shape[1] == 3 and isinstance(shape[2], int) and shape[2] == shape[3]
+            and len(out) == 4 and fits(out[1], 3))
+
+
+def gpen_export_config(session) -> dict:
+    """{"size": S} of a GPEN export, its bounds and output checked before anything runs."""
+    size = session.get_inputs()[0].shape[2]
+    if not EXPORT_MIN_SIZE <= size <= EXPORT_MAX_SIZE:
+        raise ValueError(f"is an ONNX model for {size}x{size} faces; GPEN exports run from {EXPORT_MIN_SIZE} "
+                         f"to {EXPORT_MAX_SIZE} (the released GPEN: 256 to 2048)")
+    output = session.get_outputs()[0].shape
+    if not (fits(output[2], size) and fits(output[3], size)):
+        raise ValueError(f"is an ONNX model whose output is {output}, not a GPEN export "
+                         f"(output N,3,{size},{size} like its input)")
+    return {"size": size}
+
+
+class GpenExport(OnnxRunner):
+    def __init__(self, session, size: int):
+        super().__init__(session)
+        self.size = size
 
 
 def is_region_parser(session) -> bool:
@@ -173,135 +142,47 @@ def is_occluder(session) -> bool:
     return len(out) == 3 and fits(out[0], 1) and fits(out[1], OCCLUDER_SIZE) and fits(out[2], OCCLUDER_SIZE)
 
 
-def describe_shapes(session) -> str:
-    inputs = ", ".join(f"{i.name} {list(i.shape)}" for i in session.get_inputs())
-    outputs = ", ".join(f"{o.name} {list(o.shape)}" for o in session.get_outputs())
-    return f"inputs {inputs or 'none'}; outputs {outputs or 'none'}"
+def is_scrfd(session) -> bool:
+    return len(session.get_outputs()) in SCRFD_OUTPUTS
 
 
-def resize(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """NCHW float -> NCHW at `size`: bilinear, antialiased when shrinking; unchanged at its own size."""
-    if tuple(x.shape[-2:]) == tuple(size):
-        return x
-    return F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)
+def scrfd_details(session) -> dict:
+    if SCRFD_OUTPUTS[len(session.get_outputs())]:
+        return {"detail": "with landmarks"}
+    return {"detail": "without landmarks (alignment needs them: use a *_bnkps or det_10g file)"}
 
 
-def check_crops(crops: torch.Tensor) -> None:
-    if not isinstance(crops, torch.Tensor) or crops.dim() != 4 or crops.shape[-1] != 3:
-        shape = tuple(crops.shape) if hasattr(crops, "shape") else type(crops).__name__
-        raise ValueError(f"face crops must be a (N, H, W, 3) RGB tensor in 0..1, not {shape}")
+def no_config(session) -> dict:
+    return {}
 
 
-class OnnxFaceNetwork:
-    """What both kinds share: the session, its batch rule, and where results go."""
-
-    kind: str
-    size: int
-    label: str  # what the file is, for messages and names
-    fits: Callable  # whether a session has this kind's input and output shapes
-
-    def __init__(self, path: str | os.PathLike, device: torch.device | str | None = None, session=None):
-        path = Path(path)
-        session = open_session(path, device) if session is None else session
-        if not self.fits(session):
-            raise CheckpointError(path, f"is not a {self.label} ({describe_shapes(session)})")
-        self.path, self.session = path, session
-        self.name = f"{self.label} {path.name}"
-        self.info = describe_onnx_parser(session)
-        inputs = session.get_inputs()
-        self.input_name, self.output_name = inputs[0].name, session.get_outputs()[0].name
-        self.input_dtype = input_dtype(session)
-        # Exports with the batch fixed at 1 take one face per run; others take the whole batch.
-        self.fixed_batch = inputs[0].shape[0] if isinstance(inputs[0].shape[0], int) else None
-        self.providers = session.get_providers()
-        on_cuda = "CUDAExecutionProvider" in self.providers and torch.cuda.is_available()
-        # Where callers had best keep the crops; results always come back on the crops' own device.
-        self.device = torch.device("cuda" if on_cuda else "cpu")
-
-    def run(self, batch: np.ndarray) -> np.ndarray:
-        batch = np.ascontiguousarray(batch, dtype=self.input_dtype)
-        step = self.fixed_batch or len(batch)
-        outs = [self.session.run([self.output_name], {self.input_name: batch[i:i + step]})[0]
-                for i in range(0, len(batch), step)]
-        return np.concatenate(outs).astype(np.float32)
-
-    def __repr__(self) -> str:
-        return f"<{self.name} on {', '.join(self.providers)}>"
-
-
-class OnnxRegionParser(OnnxFaceNetwork):
-    """FaceFusion's BiSeNet region parser (bisenet_resnet_18/34.onnx): 19 classes at 512x512."""
-
-    kind = "bisenet-onnx"
-    size = PARSER_SIZE
-    classes = PARSER_CLASSES
-    label = "FaceFusion region parser"
-    fits = staticmethod(is_region_parser)
-
-    @torch.no_grad()
-    def logits(self, crops: torch.Tensor) -> torch.Tensor:
-        """(N, H, W, 3) RGB in 0..1 -> (N, 19, H, W) float32 logits, on the crops' device."""
-        check_crops(crops)
-        n, h, w, _ = crops.shape
-        if n == 0:
-            return torch.zeros(0, self.classes, h, w, device=crops.device)
-        rgb = resize(crops.float().permute(0, 3, 1, 2), (self.size, self.size))
-        mean = torch.tensor(IMAGENET_MEAN, device=rgb.device).view(1, 3, 1, 1)
-        std = torch.tensor(IMAGENET_STD, device=rgb.device).view(1, 3, 1, 1)
-        logits = self.run(((rgb - mean) / std).cpu().numpy())
-        return resize(torch.from_numpy(logits).to(crops.device), (h, w))
-
-    def masks(self, crops: torch.Tensor, regions: Collection[int]) -> torch.Tensor:
-        """(N, H, W) float: 1.0 where the most likely class is one of `regions` (class indices,
-        e.g. {1, 2, 3, 4, 5, 10, 11, 12, 13} for skin, brows, eyes, nose, mouth and lips), else 0.0."""
-        return class_masks(self.logits(crops), regions)
-
-
-class OnnxOccluder(OnnxFaceNetwork):
-    """FaceFusion's occluder (xseg_1/2/3.onnx, DeepFaceLab's XSeg): the visible-face probability."""
-
-    kind = "occluder"
-    size = OCCLUDER_SIZE
-    label = "FaceFusion occluder"
-    fits = staticmethod(is_occluder)
-
-    @torch.no_grad()
-    def masks(self, crops: torch.Tensor, regions: Collection[int] | None = None) -> torch.Tensor:
-        """(N, H, W, 3) RGB in 0..1 -> (N, H, W) float32 probability that the face shows there,
-        on the crops' device. `regions` is ignored (an occluder has none)."""
-        check_crops(crops)
-        n, h, w, _ = crops.shape
-        if n == 0:
-            return torch.zeros(0, h, w, device=crops.device)
-        # The occluder sees what FaceFusion gives it: BGR, 0..1, channels last.
-        bgr = resize(crops.float().flip(-1).permute(0, 3, 1, 2), (self.size, self.size))
-        probability = torch.from_numpy(self.run(bgr.permute(0, 2, 3, 1).cpu().numpy()))
-        if probability.dim() == 4:  # one channel, last (the XSeg exports) or first
-            probability = probability[..., 0] if probability.shape[-1] == 1 else probability[:, 0]
-        probability = probability.clamp(0, 1).to(crops.device)[:, None]
-        return resize(probability, (h, w))[:, 0].clamp(0, 1)
-
-
-def not_a_parser(session, path: Path) -> str:
-    """What an ONNX file that is neither a parser nor an occluder holds, in words."""
-    if len(session.get_outputs()) in SCRFD_OUTPUTS:
-        return "holds an SCRFD face detector, not a face parser or occluder"
+GPEN_EXPORT = ArchSpec("GPEN", "restorer", is_gpen_export, gpen_export_config, GpenExport, format="onnx",
+                       convention=Convention(input="-1..1", output="image", template="gpen", batch="file"),
+                       face_size=lambda runner: runner.size, details=lambda runner: {"size": runner.size})
+REGION_PARSER = ArchSpec(
+    "FaceFusion region parser", "parser", is_region_parser, no_config, OnnxRunner, format="onnx",
+    convention=Convention(input="imagenet", output="logits", size=PARSER_SIZE, batch="file"),
+    details=lambda runner: {"detail": f"{PARSER_CLASSES} face regions at {PARSER_SIZE}x{PARSER_SIZE}"})
+OCCLUDER = ArchSpec(
+    "FaceFusion occluder", "parser", is_occluder, no_config, OnnxRunner, format="onnx",
+    convention=Convention(input="0..1", colour="bgr", layout="nhwc", output="probability", size=OCCLUDER_SIZE,
+                          batch="file"),
+    details=lambda runner: {"detail": f"visible-face probability at {OCCLUDER_SIZE}x{OCCLUDER_SIZE}"})
+def insightface_scrfd(session):
+    """insightface's SCRFD over the session: it letterboxes, runs and decodes for the detector handle."""
     try:
-        size = gpen_face_size(session, path)
-    except CheckpointError:
-        return (f"is an ONNX model with {describe_shapes(session)}, not a face parser or occluder: FaceFusion's "
-                f"region parsers take one input (1, 3, {PARSER_SIZE}, {PARSER_SIZE}) and give {PARSER_CLASSES} "
-                f"channels at {PARSER_SIZE}x{PARSER_SIZE}; its occluders take one input (N, {OCCLUDER_SIZE}, "
-                f"{OCCLUDER_SIZE}, 3) and give one channel at {OCCLUDER_SIZE}x{OCCLUDER_SIZE}")
-    return f"holds a GPEN restorer, not a face parser or occluder (a GPEN-{size} export: load it as the restorer)"
+        from insightface.model_zoo.scrfd import SCRFD as InsightfaceSCRFD
+    except ImportError:
+        raise ImportError("SCRFD detectors need insightface: pip install insightface") from None
+    try:
+        model = InsightfaceSCRFD(model_file=getattr(session, "_model_path", None), session=session)
+    except Exception as e:  # insightface raises assorted types for files it cannot use
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"is not a usable SCRFD model ({reason})") from None
+    model.landmarks = SCRFD_OUTPUTS[len(session.get_outputs())]
+    return model
 
 
-def describe_onnx_parser(session) -> ModelInfo | None:
-    """A ModelInfo for a FaceFusion region parser or occluder session, None for anything else."""
-    if is_region_parser(session):
-        return ModelInfo(kind="FaceFusion region parser", format="onnx", dtype=input_dtype(session).name,
-                         detail=f"{PARSER_CLASSES} face regions at {PARSER_SIZE}x{PARSER_SIZE}")
-    if is_occluder(session):
-        return ModelInfo(kind="FaceFusion occluder", format="onnx", dtype=input_dtype(session).name,
-                         detail=f"visible-face probability at {OCCLUDER_SIZE}x{OCCLUDER_SIZE}")
-    return None
+SCRFD = ArchSpec("SCRFD face-detector", "detector", is_scrfd, no_config, insightface_scrfd, format="onnx",
+                 convention=Convention(input="0..1", colour="bgr", output="detections", threshold=0.5),
+                 details=lambda model: scrfd_details(model.session))

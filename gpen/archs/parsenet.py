@@ -24,6 +24,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .spec import ArchSpec, Convention
+
 LRELU_SLOPE = 0.2
 
 # Limits on what a file may make us build: the released network is 512 px, 256 channels wide and
@@ -244,3 +246,9 @@ def _count_blocks(state: dict[str, torch.Tensor], part: str, start: int = 0) -> 
 def _ranges(numbers: list[int]) -> str:
     shown = ", ".join(map(str, numbers[:5]))
     return shown + (f" ... ({len(numbers)} blocks)" if len(numbers) > 5 else "")
+
+
+# facexlib feeds ParseNet RGB in [-1, 1] and takes its first output (`parse` skips the image head).
+SPEC = ArchSpec("ParseNet face-parser", "parser", is_parsenet, parsenet_config, ParseNet,
+                convention=Convention(input="-1..1", output="logits"), run=lambda net, x: net.parse(x),
+                face_size=lambda net: net.in_size, details=lambda net: {"size": net.in_size})

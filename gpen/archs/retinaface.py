@@ -14,6 +14,8 @@ from torch import nn
 from torch.nn import functional as F
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
+from .spec import ArchSpec, Convention
+
 # Prior boxes: two anchor sizes per pyramid level, strides 8, 16, 32.
 MIN_SIZES = ((16, 32), (64, 128), (256, 512))
 STEPS = (8, 16, 32)
@@ -205,3 +207,9 @@ def decode(offsets: torch.Tensor, landmark_offsets: torch.Tensor, priors: torch.
     boxes = torch.cat([box_centre - box_size / 2, box_centre + box_size / 2], -1)
     points = centre[:, None] + landmark_offsets.unflatten(-1, (5, 2)) * VARIANCES[0] * size[:, None]
     return boxes, points
+
+
+SPEC = ArchSpec("RetinaFace face-detector", "detector", lambda state: RetinaFace.backbone_of(state) is not None,
+                lambda state: {"backbone": RetinaFace.backbone_of(state)}, RetinaFace,
+                convention=Convention(input="bgr-minus-mean", colour="bgr", output="detections", threshold=0.5),
+                details=lambda net: {"detail": f"{net.backbone} backbone"})

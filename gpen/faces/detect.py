@@ -1,13 +1,15 @@
 """Face detection on ComfyUI image batches: RetinaFace in torch, or insightface's SCRFD.
 
 `load_detector(path)` recognises the file; `detector.detect(images)` takes (B,H,W,3) float 0..1 and
-returns one `Faces` per image, in image pixels, best score first.
+returns one `Faces` per image, in image pixels, best score first. Both handles share the scale policy
+(`detection_scales`, `merge_scales`, `one_box_per_face`).
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
-from pathlib import Path
+from typing import Protocol, runtime_checkable
 
 import cv2
 import numpy as np
@@ -41,6 +43,14 @@ class Faces:
     @classmethod
     def empty(cls) -> "Faces":
         return cls(torch.zeros(0, 4), torch.zeros(0), torch.zeros(0, 5, 2))
+
+
+@runtime_checkable
+class Detector(Protocol):
+    """Finds faces: one `Faces` per image of a (B,H,W,3) float 0..1 batch, in image pixels, best first."""
+
+    def detect(self, images: torch.Tensor, threshold: float = 0.5, nms_threshold: float = 0.4,
+               top_k: int = 5000) -> list[Faces]: ...
 
 
 def box_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -146,10 +156,11 @@ def one_box_per_face(faces: Faces) -> Faces:
 
 
 class RetinaFaceDetector:
-    kind = "retinaface"
+    """RetinaFace (either backbone) in torch, its batch norms folded into its convolutions."""
 
     def __init__(self, net: RetinaFace, device: torch.device, detect_size: int | str = "auto",
                  frames_per_batch: int = 4):
+        self.info = net.info
         self.net = fold_batch_norms(net.eval()).to(device).requires_grad_(False)
         self.device = device
         self.detect_size = check_detect_size(detect_size)
@@ -219,23 +230,18 @@ def shrink(images: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 class ScrfdDetector:
     """insightface's SCRFD (det_10g.onnx of buffalo_l, scrfd_*_bnkps.onnx), run through insightface."""
 
-    kind = "scrfd"
-
-    def __init__(self, path: Path, device: torch.device, detect_size: int | str = "auto"):
+    def __init__(self, model, device: torch.device, detect_size: int | str = "auto"):
+        """`model`: insightface's SCRFD over the file's session (see archs.onnx.SCRFD)."""
+        path = model.model_file
         try:
-            from insightface.model_zoo.scrfd import SCRFD
-        except ImportError:
-            raise ImportError(f"{path}: SCRFD detectors need insightface: pip install insightface") from None
-        try:
-            self.model = SCRFD(model_file=str(path))
-            self.model.prepare(0 if device.type == "cuda" else -1, input_size=(COARSE_SIDE, COARSE_SIDE))
+            model.prepare(0 if device.type == "cuda" else -1, input_size=(COARSE_SIDE, COARSE_SIDE))
         except Exception as e:  # insightface and onnxruntime raise assorted types for bad files
             raise CheckpointError(path, f"is not a usable SCRFD model ({first_line(e)})") from None
-        if not getattr(self.model, "use_kps", False):
+        if not getattr(model, "use_kps", False):
             raise CheckpointError(path, "is an SCRFD model without landmarks (use a *_bnkps or det_10g file)")
-        self.device = device
+        self.model, self.info, self.device = model, model.info, device
         self.detect_size = check_detect_size(detect_size)
-        self.name = f"SCRFD {path.name}"
+        self.name = f"SCRFD {os.path.basename(path)}"
 
     def detect(self, images: torch.Tensor, threshold: float = 0.5, nms_threshold: float = 0.4,
                top_k: int = 5000) -> list[Faces]:
@@ -258,6 +264,14 @@ class ScrfdDetector:
         faces = Faces(torch.from_numpy(boxes[:, :4]).float(), torch.from_numpy(boxes[:, 4]).float(),
                       torch.from_numpy(points).float().reshape(-1, 5, 2))
         return faces[faces.scores.argsort(descending=True)]
+
+
+def detector_handle(network, device: torch.device, detect_size: int | str = "auto") -> Detector:
+    """The handle for a detector network: RetinaFace's outputs are decoded here, insightface's SCRFD
+    decodes its own."""
+    if isinstance(network, RetinaFace):
+        return RetinaFaceDetector(network, device, detect_size)
+    return ScrfdDetector(network, device, detect_size)
 
 
 def candidates(boxes, scores, points, threshold, nms_threshold, top_k) -> Faces:

@@ -13,6 +13,8 @@ from typing import Iterable
 import torch
 import torch.nn.functional as F
 
+from .paste import gaussian_blur
+
 CLASSES = ("background", "skin", "left brow", "right brow", "left eye", "right eye", "glasses", "left ear",
            "right ear", "earring", "nose", "mouth", "upper lip", "lower lip", "neck", "necklace", "cloth", "hair",
            "hat")
@@ -64,8 +66,6 @@ def feather_inside(masks: torch.Tensor, feather: float) -> torch.Tensor:
     sigma = feather * masks.shape[-1]
     if sigma <= 0 or not len(masks):
         return masks
-    from .paste import gaussian_blur
-
     reach = max(1, math.ceil(3 * sigma))
     shrunk = -F.max_pool2d(-masks[:, None], 2 * reach + 1, stride=1, padding=reach)
     return gaussian_blur(shrunk, sigma)[:, 0].clamp(0, 1)

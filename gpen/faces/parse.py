@@ -1,62 +1,83 @@
 """Face parsers for paste-back: which pixels of each crop show the face.
 
 `load_parser(path)` gives ParseNet or BiSeNet (facexlib's parsing_parsenet.pth / parsing_bisenet.pth,
-native torch) or FaceFusion's ONNX region parsers and occluders, each told apart by its tensors. Any
-object with `.kind`, `.size` and `.logits(crops)` (19 classes) or `.masks(crops, regions)` works as a
-parser; `parse_faces` runs one or several on crops and combines their masks by minimum.
+native torch) or FaceFusion's ONNX region parsers and occluders, each told apart by its tensors, all
+in one `ParserHandle` that feeds each network as its spec says. Any object with `.size` and
+`.logits(crops)` (19 classes) or `.masks(crops, regions)` works as a parser; `parse_faces` runs one
+or several on crops and combines their masks by minimum.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Protocol, runtime_checkable
 
 import torch
-import torch.nn.functional as F
 
-from .masks import PARSE_FEATHER, class_masks, feather_inside, region_classes
+from ..archs.spec import ArchSpec, network_input, resize
+from .handle import NetworkHandle
+from .masks import CLASSES, PARSE_FEATHER, class_masks, feather_inside, region_classes
 
 
-class TorchParser:
-    """ParseNet or BiSeNet on crops of any size: resized to the network's size and back.
+@runtime_checkable
+class Parser(Protocol):
+    """Says where crops (N,H,W,3 RGB in 0..1) show the face: (N,H,W) in 0..1."""
 
-    `.logits(crops)`: (N,S,S,3) RGB in 0..1 -> (N,19,S,S); `.masks(crops, regions)`: (N,S,S), 1 where
-    the most likely class is one of `regions`.
+    size: int
+
+    def masks(self, crops: torch.Tensor, regions: Iterable[int] | None = None) -> torch.Tensor: ...
+
+
+class ParserHandle(NetworkHandle):
+    """A face parser or occluder (a torch module or an ONNX runner) on crops of any size: resized to
+    the network's size and back, fed and read as its spec's convention says.
+
+    `.masks(crops, regions)`: (N,H,W), for region parsers 1 where the most likely class is one of
+    `regions`, for occluders the probability that the face shows. `.logits(crops)`: region parsers'
+    (N,19,H,W) class logits.
     """
 
-    def __init__(self, net: torch.nn.Module, kind: str, size: int):
-        self.net, self.kind, self.size = net, kind, size
-        self.info = net.info
-        self.name = f"{net.info.kind} ({size} px)"
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.net.parameters()).device
-
-    def to(self, device: torch.device | str) -> "TorchParser":
-        self.net.to(device)
-        return self
+    def __init__(self, network, spec: ArchSpec, name: str | None = None):
+        super().__init__(network, spec)
+        self.name = name or f"{self.info.arch} ({self.size} px)"
 
     @torch.inference_mode()
     def logits(self, crops: torch.Tensor) -> torch.Tensor:
-        weight = next(self.net.parameters())
-        height, width = crops.shape[1:3]
-        x = crops.to(weight.device, torch.float32).permute(0, 3, 1, 2)
-        if (height, width) != (self.size, self.size):
-            x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False, antialias=True)
-        x = x.to(weight.dtype)
-        if self.kind == "parsenet":  # facexlib feeds ParseNet RGB in [-1, 1] and takes its first output
-            logits = self.net.parse(x * 2 - 1)
-        else:  # and BiSeNet RGB normalised with ImageNet's mean and std
-            from ..archs.bisenet import imagenet_normalise
+        """(N,H,W,3) RGB in 0..1 -> (N,19,H,W) float32 logits, on the crops' device."""
+        if self.spec.convention.output != "logits":
+            raise TypeError(f"{self.name} gives the probability that the face shows, not class logits")
+        return self._run(crops)
 
-            logits = self.net(imagenet_normalise(x))
-        logits = logits.float()
-        if logits.shape[-2:] != (height, width):
-            logits = F.interpolate(logits, size=(height, width), mode="bilinear", align_corners=False)
-        return logits.to(crops.device)
-
+    @torch.inference_mode()
     def masks(self, crops: torch.Tensor, regions: Iterable[int] | None = None) -> torch.Tensor:
-        return class_masks(self.logits(crops), region_classes(regions))
+        """(N,H,W,3) RGB in 0..1 -> (N,H,W) float32 on the crops' device. `regions` (class indices, e.g.
+        {1, 2, 3, 4, 5, 10, 11, 12, 13} for skin, brows, eyes, nose, mouth and lips) mean nothing to an occluder."""
+        if self.spec.convention.output == "logits":
+            return class_masks(self._run(crops), region_classes(regions))
+        return self._run(crops)[:, 0].clamp(0, 1)
+
+    def _run(self, crops: torch.Tensor) -> torch.Tensor:
+        """The network's answer at the crops' size: (N,C,H,W) logits or (N,1,H,W) probability."""
+        check_crops(crops)
+        n, height, width, _ = crops.shape
+        convention = self.spec.convention
+        channels = len(CLASSES) if convention.output == "logits" else 1
+        if n == 0:
+            return torch.zeros(0, channels, height, width, device=crops.device)
+        x = resize(crops.to(self.device, torch.float32).permute(0, 3, 1, 2), (self.size, self.size)).to(self.dtype)
+        y = self.spec.forward(self.network, network_input(x, convention)).float()
+        if convention.output == "probability":  # one channel, last (the XSeg exports), first, or none
+            y = y[..., 0] if y.dim() == 4 and y.shape[-1] == 1 else y[:, 0] if y.dim() == 4 else y
+            y = y.clamp(0, 1)[:, None]
+        return resize(y.to(crops.device), (height, width))
+
+    def __repr__(self) -> str:
+        return f"<{self.name} on {self.device}>"
+
+
+def check_crops(crops: torch.Tensor) -> None:
+    if not isinstance(crops, torch.Tensor) or crops.dim() != 4 or crops.shape[-1] != 3:
+        shape = tuple(crops.shape) if hasattr(crops, "shape") else type(crops).__name__
+        raise ValueError(f"face crops must be a (N, H, W, 3) RGB tensor in 0..1, not {shape}")
 
 
 def parse_faces(parsers, crops: torch.Tensor, regions: str | Iterable[int | str] | None = None,

@@ -21,7 +21,7 @@ from .detect import Faces, box_iou
 from .masks import PARSE_FEATHER, smooth_over_time
 from .parse import parse_faces
 from .paste import GPEN_ERODE, GPEN_FEATHER, paste_faces
-from .restore import cancel_hook, check_strength, finite_faces
+from .restore import as_restorer, check_strength, finite_faces
 
 ORDERS = ("largest", "left-right", "top-bottom", "confidence")
 MIN_DETECT_SIDE = 32  # below this RetinaFace's coarsest level has no cell; nothing is detected
@@ -350,8 +350,8 @@ def restore_faces(images: torch.Tensor, model, detector, *, threshold: float = 0
     restored = crops
     if len(crops):
         with _stage(timings, "restore", info.device):
-            restored = model.restore(crops, batch_size=face_batch, on_batch=on_batch,
-                                     **cancel_hook(model, cancel and (lambda: check_cancel(cancel)))).to(info.device)
+            restored = as_restorer(model).restore(crops, batch_size=face_batch, on_batch=on_batch,
+                                                  cancel=cancel and (lambda: check_cancel(cancel))).to(info.device)
     face_masks = None
     if parser is not None and len(crops):
         with _stage(timings, "parse", info.device):

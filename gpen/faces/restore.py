@@ -1,30 +1,91 @@
-"""Running a restorer on ComfyUI-layout face crops: normalisation, resizing, batching, device, dtype."""
+"""Restorers: what the pipeline asks of one (`Restorer`), the handle that runs a network on face crops
+(`RestorerHandle`: normalisation, resizing, batching, device, dtype, cancel, OOM back-off, the finite
+check), and `as_restorer`, which makes a restorer of whatever the caller gave."""
 
 from __future__ import annotations
 
-import inspect
 import logging
 import time
 from contextlib import contextmanager
-from typing import Callable
+from typing import Callable, Protocol, runtime_checkable
 
 import torch
-import torch.nn.functional as F
+
+from ..archs import SPECS
+from ..archs.spec import Convention, network_input, resize
+from .handle import NetworkHandle
+from .tensors import as_rgb, match_channels
 
 Forward = Callable[[torch.Tensor], torch.Tensor]
 CANCEL_CHECK_SECONDS = 0.5  # on the CPU, how often a running forward asks the caller whether to go on
 
 
-def restore_crops(forward: Forward, size: int, faces: torch.Tensor, *, device: torch.device | str = "cpu",
-                  dtype: torch.dtype = torch.float32, batch_size: int = 4,
-                  on_batch: Callable[[int, int], None] | None = None,
-                  cancel: Callable[[], None] | None = None) -> torch.Tensor:
+@runtime_checkable
+class Restorer(Protocol):
+    """Restores aligned face crops: (B,S,S,3) RGB float in 0..1 -> the same. A face whose output is not
+    finite comes back as NaN; `cancel()` raises to stop, also in the middle of a batch."""
+
+    size: int
+
+    def restore(self, faces: torch.Tensor, batch_size: int = 4, on_batch: Callable[[int, int], None] | None = None,
+                cancel: Callable[[], None] | None = None) -> torch.Tensor: ...
+
+
+class RestorerHandle(NetworkHandle):
+    """A restoring network (a torch module or an ONNX runner) with its spec, ready for face crops."""
+
+    def restore(self, faces: torch.Tensor, batch_size: int = 4, on_batch: Callable[[int, int], None] | None = None,
+                cancel: Callable[[], None] | None = None) -> torch.Tensor:
+        """Restore aligned face crops, (B,S,S,3) float 0..1 -> the same; see restore_crops. A network
+        whose convention is "one-on-cpu" (GPEN's) takes faces one at a time there, whatever `batch_size`."""
+        device = self.device
+        if self.spec.convention.batch == "one-on-cpu" and device.type == "cpu":
+            batch_size = 1
+        with interruptible(self.network, cancel):
+            return restore_crops(lambda x: self.spec.forward(self.network, x), self.size, faces,
+                                 convention=self.spec.convention, device=device, dtype=self.dtype,
+                                 batch_size=batch_size, on_batch=on_batch)
+
+    def __repr__(self) -> str:
+        return f"<{self.info or self.spec.name} restorer on {self.device}>"
+
+
+class CallerRestorer:
+    """A caller's own restorer, with `.size` and `restore(faces, batch_size, on_batch)`: asked between
+    batches (through `on_batch`) whether to cancel, as it takes no `cancel`."""
+
+    def __init__(self, restorer):
+        self.restorer, self.size = restorer, restorer.size
+
+    def restore(self, faces: torch.Tensor, batch_size: int = 4, on_batch: Callable[[int, int], None] | None = None,
+                cancel: Callable[[], None] | None = None) -> torch.Tensor:
+        return self.restorer.restore(faces, batch_size=batch_size, on_batch=on_batch)
+
+
+def as_restorer(model) -> Restorer:
+    """A restorer from what a caller gives: a handle (from load_model) as it is, a bare network of a
+    registered architecture (a `GPEN` module) in a handle, any other object with `.size` and
+    `restore(faces, batch_size, on_batch)` as a caller's restorer."""
+    if isinstance(model, (RestorerHandle, CallerRestorer)):
+        return model
+    if isinstance(model, torch.nn.Module):
+        spec = next((s for s in SPECS if s.role == "restorer" and type(model) is s.build), None)
+        if spec is None:
+            raise TypeError(f"{type(model).__name__} is no restorer registered in gpen.archs (see register)")
+        return RestorerHandle(model, spec)
+    if not hasattr(model, "restore") or not hasattr(model, "size"):
+        raise TypeError(f"a restorer needs .size and .restore(faces, batch_size, on_batch); got {type(model).__name__}")
+    return CallerRestorer(model)
+
+
+def restore_crops(forward: Forward, size: int, faces: torch.Tensor, *, convention: Convention = Convention(),
+                  device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, batch_size: int = 4,
+                  on_batch: Callable[[int, int], None] | None = None) -> torch.Tensor:
     """Restore aligned crops (B,S,S,3 float 0..1) and return them in the same layout and size.
 
-    `forward` maps NCHW RGB in [-1, 1] at `size` to the same. Crops of another size are resized to
-    the model's and back. `on_batch(done, total)` is called after each batch; it may raise to cancel.
-    `cancel()`, which raises to cancel, is also asked on the CPU between a torch model's layers every
-    CANCEL_CHECK_SECONDS, since one face there takes seconds.
+    `forward` maps what a network of `convention` takes (by default NCHW RGB in [-1, 1]) at `size` to
+    the same. Crops of another size are resized to the model's and back. `on_batch(done, total)` is
+    called after each batch; it may raise to cancel.
     A batch that runs out of GPU memory is retried in halves, down to one face. A face whose output is
     not finite (NaN weights, an fp16 overflow) comes back as NaN, for the caller to leave unrestored.
     """
@@ -39,16 +100,15 @@ def restore_crops(forward: Forward, size: int, faces: torch.Tensor, *, device: t
         while start < total:
             x = faces[start:start + batch_size].to(device=device, dtype=torch.float32).permute(0, 3, 1, 2)
             try:
-                with _interruptible(forward, cancel):
-                    y = forward((_resize(x.clamp(0, 1), size, size) * 2 - 1).to(dtype)).float()
+                y = forward(network_input(resize(x.clamp(0, 1), (size, size)), convention).to(dtype)).float()
             except torch.OutOfMemoryError:
                 if batch_size == 1:
                     raise
                 batch_size //= 2  # out of memory: retry this batch in halves
                 _empty_cache(device)
                 continue
-            y[~finite_faces(y)] = float("nan")  # clamping would hide an Inf (fp16 overflow): mark the face
-            y = _resize((y.clamp(-1, 1) + 1) / 2, height, width).clamp(0, 1)
+            y = image_output(y, convention)
+            y = resize(y, (height, width)).clamp(0, 1)
             out[start:start + len(y)] = y.permute(0, 2, 3, 1).to(out.device)
             start += len(y)
             if on_batch is not None:
@@ -56,30 +116,29 @@ def restore_crops(forward: Forward, size: int, faces: torch.Tensor, *, device: t
     return out
 
 
+def image_output(y: torch.Tensor, convention: Convention) -> torch.Tensor:
+    """A restorer's output -> NCHW RGB in 0..1, faces that are not finite marked NaN throughout."""
+    if convention.layout == "nhwc":
+        y = y.permute(0, 3, 1, 2)
+    y[~finite_faces(y)] = float("nan")  # clamping would hide an Inf (fp16 overflow): mark the face
+    y = (y.clamp(-1, 1) + 1) / 2 if convention.input == "-1..1" else y.clamp(0, 1)
+    return y.flip(1) if convention.colour == "bgr" else y
+
+
 def restore_aligned(model, crops: torch.Tensor, strength: float = 1.0, batch_size: int = 4,
                     on_batch: Callable[[int, int], None] | None = None,
                     cancel: Callable[[], None] | None = None) -> torch.Tensor:
     """Aligned crops (N,S,S,C) restored by `model`, blended with the input by `strength` (GPEN's alpha),
     in the input's channels."""
-    from .tensors import as_rgb, match_channels
-
     check_strength(strength)
     rgb = as_rgb(crops)
-    restored = model.restore(rgb, batch_size=batch_size, on_batch=on_batch, **cancel_hook(model, cancel)).to(rgb)
+    restored = as_restorer(model).restore(rgb, batch_size=batch_size, on_batch=on_batch, cancel=cancel).to(rgb)
     broken = ~finite_faces(restored)
     if broken.any():
         logging.getLogger("gpen").warning("%d face(s) left unrestored: the restorer's output was not finite "
                                           "(NaN or Inf)", int(broken.sum()))
         restored[broken] = rgb[broken]
     return match_channels(torch.lerp(rgb, restored, strength), crops)
-
-
-def cancel_hook(model, cancel: Callable[[], None] | None) -> dict:
-    """{"cancel": cancel} for restorers whose restore() takes one (GPEN's), else nothing: any object
-    with `.size` and `restore(faces, batch_size, on_batch)` is a restorer."""
-    if cancel is None or "cancel" not in inspect.signature(model.restore).parameters:
-        return {}
-    return {"cancel": cancel}
 
 
 def finite_faces(faces: torch.Tensor) -> torch.Tensor:
@@ -93,10 +152,10 @@ def check_strength(strength: float) -> None:
 
 
 @contextmanager
-def _interruptible(forward: Forward, cancel: Callable[[], None] | None):
-    """While a network runs on the CPU (seconds a face), ask `cancel` between its layers, at most every
-    CANCEL_CHECK_SECONDS, so that a cancel is seen mid-batch."""
-    if cancel is None or not isinstance(forward, torch.nn.Module) or next(forward.parameters()).device.type != "cpu":
+def interruptible(network, cancel: Callable[[], None] | None):
+    """While a torch network runs on the CPU (seconds a face), ask `cancel` between its layers, at most
+    every CANCEL_CHECK_SECONDS, so that a cancel is seen mid-batch."""
+    if cancel is None or not isinstance(network, torch.nn.Module) or next(network.parameters()).device.type != "cpu":
         yield
         return
     last = time.monotonic()
@@ -107,7 +166,7 @@ def _interruptible(forward: Forward, cancel: Callable[[], None] | None):
             last = time.monotonic()
             cancel()
 
-    handles = [m.register_forward_pre_hook(between_layers) for m in forward.modules()]
+    handles = [m.register_forward_pre_hook(between_layers) for m in network.modules()]
     try:
         yield
     finally:
@@ -118,9 +177,3 @@ def _interruptible(forward: Forward, cancel: Callable[[], None] | None):
 def _empty_cache(device) -> None:
     if torch.device(device).type == "cuda":
         torch.cuda.empty_cache()
-
-
-def _resize(x: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    if x.shape[-2:] == (height, width):
-        return x
-    return F.interpolate(x, size=(height, width), mode="bilinear", align_corners=False, antialias=True)

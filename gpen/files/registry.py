@@ -1,85 +1,68 @@
-"""The networks ComfyUI-GPEN runs, as a registry in the spirit of spandrel: each architecture says how
-to recognise its state dict by keys, reads its configuration from tensor shapes, and builds itself.
+"""The networks ComfyUI-GPEN runs, as a registry in the spirit of spandrel: every file, torch or
+ONNX, is matched against the architectures' specs (archs.SPECS), which say how to recognise it, read
+its configuration from tensor or signature shapes, and build it.
 
-Loading goes through one path for every kind: recognise, read the configuration (bounded), build on
-the meta device and compare key for key and shape for shape, refuse non-finite weights, and only
-then allocate and copy. A hostile file costs nothing; a new network (CodeFormer, another parser) is
-one more `Architecture` in `ARCHITECTURES`.
+Loading goes through one path for every network: recognise, read the configuration (bounded), build
+on the meta device and compare key for key and shape for shape, refuse non-finite weights, and only
+then allocate and copy. A hostile file costs nothing. ONNX files are told from torch ones here, and
+only here: by their suffix.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 from torch import nn
 
-from .weights import CheckpointError, ModelInfo, check_finite, check_layout, describe_other_network, first_line
+from ..archs import SPECS
+from ..archs.onnx import describe_shapes, input_dtype
+from ..archs.spec import ArchSpec, ModelInfo
+from .weights import (CheckpointError, check_file, check_finite, check_layout, describe_other_network, first_line,
+                      read_state_dict)
 
-ROLES = ("restorer", "detector", "parser")
-
-
-@dataclass(frozen=True)
-class Architecture:
-    name: str  # what ModelInfo.kind says, e.g. "GPEN", "RetinaFace face-detector"
-    role: str  # "restorer", "detector" or "parser"
-    matches: Callable[[dict], bool]  # by keys alone
-    config: Callable[[dict], dict]  # constructor arguments from tensor shapes; ValueError when out of bounds
-    make: Callable[..., nn.Module]  # the network from its configuration
-    details: Callable[[nn.Module], dict] = lambda net: {}  # ModelInfo fields besides kind and parameters
-
-
-def _gpen() -> Architecture:
-    from ..archs.gpen import GPEN_KEYS, check_gpen_config, infer_gpen_config
-    from ..archs.gpen.network import GPEN
-
-    def config(state):
-        config = infer_gpen_config(state)
-        check_gpen_config(config)
-        return config
-
-    return Architecture("GPEN", "restorer", lambda state: all(k in state for k in GPEN_KEYS), config, GPEN,
-                        lambda net: {k: getattr(net, k) for k in ("size", "channel_multiplier", "narrow",
-                                                                  "style_dim", "n_mlp")})
+# How each role is named where an ONNX file of another one is refused.
+ONNX_ROLE_HINTS = {
+    "restorer": "not a GPEN export (one input of shape N,3,S,S)",
+    "detector": "not a face detector (insightface's SCRFD exports have 6, 9, 10 or 15 outputs)",
+    "parser": "not a face parser or occluder: FaceFusion's region parsers take one input (1, 3, 512, 512) and "
+              "give 19 channels at 512x512; its occluders take one input (N, 256, 256, 3) and give one "
+              "channel at 256x256",
+}
 
 
-def _retinaface() -> Architecture:
-    from ..archs.retinaface import RetinaFace
-
-    return Architecture("RetinaFace face-detector", "detector", lambda state: RetinaFace.backbone_of(state) is not None,
-                        lambda state: {"backbone": RetinaFace.backbone_of(state)}, RetinaFace,
-                        lambda net: {"detail": f"{net.backbone} backbone"})
+def is_onnx(path: str | os.PathLike) -> bool:
+    return Path(path).suffix.lower() == ".onnx"
 
 
-def _parsenet() -> Architecture:
-    from ..archs.parsenet import ParseNet, is_parsenet, parsenet_config
-
-    return Architecture("ParseNet face-parser", "parser", is_parsenet, parsenet_config, ParseNet,
-                        lambda net: {"size": net.in_size})
-
-
-def _bisenet() -> Architecture:
-    from ..archs.bisenet import BiSeNet, bisenet_config, is_bisenet
-
-    return Architecture("BiSeNet face-parser", "parser", is_bisenet, bisenet_config, BiSeNet,
-                        lambda net: {"detail": f"{net.num_class} classes"})
+def load(path: str | os.PathLike, role: str | None = None,
+         device: torch.device | str | None = None) -> tuple[ArchSpec, object]:
+    """The spec and the built network (a torch module in float32 on the CPU, or an ONNX runner on
+    `device` where onnxruntime offers it) of the weight file `path`, of `role` when given; its `.info`
+    says what it is. A CheckpointError (or FileNotFoundError) naming the file otherwise."""
+    if is_onnx(path):
+        return build_session(open_session(Path(path), device), path, role)
+    state = read_state_dict(path)
+    spec, net = skeleton(state, path, role)
+    return spec, fill(spec, net, state, path)
 
 
-ARCHITECTURES = (_gpen, _retinaface, _parsenet, _bisenet)  # made on first use: each imports its module
+def describe_file(path: str | os.PathLike) -> ModelInfo:
+    """What a weight file is, checked as far as its architecture is known, without building it."""
+    if is_onnx(path):  # a runner costs nothing beyond the session
+        return build_session(open_session(Path(path), "cpu"), path)[1].info
+    return describe(read_state_dict(path), path)
 
 
-def identify(state: dict[str, torch.Tensor], path: str | os.PathLike, role: str | None = None) -> Architecture:
+def identify(state: dict[str, torch.Tensor], path: str | os.PathLike, role: str | None = None) -> ArchSpec:
     """The architecture these weights are for (of `role`, when given), or a CheckpointError naming
     what they are instead."""
-    for make in ARCHITECTURES:
-        arch = make()
-        if arch.matches(state):
-            if role is not None and arch.role != role:
-                raise CheckpointError(path, f"holds {arch.name} weights, not a {role}")
-            return arch
+    for spec in specs("torch"):
+        if spec.recognise(state):
+            if role is not None and spec.role != role:
+                raise CheckpointError(path, f"holds {spec.name} weights, not a {role}")
+            return spec
     other = describe_other_network(state)
     if other is not None:
         raise CheckpointError(path, f"holds {other} weights" + (f", not a {role}" if role else ""))
@@ -88,53 +71,101 @@ def identify(state: dict[str, torch.Tensor], path: str | os.PathLike, role: str 
 
 
 def skeleton(state: dict[str, torch.Tensor], path: str | os.PathLike,
-             role: str | None = None) -> tuple[Architecture, nn.Module]:
+             role: str | None = None) -> tuple[ArchSpec, nn.Module]:
     """The network these weights are for, on the meta device (no memory), checked key for key and
     shape for shape against them, with finite weights."""
-    arch = identify(state, path, role)
+    spec = identify(state, path, role)
     try:
-        config = arch.config(state)
-    except CheckpointError as e:  # a configuration reader that names its own problem
-        raise CheckpointError(path, e.problem) from None
+        config = spec.config(state)
     except (KeyError, IndexError, ValueError, ZeroDivisionError) as e:
-        raise CheckpointError(path, f"has {arch.name} keys but does not fit its layout ({first_line(e)})") from None
+        raise CheckpointError(path, f"has {spec.name} keys but does not fit its layout ({first_line(e)})") from None
     with torch.device("meta"):
-        net = arch.make(**config)
-    check_layout(state, net, path, arch.name)
+        net = spec.build(**config)
+    check_layout(state, net, path, spec.name)
     check_finite(state, path)
-    return arch, net
+    return spec, net
 
 
 def build(state: dict[str, torch.Tensor], path: str | os.PathLike, role: str | None = None) -> nn.Module:
     """The network holding these weights, in float32 and eval mode, on the CPU, after `skeleton`'s
     checks; its `.info` says what it is."""
-    arch, net = skeleton(state, path, role)
+    spec, net = skeleton(state, path, role)
+    return fill(spec, net, state, path)
+
+
+def fill(spec: ArchSpec, net: nn.Module, state: dict[str, torch.Tensor], path: str | os.PathLike) -> nn.Module:
     # Allocated, not initialised: every parameter and buffer is in the state dict, and the strict copy
     # fills them all (widening float16 and bfloat16 to float32).
     net = net.to_empty(device="cpu")
     net.load_state_dict(state, strict=True)
     check_finite(net.state_dict(), path)  # float64 that overflows float32 shows only after the copy
-    net.info = info(arch, net, state, path)
+    net.info = info(spec, net, state, path)
     return net.eval().requires_grad_(False)
 
 
 def describe(state: dict[str, torch.Tensor], path: str | os.PathLike) -> ModelInfo:
     """What these weights are, checked as far as their architecture is known, without building them."""
     try:
-        arch, net = skeleton(state, path)
+        spec, net = skeleton(state, path)
     except CheckpointError:
         other = describe_other_network(state)
-        if other is None or any(make().matches(state) for make in ARCHITECTURES):
+        if other is None or any(spec.recognise(state) for spec in specs("torch")):
             raise
-        return ModelInfo(kind=other, format=weight_format(path), dtype=stored_dtype(state),
+        return ModelInfo(arch=other, format=weight_format(path), dtype=stored_dtype(state),
                          parameters=sum(t.numel() for t in state.values() if t.is_floating_point()))
-    return info(arch, net, state, path)
+    return info(spec, net, state, path)
 
 
-def info(arch: Architecture, net: nn.Module, state: dict[str, torch.Tensor], path: str | os.PathLike) -> ModelInfo:
-    """The descriptor of a network of `arch` holding `state`, read from file `path`."""
-    return ModelInfo(kind=arch.name, format=weight_format(path), dtype=stored_dtype(state),
-                     parameters=sum(p.numel() for p in net.parameters()), **arch.details(net))
+def info(spec: ArchSpec, net: nn.Module, state: dict[str, torch.Tensor], path: str | os.PathLike) -> ModelInfo:
+    """The descriptor of a network of `spec` holding `state`, read from file `path`."""
+    return ModelInfo(arch=spec.name, role=spec.role, format=weight_format(path), dtype=stored_dtype(state),
+                     parameters=sum(p.numel() for p in net.parameters()), **spec.details(net))
+
+
+def open_session(path: Path, device: torch.device | str | None = None):
+    """An onnxruntime session for `path`, on CUDA when asked for and available, else on the CPU."""
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise ImportError(f"{path}: ONNX models need onnxruntime: pip install onnxruntime "
+                          "(or onnxruntime-gpu for CUDA)") from None
+    check_file(path)
+    available = ort.get_available_providers()
+    want_gpu = device is None or str(device) in ("auto", "gpu") or str(device).startswith("cuda")
+    providers = [p for p in ("CUDAExecutionProvider",) if want_gpu and p in available] + ["CPUExecutionProvider"]
+    try:
+        return ort.InferenceSession(str(path), providers=providers)
+    except Exception as e:  # onnxruntime raises its own exception types for bad graphs
+        raise CheckpointError(path, f"is not a usable ONNX model ({first_line(e)})") from None
+
+
+def identify_session(session, path: str | os.PathLike, role: str | None = None) -> ArchSpec:
+    """The architecture of an ONNX file (of `role`, when given), told by its inputs and outputs."""
+    for spec in specs("onnx"):
+        if spec.recognise(session):
+            if role is not None and spec.role != role:
+                raise CheckpointError(path, f"holds {spec.name} weights, not a {role}")
+            return spec
+    hint = ONNX_ROLE_HINTS.get(role, "not a network ComfyUI-GPEN knows (GPEN, SCRFD, FaceFusion's parsers)")
+    raise CheckpointError(path, f"is an ONNX model with {describe_shapes(session)}, {hint}")
+
+
+def build_session(session, path: str | os.PathLike, role: str | None = None) -> tuple[ArchSpec, object]:
+    """The runner of an ONNX session, after its signature's checks; its `.info` says what it is."""
+    spec = identify_session(session, path, role)
+    try:
+        runner = spec.build(session, **spec.config(session))
+    except ValueError as e:  # an ONNX signature's bounds, or what its runner found, said in full
+        raise CheckpointError(path, first_line(e)) from None
+    except ImportError as e:
+        raise ImportError(f"{path}: {e}") from None
+    runner.info = ModelInfo(arch=spec.name, role=spec.role, format="onnx", dtype=input_dtype(session).name,
+                            **spec.details(runner))
+    return spec, runner
+
+
+def specs(format: str) -> list[ArchSpec]:
+    return [spec for spec in SPECS if spec.format == format]
 
 
 def weight_format(path: str | os.PathLike) -> str:

@@ -6,7 +6,6 @@ import os
 import pickle
 import secrets
 import zipfile
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -30,33 +29,6 @@ PICKLE_RECORD_LIMIT = 16 * 2**20
 EXPANSION_LIMIT = 10
 TRUST_HINT = ("If you trust where it came from, keep only its tensors with "
               "python -m gpen convert FILE OUT.safetensors --trust (this runs the file's code) and load OUT.safetensors")
-
-
-@dataclass(frozen=True)
-class ModelInfo:
-    """What a weight file holds."""
-
-    kind: str  # "GPEN", "RetinaFace face-detector", "SCRFD face-detector", "ParseNet face-parser", "GFPGAN", ...
-    format: str  # "pth", "safetensors" or "onnx"
-    size: int | None = None  # GPEN's face size; None for other networks
-    channel_multiplier: float | None = None  # None where the file does not say (ONNX)
-    narrow: float | None = None
-    style_dim: int | None = None
-    n_mlp: int | None = None
-    parameters: int | None = None
-    dtype: str = "float32"  # as stored in the file
-    detail: str | None = None  # e.g. "mobilenet0.25 backbone", "with landmarks"
-
-    def __str__(self) -> str:
-        name = self.kind if self.size is None else f"{self.kind}-{self.size}"
-        parts = [f"{name} ({self.format}, {self.dtype})"]
-        if self.channel_multiplier is not None:
-            parts.append(f"channel_multiplier {self.channel_multiplier:g}, narrow {self.narrow:g}")
-        if self.detail:
-            parts.append(self.detail)
-        if self.parameters is not None:
-            parts.append(f"{self.parameters / 1e6:.1f}M parameters")
-        return ", ".join(parts)
 
 
 class CheckpointError(ValueError):

@@ -8,7 +8,8 @@ import re
 
 import torch
 
-from .network import channel_widths
+from ..spec import ArchSpec, Convention
+from .network import GPEN, channel_widths
 
 GPEN_KEYS = ("generator.style.1.weight", "generator.input.input", "ecd0.0.0.weight", "final_linear.0.weight")
 
@@ -57,3 +58,16 @@ def check_gpen_config(config: dict) -> None:
 
 def _tidy(x: float) -> float:
     return int(x) if float(x).is_integer() else round(x, 6)
+
+
+def gpen_config(state: dict[str, torch.Tensor]) -> dict:
+    config = infer_gpen_config(state)
+    check_gpen_config(config)
+    return config
+
+
+SPEC = ArchSpec("GPEN", "restorer", lambda state: all(k in state for k in GPEN_KEYS), gpen_config, GPEN,
+                convention=Convention(input="-1..1", output="image", template="gpen", batch="one-on-cpu"),
+                face_size=lambda net: net.size,
+                details=lambda net: {k: getattr(net, k) for k in ("size", "channel_multiplier", "narrow",
+                                                                  "style_dim", "n_mlp")})

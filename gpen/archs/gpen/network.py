@@ -29,7 +29,6 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ...faces.restore import restore_crops
 from . import winograd, workspace
 from .workspace import Workspace, conv_into
 
@@ -416,14 +415,6 @@ class GPEN(nn.Module):
         self.n_encoders = log_size - 1
         self.info = None  # a checkpoint.ModelInfo once loaded from a file
         self.register_state_dict_post_hook(dense_state_dict)
-
-    def restore(self, faces: torch.Tensor, batch_size: int = 4, on_batch=None, cancel=None) -> torch.Tensor:
-        """Restore aligned face crops, (B,S,S,3) float 0..1 -> the same; see restorer.restore_crops.
-        On the CPU faces go one at a time whatever `batch_size` (see forward), each batch of one."""
-        weight = self.ecd0[0][0].weight
-        return restore_crops(self, self.size, faces, device=weight.device, dtype=weight.dtype,
-                             batch_size=1 if weight.device.type == "cpu" else batch_size,
-                             on_batch=on_batch, cancel=cancel)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         fast = workspace.usable(self, x)  # on the CPU, not recording autograd nor tracing

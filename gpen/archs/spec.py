@@ -1,0 +1,134 @@
+"""What a network is, said once, beside its code: how its files are recognised, its configuration
+from tensor shapes (bounded before anything is allocated), its role and how it is called.
+
+`ArchSpec` is read by files/registry.py (recognise, configure, build, describe) and by the handles
+in faces/ (how to feed the network and read its answer). `ModelInfo` is what a loaded or described
+file is, whatever its role.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch.nn import functional as F
+
+ROLES = ("restorer", "detector", "parser")
+FORMATS = ("torch", "onnx")  # what `recognise` and `config` look at: a state dict, or an onnxruntime session
+INPUTS = ("-1..1", "0..1", "imagenet", "bgr-minus-mean")
+OUTPUTS = ("image", "logits", "probability", "detections")
+BATCHES = ("any", "one-on-cpu", "file")
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class Convention:
+    """How a network is called: what it takes and what it gives."""
+
+    input: str = "-1..1"  # "-1..1" or "0..1" RGB, "imagenet" (normalised by its mean and std), "bgr-minus-mean"
+    colour: str = "rgb"  # channel order of the input: "rgb" or "bgr"
+    layout: str = "nchw"  # of input and output: "nchw" or "nhwc" (channels last)
+    output: str = "image"  # "image" (in the input's range), "logits" (per-class), "probability", "detections"
+    size: int | None = None  # the face size it takes; None: read from the network (ArchSpec.face_size)
+    template: str | None = None  # restorers: the face alignment it was trained on
+    # "any": batches of what the caller asks; "one-on-cpu": a face at a time on the CPU (GPEN's fast path
+    # folds styles into weights at batch 1); "file": an ONNX export's fixed batch dimension, else any.
+    batch: str = "any"
+    threshold: float | None = None  # detectors: the default score threshold
+
+    def __post_init__(self):
+        for name, allowed in (("input", INPUTS), ("output", OUTPUTS), ("batch", BATCHES),
+                              ("colour", ("rgb", "bgr")), ("layout", ("nchw", "nhwc"))):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"Convention.{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    """One network: how its files are told apart, configured, built and called."""
+
+    name: str  # what ModelInfo.arch says, e.g. "GPEN", "RetinaFace face-detector"
+    role: str  # "restorer", "detector" or "parser"
+    # Whether a file is this network's: a state dict's keys (format "torch") or an onnxruntime
+    # session's inputs and outputs ("onnx"). Cheap, and never raises.
+    recognise: Callable[[object], bool]
+    # The constructor's arguments from tensor or signature shapes; ValueError naming what is out of bounds.
+    config: Callable[[object], dict]
+    # torch: the network's class (or a function), called as build(**config) on the meta device;
+    # onnx: called as build(session, **config), a tensor -> tensor runner.
+    build: Callable[..., object]
+    convention: Convention = Convention()
+    format: str = "torch"
+    face_size: Callable[[object], int] | None = None  # when the convention has no fixed size
+    run: Callable[[object, torch.Tensor], torch.Tensor] | None = None  # how to call it, when not network(x)
+    details: Callable[[object], dict] = lambda network: {}  # ModelInfo fields besides arch, role and parameters
+
+    def __post_init__(self):
+        if self.role not in ROLES:
+            raise ValueError(f"{self.name}: role must be one of {', '.join(ROLES)}, got {self.role!r}")
+        if self.format not in FORMATS:
+            raise ValueError(f"{self.name}: format must be one of {', '.join(FORMATS)}, got {self.format!r}")
+
+    def size_of(self, network) -> int | None:
+        """The face size `network` (built from this spec) takes."""
+        return self.convention.size if self.face_size is None else self.face_size(network)
+
+    def forward(self, network, x: torch.Tensor) -> torch.Tensor:
+        """The network's answer to an input prepared by `network_input`."""
+        return network(x) if self.run is None else self.run(network, x)
+
+
+def network_input(rgb: torch.Tensor, convention: Convention) -> torch.Tensor:
+    """NCHW RGB in 0..1 -> what a network of this convention takes (range, channel order, layout)."""
+    x = rgb.flip(1) if convention.colour == "bgr" else rgb
+    if convention.input == "-1..1":
+        x = x * 2 - 1
+    elif convention.input == "imagenet":
+        x = imagenet_normalise(x)
+    elif convention.input == "bgr-minus-mean":
+        raise ValueError("detectors take whole frames: faces/detect.py prepares them")
+    return x.permute(0, 2, 3, 1) if convention.layout == "nhwc" else x
+
+
+def imagenet_normalise(rgb: torch.Tensor) -> torch.Tensor:
+    """NCHW RGB in 0..1 -> normalised with ImageNet's mean and standard deviation (BiSeNet's input)."""
+    mean = torch.tensor(IMAGENET_MEAN, dtype=rgb.dtype, device=rgb.device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, dtype=rgb.dtype, device=rgb.device).view(1, 3, 1, 1)
+    return (rgb - mean) / std
+
+
+def resize(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """NCHW float -> NCHW at `size`: bilinear, antialiased when shrinking; unchanged at its own size."""
+    if tuple(x.shape[-2:]) == tuple(size):
+        return x
+    return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False, antialias=True)
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What a weight file holds."""
+
+    arch: str  # the architecture's name: "GPEN", "RetinaFace face-detector", "ParseNet face-parser", "GFPGAN", ...
+    format: str  # "pth", "safetensors" or "onnx"
+    size: int | None = None  # GPEN's face size; None for other networks
+    channel_multiplier: float | None = None  # None where the file does not say (ONNX)
+    narrow: float | None = None
+    style_dim: int | None = None
+    n_mlp: int | None = None
+    parameters: int | None = None
+    dtype: str = "float32"  # as stored in the file
+    detail: str | None = None  # e.g. "mobilenet0.25 backbone", "with landmarks"
+    role: str | None = None  # "restorer", "detector", "parser"; None for networks known only by name
+
+    def __str__(self) -> str:
+        name = self.arch if self.size is None else f"{self.arch}-{self.size}"
+        parts = [f"{name} ({self.format}, {self.dtype})"]
+        if self.channel_multiplier is not None:
+            parts.append(f"channel_multiplier {self.channel_multiplier:g}, narrow {self.narrow:g}")
+        if self.detail:
+            parts.append(self.detail)
+        if self.parameters is not None:
+            parts.append(f"{self.parameters / 1e6:.1f}M parameters")
+        return ", ".join(parts)

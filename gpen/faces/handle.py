@@ -1,0 +1,44 @@
+"""What every handle over a network shares: the network (a torch module or an ONNX runner), its spec,
+what it is, the face size it takes, where it runs and what its weights take there."""
+
+from __future__ import annotations
+
+import torch
+
+from ..archs.spec import ArchSpec
+
+
+class NetworkHandle:
+    def __init__(self, network, spec: ArchSpec):
+        self.network, self.spec = network, spec
+        self.size = spec.size_of(network)
+        self.info = getattr(network, "info", None)  # the ModelInfo the registry gave it
+
+    @property
+    def device(self) -> torch.device:
+        return self._weight().device if self.is_torch else self.network.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """What the network computes in; ONNX runners take float32 and convert to their file's own."""
+        return self._weight().dtype if self.is_torch else torch.float32
+
+    @property
+    def is_torch(self) -> bool:
+        return isinstance(self.network, torch.nn.Module)
+
+    @property
+    def memory_bytes(self) -> int:
+        """What the weights take on their device; 0 for onnxruntime's, which keeps its own."""
+        if not self.is_torch:
+            return 0
+        return sum(p.numel() * p.element_size() for p in self.network.parameters())
+
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None):
+        """Moves a torch network (in place); onnxruntime's stay where their session runs."""
+        if self.is_torch:
+            self.network.to(device=device, dtype=dtype)
+        return self
+
+    def _weight(self) -> torch.Tensor:
+        return next(self.network.parameters())
