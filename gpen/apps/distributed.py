@@ -26,7 +26,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..files.images import write_file_atomically
+from ..files.atomic import write_file_atomically
 
 ATTEMPTS = 2  # a file is tried this many times before it is reported failed
 # CPU actors run more torch threads than their slots; OpenMP threads that spin while they wait for work
