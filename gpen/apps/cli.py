@@ -207,7 +207,7 @@ def run_download(args) -> int:
         entry = entries.get(name)
         if entry is None:
             raise ValueError(f"{name}: not in the catalogue ({', '.join(entries)}, or all)")
-        print(f"{name}: {resolve(name, entry.kind, args.models_dir)}")
+        print(f"{name}: {resolve(name, entry.role, args.models_dir)}")
     return 0
 
 

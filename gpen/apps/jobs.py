@@ -182,7 +182,7 @@ def load_models(args, device, detect: bool):
     from ..files.catalogue import resolve
     from ..load import load_detector, load_model
 
-    path = resolve(args.model or f"GPEN-BFR-{args.size or 512}", "gpen", args.models_dir)
+    path = resolve(args.model or f"GPEN-BFR-{args.size or 512}", "restorer", args.models_dir)
     model = load_model(path, device=device, dtype=args.dtype)
     if args.size and model.size != args.size:
         raise ValueError(f"--size {args.size}, but {path.name} is a GPEN-{model.size} model")
