@@ -8,18 +8,36 @@ Usable without ComfyUI:
     result = gpen.restore_faces(images, model, detector)            # images: (B, H, W, 3) float 0..1
     result.images, result.masks, result.summary
     summary = gpen.restore_video("clip.mp4", "out/clip.mp4", model, detector)  # streamed, audio copied
+
+The names below are imported on first use, so that `python -m gpen --help` starts without torch.
 """
 
-from .apps.video import VideoSummary, restore_video
-from .archs.gpen.network import GPEN
-from .faces.align import crop_faces
-from .faces.detect import Faces
-from .faces.paste import paste_faces
-from .faces.pipeline import Cancelled, FaceInfo, Restoration, locate_faces, restore_faces, select_faces
-from .faces.stream import restore_frames
-from .files.weights import CheckpointError, ModelInfo
-from .load import load_detector, load_model, load_parser
+import importlib
 
-__all__ = ["GPEN", "Cancelled", "CheckpointError", "FaceInfo", "Faces", "ModelInfo", "Restoration", "VideoSummary",
-           "crop_faces", "load_detector", "load_model", "load_parser", "locate_faces", "paste_faces", "restore_faces", "restore_frames",
-           "restore_video", "select_faces"]
+# Each public name and the module that defines it.
+_HOMES = {
+    "VideoSummary": "apps.video", "restore_video": "apps.video",
+    "GPEN": "archs.gpen.network",
+    "crop_faces": "faces.align",
+    "Faces": "faces.detect",
+    "paste_faces": "faces.paste",
+    "Cancelled": "faces.pipeline", "FaceInfo": "faces.pipeline", "Restoration": "faces.pipeline",
+    "locate_faces": "faces.pipeline", "restore_faces": "faces.pipeline", "select_faces": "faces.pipeline",
+    "restore_frames": "faces.stream",
+    "CheckpointError": "files.weights", "ModelInfo": "files.weights",
+    "load_detector": "load", "load_model": "load", "load_parser": "load",
+}
+
+__all__ = sorted(_HOMES)
+
+
+def __getattr__(name: str):
+    if name not in _HOMES:
+        raise AttributeError(f"module 'gpen' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_HOMES[name]}", __name__), name)
+    globals()[name] = value  # looked up once
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

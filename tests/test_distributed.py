@@ -11,7 +11,7 @@ import torch
 ray = pytest.importorskip("ray", reason="--ray needs Ray: pip install .[cluster]")
 av = pytest.importorskip("av", reason="video needs PyAV (pip install av)")
 
-from gpen.apps import cli  # noqa: E402
+from gpen.apps import cli, jobs  # noqa: E402
 from gpen.apps.jobs import Job  # noqa: E402
 from gpen.files.images import read_image, write_image  # noqa: E402
 from tests.helpers import random_gpen  # noqa: E402
@@ -37,7 +37,7 @@ def gpen64(tmp_path_factory):
 @pytest.fixture
 def restore(monkeypatch, shared, gpen64):
     """python -m gpen restore, in this process, with the random GPEN-64 and the shared detector."""
-    monkeypatch.setattr(cli, "keep_freed_memory", lambda: None)
+    monkeypatch.setattr(jobs, "keep_freed_memory", lambda: None)
     detector = shared / "models" / "retinaface_mobilenet0.25.pth"
     return lambda *args: cli.main(["restore", *map(str, args), "--model", str(gpen64), "--detector", str(detector),
                                    "--detect-size", "640", "--max-faces", "3"])
