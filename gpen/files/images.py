@@ -44,7 +44,8 @@ class ImageHeader:
         return (self.height, self.width) if self.orientation >= 5 else (self.width, self.height)
 
 
-def read_image(path: str | os.PathLike, max_megapixels: float | None = MAX_MEGAPIXELS) -> tuple[np.ndarray, ImageFormat]:
+def read_image(path: str | os.PathLike,
+               max_megapixels: float | None = MAX_MEGAPIXELS) -> tuple[np.ndarray, ImageFormat]:
     """(H,W,C) float32 RGB(A) or gray in 0..1, upright per EXIF, and the file's channels and depth.
 
     Images over `max_megapixels` (None or 0: no limit) are refused from their header, undecoded.
