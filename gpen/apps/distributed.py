@@ -3,7 +3,7 @@
     python -m gpen restore photos/ clips/ -o out --ray local          # one actor per CPU slot / GPU here
     python -m gpen restore /shared/in -o /shared/out --ray HEAD:6379  # an existing cluster
 
-The CLI plans the jobs exactly as the plain run does (inputs never written, existing results skipped
+The CLI plans the jobs (jobs.plan_run) as the plain run does (inputs never written, existing results skipped
 unless --overwrite, bad files refused from their headers) and hands the jobs left to `run_on_ray`.
 A pool of `Worker` actors (one per GPU, or one per CPU slot where the cluster has none) each load the
 model and the detector once; files go to whichever actor is free; each actor writes its results

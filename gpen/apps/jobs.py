@@ -120,6 +120,7 @@ def check_sequence(jobs: list[Job], detect: bool, max_megapixels: float) -> None
 
 class Report:
     """One line per file (results on stdout, failures on stderr), the counts, and the exit status."""
+
     def __init__(self, total: int):
         self.total, self.skipped, self.failed = total, 0, 0
 
@@ -285,8 +286,9 @@ def keep_freed_memory() -> None:
 
     By default glibc maps and unmaps every block over 32 MiB, and refaulting those pages is slow on
     virtual machines. GPEN's own forward no longer needs this (it keeps its large maps in a
-    workspace, gpen/workspace.py); the pipeline around it (detection, crops, paste-back) still makes
-    such blocks. The library never does this by itself: it is a process-wide choice, made here for the CLI.
+    workspace, gpen/archs/gpen/workspace.py); the pipeline around it (detection, crops, paste-back)
+    still makes such blocks. The library never does this by itself: it is a process-wide choice, made
+    by the programs, the CLI and its Ray workers.
     """
     if not sys.platform.startswith("linux"):
         return
