@@ -8,23 +8,42 @@ Usable without ComfyUI:
     result = gpen.restore_faces(images, model, detector)            # images: (B, H, W, 3) float 0..1
     result.images, result.masks, result.summary
     summary = gpen.restore_video("clip.mp4", "out/clip.mp4", model, detector)  # streamed, audio copied
+
+The names below are imported on first use, so that `python -m gpen --help` starts without torch.
 """
 
-from .apps.video import VideoSummary, restore_video
-from .archs import register
-from .archs.gpen.network import GPEN
-from .archs.spec import ArchSpec, Convention, ModelInfo
-from .faces.align import crop_faces
-from .faces.detect import Detector, Faces
-from .faces.parse import Parser
-from .faces.paste import paste_faces
-from .faces.pipeline import Cancelled, FaceInfo, Restoration, locate_faces, restore_faces, select_faces
-from .faces.restore import Restorer
-from .faces.stream import restore_frames
-from .files.weights import CheckpointError, read_state_dict
-from .load import load, load_detector, load_model, load_parser
+import importlib
 
-__all__ = ["GPEN", "ArchSpec", "Cancelled", "CheckpointError", "Convention", "Detector", "FaceInfo", "Faces",
-           "ModelInfo", "Parser", "Restoration", "Restorer", "VideoSummary", "crop_faces", "load", "load_detector",
-           "load_model", "load_parser", "locate_faces", "paste_faces", "read_state_dict", "register", "restore_faces",
-           "restore_frames", "restore_video", "select_faces"]
+# Each public name and the module that defines it.
+_HOMES = {
+    "VideoSummary": "apps.video", "probe_video": "apps.video", "restore_video": "apps.video",
+    "register": "archs",
+    "GPEN": "archs.gpen.network",
+    "ArchSpec": "archs.spec", "Convention": "archs.spec", "ModelInfo": "archs.spec",
+    "crop_faces": "faces.align",
+    "Detector": "faces.detect", "Faces": "faces.detect",
+    "Parser": "faces.parse", "parse_faces": "faces.parse",
+    "paste_faces": "faces.paste",
+    "Cancelled": "faces.pipeline", "FaceInfo": "faces.pipeline", "Restoration": "faces.pipeline",
+    "locate_faces": "faces.pipeline", "restore_faces": "faces.pipeline", "select_faces": "faces.pipeline",
+    "Restorer": "faces.restore",
+    "restore_frames": "faces.stream",
+    "download": "files.download",
+    "read_image": "files.images", "write_image": "files.images",
+    "CheckpointError": "files.weights", "read_state_dict": "files.weights",
+    "load": "loader", "load_detector": "loader", "load_model": "loader", "load_parser": "loader",
+}
+
+__all__ = sorted(_HOMES)
+
+
+def __getattr__(name: str):
+    if name not in _HOMES:
+        raise AttributeError(f"module 'gpen' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_HOMES[name]}", __name__), name)
+    globals()[name] = value  # looked up once
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

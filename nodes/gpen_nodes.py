@@ -15,7 +15,7 @@ from ..gpen.faces.paste import GPEN_ERODE, GPEN_FEATHER, MASK_SHAPES
 from ..gpen.faces.pipeline import ORDERS, PARSE_SOURCES, locate_faces
 from ..gpen.faces.restore import restore_aligned
 from ..gpen.faces.tensors import as_rgb
-from ..gpen.load import load_parser
+from ..gpen.loader import load_parser
 from . import host
 
 CATEGORY = "GPEN"

@@ -25,10 +25,10 @@ except ImportError:  # outside ComfyUI: the pack's own models/ folder, no progre
 PACK_MODELS = Path(__file__).resolve().parents[1] / "models"
 TORCH_SUFFIXES = {".pth", ".pt", ".safetensors"}
 WEIGHT_SUFFIXES = TORCH_SUFFIXES | {".onnx"}
-GPEN_FOLDERS = MODEL_FOLDERS["gpen"]
+GPEN_FOLDERS = MODEL_FOLDERS["restorer"]
 PARSER_FOLDERS = MODEL_FOLDERS["parser"]  # facedetection (where facexlib's parsers go) and face_parsing
 FOLDERS: dict[str, set[str]] = {"insightface": {".onnx"}}
-for _kind, _suffixes in (("gpen", WEIGHT_SUFFIXES), ("detector", TORCH_SUFFIXES), ("parser", WEIGHT_SUFFIXES)):
+for _kind, _suffixes in (("restorer", WEIGHT_SUFFIXES), ("detector", TORCH_SUFFIXES), ("parser", WEIGHT_SUFFIXES)):
     for _name in MODEL_FOLDERS[_kind]:  # facedetection holds detectors and parsers: .onnx too, for FaceFusion's
         FOLDERS[_name] = FOLDERS.get(_name, set()) | _suffixes
 # File names detectors go by (facexlib, insightface, FaceFusion): kept out of the parser list.

@@ -55,7 +55,7 @@ def test_catalogue_names_every_checkpoint_users_have():
     for entry in entries.values():
         assert entry.url.startswith("https://") and entry.source
         assert entry.sha256 is None or re.fullmatch(r"[0-9a-f]{64}", entry.sha256)
-        assert entry.folder in catalogue.MODEL_FOLDERS[entry.kind]
+        assert entry.folder in catalogue.MODEL_FOLDERS[entry.role]
         assert entry.max_bytes >= 2**20  # every download has a cap
 
 
@@ -71,7 +71,7 @@ def test_face_parsers_are_facexlibs_releases_saved_with_the_detectors():
     entries = catalogue.catalogue()
     for name, tag in (("parsing_parsenet", "v0.2.2"), ("parsing_bisenet", "v0.2.0")):
         entry = entries[name]
-        assert (entry.kind, entry.folder, entry.file) == ("parser", "facedetection", f"{name}.pth")
+        assert (entry.role, entry.folder, entry.file) == ("parser", "facedetection", f"{name}.pth")
         assert entry.url == f"https://github.com/xinntao/facexlib/releases/download/{tag}/{name}.pth"
     assert catalogue.MODEL_FOLDERS["parser"] == ("facedetection", "face_parsing")
     assert {e.folder for e in entries.values() if e.file.endswith(".onnx")} == {"facerestore_models"}
@@ -88,16 +88,29 @@ def test_models_live_in_comfyui_when_told_or_when_the_pack_is_inside_it(tmp_path
     assert catalogue.models_root() == Path("/opt/ComfyUI/models")
 
 
+def test_an_installed_package_keeps_models_in_the_users_data_folder(tmp_path, monkeypatch):
+    monkeypatch.delenv("COMFYUI_PATH", raising=False)
+    monkeypatch.setattr(catalogue, "INSTALLED", True)
+    monkeypatch.setattr(catalogue, "PACK", tmp_path / "lib" / "python3.11" / "site-packages")
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "data"))
+    assert catalogue.models_root() == tmp_path / "data" / "comfyui-gpen" / "models"
+    monkeypatch.delenv("XDG_DATA_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert catalogue.models_root() == tmp_path / "home" / ".local" / "share" / "comfyui-gpen" / "models"
+    assert catalogue.models_root(tmp_path / "mine") == tmp_path / "mine"  # --models-dir still says where
+
+
 def test_files_already_in_the_folders_are_found_without_the_network(tmp_path):
     (tmp_path / "gpen").mkdir()
     (tmp_path / "gpen" / "GPEN-BFR-1024.pth").write_bytes(WEIGHTS)
-    assert catalogue.resolve("GPEN-BFR-1024", "gpen", tmp_path, fetch=False) == tmp_path / "gpen" / "GPEN-BFR-1024.pth"
+    assert catalogue.resolve("GPEN-BFR-1024", "restorer", tmp_path, fetch=False) == \
+        tmp_path / "gpen" / "GPEN-BFR-1024.pth"
     (tmp_path / "face_parsing").mkdir()
     (tmp_path / "face_parsing" / "parsing_bisenet.pth").write_bytes(WEIGHTS)
     assert catalogue.resolve("parsing_bisenet", "parser", tmp_path, fetch=False) == \
         tmp_path / "face_parsing" / "parsing_bisenet.pth"
     with pytest.raises(FileNotFoundError, match="not a model this pack knows"):
-        catalogue.resolve("GPEN-BFR-4096", "gpen", tmp_path)
+        catalogue.resolve("GPEN-BFR-4096", "restorer", tmp_path)
 
 
 def test_a_file_cut_short_is_downloaded_again_and_said_so(site, tmp_path, monkeypatch, capsys):
@@ -108,11 +121,11 @@ def test_a_file_cut_short_is_downloaded_again_and_said_so(site, tmp_path, monkey
     bad.parent.mkdir(parents=True)
     bad.write_bytes(WEIGHTS[: len(WEIGHTS) // 2])  # what an older version left after a cut connection
     with pytest.raises(FileNotFoundError, match=re.escape(f"; download it again from {url}/GPEN-BFR-512.pth")):
-        catalogue.resolve("GPEN-BFR-512", "gpen", tmp_path / "models", fetch=False)
-    assert catalogue.resolve("GPEN-BFR-512", "gpen", tmp_path / "models") == bad
+        catalogue.resolve("GPEN-BFR-512", "restorer", tmp_path / "models", fetch=False)
+    assert catalogue.resolve("GPEN-BFR-512", "restorer", tmp_path / "models") == bad
     assert bad.read_bytes() == WEIGHTS
     assert f"{bad}: is cut short" in capsys.readouterr().err
-    assert catalogue.resolve("GPEN-BFR-512", "gpen", tmp_path / "models") == bad
+    assert catalogue.resolve("GPEN-BFR-512", "restorer", tmp_path / "models") == bad
     assert capsys.readouterr().err == ""  # now it is fine, and nothing is said
 
 
@@ -130,11 +143,11 @@ def test_a_bad_file_that_cannot_be_replaced_says_so(tmp_path, monkeypatch):
 def test_catalogue_file_names_stay_inside_their_folder(tmp_path, monkeypatch, file):
     use_catalogue(monkeypatch, tmp_path, lambda e: e.update(file=file) if e["name"] == "GPEN-BFR-512" else None)
     with pytest.raises(ValueError, match=f"GPEN-BFR-512: file {re.escape(repr(file))} must be a plain file name"):
-        catalogue.resolve("GPEN-BFR-512", "gpen", tmp_path)
+        catalogue.resolve("GPEN-BFR-512", "restorer", tmp_path)
     assert list(tmp_path.iterdir()) == [tmp_path / "catalogue.json"]
 
 
-def test_catalogue_folders_are_the_kinds_own(tmp_path, monkeypatch):
+def test_catalogue_folders_are_the_roles_own(tmp_path, monkeypatch):
     use_catalogue(monkeypatch, tmp_path, lambda e: e.update(folder="../facerestore_models"))
-    with pytest.raises(ValueError, match="folder '../facerestore_models' is not a gpen folder"):
+    with pytest.raises(ValueError, match="folder '../facerestore_models' is not a restorer folder"):
         catalogue.catalogue()

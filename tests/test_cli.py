@@ -221,9 +221,9 @@ def gpen_cli(monkeypatch, small_checkpoint):
     """python -m gpen restore --aligned with the small random GPEN; returns the exit status.
 
     The test process keeps its own allocator (main() tunes glibc for the CLI's process)."""
-    from gpen.apps import cli
+    from gpen.apps import cli, jobs
 
-    monkeypatch.setattr(cli, "keep_freed_memory", lambda: None)
+    monkeypatch.setattr(jobs, "keep_freed_memory", lambda: None)
     return lambda *args: cli.main(["restore", *map(str, args), "--aligned", "--model", str(small_checkpoint)])
 
 
@@ -297,9 +297,9 @@ def test_results_follow_the_umask_not_mkstemps_0600(gpen_cli, tmp_path):
 
 
 def test_an_unwritable_output_is_refused_before_any_model_loads(monkeypatch, tmp_path, capsys):
-    from gpen.apps import cli
+    from gpen.apps import cli, jobs
 
-    monkeypatch.setattr(cli, "keep_freed_memory", lambda: None)
+    monkeypatch.setattr(jobs, "keep_freed_memory", lambda: None)
     not_a_folder = tmp_path / "notes.txt"
     not_a_folder.write_text("a file, where -o wants a folder")
     code = cli.main(["restore", str(face(tmp_path / "a.png")), "-o", str(not_a_folder / "out"), "--aligned",

@@ -11,7 +11,7 @@ import torch
 ray = pytest.importorskip("ray", reason="--ray needs Ray: pip install .[cluster]")
 av = pytest.importorskip("av", reason="video needs PyAV (pip install av)")
 
-from gpen.apps import cli  # noqa: E402
+from gpen.apps import cli, jobs  # noqa: E402
 from gpen.apps.jobs import Job  # noqa: E402
 from gpen.files.images import read_image, write_image  # noqa: E402
 from tests.helpers import random_gpen  # noqa: E402
@@ -37,7 +37,7 @@ def gpen64(tmp_path_factory):
 @pytest.fixture
 def restore(monkeypatch, shared, gpen64):
     """python -m gpen restore, in this process, with the random GPEN-64 and the shared detector."""
-    monkeypatch.setattr(cli, "keep_freed_memory", lambda: None)
+    monkeypatch.setattr(jobs, "keep_freed_memory", lambda: None)
     detector = shared / "models" / "retinaface_mobilenet0.25.pth"
     return lambda *args: cli.main(["restore", *map(str, args), "--model", str(gpen64), "--detector", str(detector),
                                    "--detect-size", "640", "--max-faces", "3"])
@@ -245,3 +245,51 @@ def test_a_segment_finished_by_an_earlier_run_is_not_restored_again(tmp_path):
     worker.model = None  # restoring again would fail
     again = segment.restore(worker, None)
     assert again == first and isinstance(again.selection.missing_indices, dict)
+
+
+class FakeRay:
+    """Enough of Ray for the Scheduler alone: a task runs when it is waited for."""
+
+    class exceptions:
+        RayActorError = type("RayActorError", (Exception,), {})
+        RayTaskError = type("RayTaskError", (Exception,), {})
+
+    def wait(self, refs, num_returns, timeout):
+        return refs[:num_returns], refs[num_returns:]
+
+    def get(self, ref):
+        return ref()
+
+    def kill(self, actor, no_restart):
+        actor.killed = True
+
+
+def test_the_scheduler_retries_a_failed_file_on_another_actor_then_reports_it(tmp_path, capsys):
+    from types import SimpleNamespace
+
+    from gpen.apps.distributed import Scheduler
+    from gpen.apps.jobs import Report
+
+    def actor():
+        def restore(task, overwrite, info):
+            if task.source.name == "bad.png":
+                return lambda: (_ for _ in ()).throw(FakeRay.exceptions.RayTaskError("cannot decode"))
+            return lambda: "restored 1 face"
+        return SimpleNamespace(restore=SimpleNamespace(remote=restore))
+
+    jobs = [Job(1, tmp_path / "bad.png", tmp_path / "out" / "bad.png"),
+            Job(2, tmp_path / "good.png", tmp_path / "out" / "good.png")]
+    scheduler = Scheduler(FakeRay(), actor, jobs, overwrite=False, videos={}, report=Report(len(jobs)))
+    scheduler.start(3, "1 CPU slot(s)")
+    while scheduler.busy():
+        scheduler.dispatch()
+        scheduler.collect()
+    scheduler.stop()
+    bad, good = (scheduler.outcomes[job] for job in jobs)
+    assert (bad.status, bad.actors, bad.errors) == ("failed", [0, 2], ["cannot decode", "cannot decode"])  # 1 was busy
+    assert (good.status, good.summary) == ("done", "restored 1 face")
+    captured = capsys.readouterr()
+    assert "ray: bad.png failed on actor 0 (cannot decode); trying again" in captured.err
+    assert "[1/2] bad.png: failed: failed 2 times: cannot decode; cannot decode" in captured.err
+    assert "[2/2] good.png: restored 1 face" in captured.out
+    assert all(actor.killed for actor in scheduler.actors)

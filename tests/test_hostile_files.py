@@ -21,6 +21,7 @@ pytestmark = pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="
 CHILD = r"""
 import json, resource, sys, time
 import gpen
+from gpen import *  # noqa: F403  the package's names load on first use: load them (and torch) before measuring
 
 def status(field):
     with open("/proc/self/status") as f:

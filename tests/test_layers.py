@@ -1,7 +1,7 @@
 """The house: gpen/ is built in layers, each importing only the ones below it, with no circle.
 
     apps/      programs: cli, jobs, video files, Ray, benchmarks
-    load.py    a path -> a handle for a role (restorer, detector, parser)
+    loader.py  a path -> a handle for a role (restorer, detector, parser)
     faces/     the batched face pipeline on tensors, no file I/O
     files/     bytes on disk: weights, the registry of networks, images, catalogue, downloads
     archs/     the networks and their specs
@@ -14,7 +14,7 @@ import ast
 from pathlib import Path
 
 GPEN = Path(__file__).resolve().parents[1] / "gpen"
-LAYERS = ["devices", "archs", "files", "faces", "load", "apps"]
+LAYERS = ["devices", "archs", "files", "faces", "loader", "apps"]
 FACADE = {"gpen", "gpen.__main__"}  # the package's face: it may show anything
 # Imports of gpen modules inside functions, each with the reason it is not at the top.
 LAZY = {
@@ -24,7 +24,7 @@ LAZY = {
     ("gpen.apps.cli", "gpen.files.catalogue"): "python -m gpen --help does not import torch",
     ("gpen.apps.cli", "gpen.files.weights"): "python -m gpen --help does not import torch",
     ("gpen.apps.cli", "gpen.files.download"): "python -m gpen --help does not import torch",
-    ("gpen.apps.cli", "gpen.load"): "python -m gpen --help does not import torch",
+    ("gpen.apps.cli", "gpen.loader"): "python -m gpen --help does not import torch",
     ("gpen.apps.cli", "gpen.faces.options"): "python -m gpen --help does not import torch",
 }
 

@@ -15,7 +15,7 @@ from gpen.devices import resolve_device
 from gpen.files.weights import read_state_dict
 from gpen.faces.restore import as_restorer
 from gpen.files.registry import build
-from gpen.load import convert_checkpoint, describe_weights
+from gpen.loader import convert_checkpoint, describe_weights
 from tests.helpers import export_fake_scrfd, random_gpen
 
 

@@ -18,7 +18,7 @@ pytest.importorskip("onnx")
 
 from gpen import CheckpointError
 from gpen.archs.onnx import OCCLUDER, REGION_PARSER
-from gpen.load import describe_weights, load_parser
+from gpen.loader import describe_weights, load_parser
 from tests.helpers import export_fake_scrfd
 
 REPO = Path(__file__).resolve().parents[1]

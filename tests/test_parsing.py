@@ -10,7 +10,7 @@ import gpen
 from gpen.faces.align import warp
 from gpen.faces.masks import FACE_REGIONS, REGION_PRESETS, feather_inside, region_classes, smooth_over_time
 from gpen.faces.parse import parse_faces
-from gpen.load import load_parser
+from gpen.loader import load_parser
 from tests.helpers import GreyRestorer, SplitParser
 
 

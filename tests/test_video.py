@@ -373,9 +373,9 @@ def test_bad_inputs_are_refused_with_the_file_named(tmp_path):
 @pytest.fixture
 def gpen_cli(monkeypatch, shared, small_checkpoint):
     """python -m gpen restore with the small random GPEN and the shared detector; returns the exit status."""
-    from gpen.apps import cli
+    from gpen.apps import cli, jobs
 
-    monkeypatch.setattr(cli, "keep_freed_memory", lambda: None)
+    monkeypatch.setattr(jobs, "keep_freed_memory", lambda: None)
     detector = shared / "models" / "retinaface_mobilenet0.25.pth"
     return lambda *args: cli.main(["restore", *map(str, args), "--model", str(small_checkpoint),
                                    "--detector", str(detector), "--detect-size", "640"])

@@ -6,48 +6,28 @@ in the layout of the real checkpoint of each size unless --checkpoint names a fi
 
 from __future__ import annotations
 
-import argparse
 import json
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import cv2
 import torch
 
+from ..archs.gpen.network import GPEN
+from ..devices import resolve_device, resolve_dtype
+from ..faces.align import warp
+from ..faces.pipeline import restore_faces
+from ..files.catalogue import resolve
+from ..files.images import read_image
 from ..files.weights import first_line
+from ..loader import load_detector, load_model
 
 STANDARD_CONFIGS = {256: (1, 0.5), 512: (2, 1), 1024: (2, 1), 2048: (2, 1)}
 
 
-def add_arguments(parser) -> None:
-    parser.add_argument("--sizes", type=int, nargs="+", default=None,
-                        help="model sizes (default: 512 on CPU, 256..2048 on a GPU)")
-    parser.add_argument("--device", default="auto", help="cpu, cuda, or auto")
-    parser.add_argument("--dtypes", nargs="+", default=None, help="fp32 fp16 bf16 (default: fp32 on CPU, all on GPU)")
-    parser.add_argument("--batch", type=int, nargs="+", default=[1], help="faces per forward pass")
-    parser.add_argument("--repeat", type=int, default=3, help="timed runs after one warm-up (the best is kept)")
-    parser.add_argument("--compile", action="store_true", help="wrap the model in torch.compile")
-    parser.add_argument("--checkpoint", help="time this file instead of random weights")
-    parser.add_argument("--system-allocator", action="store_true",
-                        help="keep glibc's default of unmapping large freed blocks (see cli.keep_freed_memory)")
-    parser.add_argument("--pipeline", action="store_true",
-                        help="time the whole face pipeline stage by stage instead (detect, crop, restore, paste)")
-    parser.add_argument("--detector", default="retinaface_mobilenet0.25",
-                        help="face detector for --pipeline: catalogue name (downloaded on first use) or path")
-    parser.add_argument("--models-dir", help="models folder for --detector (default: ComfyUI's when the pack is in one)")
-    parser.add_argument("--image", help="group photo for --pipeline (required); its largest face also makes the 1080p scene")
-    parser.add_argument("--frames", type=int, default=1, help="frames per batch in --pipeline")
-    parser.add_argument("--memory", action="store_true",
-                        help="with --pipeline: peak memory of restore_faces beyond its input for a 6000x4000 frame "
-                             "made from --image (the restorer hands its crops back: the pipeline alone is measured)")
-    parser.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
-
-
 def run(args) -> int:
-    from ..devices import resolve_device
-    from ..files.catalogue import resolve
-
     device = resolve_device(args.device)
     on_gpu = device.type == "cuda"
     sizes = args.sizes or ([256, 512, 1024, 2048] if on_gpu else [512])
@@ -91,10 +71,6 @@ def print_table(rows: list[dict]) -> int:
 
 def bench_model(size: int, device: torch.device, dtype: str, checkpoint: str | None):
     """The checkpoint, or random weights in the layout of the real checkpoint of that size."""
-    from ..archs.gpen.network import GPEN
-    from ..devices import resolve_dtype
-    from ..load import load_model
-
     if checkpoint:
         return load_model(checkpoint, device=device, dtype=dtype).network
     cm, narrow = STANDARD_CONFIGS.get(size, (2, 1))
@@ -135,10 +111,6 @@ def measure(size: int, device: torch.device, dtype: str, batch: int, repeat: int
 
 def pipeline_scenes(image_path: str, detector_path: Path, frames: int):
     """A 1080p frame with one large face, and the group photo itself, each repeated `frames` times."""
-    from ..faces.align import warp
-    from ..files.images import read_image
-    from ..load import load_detector
-
     photo = torch.from_numpy(read_image(image_path)[0]).float()
     detector = load_detector(detector_path, device="cpu")
     (faces,) = detector.detect(photo[None])
@@ -164,14 +136,12 @@ def pipeline_row(scene: str, images: torch.Tensor, size: int, device: torch.devi
     try:
         return time_pipeline(scene, images, size, device, dtype, detector_path, args)
     except Exception as e:  # like a failed subprocess of the plain table: the row says why
-        return dict(scene=scene, size=size, device=str(device), dtype=dtype, error=f"{type(e).__name__}: {first_line(e)}")
+        return dict(scene=scene, size=size, device=str(device), dtype=dtype,
+                    error=f"{type(e).__name__}: {first_line(e)}")
 
 
 def time_pipeline(scene: str, images: torch.Tensor, size: int, device: torch.device, dtype: str, detector_path: Path,
                   args) -> dict:
-    from ..faces.pipeline import restore_faces
-    from ..load import load_detector
-
     model = bench_model(size, device, dtype, args.checkpoint)
     detector = load_detector(detector_path, device=device)
     restore_faces(images, model, detector, face_batch=args.batch[0])  # warm-up
@@ -199,12 +169,6 @@ class _CropsBack:
 
 def pipeline_memory(image_path: str, detector_path: Path, size: int, device: torch.device) -> dict:
     """Peak resident memory of restore_faces beyond its input, on a 6000x4000 frame (Linux: VmHWM)."""
-    import cv2
-
-    from ..faces.pipeline import restore_faces
-    from ..files.images import read_image
-    from ..load import load_detector
-
     photo = read_image(image_path)[0][..., :3]
     scale = min(6000 / photo.shape[1], 4000 / photo.shape[0])
     frame = torch.zeros(1, 4000, 6000, 3)
@@ -218,7 +182,8 @@ def pipeline_memory(image_path: str, detector_path: Path, size: int, device: tor
     beyond = _resident_mib("VmHWM") - before
     frame_mib = frame.numel() * frame.element_size() / 2 ** 20
     return dict(scene="6000x4000 frame", faces=result.face_count, crop_size=size, device=str(device),
-                frame_mib=round(frame_mib), peak_beyond_input_mib=round(beyond), times_frame=round(beyond / frame_mib, 2))
+                frame_mib=round(frame_mib), peak_beyond_input_mib=round(beyond),
+                times_frame=round(beyond / frame_mib, 2))
 
 
 def _resident_mib(field: str) -> float:

@@ -1,29 +1,23 @@
-"""python -m gpen: command line of the GPEN library."""
+"""python -m gpen: command line of the GPEN library.
+
+Building the parser imports no torch, so that `python -m gpen --help` answers at once: each command
+imports its work (gpen.apps.jobs, .bench, .distributed, ...) when it runs.
+"""
 
 from __future__ import annotations
 
 import argparse
-import os
+import math
 import sys
-from pathlib import Path
 
-from . import bench
-from .jobs import (
-    Report,
-    _face_progress,
-    admit,
-    check_options,
-    check_sequence,
-    check_writable,
-    detect_sequence,
-    expand_inputs,
-    is_video,
-    keep_freed_memory,
-    load_models,
-    plan_jobs,
-    restore_clip,
-    restore_file,
-)
+from ..files.images import MAX_MEGAPIXELS
+
+# The library's defaults, written out so that building the parser imports no torch; a test checks that
+# they are faces.pipeline's ORDERS and faces.paste's MASK_SHAPES, GPEN_ERODE and GPEN_FEATHER.
+ORDERS = ("largest", "left-right", "top-bottom", "confidence")
+MASK_SHAPES = ("box", "ellipse")
+GPEN_ERODE = 26 / 512
+GPEN_FEATHER = 4 * math.sqrt(2) / 512
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -32,12 +26,12 @@ def main(argv: list[str] | None = None) -> int:
         epilog="Without a command, the arguments are restore's: python -m gpen --input x.jpg --output y.png "
                "--model_path GPEN-BFR-512.pth works as run_gpen-style instructions write it.")
     commands = parser.add_subparsers(dest="command", required=True)
-    bench.add_arguments(commands.add_parser("bench", help="time the GPEN forward pass, print a JSON table"))
+    add_bench_arguments(commands.add_parser("bench", help="time the GPEN forward pass, print a JSON table"))
     add_restore_arguments(commands.add_parser("restore", help="restore the faces in image and video files",
                                               description=RESTORE_DESCRIPTION))
     fetch = commands.add_parser("download", help="download catalogue models (GPEN-BFR-512, ..., or all)")
     fetch.add_argument("names", nargs="+", metavar="NAME")
-    fetch.add_argument("--models-dir", help="models folder (default: ComfyUI's when the pack is in one)")
+    fetch.add_argument("--models-dir", help=MODELS_DIR_HELP)
     info = commands.add_parser("info", help="say what a weight file is")
     info.add_argument("file")
     convert = commands.add_parser("convert", help="rewrite a GPEN checkpoint as .safetensors")
@@ -51,12 +45,13 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] not in commands.choices and argv[0] not in ("-h", "--help"):
         argv = ["restore", *argv]  # run_gpen-style instructions name no command
     args = parser.parse_args(argv)
-    if not getattr(args, "system_allocator", False):
-        keep_freed_memory()
     from ..files.download import DownloadError
     from ..files.weights import CheckpointError
+    from .jobs import keep_freed_memory
 
-    run = {"bench": bench.run, "info": run_info, "convert": run_convert, "restore": run_restore,
+    if not getattr(args, "system_allocator", False):
+        keep_freed_memory()
+    run = {"bench": run_bench, "info": run_info, "convert": run_convert, "restore": run_restore,
            "download": run_download}[args.command]
     try:
         return run(args)
@@ -66,6 +61,37 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("cancelled", file=sys.stderr)
         return 130
+
+
+MODELS_DIR_HELP = ("models folder (default: ComfyUI's when the pack is in one or COMFYUI_PATH names one; else "
+                   "a checkout's models/; else, installed with pip, $XDG_DATA_HOME/comfyui-gpen/models, "
+                   "by default ~/.local/share/comfyui-gpen/models)")
+
+
+def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--sizes", type=int, nargs="+", default=None,
+                        help="model sizes (default: 512 on CPU, 256..2048 on a GPU)")
+    parser.add_argument("--device", default="auto", help="cpu, cuda, or auto")
+    parser.add_argument("--dtypes", nargs="+", default=None, help="fp32 fp16 bf16 (default: fp32 on CPU, all on GPU)")
+    parser.add_argument("--batch", type=int, nargs="+", default=[1], help="faces per forward pass")
+    parser.add_argument("--repeat", type=int, default=3, help="timed runs after one warm-up (the best is kept)")
+    parser.add_argument("--compile", action="store_true", help="wrap the model in torch.compile")
+    parser.add_argument("--checkpoint", help="time this file instead of random weights")
+    parser.add_argument("--system-allocator", action="store_true",
+                        help="keep glibc's default of unmapping large freed blocks (see jobs.keep_freed_memory)")
+    parser.add_argument("--pipeline", action="store_true",
+                        help="time the whole face pipeline stage by stage instead (detect, crop, restore, paste)")
+    parser.add_argument("--detector", default="retinaface_mobilenet0.25",
+                        help="face detector for --pipeline: catalogue name (downloaded on first use) or path")
+    parser.add_argument("--models-dir",
+                        help="models folder for --detector (default: ComfyUI's when the pack is in one)")
+    parser.add_argument("--image",
+                        help="group photo for --pipeline (required); its largest face also makes the 1080p scene")
+    parser.add_argument("--frames", type=int, default=1, help="frames per batch in --pipeline")
+    parser.add_argument("--memory", action="store_true",
+                        help="with --pipeline: peak memory of restore_faces beyond its input for a 6000x4000 frame "
+                             "made from --image (the restorer hands its crops back: the pipeline alone is measured)")
+    parser.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
 
 
 RESTORE_DESCRIPTION = """\
@@ -80,10 +106,6 @@ time, keeping their frame count, rate and time base, and copying their audio unt
 
 
 def add_restore_arguments(parser: argparse.ArgumentParser) -> None:
-    from ..faces.paste import GPEN_ERODE, GPEN_FEATHER, MASK_SHAPES
-    from ..faces.pipeline import ORDERS
-    from ..files.images import MAX_MEGAPIXELS
-
     parser.add_argument("inputs", nargs="*", metavar="INPUT", help="image or video files, folders or globs")
     parser.add_argument("-o", "--output", help="output folder (or file, for one input)")
     parser.add_argument("--input", dest="legacy_inputs", action="append", default=[], help=argparse.SUPPRESS)
@@ -150,52 +172,29 @@ def _yes_no(text: str) -> bool:
 
 
 def run_restore(args) -> int:
-    from ..devices import resolve_device
+    from .jobs import check_options, plan_run, restore_here
 
     if not args.output:
         raise ValueError("say where the results go: -o OUTPUT")
     check_options(args)
-    ray_address = getattr(args, "ray", None)
-    if ray_address:
-        from .distributed import _ray
+    if args.ray:
+        from .distributed import import_ray
 
-        _ray()  # refused now, not after the planning, when Ray is not installed
-    device = None if ray_address else resolve_device(args.device)  # with --ray, each worker resolves its own
-    jobs = plan_jobs(expand_inputs(args.inputs + args.legacy_inputs), Path(args.output))
-    detect = args.face_align and not args.aligned
-    if any(is_video(job.source) for job in jobs):
-        from .video import check_video_options
-
-        check_video_options(args.codec, args.crf, args.chunk)
-    frames = [job for job in jobs if not is_video(job.source)]  # with --temporal-smoothing, one sequence
-    if args.temporal_smoothing > 0 and len(frames) > 1:
-        check_sequence(frames, detect, args.max_megapixels)
-        if ray_address:
-            raise ValueError("--temporal-smoothing over image inputs makes them one sequence, which --ray does not "
-                             "split; run it without --ray (video files are smoothed within each file with --ray)")
-    check_writable(Path(os.path.commonpath([job.target.parent for job in jobs])))
-    report = Report(len(jobs))
-    todo, videos = admit(jobs, args, report, detect)
-    if ray_address:
+        import_ray()  # refused now, not after the planning, when Ray is not installed
+    plan = plan_run(args, on_ray=bool(args.ray))
+    if plan.jobs and args.ray:
         from .distributed import run_on_ray
 
-        if todo:
-            run_on_ray(todo, args, ray_address, report, videos)
-        return report.exit_status()
-    if todo:
-        model, detector = load_models(args, device, detect)
-        sequence = [job for job in todo if not is_video(job.source)]
-        faces = detect_sequence(sequence, detector, args) if args.temporal_smoothing > 0 and len(sequence) > 1 else {}
-        for job in todo:
-            try:
-                if is_video(job.source):
-                    report.done(job, str(restore_clip(job, model, detector, args, videos[job], report.prefix(job))))
-                    continue
-                progress = _face_progress(report.prefix(job))
-                report.done(job, restore_file(job, model, detector, args, faces.get(job), progress))
-            except (ValueError, OSError) as e:
-                report.fail(job, e)
-    return report.exit_status()
+        run_on_ray(plan.jobs, args, args.ray, plan.report, plan.videos)
+    elif plan.jobs:
+        restore_here(plan, args)
+    return plan.report.exit_status()
+
+
+def run_bench(args) -> int:
+    from . import bench
+
+    return bench.run(args)
 
 
 def run_download(args) -> int:
@@ -207,12 +206,12 @@ def run_download(args) -> int:
         entry = entries.get(name)
         if entry is None:
             raise ValueError(f"{name}: not in the catalogue ({', '.join(entries)}, or all)")
-        print(f"{name}: {resolve(name, entry.kind, args.models_dir)}")
+        print(f"{name}: {resolve(name, entry.role, args.models_dir)}")
     return 0
 
 
 def run_info(args) -> int:
-    from ..load import describe_weights
+    from ..loader import describe_weights
 
     info = describe_weights(args.file)
     print(info)
@@ -223,7 +222,7 @@ def run_info(args) -> int:
 
 
 def run_convert(args) -> int:
-    from ..load import convert_checkpoint
+    from ..loader import convert_checkpoint
 
     info = convert_checkpoint(args.input, args.output, half=args.half, trust=args.trust)
     print(f"wrote {args.output}: {info}")

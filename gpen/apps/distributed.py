@@ -3,9 +3,9 @@
     python -m gpen restore photos/ clips/ -o out --ray local          # one actor per CPU slot / GPU here
     python -m gpen restore /shared/in -o /shared/out --ray HEAD:6379  # an existing cluster
 
-The CLI plans the jobs exactly as the plain run does (inputs never written, existing results skipped
+The CLI plans the jobs (jobs.plan_run) as the plain run does (inputs never written, existing results skipped
 unless --overwrite, bad files refused from their headers) and hands the jobs left to `run_on_ray`.
-A pool of `Restorer` actors (one per GPU, or one per CPU slot where the cluster has none) each load the
+A pool of `Worker` actors (one per GPU, or one per CPU slot where the cluster has none) each load the
 model and the detector once; files go to whichever actor is free; each actor writes its results
 itself, atomically (temporary file beside the result, then renamed), with the library's own
 `restore_file` / `restore_clip`, so results are those of the plain run. A task that fails is tried
@@ -26,7 +26,13 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..files.images import write_file_atomically
+import torch
+
+from ..devices import resolve_device
+from ..faces.pipeline import Selection
+from ..files.atomic import write_file_atomically
+from .jobs import is_video, keep_freed_memory, load_models, restore_clip, restore_file
+from .video import VideoSummary, join_segments
 
 ATTEMPTS = 2  # a file is tried this many times before it is reported failed
 # CPU actors run more torch threads than their slots; OpenMP threads that spin while they wait for work
@@ -35,7 +41,8 @@ ATTEMPTS = 2  # a file is tried this many times before it is reported failed
 CPU_ACTOR_ENV = {"env_vars": {"OMP_WAIT_POLICY": "PASSIVE"}}
 
 
-def _ray():
+def import_ray():
+    """The ray module, or an ImportError that says how to install it."""
     try:
         import ray
     except ImportError:
@@ -44,15 +51,10 @@ def _ray():
     return ray
 
 
-class Restorer:
-    """One worker: the model and detector loaded once, then any number of files restored."""
+class Worker:
+    """A Ray actor: the model and detector loaded once, then any number of files restored."""
 
     def __init__(self, args, threads: int = 0):
-        import torch
-
-        from ..devices import resolve_device
-        from .jobs import keep_freed_memory, load_models
-
         if threads > 0:  # actors sharing a machine must not each take every core (see pool_shape)
             torch.set_num_threads(min(threads, os.cpu_count() or threads))
         keep_freed_memory()
@@ -64,8 +66,6 @@ class Restorer:
     def restore(self, task, overwrite: bool, info=None):
         """Restore one file (photo or clip) into its target, atomically, and return the summary line;
         or one segment of a clip into its file, and return its VideoSummary."""
-        from .jobs import is_video, restore_clip, restore_file
-
         if isinstance(task, Segment):
             return task.restore(self, info)
         if task.target.exists() and not overwrite:  # finished by an earlier attempt, or another run
@@ -88,9 +88,7 @@ class Segment:
     def record(self) -> Path:
         return self.path.with_name(self.path.name + ".json")
 
-    def restore(self, worker: Restorer, info):
-        from .jobs import restore_clip
-
+    def restore(self, worker: Worker, info):
         if self.record.exists() and self.path.exists():  # done by an earlier run, or attempt
             return read_summary(self.record)
         label = f"{self.job.source.name} [{self.span.start}:{self.span.stop}]"
@@ -101,9 +99,6 @@ class Segment:
 
 def read_summary(path: Path):
     """A segment's VideoSummary, from its record."""
-    from ..faces.pipeline import Selection
-    from .video import VideoSummary
-
     fields = json.loads(path.read_text())
     chosen = fields.pop("selection")
     chosen["missing_indices"] = {int(k): v for k, v in chosen["missing_indices"].items()}
@@ -188,7 +183,8 @@ def pool_shape(ray, address: str | None, cpus_per_actor: int) -> tuple[int, dict
     if gpus > 0:
         return gpus, {"num_gpus": 1, "num_cpus": 1}, 0
     cpus = int(resources.get("CPU", 1))
-    return max(1, cpus // cpus_per_actor), {"num_cpus": cpus_per_actor, "runtime_env": CPU_ACTOR_ENV}, 2 * cpus_per_actor
+    resources = {"num_cpus": cpus_per_actor, "runtime_env": CPU_ACTOR_ENV}
+    return max(1, cpus // cpus_per_actor), resources, 2 * cpus_per_actor
 
 
 def pool_label(resources: dict, threads: int) -> str:
@@ -201,11 +197,11 @@ def pool_label(resources: dict, threads: int) -> str:
 def connect(address: str | None, num_cpus: int | None = None):
     """ray.init for `address` ('local' or None: a Ray on this machine; else a cluster's address),
     unless this process is connected already (a test's ray.init, a notebook's)."""
-    ray = _ray()
+    ray = import_ray()
     if ray.is_initialized():
         return ray
     if address in (None, "", "local"):
-        root = str(Path(__file__).resolve().parents[3])  # workers import gpen from this checkout too
+        root = str(Path(__file__).resolve().parents[2])  # workers import gpen from this checkout too
         path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p)
         ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, log_to_driver=False,
                  runtime_env={"env_vars": {"PYTHONPATH": path}})
@@ -227,133 +223,163 @@ def run_on_ray(jobs: list, args, address: str | None = "local", report=None, vid
     """
     ray = connect(address, getattr(args, "ray_cpus", None))
     cpus_per_actor = max(1, getattr(args, "ray_cpus_per_actor", 1) or 1)
-    videos = videos or {}
-    overwrite = bool(args.overwrite)
     size, resources, threads = pool_shape(ray, address, cpus_per_actor)
     size = max(1, min(size, getattr(args, "ray_actors", 0) or size))
-    tasks = plan_tasks(jobs, videos, getattr(args, "ray_segment", 0), overwrite, size, getattr(args, "chunk", 1),
-                       lambda job: made_with(args, job))
-    outcomes = {task: Outcome(task) for task in tasks}
+    tasks = plan_tasks(jobs, videos or {}, getattr(args, "ray_segment", 0), bool(args.overwrite), size,
+                       getattr(args, "chunk", 1), lambda job: made_with(args, job))
     if not tasks:
-        return outcomes
-    size = min(size, len(tasks))
-    actor_class = ray.remote(**resources, max_restarts=1, max_task_retries=0)(Restorer)
-    segments: dict = {}  # job -> its segments, for the clips split
-    for task in tasks:
-        if isinstance(task, Segment):
-            segments.setdefault(task.job, []).append(task)
-    began = {job: time.monotonic() for job in jobs}
-    ended: set = set()  # jobs reported done or failed
+        return {}
+    actor_class = ray.remote(**resources, max_restarts=1, max_task_retries=0)(Worker)
+    scheduler = Scheduler(ray, lambda: actor_class.remote(args, threads), tasks, bool(args.overwrite), videos or {},
+                          report, task_timeout)
+    scheduler.start(min(size, len(tasks)), pool_label(resources, threads))
+    try:
+        while scheduler.busy():
+            scheduler.dispatch()
+            scheduler.collect()
+            scheduler.expire()
+    finally:
+        scheduler.stop()
+    return scheduler.outcomes
 
-    actors = [actor_class.remote(args, threads) for _ in range(size)]
-    print(f"ray: {size} actor(s), each {pool_label(resources, threads)}", file=sys.stderr, flush=True)
-    queue = list(tasks)  # (re)tries wait here
-    idle = list(range(size))
-    running: dict = {}  # ObjectRef -> (task, slot, started)
 
-    def job_of(task):
-        return task.job if isinstance(task, Segment) else task
+def job_of(task):
+    return task.job if isinstance(task, Segment) else task
 
-    def start(slot: int, task) -> None:
-        ref = actors[slot].restore.remote(task, overwrite, videos.get(job_of(task)))
-        outcomes[task].actors.append(slot)
-        running[ref] = (task, slot, time.monotonic())
 
-    def pick(task) -> int:
-        tried = outcomes[task].actors
-        fresh = [slot for slot in idle if slot not in tried]
-        slot = (fresh or idle)[0]
-        idle.remove(slot)
+class Scheduler:
+    """A run's tasks on a pool of actors, one step at a time: the tasks waiting (retries first), the
+    actors idle, the tasks running, and what became of each task and job."""
+
+    def __init__(self, ray, new_actor, tasks: list, overwrite: bool, videos: dict, report=None,
+                 task_timeout: float | None = None):
+        self.ray, self.new_actor = ray, new_actor
+        self.overwrite, self.videos, self.report, self.task_timeout = overwrite, videos, report, task_timeout
+        self.outcomes = {task: Outcome(task) for task in tasks}
+        self.segments: dict = {}  # job -> its segments, for the clips split
+        for task in tasks:
+            if isinstance(task, Segment):
+                self.segments.setdefault(task.job, []).append(task)
+        self.began = {job_of(task): time.monotonic() for task in tasks}
+        self.ended: set = set()  # jobs reported done, skipped or failed
+        self.queue = list(tasks)
+        self.actors: list = []
+        self.idle: list[int] = []  # slots in self.actors
+        self.running: dict = {}  # ObjectRef -> (task, slot, started)
+
+    def start(self, size: int, label: str) -> None:
+        self.actors = [self.new_actor() for _ in range(size)]
+        self.idle = list(range(size))
+        print(f"ray: {size} actor(s), each {label}", file=sys.stderr, flush=True)
+
+    def busy(self) -> bool:
+        return bool(self.queue or self.running)
+
+    def dispatch(self) -> None:
+        """Hand waiting tasks to idle actors."""
+        while self.queue and self.idle:
+            task = self.queue.pop(0)
+            slot = self.pick(task)
+            ref = self.actors[slot].restore.remote(task, self.overwrite, self.videos.get(job_of(task)))
+            self.outcomes[task].actors.append(slot)
+            self.running[ref] = (task, slot, time.monotonic())
+
+    def pick(self, task) -> int:
+        """An idle actor, one that has not tried this task where there is one."""
+        tried = self.outcomes[task].actors
+        slot = next((slot for slot in self.idle if slot not in tried), self.idle[0])
+        self.idle.remove(slot)
         return slot
 
-    def failed(task, slot: int, reason: str) -> None:
-        outcome = outcomes[task]
+    def collect(self, timeout: float = 1.0) -> None:
+        """Wait up to `timeout` seconds for a task to end, and take in what it returned or raised."""
+        ready, _ = self.ray.wait(list(self.running), num_returns=1, timeout=timeout)
+        for ref in ready:
+            task, slot, _ = self.running.pop(ref)
+            self.idle.append(slot)
+            try:
+                summary = self.ray.get(ref)
+            except self.ray.exceptions.RayActorError as e:
+                self.retry(task, slot, f"worker lost: {_reason(e)}")
+            except self.ray.exceptions.RayTaskError as e:
+                self.retry(task, slot, _reason(e))
+            else:
+                self.finish(task, summary)
+
+    def expire(self) -> None:
+        """Fail the tasks running past task_timeout; a fresh actor takes each one's place."""
+        if self.task_timeout is None:
+            return
+        now = time.monotonic()
+        for ref, (task, slot, started) in list(self.running.items()):
+            if now - started > self.task_timeout:
+                self.running.pop(ref)
+                self.ray.kill(self.actors[slot], no_restart=True)
+                self.actors[slot] = self.new_actor()
+                self.idle.append(slot)
+                self.retry(task, slot, f"ran past {self.task_timeout:g} s")
+
+    def retry(self, task, slot: int, reason: str) -> None:
+        """A failed attempt: the task waits first in line, or, after ATTEMPTS, fails its job."""
+        outcome = self.outcomes[task]
         outcome.errors.append(reason)
-        name = job_of(task).source.name + (f" [{task.span.start}:{task.span.stop}]" if task is not job_of(task) else "")
+        job = job_of(task)
+        name = job.source.name + (f" [{task.span.start}:{task.span.stop}]" if task is not job else "")
         if len(outcome.errors) < ATTEMPTS:
             print(f"ray: {name} failed on actor {slot} ({reason}); trying again", file=sys.stderr, flush=True)
-            queue.insert(0, task)
+            self.queue.insert(0, task)
             return
         outcome.status = "failed"
-        fail(job_of(task), RuntimeError(f"{'' if task is job_of(task) else name + ' '}failed {len(outcome.errors)} "
-                                        f"times: " + "; ".join(outcome.errors)))
+        self.fail(job, RuntimeError(f"{'' if task is job else name + ' '}failed {len(outcome.errors)} times: "
+                                    + "; ".join(outcome.errors)))
 
-    def fail(job, error: Exception) -> None:
-        if job in ended:
+    def fail(self, job, error: Exception) -> None:
+        if job in self.ended:
             return
-        ended.add(job)
-        queue[:] = [task for task in queue if job_of(task) is not job]  # its other segments are no use now
-        if report is not None:
-            report.fail(job, error)
+        self.ended.add(job)
+        self.queue = [task for task in self.queue if job_of(task) is not job]  # its other segments are no use now
+        if self.report is not None:
+            self.report.fail(job, error)
 
-    def finished(task, summary) -> None:
-        outcome = outcomes[task]
-        outcome.summary = summary
-        outcome.status = "done"
+    def finish(self, task, summary) -> None:
+        """A task done: a file's job is told to the report; a clip's, once all its segments are done, joined."""
+        outcome = self.outcomes[task]
+        outcome.summary, outcome.status = summary, "done"
         job = job_of(task)
-        if job in ended:
+        if job in self.ended:
             return
-        if task is job:
-            if summary.startswith("skipped: "):
-                outcome.status = "skipped"
-                if report is not None:
-                    report.skip(job, summary.removeprefix("skipped: "))
-            elif report is not None:
-                report.done(job, summary)
-            ended.add(job)
-        elif all(outcomes[part].status == "done" for part in segments[job]):
-            join(job)
+        if task is not job:
+            if all(self.outcomes[part].status == "done" for part in self.segments[job]):
+                self.join(job)
+            return
+        self.ended.add(job)
+        if summary.startswith("skipped: "):
+            outcome.status = "skipped"
+            if self.report is not None:
+                self.report.skip(job, summary.removeprefix("skipped: "))
+        elif self.report is not None:
+            self.report.done(job, summary)
 
-    def join(job) -> None:
-        from .video import VideoSummary, join_segments
-
-        parts = segments[job]
+    def join(self, job) -> None:
+        parts = self.segments[job]
         try:
-            notes = join_segments([part.path for part in parts], job.source, job.target, overwrite)
+            notes = join_segments([part.path for part in parts], job.source, job.target, self.overwrite)
         except (ValueError, OSError) as e:
-            return fail(job, e)
+            return self.fail(job, e)
         except Exception as e:  # PyAV's errors: a segment that cannot be read back
-            return fail(job, RuntimeError(f"{job.target}: the segments could not be joined ({e})"))
+            return self.fail(job, RuntimeError(f"{job.target}: the segments could not be joined ({e})"))
         total = VideoSummary(job.source, job.target, notes=notes)
         for part in parts:
-            total.add(outcomes[part].summary)
-        total.seconds = time.monotonic() - began[job]
+            total.add(self.outcomes[part].summary)
+        total.seconds = time.monotonic() - self.began[job]
         shutil.rmtree(segment_folder(job.target), ignore_errors=True)
-        ended.add(job)
-        if report is not None:
-            report.done(job, f"{total} (in {len(parts)} segments)")
+        self.ended.add(job)
+        if self.report is not None:
+            self.report.done(job, f"{total} (in {len(parts)} segments)")
 
-    try:
-        while queue or running:
-            while queue and idle:
-                task = queue.pop(0)
-                start(pick(task), task)
-            ready, _ = ray.wait(list(running), num_returns=1, timeout=1.0)
-            for ref in ready:
-                task, slot, _ = running.pop(ref)
-                idle.append(slot)
-                try:
-                    summary = ray.get(ref)
-                except ray.exceptions.RayActorError as e:
-                    failed(task, slot, f"worker lost: {_reason(e)}")
-                    continue
-                except ray.exceptions.RayTaskError as e:
-                    failed(task, slot, _reason(e))
-                    continue
-                finished(task, summary)
-            if task_timeout is not None:
-                now = time.monotonic()
-                for ref, (task, slot, started) in list(running.items()):
-                    if now - started > task_timeout:
-                        running.pop(ref)
-                        ray.kill(actors[slot], no_restart=True)
-                        actors[slot] = actor_class.remote(args, threads)  # a fresh one takes its place
-                        idle.append(slot)
-                        failed(task, slot, f"ran past {task_timeout:g} s")
-    finally:
-        for actor in actors:
-            ray.kill(actor, no_restart=True)
-    return outcomes
+    def stop(self) -> None:
+        for actor in self.actors:
+            self.ray.kill(actor, no_restart=True)
 
 
 def _reason(error: Exception) -> str:

@@ -8,7 +8,20 @@ import os
 import sys
 import tempfile
 from dataclasses import dataclass
+from glob import glob
 from pathlib import Path
+
+import torch
+
+from ..devices import resolve_device
+from ..faces.detect import check_detect_size
+from ..faces.paste import face_mask
+from ..faces.pipeline import detect_faces, parse_indices, restore_faces, smooth_landmarks
+from ..faces.restore import check_strength, restore_aligned
+from ..files.catalogue import resolve
+from ..files.images import IMAGE_SUFFIXES, check_image_size, read_image, write_image
+from ..loader import load_detector, load_model
+from .video import VIDEO_SUFFIXES, VideoInfo, check_video_options, probe_video, restore_video
 
 
 @dataclass(frozen=True)
@@ -19,17 +32,11 @@ class Job:
 
 
 def is_video(path: Path) -> bool:
-    from .video import VIDEO_SUFFIXES
-
     return path.suffix.lower() in VIDEO_SUFFIXES
 
 
 def expand_inputs(items: list[str]) -> list[Path]:
-    from glob import glob
-
-    from ..files.images import IMAGE_SUFFIXES
-    from .video import VIDEO_SUFFIXES
-
+    """The image and video files the inputs name: files, folders (not descended) and globs."""
     suffixes = IMAGE_SUFFIXES + VIDEO_SUFFIXES
     files = []
     for item in items:
@@ -51,9 +58,6 @@ def plan_jobs(files: list[Path], output: Path) -> list[Job]:
     """Where each result goes: `output` itself for one input and a file name of its kind (image or
     video), else under `output` at the input's path relative to the inputs' common folder. Refused,
     before any work, when a result would land on an input or two results on one file."""
-    from ..files.images import IMAGE_SUFFIXES
-    from .video import VIDEO_SUFFIXES
-
     unique: dict[tuple[int, int], Path] = {}
     for file in files:
         unique.setdefault(file_id(file), file)  # a file named twice (a folder and a glob) runs once
@@ -94,11 +98,6 @@ def check_writable(folder: Path) -> None:
 
 def check_options(args) -> None:
     """Refuse bad option values once, with the library's messages, instead of failing every file."""
-    from ..faces.detect import check_detect_size
-    from ..faces.paste import face_mask
-    from ..faces.pipeline import parse_indices
-    from ..faces.restore import check_strength
-
     check_strength(args.strength)
     check_detect_size(args.detect_size)
     face_mask(8, args.mask_shape, args.erode, args.feather)
@@ -109,8 +108,6 @@ def check_options(args) -> None:
 
 def check_sequence(jobs: list[Job], detect: bool, max_megapixels: float) -> None:
     """--temporal-smoothing needs detected faces in frames of one size; checked from the headers."""
-    from ..files.images import check_image_size
-
     if not detect:
         raise ValueError("--temporal-smoothing steadies detected faces; aligned crops have none to steady")
     sizes = {job.source: check_image_size(job.source, max_megapixels).upright_size for job in jobs}
@@ -154,8 +151,6 @@ def admit(jobs: list[Job], args, report: Report, detect: bool = True) -> tuple[l
     """The jobs to run: their result may be written and their image is not too large, or their
     video readable, holding a video stream, of constant frame rate; and what was read of each video.
     Decided from names, headers and packets, before any model is loaded."""
-    from ..files.images import check_image_size
-
     todo, videos = [], {}
     for job in jobs:
         if job.target.exists() and not args.overwrite:
@@ -167,8 +162,6 @@ def admit(jobs: list[Job], args, report: Report, detect: bool = True) -> tuple[l
             elif not detect:
                 raise ValueError(f"{job.source}: --aligned is for aligned face crops in image files, not video")
             else:
-                from .video import probe_video
-
                 videos[job] = probe_video(job.source, args.max_megapixels)
         except (ValueError, OSError) as e:
             report.fail(job, e)
@@ -177,12 +170,57 @@ def admit(jobs: list[Job], args, report: Report, detect: bool = True) -> tuple[l
     return todo, videos
 
 
+@dataclass
+class Plan:
+    """What a restore run will do, decided from the options, names and headers before any model is loaded."""
+
+    jobs: list[Job]  # admitted: to be restored
+    videos: dict[Job, VideoInfo]  # what was read of each clip
+    report: Report
+    detect: bool  # False for aligned crops
+    device: torch.device | None  # None on Ray: each worker resolves its own
+
+
+def plan_run(args, on_ray: bool = False) -> Plan:
+    """Plan `python -m gpen restore`'s jobs and admit them, refusing bad options and outputs first."""
+    device = None if on_ray else resolve_device(args.device)
+    jobs = plan_jobs(expand_inputs(args.inputs + args.legacy_inputs), Path(args.output))
+    detect = args.face_align and not args.aligned
+    if any(is_video(job.source) for job in jobs):
+        check_video_options(args.codec, args.crf, args.chunk)
+    frames = [job for job in jobs if not is_video(job.source)]  # with --temporal-smoothing, one sequence
+    if args.temporal_smoothing > 0 and len(frames) > 1:
+        check_sequence(frames, detect, args.max_megapixels)
+        if on_ray:
+            raise ValueError("--temporal-smoothing over image inputs makes them one sequence, which --ray does not "
+                             "split; run it without --ray (video files are smoothed within each file with --ray)")
+    check_writable(Path(os.path.commonpath([job.target.parent for job in jobs])))
+    report = Report(len(jobs))
+    todo, videos = admit(jobs, args, report, detect)
+    return Plan(todo, videos, report, detect, device)
+
+
+def restore_here(plan: Plan, args) -> None:
+    """Restore the plan's jobs in this process, one after the other, telling its report of each."""
+    model, detector = load_models(args, plan.device, plan.detect)
+    sequence = [job for job in plan.jobs if not is_video(job.source)]
+    smoothed = args.temporal_smoothing > 0 and len(sequence) > 1
+    faces = detect_sequence(sequence, detector, args) if smoothed else {}
+    for job in plan.jobs:
+        try:
+            if is_video(job.source):
+                clip = restore_clip(job, model, detector, args, plan.videos[job], plan.report.prefix(job))
+                plan.report.done(job, str(clip))
+            else:
+                progress = _face_progress(plan.report.prefix(job))
+                plan.report.done(job, restore_file(job, model, detector, args, faces.get(job), progress))
+        except (ValueError, OSError) as e:
+            plan.report.fail(job, e)
+
+
 def load_models(args, device, detect: bool):
     """The GPEN model and, unless the inputs are aligned crops, the face detector."""
-    from ..files.catalogue import resolve
-    from ..load import load_detector, load_model
-
-    path = resolve(args.model or f"GPEN-BFR-{args.size or 512}", "gpen", args.models_dir)
+    path = resolve(args.model or f"GPEN-BFR-{args.size or 512}", "restorer", args.models_dir)
     model = load_model(path, device=device, dtype=args.dtype)
     if args.size and model.size != args.size:
         raise ValueError(f"--size {args.size}, but {path.name} is a GPEN-{model.size} model")
@@ -199,11 +237,6 @@ def selection(args) -> dict:
 def detect_sequence(jobs: list[Job], detector, args) -> dict:
     """Every frame's faces, with landmarks steadied over the whole sequence. Frames are read one at
     a time and only their landmarks kept, so a long sequence needs no more memory than one frame."""
-    import torch
-
-    from ..faces.pipeline import detect_faces, smooth_landmarks
-    from ..files.images import read_image
-
     print(f"finding the faces in {len(jobs)} frames to steady them over {args.temporal_smoothing:g} frames", flush=True)
     found = []
     for job in jobs:
@@ -214,12 +247,6 @@ def detect_sequence(jobs: list[Job], detector, args) -> dict:
 
 def restore_file(job: Job, model, detector, args, faces=None, progress=None) -> str:
     """Read, restore and write one file; returns what was done."""
-    import torch
-
-    from ..faces.pipeline import restore_faces
-    from ..faces.restore import restore_aligned
-    from ..files.images import read_image, write_image
-
     pixels, fmt = read_image(job.source, args.max_megapixels)
     image = torch.from_numpy(pixels)[None]
     if detector is None:
@@ -238,8 +265,6 @@ def restore_clip(job: Job, model, detector, args, info, label: str, span: range 
                  target: Path | None = None):
     """Restore one video file, streaming, into job.target (or frames `span` alone, into the segment
     file `target`); returns its VideoSummary."""
-    from .video import restore_video
-
     return restore_video(job.source, target or job.target, model, detector, codec=args.codec, crf=args.crf,
                          chunk=args.chunk, temporal_sigma=args.temporal_smoothing, progress=label,
                          overwrite=args.overwrite or span is not None, max_megapixels=args.max_megapixels,
@@ -261,8 +286,9 @@ def keep_freed_memory() -> None:
 
     By default glibc maps and unmaps every block over 32 MiB, and refaulting those pages is slow on
     virtual machines. GPEN's own forward no longer needs this (it keeps its large maps in a
-    workspace, gpen/workspace.py); the pipeline around it (detection, crops, paste-back) still makes
-    such blocks. The library never does this by itself: it is a process-wide choice, made here for the CLI.
+    workspace, gpen/archs/gpen/workspace.py); the pipeline around it (detection, crops, paste-back)
+    still makes such blocks. The library never does this by itself: it is a process-wide choice, made
+    by the programs, the CLI and its Ray workers.
     """
     if not sys.platform.startswith("linux"):
         return

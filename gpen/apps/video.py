@@ -28,7 +28,8 @@ import torch
 
 from ..faces.pipeline import Selection
 from ..faces.stream import restore_frames, smoothing_reach
-from ..files.images import MAX_MEGAPIXELS, atomic_file
+from ..files.atomic import atomic_file
+from ..files.images import MAX_MEGAPIXELS
 
 VIDEO_SUFFIXES = (".mp4", ".mov", ".mkv", ".webm", ".avi")
 CONTAINERS = {".mp4": "mp4", ".mov": "mov", ".mkv": "matroska", ".webm": "webm", ".avi": "avi"}  # FFmpeg's names
@@ -557,7 +558,7 @@ def restore_video(src: str | os.PathLike, dst: str | os.PathLike, model, detecto
 
 @contextlib.contextmanager
 def atomic_output(dst: Path, overwrite: bool = True) -> Iterator[tuple[str, str | None]]:
-    """(a temporary file beside `dst`, the FFmpeg container `dst`'s suffix names): io.atomic_file."""
+    """(a temporary file beside `dst`, the FFmpeg container `dst`'s suffix names): see atomic_file."""
     dst.parent.mkdir(parents=True, exist_ok=True)
     container = CONTAINERS.get(dst.suffix.lower())  # named, so the temporary file need not end in .mp4
     with atomic_file(dst, overwrite, ".part" if container else dst.suffix) as temp:

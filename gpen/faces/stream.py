@@ -42,67 +42,92 @@ def restore_frames(frames: Iterable, model, detector, *, chunk: int = 16, tempor
         raise ValueError(f"chunk must be at least 1 frame, got {chunk}")
     if detector is None:
         raise ValueError("restore_frames needs a face detector")
-    reach = smoothing_reach(temporal_sigma)
-    begin, end = (span.start, span.stop) if span is not None else (0, math.inf)
     selection = selection if selection is not None else Selection()
-    context = Selection()  # what detection found around the span, not counted
     options = dict(threshold=threshold, min_size=min_size, max_faces=max_faces, order=order, indices=indices)
-    pending: deque = deque()  # frames not restored yet; pending[0] is frame `first`
-    found: list[Faces] = []  # selected, unsmoothed faces of frames kept_from .. detected - 1
-    first = kept_from = detected = 0
+    engine = FrameStream(model, detector, chunk, temporal_sigma, span, selection, options, restore_options, cancel)
+    stream = _each_frame(frames) if span is None else itertools.islice(_each_frame(frames), span.stop + engine.reach)
+    for frame in stream:
+        if (result := engine.push(frame)) is not None:
+            yield result
+    yield from engine.finish()
 
-    def detect_pending() -> None:
-        nonlocal detected
-        waiting = list(pending)[detected - first:]
+
+class FrameStream:
+    """restore_frames' state between frames: the frames not restored yet, the faces detected in them
+    and before them (as far back as smoothing looks), and where each of those starts in the stream.
+
+    Frames come in with push(); a chunk is restored as soon as the frames `reach` beyond it are
+    detected, so that smoothing sees what it would see over the whole stream; finish() restores the rest.
+    """
+
+    def __init__(self, model, detector, chunk: int, temporal_sigma: float, span: range | None, selection: Selection,
+                 select_options: dict, restore_options: dict, cancel: Callable[[], bool | None] | None = None):
+        self.model, self.detector, self.cancel = model, detector, cancel
+        self.chunk, self.sigma, self.reach = chunk, temporal_sigma, smoothing_reach(temporal_sigma)
+        self.begin, self.end = (span.start, span.stop) if span is not None else (0, math.inf)
+        self.select_options, self.restore_options = select_options, restore_options
+        self.selection = selection  # what detection found and left out in the span
+        self.context = Selection()  # what detection found around the span, not counted
+        self.pending: deque = deque()  # frames not restored yet; pending[0] is frame `first`
+        self.found: list[Faces] = []  # selected, unsmoothed faces of frames kept_from .. detected - 1
+        self.first = self.kept_from = self.detected = 0
+
+    def push(self, frame) -> Restoration | None:
+        """Take the stream's next frame; returns the chunk that this lets be restored, if any."""
+        at = self.first + len(self.pending)
+        if at < self.begin - self.reach:  # too far ahead of the span to change its smoothing
+            self.first = self.kept_from = self.detected = at + 1
+            return None
+        self.pending.append(frame)
+        if len(self.pending) >= self.chunk + self.reach or at + 1 - self.detected >= DETECT_CHUNK:
+            self.detect_pending()
+        if self.detected - self.reach - self.first >= self.next_count():
+            return self.restore_next(self.next_count())
+        return None
+
+    def finish(self) -> Iterator[Restoration]:
+        """The chunks left once the stream has ended."""
+        self.detect_pending()
+        while self.pending:
+            result = self.restore_next(min(self.next_count(), len(self.pending)))
+            if result is not None:
+                yield result
+
+    def next_count(self) -> int:
+        """Frames in the next chunk: chunks start where the span does."""
+        return min(self.chunk, self.begin - self.first) if self.first < self.begin else self.chunk
+
+    def detect_pending(self) -> None:
+        """Detect the faces of the pending frames not detected yet, DETECT_CHUNK frames a batch."""
+        waiting = list(self.pending)[self.detected - self.first:]
         start = 0
         while start < len(waiting):  # batches end where the span does, so its counts are its own
-            at = detected + start
-            stop = int(min(len(waiting), start + DETECT_CHUNK, *(b - detected for b in (begin, end) if b > at)))
-            batch = _as_float(waiting[start:stop])
-            gathers = selection if begin <= at < end else context
-            found.extend(detect_faces(batch, detector, selection=gathers, cancel=cancel, **options))
+            at = self.detected + start
+            bounds = (b - self.detected for b in (self.begin, self.end) if b > at)
+            stop = int(min(len(waiting), start + DETECT_CHUNK, *bounds))
+            gathers = self.selection if self.begin <= at < self.end else self.context
+            self.found.extend(detect_faces(_as_float(waiting[start:stop]), self.detector, selection=gathers,
+                                           cancel=self.cancel, **self.select_options))
             start = stop
-        detected = first + len(pending)
+        self.detected = self.first + len(self.pending)
 
-    def restore_next(count: int) -> Restoration | None:
-        nonlocal first, kept_from
-        lo, hi = max(kept_from, first - reach), min(detected, first + count + reach)
-        window = smooth_landmarks(found[lo - kept_from:hi - kept_from], temporal_sigma)
-        faces = window[first - lo:first - lo + count]
-        images = [pending.popleft() for _ in range(count)]
-        wanted = slice(max(0, begin - first), int(max(0, min(count, end - first))))
+    def restore_next(self, count: int) -> Restoration | None:
+        """Restore the next `count` frames (those of them in the span: None when there are none) with
+        their landmarks smoothed among the faces around them, then forget what no later chunk needs."""
+        lo, hi = max(self.kept_from, self.first - self.reach), min(self.detected, self.first + count + self.reach)
+        window = smooth_landmarks(self.found[lo - self.kept_from:hi - self.kept_from], self.sigma)
+        faces = window[self.first - lo:self.first - lo + count]
+        images = [self.pending.popleft() for _ in range(count)]
+        wanted = slice(max(0, self.begin - self.first), int(max(0, min(count, self.end - self.first))))
         result = None
         if wanted.start < wanted.stop:
-            result = restore_faces(_as_float(images[wanted]), model, detector, faces=faces[wanted], cancel=cancel,
-                                   **restore_options)
-        first += count
-        drop = max(0, first - reach - kept_from)
-        del found[:drop]
-        kept_from += drop
+            result = restore_faces(_as_float(images[wanted]), self.model, self.detector, faces=faces[wanted],
+                                   cancel=self.cancel, **self.restore_options)
+        self.first += count
+        drop = max(0, self.first - self.reach - self.kept_from)
+        del self.found[:drop]
+        self.kept_from += drop
         return result
-
-    def next_count() -> int:  # chunks start where the span does
-        return min(chunk, begin - first) if first < begin else chunk
-
-    def restored(count: int) -> Iterator[Restoration]:
-        result = restore_next(count)
-        if result is not None:
-            yield result
-
-    stream = _each_frame(frames) if span is None else itertools.islice(_each_frame(frames), span.stop + reach)
-    for frame in stream:
-        at = first + len(pending)
-        if at < begin - reach:  # too far ahead of the span to change its smoothing
-            first = kept_from = detected = at + 1
-            continue
-        pending.append(frame)
-        if len(pending) >= chunk + reach or first + len(pending) - detected >= DETECT_CHUNK:
-            detect_pending()
-        if detected - reach - first >= next_count():
-            yield from restored(next_count())
-    detect_pending()
-    while pending:
-        yield from restored(min(next_count(), len(pending)))
 
 
 def _each_frame(frames: Iterable) -> Iterator:

@@ -1,31 +1,36 @@
 """The checkpoints the pack knows by name (models/catalogue.json), and where weights live.
 
 Weights go in ComfyUI's models folders when the pack sits in a ComfyUI tree (custom_nodes/<pack>) or
-COMFYUI_PATH names one, else in the pack's own models/ folder, with ComfyUI's subfolder names.
+COMFYUI_PATH names one, else in a checkout's own models/ folder, else (the package installed with pip)
+in a folder of the user's (user_models()); always with ComfyUI's subfolder names.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
-from .download import DownloadError, download, validate_weights
+from .download import DownloadError, download, say, validate_weights
 from .weights import CheckpointError
 
-PACK = Path(__file__).resolve().parents[2]
-CATALOGUE_FILE = PACK / "models" / "catalogue.json"
-# ComfyUI model folders by kind: GPEN files live with the other face restorers (ReActor, facerestore_cf),
+PACKAGE = Path(__file__).resolve().parents[1]  # gpen/
+PACK = PACKAGE.parent  # a checkout (or ComfyUI's custom_nodes/<pack>); site-packages when installed
+# A checkout keeps the catalogue in models/; a wheel ships it as gpen/models/catalogue.json (setup.py).
+INSTALLED = not (PACK / "models" / "catalogue.json").is_file()
+CATALOGUE_FILE = (PACKAGE if INSTALLED else PACK) / "models" / "catalogue.json"
+# ComfyUI model folders by role: GPEN files live with the other face restorers (ReActor, facerestore_cf),
 # face parsers with the detectors, where facexlib's users (ReActor, facerestore_cf) already keep them.
-MODEL_FOLDERS = {"gpen": ("facerestore_models", "gpen"), "detector": ("facedetection",),
+MODEL_FOLDERS = {"restorer": ("facerestore_models", "gpen"), "detector": ("facedetection",),
                  "parser": ("facedetection", "face_parsing")}
 
 
 @dataclass(frozen=True)
 class Entry:
     name: str
-    kind: str  # "gpen", "detector" or "parser"
+    role: str  # "restorer", "detector" or "parser"
     file: str
     folder: str
     url: str
@@ -50,10 +55,10 @@ def catalogue() -> dict[str, Entry]:
 
 
 def check_entry(entry: Entry) -> None:
-    """A download must land inside the entry's folder: one of its kind's folders, under a plain file name."""
-    if entry.folder not in MODEL_FOLDERS.get(entry.kind, ()):
-        raise ValueError(f"{CATALOGUE_FILE}: {entry.name}: folder {entry.folder!r} is not a {entry.kind} folder "
-                         f"({', '.join(MODEL_FOLDERS.get(entry.kind, ()))})")
+    """A download must land inside the entry's folder: one of its role's folders, under a plain file name."""
+    if entry.folder not in MODEL_FOLDERS.get(entry.role, ()):
+        raise ValueError(f"{CATALOGUE_FILE}: {entry.name}: folder {entry.folder!r} is not a {entry.role} folder "
+                         f"({', '.join(MODEL_FOLDERS.get(entry.role, ()))})")
     if not is_plain_file_name(entry.file):
         raise ValueError(f"{CATALOGUE_FILE}: {entry.name}: file {entry.file!r} must be a plain file name")
 
@@ -65,14 +70,25 @@ def is_plain_file_name(name: str) -> bool:
 
 
 def models_root(models_dir: str | os.PathLike | None = None) -> Path:
-    """--models-dir, else COMFYUI_PATH/models, else the ComfyUI tree around the pack, else models/."""
+    """--models-dir, else COMFYUI_PATH/models, else the ComfyUI tree around the pack, else a checkout's
+    models/, else (installed) user_models()."""
     if models_dir:
         return Path(models_dir)
     if os.environ.get("COMFYUI_PATH"):
         return Path(os.environ["COMFYUI_PATH"]) / "models"
     if PACK.parent.name == "custom_nodes" and (PACK.parent.parent / "models").is_dir():
         return PACK.parent.parent / "models"
-    return PACK / "models"
+    return user_models() if INSTALLED else PACK / "models"
+
+
+def user_models() -> Path:
+    """Where an installed package keeps weights: $XDG_DATA_HOME/comfyui-gpen/models (by default
+    ~/.local/share/comfyui-gpen/models), or %LOCALAPPDATA%\\comfyui-gpen\\models on Windows."""
+    if sys.platform == "win32" and os.environ.get("LOCALAPPDATA"):
+        base = Path(os.environ["LOCALAPPDATA"])
+    else:
+        base = Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share")
+    return base / "comfyui-gpen" / "models"
 
 
 def lookup(name: str) -> Entry | None:
@@ -84,7 +100,7 @@ def lookup(name: str) -> Entry | None:
     return None
 
 
-def resolve(name_or_path: str, kind: str, models_dir: str | os.PathLike | None = None, fetch: bool = True) -> Path:
+def resolve(name_or_path: str, role: str, models_dir: str | os.PathLike | None = None, fetch: bool = True) -> Path:
     """A weight file from a path, or from a catalogue name: downloaded on first use when missing, and
     again when the file there fails a quick check (a torch zip's central directory, a safetensors header;
     legacy torch files are loaded), as a download cut short by an older version of the pack would."""
@@ -94,11 +110,11 @@ def resolve(name_or_path: str, kind: str, models_dir: str | os.PathLike | None =
     entry = lookup(name_or_path)
     root = models_root(models_dir)
     if entry is None:
-        if found := in_folders(root, kind, name_or_path):
+        if found := in_folders(root, role, name_or_path):
             return found
-        known = ", ".join(e.name for e in catalogue().values() if e.kind == kind)
+        known = ", ".join(e.name for e in catalogue().values() if e.role == role)
         raise FileNotFoundError(f"{name_or_path}: no such file, and not a model this pack knows ({known})")
-    found = in_folders(root, kind, entry.file)
+    found = in_folders(root, role, entry.file)
     if found is not None:
         try:
             validate_weights(found, quick=True)
@@ -110,12 +126,14 @@ def resolve(name_or_path: str, kind: str, models_dir: str | os.PathLike | None =
     if not fetch:
         raise FileNotFoundError(f"{entry.file} is not in {dest.parent}; download it from {entry.url}")
     try:
-        return download(entry.url, dest, sha256=entry.sha256, size=entry.size, max_bytes=entry.max_bytes)
+        path = download(entry.url, dest, sha256=entry.sha256, size=entry.size, max_bytes=entry.max_bytes)
     except DownloadError as e:
         missing = f"{dest} is not usable" if found else f"{entry.file} is not in {dest.parent}"
         raise FileNotFoundError(f"{missing} and could not be downloaded ({e.reason}). "
                                 f"Download it from {entry.url} and put it in that folder.") from None
+    say(f"{entry.name}: downloaded to {path}")  # where models go, for the next time or another program
+    return path
 
 
-def in_folders(root: Path, kind: str, file: str) -> Path | None:
-    return next((root / folder / file for folder in MODEL_FOLDERS[kind] if (root / folder / file).is_file()), None)
+def in_folders(root: Path, role: str, file: str) -> Path | None:
+    return next((root / folder / file for folder in MODEL_FOLDERS[role] if (root / folder / file).is_file()), None)

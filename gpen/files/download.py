@@ -24,7 +24,8 @@ from pathlib import Path
 
 import filelock
 
-from .weights import CheckpointError, read_state_dict
+from .atomic import write_file_atomically
+from .weights import CheckpointError, first_line, read_state_dict
 
 CHUNK = 1 << 20
 CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
@@ -180,8 +181,7 @@ def check_onnx(path: Path) -> None:
     try:
         onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     except Exception as e:  # onnxruntime's errors share no base class besides Exception
-        problem = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(path, f"is not a valid ONNX model ({problem})") from None
+        raise CheckpointError(path, f"is not a valid ONNX model ({first_line(e)})") from None
 
 
 class Part:
@@ -210,9 +210,7 @@ class Part:
         """Empty the .part and record where its bytes will come from, before any of them is written."""
         self.meta.unlink(missing_ok=True)
         self.path.write_bytes(b"")
-        temporary = self.meta.with_name(self.meta.name + ".tmp")
-        temporary.write_text(json.dumps({"url": url, "etag": etag, "total": total}))
-        temporary.replace(self.meta)
+        write_file_atomically(self.meta, json.dumps({"url": url, "etag": etag, "total": total}).encode())
 
     def discard(self) -> None:
         self.meta.unlink(missing_ok=True)

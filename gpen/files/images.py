@@ -6,17 +6,17 @@ is decoded; writing goes through a temporary file, so that a failed write leaves
 
 from __future__ import annotations
 
-import contextlib
 import io
 import os
 import struct
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Iterator
+from typing import BinaryIO
 
 import cv2
 import numpy as np
+
+from .atomic import write_file_atomically
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 MAX_MEGAPIXELS = 200.0  # a 200 MP photo is 2.4 GB as float RGB, before any processing
@@ -44,7 +44,8 @@ class ImageHeader:
         return (self.height, self.width) if self.orientation >= 5 else (self.width, self.height)
 
 
-def read_image(path: str | os.PathLike, max_megapixels: float | None = MAX_MEGAPIXELS) -> tuple[np.ndarray, ImageFormat]:
+def read_image(path: str | os.PathLike,
+               max_megapixels: float | None = MAX_MEGAPIXELS) -> tuple[np.ndarray, ImageFormat]:
     """(H,W,C) float32 RGB(A) or gray in 0..1, upright per EXIF, and the file's channels and depth.
 
     Images over `max_megapixels` (None or 0: no limit) are refused from their header, undecoded.
@@ -123,43 +124,6 @@ def write_image(path: str | os.PathLike, image: np.ndarray, fmt: ImageFormat | N
         raise ValueError(f"{path}: OpenCV cannot write this file type")
     path.parent.mkdir(parents=True, exist_ok=True)
     write_file_atomically(path, encoded.tobytes(), overwrite)
-
-
-def write_file_atomically(path: Path, data: bytes, overwrite: bool = True) -> None:
-    """Write to a temporary file in the same folder, then rename it to `path` in one step."""
-    with atomic_file(path, overwrite) as temp, open(temp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-@contextlib.contextmanager
-def atomic_file(path: Path, overwrite: bool = True, suffix: str = ".part") -> Iterator[str]:
-    """A temporary file in `path`'s folder, to write and close within the block: it becomes `path`
-    when the block ends, and is removed when the block fails, Ctrl-C included. With overwrite=False
-    an existing `path` is kept and FileExistsError raised."""
-    fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
-    os.close(fd)
-    try:
-        yield temp
-        os.chmod(temp, 0o666 & ~_UMASK)  # mkstemp makes 0600; a result is an ordinary file
-        if not overwrite and path.exists():
-            raise FileExistsError(f"{path}: exists, not replaced")
-        os.replace(temp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(temp)
-        raise
-
-
-def _process_umask() -> int:
-    # Read once at import: setting the umask to read it would race with other threads creating files.
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-_UMASK = _process_umask()
 
 
 def _header_reader(start: bytes):

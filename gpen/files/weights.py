@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import os
 import pickle
-import secrets
 import zipfile
 from pathlib import Path
 
 import torch
+
+from .atomic import atomic_file
 
 # Keys by which other face networks users keep beside GPEN give themselves away.
 OTHER_NETWORKS = {
@@ -214,17 +215,8 @@ def write_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike,
     any new file: 0666 less the umask, where safetensors alone leaves 0600."""
     from safetensors.torch import save_file
 
-    path = Path(path)
-    temporary = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    os.close(os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
-    try:
-        mode = temporary.stat().st_mode & 0o777  # what the umask makes of 0666, without changing it
+    with atomic_file(path, suffix=".tmp") as temporary:
         save_file(tensors, temporary, metadata=metadata)
-        os.chmod(temporary, mode)
-        os.replace(temporary, path)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
 
 
 def first_line(e: BaseException) -> str:
