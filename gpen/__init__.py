@@ -14,12 +14,15 @@ from .apps.video import VideoSummary, restore_video
 from .archs.gpen.network import GPEN
 from .faces.align import crop_faces
 from .faces.detect import Faces
+from .faces.options import MaskOptions, PasteOptions, SelectOptions
 from .faces.paste import paste_faces
-from .faces.pipeline import Cancelled, FaceInfo, Restoration, locate_faces, restore_faces, select_faces
+from .faces.pipeline import (Cancelled, FaceInfo, Restoration, locate_faces, paste_restored, restore_faces,
+                             select_faces)
 from .faces.stream import restore_frames
 from .files.weights import CheckpointError, ModelInfo
 from .load import load_detector, load_model, load_parser
 
-__all__ = ["GPEN", "Cancelled", "CheckpointError", "FaceInfo", "Faces", "ModelInfo", "Restoration", "VideoSummary",
-           "crop_faces", "load_detector", "load_model", "load_parser", "locate_faces", "paste_faces", "restore_faces", "restore_frames",
-           "restore_video", "select_faces"]
+__all__ = ["GPEN", "Cancelled", "CheckpointError", "FaceInfo", "Faces", "MaskOptions", "ModelInfo", "PasteOptions",
+           "Restoration", "SelectOptions", "VideoSummary", "crop_faces", "load_detector", "load_model", "load_parser",
+           "locate_faces", "paste_faces", "paste_restored", "restore_faces", "restore_frames", "restore_video",
+           "select_faces"]

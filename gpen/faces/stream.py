@@ -5,11 +5,13 @@ from __future__ import annotations
 import itertools
 import math
 from collections import deque
+from dataclasses import replace
 from typing import Callable, Iterable, Iterator
 
 import torch
 
 from .detect import Faces
+from .options import MaskOptions, PasteOptions, SelectOptions
 from .pipeline import DETECT_CHUNK, Restoration, Selection, detect_faces, restore_faces, smooth_landmarks
 
 SMOOTHING_REACH = 4  # Gaussian sigmas: weights beyond are under exp(-8) of the centre's
@@ -20,33 +22,37 @@ def smoothing_reach(sigma: float) -> int:
     return math.ceil(SMOOTHING_REACH * sigma) + 1 if sigma > 0 else 0
 
 
-def restore_frames(frames: Iterable, model, detector, *, chunk: int = 16, temporal_sigma: float = 0.0,
-                   threshold: float = 0.5, min_size: float = 0, max_faces: int = 0, order: str = "largest",
-                   indices: str | None = None, selection: Selection | None = None, span: range | None = None,
-                   cancel: Callable[[], bool | None] | None = None, **restore_options) -> Iterator[Restoration]:
+def restore_frames(frames: Iterable, model, detector, *, chunk: int = 16, select: SelectOptions = SelectOptions(),
+                   paste: PasteOptions = PasteOptions(), masks: MaskOptions = MaskOptions(), face_batch: int = 4,
+                   selection: Selection | None = None, span: range | None = None,
+                   cancel: Callable[[], bool | None] | None = None) -> Iterator[Restoration]:
     """Restore a stream of frames: yields one `Restoration` per chunk of up to `chunk` consecutive
     frames, in order (its `images` float 0..1, its `faces` the landmarks used, its `face_count`).
 
     `frames` yields (H,W,3) frames or (n,H,W,3) batches, uint8 or float 0..1, numpy or torch, all of
-    one size. With `temporal_sigma` each face's landmarks are steadied along its track as
+    one size. With `select.temporal_sigma` each face's landmarks are steadied along its track as
     `smooth_landmarks` does over the whole sequence: frames are detected up to
     `smoothing_reach(sigma)` frames ahead of the chunk being restored, and only landmarks, not
     frames, are kept from behind it, so at most `chunk + smoothing_reach(sigma)` frames are held.
     `span` restores and yields only the frames at those positions of the stream (one segment of a
     long clip, restored as restoring it whole would): the frames within that reach of it are
     detected for the smoothing alone, earlier ones skipped, and the stream is read no further.
-    Selection options are detect_faces', the others restore_faces' (`mask_temporal_sigma` steadies
-    masks within each chunk); `selection` gathers what detection found and left out (in the span).
+    The options are restore_faces' (`masks.temporal_sigma` steadies masks within each chunk; a stream
+    has no `select.changed_from`); `selection` gathers what detection found and left out (in the span).
     """
+    if select.changed_from is not None:
+        raise ValueError("changed_from compares a batch of images with the images before a face swap; "
+                         "restore_frames takes no changed_from: restore such frames with restore_faces")
     if chunk < 1:
         raise ValueError(f"chunk must be at least 1 frame, got {chunk}")
     if detector is None:
         raise ValueError("restore_frames needs a face detector")
+    temporal_sigma = select.temporal_sigma
+    options = replace(select, temporal_sigma=0.0)  # detection selects; the stream steadies across chunks
     reach = smoothing_reach(temporal_sigma)
     begin, end = (span.start, span.stop) if span is not None else (0, math.inf)
     selection = selection if selection is not None else Selection()
     context = Selection()  # what detection found around the span, not counted
-    options = dict(threshold=threshold, min_size=min_size, max_faces=max_faces, order=order, indices=indices)
     pending: deque = deque()  # frames not restored yet; pending[0] is frame `first`
     found: list[Faces] = []  # selected, unsmoothed faces of frames kept_from .. detected - 1
     first = kept_from = detected = 0
@@ -60,7 +66,7 @@ def restore_frames(frames: Iterable, model, detector, *, chunk: int = 16, tempor
             stop = int(min(len(waiting), start + DETECT_CHUNK, *(b - detected for b in (begin, end) if b > at)))
             batch = _as_float(waiting[start:stop])
             gathers = selection if begin <= at < end else context
-            found.extend(detect_faces(batch, detector, selection=gathers, cancel=cancel, **options))
+            found.extend(detect_faces(batch, detector, options, selection=gathers, cancel=cancel))
             start = stop
         detected = first + len(pending)
 
@@ -73,8 +79,8 @@ def restore_frames(frames: Iterable, model, detector, *, chunk: int = 16, tempor
         wanted = slice(max(0, begin - first), int(max(0, min(count, end - first))))
         result = None
         if wanted.start < wanted.stop:
-            result = restore_faces(_as_float(images[wanted]), model, detector, faces=faces[wanted], cancel=cancel,
-                                   **restore_options)
+            result = restore_faces(_as_float(images[wanted]), model, detector, select=select, paste=paste, masks=masks,
+                                   faces=faces[wanted], face_batch=face_batch, cancel=cancel)
         first += count
         drop = max(0, first - reach - kept_from)
         del found[:drop]
