@@ -140,8 +140,7 @@ def region_classes(regions: str | Iterable[int | str] | None = None) -> tuple[in
 class SelectOptions(Checked):
     """Which faces are restored, and how they are cut out."""
 
-    threshold: float = option(0.5, "Minimum detector confidence for a face.", low=0, high=1,
-                              slider=(0.05, 1.0, 0.01))
+    threshold: float = option(0.5, "Minimum detector confidence for a face.", low=0, slider=(0.05, 1.0, 0.01))
     min_size: float = option(0.0, "Ignore faces whose box is smaller than this (pixels).", low=0,
                              slider=(0, 4096, None), widget="INT")
     max_faces: int = option(0, "Restore at most this many faces per frame (0: all).", low=0, slider=(0, 1000, None))
