@@ -10,7 +10,8 @@ import torch
 
 from .. import gpen
 from ..gpen.devices import resolve_dtype
-from ..gpen.faces.options import PARSE_FEATHER, MaskOptions, PasteOptions, SelectOptions, declared, spec_of, surface_name
+from ..gpen.faces.options import (PARSE_FEATHER, MaskOptions, PasteOptions, SelectOptions, declared, spec_of,
+                                  surface_name)
 from ..gpen.faces.parse import parse_faces
 from ..gpen.faces.pipeline import face_areas, locate_faces, paste_restored
 from ..gpen.faces.restore import restore_aligned

@@ -322,7 +322,8 @@ def test_frames_where_nothing_changed_pass_through_whole(solvay, detector):
     result = gpen.restore_faces(after, GreyRestorer(), detector, select=SelectOptions(changed_from=before))
     assert [len(f) for f in result.faces] == [0, 1, 0]
     assert torch.equal(result.images[0], solvay[0]) and torch.equal(result.images[2], solvay[0])
-    single = gpen.restore_faces(after, GreyRestorer(), detector, select=SelectOptions(changed_from=solvay))  # one frame for all
+    one_for_all = SelectOptions(changed_from=solvay)  # one frame before the swap, for every frame
+    single = gpen.restore_faces(after, GreyRestorer(), detector, select=one_for_all)
     assert [len(f) for f in single.faces] == [0, 1, 0]
 
 
@@ -335,6 +336,7 @@ def test_where_two_faces_overlap_fully_one_of_them_takes_every_pixel():
     image = torch.full((1, 200, 200, 3), 0.5)
     nearly_the_same = torch.tensor([[[1.3, 0.2, -30], [-0.2, 1.3, -25]], [[1.3, 0.2, -30.013], [-0.2, 1.3, -24.987]]])
     faces = torch.stack([torch.ones(128, 128, 3), torch.zeros(128, 128, 3)])
-    out, masks = gpen.paste_faces(image, faces, nearly_the_same, torch.tensor([0, 0]), PasteOptions(smooth_small_faces=False))
+    out, masks = gpen.paste_faces(image, faces, nearly_the_same, torch.tensor([0, 0]),
+                                  PasteOptions(smooth_small_faces=False))
     inside = masks[0] > 0.999
     assert inside.sum() > 5000 and (out[0][inside] > 0.99).all()  # float rounding lets no black spot through

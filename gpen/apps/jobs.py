@@ -11,7 +11,16 @@ import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import torch
+
+from ..faces.detect import check_detect_size
 from ..faces.options import MaskOptions, PasteOptions, SelectOptions, from_values
+from ..faces.pipeline import detect_faces, restore_faces, smooth_landmarks
+from ..faces.restore import restore_aligned
+from ..files.catalogue import resolve
+from ..files.images import IMAGE_SUFFIXES, check_image_size, read_image, write_image
+from ..load import load_detector, load_model, load_parser
+from .video import VIDEO_SUFFIXES, probe_video, restore_video
 
 
 @dataclass(frozen=True)
@@ -22,16 +31,12 @@ class Job:
 
 
 def is_video(path: Path) -> bool:
-    from .video import VIDEO_SUFFIXES
 
     return path.suffix.lower() in VIDEO_SUFFIXES
 
 
 def expand_inputs(items: list[str]) -> list[Path]:
     from glob import glob
-
-    from ..files.images import IMAGE_SUFFIXES
-    from .video import VIDEO_SUFFIXES
 
     suffixes = IMAGE_SUFFIXES + VIDEO_SUFFIXES
     files = []
@@ -54,8 +59,6 @@ def plan_jobs(files: list[Path], output: Path) -> list[Job]:
     """Where each result goes: `output` itself for one input and a file name of its kind (image or
     video), else under `output` at the input's path relative to the inputs' common folder. Refused,
     before any work, when a result would land on an input or two results on one file."""
-    from ..files.images import IMAGE_SUFFIXES
-    from .video import VIDEO_SUFFIXES
 
     unique: dict[tuple[int, int], Path] = {}
     for file in files:
@@ -97,7 +100,6 @@ def check_writable(folder: Path) -> None:
 
 def check_options(args) -> None:
     """Refuse bad option values once, with the library's messages, instead of failing every file."""
-    from ..faces.detect import check_detect_size
 
     options(args)
     check_detect_size(args.detect_size)
@@ -131,8 +133,6 @@ def changed_from_file(job: Job, args) -> Path | None:
 
 @functools.lru_cache(maxsize=1)  # loaded once per process, as the model is: the CLI's run, or a Ray worker
 def load_parsers(names: tuple[str, ...], device: str, models_dir: str | None) -> list:
-    from ..files.catalogue import resolve
-    from ..load import load_parser
 
     return [load_parser(resolve(name, "parser", models_dir), device=device) for name in names]
 
@@ -146,7 +146,6 @@ def parsers_for(args, detector) -> list | None:
 
 def check_sequence(jobs: list[Job], detect: bool, max_megapixels: float) -> None:
     """--temporal-smoothing needs detected faces in frames of one size; checked from the headers."""
-    from ..files.images import check_image_size
 
     if not detect:
         raise ValueError("--temporal-smoothing steadies detected faces; aligned crops have none to steady")
@@ -191,7 +190,6 @@ def admit(jobs: list[Job], args, report: Report, detect: bool = True) -> tuple[l
     """The jobs to run: their result may be written and their image is not too large, or their
     video readable, holding a video stream, of constant frame rate; and what was read of each video.
     Decided from names, headers and packets, before any model is loaded."""
-    from ..files.images import check_image_size
 
     todo, videos = [], {}
     for job in jobs:
@@ -206,8 +204,6 @@ def admit(jobs: list[Job], args, report: Report, detect: bool = True) -> tuple[l
             elif args.changed_from:
                 raise ValueError(f"{job.source}: --changed-from compares images; it does not take video files")
             else:
-                from .video import probe_video
-
                 videos[job] = probe_video(job.source, args.max_megapixels)
         except (ValueError, OSError) as e:
             report.fail(job, e)
@@ -218,8 +214,6 @@ def admit(jobs: list[Job], args, report: Report, detect: bool = True) -> tuple[l
 
 def load_models(args, device, detect: bool):
     """The GPEN model and, unless the inputs are aligned crops, the face detector."""
-    from ..files.catalogue import resolve
-    from ..load import load_detector, load_model
 
     path = resolve(args.model or f"GPEN-BFR-{args.size or 512}", "gpen", args.models_dir)
     model = load_model(path, device=device, dtype=args.dtype)
@@ -233,10 +227,6 @@ def load_models(args, device, detect: bool):
 def detect_sequence(jobs: list[Job], detector, args) -> dict:
     """Every frame's faces, with landmarks steadied over the whole sequence. Frames are read one at
     a time and only their landmarks kept, so a long sequence needs no more memory than one frame."""
-    import torch
-
-    from ..faces.pipeline import detect_faces, smooth_landmarks
-    from ..files.images import read_image
 
     print(f"finding the faces in {len(jobs)} frames to steady them over {args.temporal_smoothing:g} frames", flush=True)
     select = replace(options(args)[0], temporal_sigma=0.0)  # steadied below, over the whole sequence
@@ -249,11 +239,6 @@ def detect_sequence(jobs: list[Job], detector, args) -> dict:
 
 def restore_file(job: Job, model, detector, args, faces=None, progress=None) -> str:
     """Read, restore and write one file; returns what was done."""
-    import torch
-
-    from ..faces.pipeline import restore_faces
-    from ..faces.restore import restore_aligned
-    from ..files.images import read_image, write_image
 
     pixels, fmt = read_image(job.source, args.max_megapixels)
     image = torch.from_numpy(pixels)[None]
@@ -274,7 +259,6 @@ def restore_clip(job: Job, model, detector, args, info, label: str, span: range 
                  target: Path | None = None):
     """Restore one video file, streaming, into job.target (or frames `span` alone, into the segment
     file `target`); returns its VideoSummary."""
-    from .video import restore_video
 
     select, paste, masks = options(args, parsers=parsers_for(args, detector))
     return restore_video(job.source, target or job.target, model, detector, codec=args.codec, crf=args.crf,

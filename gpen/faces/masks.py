@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 # The classes, the presets and region_classes are the vocabulary of MaskOptions, kept there.
 from .options import CLASSES, FACE_REGIONS, PARSE_FEATHER, REGION_PRESETS, region_classes  # noqa: F401
+from .paste import gaussian_blur
 
 
 def class_masks(logits: torch.Tensor, classes: Iterable[int]) -> torch.Tensor:
@@ -30,8 +31,6 @@ def feather_inside(masks: torch.Tensor, feather: float) -> torch.Tensor:
     sigma = feather * masks.shape[-1]
     if sigma <= 0 or not len(masks):
         return masks
-    from .paste import gaussian_blur
-
     reach = max(1, math.ceil(3 * sigma))
     shrunk = -F.max_pool2d(-masks[:, None], 2 * reach + 1, stride=1, padding=reach)
     return gaussian_blur(shrunk, sigma)[:, 0].clamp(0, 1)

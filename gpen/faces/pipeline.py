@@ -357,7 +357,8 @@ def paste_restored(images: torch.Tensor, restored: torch.Tensor, info: FaceInfo,
     face_masks = None
     if masks.parser is not None and len(restored):
         if masks.source == "original" and crops is None:  # cut again from the frames, as locate_faces cut them
-            crops = warp_faces(images, info.affines, info.frames, info.crop_size, info.device).clamp_(0, 1).permute(0, 2, 3, 1)
+            crops = warp_faces(images, info.affines, info.frames, info.crop_size, info.device)
+            crops = crops.clamp_(0, 1).permute(0, 2, 3, 1)
 
         def on_batch(done: int, total: int) -> None:
             if progress is not None:
