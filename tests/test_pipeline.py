@@ -340,3 +340,27 @@ def test_where_two_faces_overlap_fully_one_of_them_takes_every_pixel():
                                   PasteOptions(smooth_small_faces=False))
     inside = masks[0] > 0.999
     assert inside.sum() > 5000 and (out[0][inside] > 0.99).all()  # float rounding lets no black spot through
+
+
+def test_the_two_halves_give_what_restore_faces_gives(solvay, detector):
+    """locate_faces, any restorer, then paste_restored (the modular nodes' chain): the crops are cut
+    again from the image for the parser, and a face restored as NaN is left as it was."""
+    from gpen import MaskOptions
+    from tests.helpers import SplitParser
+
+    masks = MaskOptions(parser=SplitParser(17, 1, rows=True))
+    whole = gpen.restore_faces(solvay, GreyRestorer(), detector, masks=masks)
+    crops, info = gpen.locate_faces(solvay, detector, 512)
+    halves = gpen.paste_restored(solvay, GreyRestorer().restore(crops), info, masks=masks)
+    assert torch.equal(halves.images, whole.images) and torch.equal(halves.masks, whole.masks)
+    broken = GreyRestorer().restore(crops)
+    broken[:2] = float("nan")
+    result = gpen.paste_restored(solvay, broken, info)
+    assert result.unrestored == 2 and result.face_count == 27 and result.images.isfinite().all()
+    with pytest.raises(ValueError, match="28 restored crops for 29 detected faces"):
+        gpen.paste_restored(solvay, broken[1:], info)
+
+
+def test_a_stream_takes_no_changed_from(solvay, detector):
+    with pytest.raises(ValueError, match="restore_frames takes no changed_from"):
+        next(gpen.restore_frames(iter(solvay), IdentityRestorer(), detector, select=SelectOptions(changed_from=solvay)))
