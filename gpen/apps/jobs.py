@@ -101,7 +101,7 @@ def check_writable(folder: Path) -> None:
 def check_options(args) -> None:
     """Refuse bad option values once, with the library's messages, instead of failing every file."""
 
-    options(args)
+    restore_options(args)
     check_detect_size(args.detect_size)
     if not args.ray_segment >= 0:
         raise ValueError(f"--ray-segment must be 0 (never split) or a number of seconds, got {args.ray_segment:g}")
@@ -111,7 +111,7 @@ def check_options(args) -> None:
         raise FileNotFoundError(f"--changed-from {args.changed_from}: no such file or folder")
 
 
-def options(args, changed_from=None, parsers=None) -> tuple[SelectOptions, PasteOptions, MaskOptions]:
+def restore_options(args, changed_from=None, parsers=None) -> tuple[SelectOptions, PasteOptions, MaskOptions]:
     """The restore options the flags give (faces/options.py), with the image before a swap and the
     parsers, loaded, where there are some."""
     values = vars(args)
@@ -229,7 +229,7 @@ def detect_sequence(jobs: list[Job], detector, args) -> dict:
     a time and only their landmarks kept, so a long sequence needs no more memory than one frame."""
 
     print(f"finding the faces in {len(jobs)} frames to steady them over {args.temporal_smoothing:g} frames", flush=True)
-    select = replace(options(args)[0], temporal_sigma=0.0)  # steadied below, over the whole sequence
+    select = replace(restore_options(args)[0], temporal_sigma=0.0)  # steadied below, over the whole sequence
     found = []
     for job in jobs:
         image = torch.from_numpy(read_image(job.source, args.max_megapixels)[0])[None]
@@ -247,7 +247,7 @@ def restore_file(job: Job, model, detector, args, faces=None, progress=None) -> 
     else:
         before = changed_from_file(job, args)
         before = None if before is None else torch.from_numpy(read_image(before, args.max_megapixels)[0])[None]
-        select, paste, masks = options(args, before, parsers_for(args, detector))
+        select, paste, masks = restore_options(args, before, parsers_for(args, detector))
         result = restore_faces(image, model, detector, select=select, paste=paste, masks=masks,
                                faces=None if faces is None else [faces], face_batch=args.face_batch, progress=progress)
         restored, summary = result.images, result.summary
@@ -260,7 +260,7 @@ def restore_clip(job: Job, model, detector, args, info, label: str, span: range 
     """Restore one video file, streaming, into job.target (or frames `span` alone, into the segment
     file `target`); returns its VideoSummary."""
 
-    select, paste, masks = options(args, parsers=parsers_for(args, detector))
+    select, paste, masks = restore_options(args, parsers=parsers_for(args, detector))
     return restore_video(job.source, target or job.target, model, detector, codec=args.codec, crf=args.crf,
                          chunk=args.chunk, select=select, paste=paste, masks=masks, face_batch=args.face_batch,
                          progress=label, overwrite=args.overwrite or span is not None,

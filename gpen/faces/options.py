@@ -12,6 +12,7 @@ No torch here: `python -m gpen --help` builds its flags from this module.
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass, field, fields
 from typing import Any, Iterable
 
@@ -24,6 +25,7 @@ GPEN_ERODE = 26 / 512
 GPEN_FEATHER = 4 * math.sqrt(2) / 512
 PARSE_FEATHER = 0.01  # of the crop: the soft edge of a parse mask (5 px at 512)
 CHANGE_THRESHOLD = 0.04  # see pipeline.changed_faces
+MASK_GEOMETRY = "erode must be in [0, 0.5) and feather >= 0, got {erode}, {feather}"  # one check of the two
 
 # The 19 face-parsing classes, CelebAMask-HQ's, in the order facexlib's ParseNet and BiSeNet and
 # FaceFusion's region parsers give them.
@@ -94,7 +96,7 @@ class Checked:
 
 
 def _within(value, spec: Spec) -> bool:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or math.isnan(value):
         return False
     return ((spec.low is None or value >= spec.low) and (spec.high is None or value <= spec.high)
             and (spec.below is None or value < spec.below))
@@ -177,13 +179,12 @@ class PasteOptions(Checked):
     strength: float = option(1.0, "How much of the restored face replaces the original (GPEN's alpha).",
                              low=0, high=1, slider=(0.0, 1.0, 0.05))
     mask_shape: str = option("box", "box: GPEN's feathered square; ellipse: an oval around the face.",
-                             choices=MASK_SHAPES, message="mask shape must be one of box, ellipse, got {mask_shape!r}")
+                             choices=MASK_SHAPES, message=f"mask shape must be one of {', '.join(MASK_SHAPES)}, got "
+                                                          "{mask_shape!r}")
     feather: float = option(GPEN_FEATHER, "Softness of the mask edge, as a fraction of the face crop.", low=0,
-                            slider=(0.0, 0.2, 0.001), message="erode must be in [0, 0.5) and feather >= 0, got "
-                                                              "{erode}, {feather}")
+                            slider=(0.0, 0.2, 0.001), message=MASK_GEOMETRY)
     erode: float = option(GPEN_ERODE, "How far the mask stays inside the crop edge, as a fraction of it.", low=0,
-                          below=0.5, slider=(0.0, 0.45, 0.005), message="erode must be in [0, 0.5) and feather >= "
-                                                                        "0, got {erode}, {feather}")
+                          below=0.5, slider=(0.0, 0.45, 0.005), message=MASK_GEOMETRY)
     color_correction: bool = option(False, "Match the restored face's colours to the original (mean and std in Lab).")
     smooth_small_faces: bool = option(True, "Soften faces under 100 px as GPEN does, where a restored face "
                                             "would look over-sharp.")

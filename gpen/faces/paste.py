@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from .align import frames_of, invert_affine, warp, warp_faces
-from .options import GPEN_ERODE, GPEN_FEATHER, MASK_SHAPES, PasteOptions
+from .options import GPEN_ERODE, GPEN_FEATHER, PasteOptions
 from .tensors import as_rgb, match_channels
 
 MASK_TIE = 1e-4  # weights closer than this are a tie (float rounding), and one this small changes nothing
@@ -22,10 +22,7 @@ SMALL_FACE = 100  # px: GPEN softens restored faces smaller than this, which wou
 @functools.lru_cache(maxsize=8)  # the same few masks serve every face and frame; callers never modify it
 def face_mask(size: int, shape: str = "box", erode: float = GPEN_ERODE, feather: float = GPEN_FEATHER) -> torch.Tensor:
     """(size, size) soft mask in crop space; erode and feather are fractions of the crop size."""
-    if shape not in MASK_SHAPES:
-        raise ValueError(f"mask shape must be one of {', '.join(MASK_SHAPES)}, got {shape!r}")
-    if not 0 <= erode < 0.5 or feather < 0:
-        raise ValueError(f"erode must be in [0, 0.5) and feather >= 0, got {erode}, {feather}")
+    PasteOptions(mask_shape=shape, erode=erode, feather=feather)  # refuses what they refuse
     coords = torch.arange(size, dtype=torch.float32)
     margin = erode * size
     if shape == "box":
