@@ -323,10 +323,8 @@ def restore_faces(images: torch.Tensor, model, detector, *, select: SelectOption
         with _stage(timings, "restore", info.device):
             restored = model.restore(crops, batch_size=face_batch, on_batch=on_batch,
                                      **cancel_hook(model, cancel and (lambda: check_cancel(cancel)))).to(info.device)
-    result = paste_restored(images, restored, info, paste, masks, crops=crops, face_batch=face_batch, cancel=cancel,
-                            timings=timings)
-    result.timings = timings
-    return result
+    return paste_restored(images, restored, info, paste, masks, crops=crops, face_batch=face_batch, cancel=cancel,
+                          timings=timings)
 
 
 def paste_restored(images: torch.Tensor, restored: torch.Tensor, info: FaceInfo, paste: PasteOptions = PasteOptions(),
@@ -342,7 +340,8 @@ def paste_restored(images: torch.Tensor, restored: torch.Tensor, info: FaceInfo,
     "restored" the restored faces, as facexlib does; `masks.temporal_sigma` steadies the masks along each
     face's track. A face whose restored pixels are not finite (NaN or Inf), or in which the parser finds
     none of the regions, is left as it was, and the summary says so. `progress(done, total)` follows the
-    parsing; `cancel()` is asked between its batches.
+    parsing; `cancel()` is asked between its batches. A `timings` dict receives the stages' seconds
+    (and becomes the result's).
     """
     if images.ndim == 3:
         images = images[None]
@@ -385,7 +384,8 @@ def paste_restored(images: torch.Tensor, restored: torch.Tensor, info: FaceInfo,
     with _stage(timings, "paste", info.device):
         pasted, blend = paste_faces(images, restored, affines, frames, paste, crop_size=info.crop_size,
                                     face_masks=face_masks, device=info.device)
-    return Restoration(pasted, blend, info, unrestored, int((finite & ~shown).sum()))
+    masked_out = int((finite & ~shown).sum())
+    return Restoration(pasted, blend, info, unrestored, masked_out, timings if timings is not None else {})
 
 
 def face_areas(images: torch.Tensor, crops: torch.Tensor, info: FaceInfo) -> torch.Tensor:
