@@ -20,8 +20,11 @@ from gpen import MaskOptions, PasteOptions, SelectOptions
 from gpen.apps import cli
 from gpen.faces.options import declared, spec_of, surface_name
 from gpen.files.images import read_image, write_image
-from tests.test_cli import gpen64, restore  # noqa: F401  (gpen64 is a fixture)
+from tests import test_cli
 from tests.test_nodes import load_pack
+
+gpen64 = test_cli.gpen64  # the fixture: a small random GPEN file, as the CLI tests use
+restore = test_cli.restore
 
 GROUPS = (SelectOptions, PasteOptions, MaskOptions)
 # The node inputs that take each group's options.
@@ -174,7 +177,8 @@ def test_the_cli_refuses_bad_option_values_before_any_work(capsys, tmp_path, mon
     assert capsys.readouterr().err == "error: parse_feather must be 0 or more, got nan\n"
     assert cli.main(["restore", str(tmp_path / "a.png"), "-o", str(tmp_path / "out"), "--mask-regions", "beard"]) == 1
     assert "unknown face region 'beard'" in capsys.readouterr().err
-    assert cli.main(["restore", str(tmp_path / "a.png"), "-o", str(tmp_path / "out"), "--aligned", "--parser", "x"]) == 1
+    assert cli.main(["restore", str(tmp_path / "a.png"), "-o", str(tmp_path / "out"), "--aligned",
+                     "--parser", "x"]) == 1
     assert "aligned crops (--aligned) have none" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
 
@@ -237,4 +241,5 @@ def test_cli_changed_from_refuses_video_files_by_name(shared, gpen64, tmp_path):
     done = restore(shared, gpen64, tmp_path / "clip.mp4", "-o", tmp_path / "out", "--changed-from",
                    tmp_path / "before.png")
     assert done.returncode == 1
-    assert "clip.mp4: failed: " in done.stderr and "--changed-from compares images; it does not take video" in done.stderr
+    assert "clip.mp4: failed: " in done.stderr
+    assert "--changed-from compares images; it does not take video files" in done.stderr
