@@ -8,11 +8,17 @@ from collections import OrderedDict
 
 from .. import gpen
 from ..gpen.devices import resolve_dtype
-from ..gpen.faces.align import TEMPLATES, warp_faces
-from ..gpen.faces.masks import PARSE_FEATHER, REGION_PRESETS
+from ..gpen.faces.options import (
+    PARSE_FEATHER,
+    MaskOptions,
+    PasteOptions,
+    SelectOptions,
+    declared,
+    spec_of,
+    surface_name,
+)
 from ..gpen.faces.parse import parse_faces
-from ..gpen.faces.paste import GPEN_ERODE, GPEN_FEATHER, MASK_SHAPES
-from ..gpen.faces.pipeline import ORDERS, PARSE_SOURCES, locate_faces
+from ..gpen.faces.pipeline import face_areas, locate_faces, paste_restored
 from ..gpen.faces.restore import restore_aligned
 from ..gpen.faces.tensors import as_rgb
 from ..gpen.loader import load_parser
@@ -31,67 +37,47 @@ def _cached(key, load):
     return _CACHE[key]
 
 
-def _detection_options(required: dict) -> dict:
-    required.update({
-        "threshold": ("FLOAT", {"default": 0.5, "min": 0.05, "max": 1.0, "step": 0.01,
-                                "tooltip": "Minimum detector confidence for a face."}),
-        "min_size": ("INT", {"default": 0, "min": 0, "max": 4096,
-                             "tooltip": "Ignore faces whose box is smaller than this (pixels)."}),
-        "max_faces": ("INT", {"default": 0, "min": 0, "max": 1000,
-                              "tooltip": "Restore at most this many faces per frame (0: all)."}),
-        "order": (list(ORDERS), {"default": "largest", "tooltip": "How faces are numbered in each frame."}),
-        "indices": ("STRING", {"default": "", "tooltip": "Only these faces, by number in that order, e.g. '0,2' (empty: all)."}),
-        "temporal_smoothing": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 10.0, "step": 0.5,
-                                         "tooltip": "For video frames: steadies landmarks (and, with a face "
-                                                    "parser, its masks) across frames (Gaussian width in "
-                                                    "frames; 0 is off)."}),
-    })
-    return required
+# The option widgets, by name, in the order saved workflows store their values.
+SELECT_WIDGETS = ("threshold", "min_size", "max_faces", "order", "indices", "temporal_smoothing")
+PASTE_WIDGETS = ("strength", "mask_shape", "feather", "erode", "color_correction")
+MASK_WIDGETS = ("mask_regions", "parse_source", "parse_feather")
+WIDGET_TYPES = {bool: "BOOLEAN", str: "STRING", int: "INT", float: "FLOAT"}
 
 
-def _paste_options(required: dict) -> dict:
-    required.update({
-        "strength": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.05,
-                               "tooltip": "How much of the restored face replaces the original (GPEN's alpha)."}),
-        "mask_shape": (list(MASK_SHAPES), {"default": "box", "tooltip": "box: GPEN's feathered square; "
-                                                                         "ellipse: an oval around the face."}),
-        "feather": ("FLOAT", {"default": round(GPEN_FEATHER, 4), "min": 0.0, "max": 0.2, "step": 0.001,
-                              "tooltip": "Softness of the mask edge, as a fraction of the face crop."}),
-        "erode": ("FLOAT", {"default": round(GPEN_ERODE, 4), "min": 0.0, "max": 0.45, "step": 0.005,
-                            "tooltip": "How far the mask stays inside the crop edge, as a fraction of it."}),
-        "color_correction": ("BOOLEAN", {"default": False, "tooltip": "Match the restored face's colours "
-                                                                       "to the original (mean and std in Lab)."}),
-    })
-    return required
+def _widgets(options: type, names: tuple[str, ...]) -> dict:
+    """ComfyUI inputs for these options, as faces/options.py declares them."""
+    fields = {surface_name(f): f for f in declared(options)}
+    return {name: _widget(fields[name]) for name in names}
 
 
-def _mask_options(inputs: dict, source: bool = True) -> dict:
-    """The parse-mask widgets: which regions are restored, what is parsed, how soft the edge is."""
-    inputs["mask_regions"] = (list(REGION_PRESETS), {
-        "default": "face", "tooltip": "Which parts of the face take the restored pixels (with a face parser). "
-                                      "face: skin, brows, eyes, glasses, ears, nose, mouth and lips; hair, hat, "
-                                      "neck, earrings, clothes and background keep the original. 'without "
-                                      "glasses' keeps the rims, 'without ears' the ears, 'and hair' adds hair."})
-    if source:
-        inputs["parse_source"] = (list(PARSE_SOURCES), {
-            "default": "original", "tooltip": "What the face parser looks at: original, the face before "
-                                              "restoration (sees a hand or a microphone in front of it); "
-                                              "restored, GPEN's face (as facexlib does)."})
-    inputs["parse_feather"] = ("FLOAT", {"default": round(PARSE_FEATHER, 4), "min": 0.0, "max": 0.1, "step": 0.001,
-                                         "tooltip": "Softness of the parse mask's edge, as a fraction of the "
-                                                    "face crop; the soft edge stays inside the mask."})
-    return inputs
+def _widget(field) -> tuple:
+    spec = spec_of(field)
+    widget_type = spec.widget or WIDGET_TYPES[type(field.default)]
+    default = int(field.default) if widget_type == "INT" else \
+        round(field.default, 4) if widget_type == "FLOAT" else field.default
+    settings = {"default": default}
+    if spec.slider is not None:
+        low, high, step = spec.slider
+        settings.update({"min": low, "max": high, **({"step": step} if step is not None else {})})
+    settings["tooltip"] = spec.help
+    choices = spec.choices or spec.presets
+    return (list(choices), settings) if choices else (widget_type, settings)
+
+
+def _select(threshold, min_size, max_faces, order, indices, temporal_smoothing, **more) -> SelectOptions:
+    return SelectOptions(threshold=threshold, min_size=min_size, max_faces=max_faces, order=order, indices=indices,
+                         temporal_sigma=temporal_smoothing, **more)
+
+
+def _paste(strength, mask_shape, feather, erode, color_correction) -> PasteOptions:
+    return PasteOptions(strength=strength, mask_shape=mask_shape, feather=feather, erode=erode,
+                        color_correction=color_correction)
 
 
 ORIGINAL_IMAGE = ("IMAGE", {"tooltip": "The image before a face swap (connect ReActor's input image): only the faces "
                                        "the swap changed are taken, and frames where nothing changed pass through."})
-
-
-def _parser_options(optional: dict) -> dict:
-    optional["face_parser"] = ("FACE_PARSER", {"tooltip": "From Load Face Parser: restore only the face's own "
-                                                          "pixels (mask_regions), never hair, hands or what "
-                                                          "covers the face."})
-    return _mask_options(optional)
+FACE_PARSER = ("FACE_PARSER", {"tooltip": "From Load Face Parser: restore only the face's own pixels (mask_regions), "
+                                          "never hair, hands or what covers the face."})
 
 
 class LoadGPENModel:
@@ -194,22 +180,20 @@ class DetectAndCropFaces:
             "face_detector": ("FACE_DETECTOR", {"tooltip": "From Load Face Detector."}),
             "crop_size": ("INT", {"default": 512, "min": 64, "max": 2048, "step": 64,
                                   "tooltip": "Size of the crops (ignored when a GPEN model is connected: its size is used)."}),
-            "template": (list(TEMPLATES), {"default": "gpen", "tooltip": "gpen: the alignment GPEN was trained with; "
-                                                                         "ffhq: facexlib's, as GFPGAN/CodeFormer use."}),
+            **_widgets(SelectOptions, ("template", *SELECT_WIDGETS)),
         }
-        return {"required": _detection_options(required),
+        return {"required": required,
                 "optional": {"gpen_model": ("GPEN_MODEL", {"tooltip": "Take the crop size from this model."}),
                              "original_image": ORIGINAL_IMAGE}}
 
     def detect(self, image, face_detector, crop_size, template, threshold, min_size, max_faces, order, indices,
                temporal_smoothing, gpen_model=None, original_image=None):
+        select = _select(threshold, min_size, max_faces, order, indices, temporal_smoothing, template=template,
+                         changed_from=original_image)
         size = gpen_model.model.size if gpen_model is not None else crop_size
         with face_detector as detector:
-            crops, info = locate_faces(image, detector, size, template=template, cancel=host.Progress.cancel,
-                                       changed_from=original_image, threshold=threshold, min_size=min_size, max_faces=max_faces, order=order,
-                                       indices=indices, temporal_sigma=temporal_smoothing)
-            _, masks = gpen.paste_faces(image[..., :1], crops, info.affines, info.frames,
-                                        smooth_small_faces=False, device=info.device)
+            crops, info = locate_faces(image, detector, size, select, cancel=host.Progress.cancel)
+            masks = face_areas(image, crops, info)
         logging.info("[GPEN] %s", "; ".join([f"{len(crops)} face(s) cropped", *info.selection.notes()]))
         return (crops.cpu(), info, masks)
 
@@ -256,29 +240,17 @@ class PasteFacesBack:
             "restored": ("IMAGE", {"tooltip": "Restored crops, in the order Detect and Crop Faces gave them."}),
             "face_info": ("FACE_INFO", {"tooltip": "From Detect and Crop Faces."}),
         }
-        return {"required": _paste_options(required), "optional": _parser_options({})}
+        return {"required": {**required, **_widgets(PasteOptions, PASTE_WIDGETS)},
+                "optional": {"face_parser": FACE_PARSER, **_widgets(MaskOptions, MASK_WIDGETS)}}
 
     def paste(self, image, restored, face_info, strength, mask_shape, feather, erode, color_correction,
               face_parser=None, mask_regions="face", parse_source="original", parse_feather=PARSE_FEATHER):
-        if tuple(image.shape[1:3]) != tuple(face_info.image_size):
-            raise ValueError(f"image is {tuple(image.shape[1:3])} but the faces were found in "
-                             f"{tuple(face_info.image_size)} frames")
-        if len(restored) != len(face_info):
-            raise ValueError(f"{len(restored)} restored crops for {len(face_info)} detected faces")
-        restored = as_rgb(restored)
-        face_masks = None
-        if face_parser is not None and len(restored):
-            if parse_source == "original":  # the crops Detect and Crop Faces cut, cut again from the frames
-                crops = warp_faces(image, face_info.affines, face_info.frames, face_info.crop_size,
-                                   face_info.device).clamp_(0, 1).permute(0, 2, 3, 1)
-            else:
-                crops = restored.to(face_info.device)
-            with host.using_all(face_parser) as parsers:
-                face_masks = parse_faces(parsers, crops, mask_regions, parse_feather, on_batch=host.Progress().step)
-        return gpen.paste_faces(image, restored, face_info.affines, face_info.frames, strength=strength,
-                                mask_shape=mask_shape, feather=feather, erode=erode,
-                                color_correction=color_correction, crop_size=face_info.crop_size,
-                                face_masks=face_masks, device=face_info.device)
+        paste = _paste(strength, mask_shape, feather, erode, color_correction)
+        progress = host.Progress()
+        with host.using_all(face_parser) as parsers:
+            masks = MaskOptions(parser=parsers, regions=mask_regions, source=parse_source, feather=parse_feather)
+            result = paste_restored(image, restored, face_info, paste, masks, progress=progress, cancel=progress.cancel)
+        return (result.images, result.masks)
 
 
 class GPENFaceRestore:
@@ -300,23 +272,23 @@ class GPENFaceRestore:
             "face_batch": ("INT", {"default": 4, "min": 1, "max": 64,
                                    "tooltip": "Faces per GPEN pass, across frames; halved automatically on out-of-memory."}),
         }
-        return {"required": _paste_options(_detection_options(required)),
-                "optional": _parser_options({"original_image": ORIGINAL_IMAGE})}
+        options = {**_widgets(SelectOptions, SELECT_WIDGETS), **_widgets(PasteOptions, PASTE_WIDGETS)}
+        return {"required": {**required, **options},
+                "optional": {"original_image": ORIGINAL_IMAGE, "face_parser": FACE_PARSER,
+                             **_widgets(MaskOptions, MASK_WIDGETS)}}
 
     def restore(self, image, gpen_model, face_detector, face_batch, threshold, min_size, max_faces, order, indices,
                 temporal_smoothing, strength, mask_shape, feather, erode, color_correction, original_image=None,
                 face_parser=None, mask_regions="face", parse_source="original", parse_feather=PARSE_FEATHER):
+        select = _select(threshold, min_size, max_faces, order, indices, temporal_smoothing,
+                         changed_from=original_image)
+        paste = _paste(strength, mask_shape, feather, erode, color_correction)
         progress = host.Progress()
         with gpen_model as model, face_detector as detector, host.using_all(face_parser) as parsers:
-            result = gpen.restore_faces(image, model, detector, threshold=threshold, min_size=min_size,
-                                        max_faces=max_faces, order=order, indices=indices, strength=strength,
-                                        mask_shape=mask_shape, feather=feather, erode=erode,
-                                        color_correction=color_correction, temporal_sigma=temporal_smoothing,
-                                        face_batch=face_batch, changed_from=original_image,
-                                        parser=parsers, mask_regions=mask_regions,
-                                        parse_source=parse_source, parse_feather=parse_feather,
-                                        mask_temporal_sigma=temporal_smoothing, progress=progress,
-                                        cancel=progress.cancel)
+            masks = MaskOptions(parser=parsers, regions=mask_regions, source=parse_source, feather=parse_feather,
+                                temporal_sigma=temporal_smoothing)
+            result = gpen.restore_faces(image, model, detector, select=select, paste=paste, masks=masks,
+                                        face_batch=face_batch, progress=progress, cancel=progress.cancel)
         logging.info("[GPEN] %s", result.summary)
         return (result.images, result.masks)
 
@@ -332,14 +304,16 @@ class FaceParsingMask:
 
     @classmethod
     def INPUT_TYPES(cls):
-        return {"required": _mask_options({
+        return {"required": {
             "crops": ("IMAGE", {"tooltip": "Aligned face crops (from Detect and Crop Faces or another pack), any size."}),
             "face_parser": ("FACE_PARSER", {"tooltip": "From Load Face Parser."}),
-        }, source=False)}
+            **_widgets(MaskOptions, ("mask_regions", "parse_feather")),
+        }}
 
     def parse(self, crops, face_parser, mask_regions, parse_feather):
+        masks = MaskOptions(regions=mask_regions, feather=parse_feather)
         with host.using_all(face_parser) as parsers:
-            return (parse_faces(parsers, as_rgb(crops), mask_regions, parse_feather,
+            return (parse_faces(parsers, as_rgb(crops), masks.regions, masks.feather,
                                 on_batch=host.Progress().step).cpu(),)
 
 

@@ -133,7 +133,8 @@ class Scene:
         self.image = torch.from_numpy(rgb).float()[None] / 255
         self.detector = gpen.load_detector(detector, device="cpu")
         # 128 px crops are plenty for pictures this size; the crop size changes nothing else
-        self.crops, self.info = gpen.locate_faces(self.image, self.detector, 128, threshold=0.5)
+        self.crops, self.info = gpen.locate_faces(self.image, self.detector, 128,
+                                                  gpen.SelectOptions(threshold=0.5))
         self.faces = self.info.faces[0]
         # Paste the crops back unchanged: the image stays as it was, and the masks are GPEN's.
         _, masks = gpen.paste_faces(self.image, self.crops, self.info.affines, self.info.frames)
@@ -178,7 +179,7 @@ def modular(s: Scene) -> np.ndarray:
     scale = SIZE / zw
     zh = round(top / scale)
     region = s.rgb[y0:y0 + zh, x0:x0 + zw]
-    picked = gpen.select_faces(s.window(x0, y0, x0 + zw, y0 + zh), order="left-right")
+    picked = gpen.select_faces(s.window(x0, y0, x0 + zw, y0 + zh), gpen.SelectOptions(order="left-right"))
     zoom = fit(region, SIZE, top, cv2.INTER_CUBIC)
     zoom = tint(zoom, fit(s.mask[y0:y0 + zh, x0:x0 + zw], SIZE, top, cv2.INTER_LINEAR), alpha=0.35)
     boxes(zoom, picked, scale, (round(x0 * scale), round(y0 * scale)), numbers=True)
@@ -211,7 +212,7 @@ def large_portrait(s: Scene) -> np.ndarray:
     portrait = torch.from_numpy(big).float()[None] / 255
     # what the workflow asks for: one face, the largest, confidence at least 0.8
     found = s.detector.detect(portrait, threshold=0.3)[0]
-    chosen = gpen.select_faces(found[found.scores >= 0.8], max_faces=1, order="largest")
+    chosen = gpen.select_faces(found[found.scores >= 0.8], gpen.SelectOptions(max_faces=1, order="largest"))
     crops, info = gpen.locate_faces(portrait, s.detector, 128, faces=[chosen])
     _, masks = gpen.paste_faces(portrait, crops, info.affines, info.frames)
     shown = tint(big, masks[0].numpy(), alpha=0.35)
@@ -231,7 +232,7 @@ def video(s: Scene) -> np.ndarray:
     img = canvas()
     cw, ch, x0, y0, step = 240, 180, 440, 70, 40
     frames = torch.stack([s.image[0, y0:y0 + ch, x0 + i * step:x0 + i * step + cw] for i in range(4)])
-    faces = detect_faces(frames, s.detector, threshold=0.5, temporal_sigma=2.0)
+    faces = detect_faces(frames, s.detector, gpen.SelectOptions(threshold=0.5, temporal_sigma=2.0))
     crops, info = gpen.locate_faces(frames, s.detector, 128, faces=faces)
     _, masks = gpen.paste_faces(frames, crops, info.affines, info.frames)
     tw, th = 248, 186
@@ -252,11 +253,14 @@ def after_reactor(s: Scene) -> np.ndarray:
     img = canvas()
     x0, y0, w, h = 590, 130, 330, 140
     target = s.image[:, y0:y0 + h, x0:x0 + w]
-    crops, info = gpen.locate_faces(target, s.detector, 128, threshold=0.5, order="left-right")
+    crops, info = gpen.locate_faces(target, s.detector, 128,
+                                    gpen.SelectOptions(threshold=0.5, order="left-right"))
     # A stand-in for the swap: the leftmost face's crop pasted over the second face with the pack's
     # paste-back (ReActor is not used here).
-    swapped, _ = gpen.paste_faces(target, crops[:1], info.affines[1:2], info.frames[:1], mask_shape="ellipse")
-    changed, cinfo = gpen.locate_faces(swapped, s.detector, 128, faces=info.faces, changed_from=target)
+    swapped, _ = gpen.paste_faces(target, crops[:1], info.affines[1:2], info.frames[:1],
+                                  gpen.PasteOptions(mask_shape="ellipse"))
+    changed, cinfo = gpen.locate_faces(swapped, s.detector, 128, gpen.SelectOptions(changed_from=target),
+                                      faces=info.faces)
     _, masks = gpen.paste_faces(swapped, changed, cinfo.affines, cinfo.frames)
     tw, th = SIZE - 16, round((SIZE - 16) * h / w)
     sc = tw / w

@@ -35,11 +35,3 @@ def test_a_command_that_runs_imports_its_work():
     status, modules = imported_by("info", "no-such-file.pth")
     assert status == "exit 1" and "torch" in modules
 
-
-def test_the_parser_shows_the_librarys_own_defaults():
-    from gpen.apps import cli
-    from gpen.faces.paste import GPEN_ERODE, GPEN_FEATHER, MASK_SHAPES
-    from gpen.faces.pipeline import ORDERS
-
-    assert (cli.ORDERS, cli.MASK_SHAPES, cli.GPEN_ERODE, cli.GPEN_FEATHER) == \
-        (ORDERS, MASK_SHAPES, GPEN_ERODE, GPEN_FEATHER)

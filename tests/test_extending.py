@@ -116,10 +116,11 @@ def test_restore_faces_uses_them(toys, solvay, detector):
     folder, _, _ = toys
     restorer = gpen.load_model(folder / "toy_restorer.pth", device="cpu")
     parser = gpen.load_parser(folder / "toy_parser.pth", device="cpu")
-    whole = gpen.restore_faces(solvay, restorer, detector, max_faces=3)
+    whole = gpen.restore_faces(solvay, restorer, detector, select=gpen.SelectOptions(max_faces=3))
     inside = whole.masks > 0.99
     assert whole.face_count == 3 and (whole.images[inside] - 0.5).abs().max() < 1e-2  # painted grey
-    halves = gpen.restore_faces(solvay, restorer, detector, max_faces=3, parser=parser)
+    halves = gpen.restore_faces(solvay, restorer, detector, select=gpen.SelectOptions(max_faces=3),
+                                masks=gpen.MaskOptions(parser=parser))
     assert (halves.masks <= whole.masks + 1e-6).all() and 0.3 < halves.masks.sum() / whole.masks.sum() < 0.7
     outside = halves.masks == 0
     assert torch.equal(halves.images[outside], solvay[outside])

@@ -25,7 +25,6 @@ LAZY = {
     ("gpen.apps.cli", "gpen.files.weights"): "python -m gpen --help does not import torch",
     ("gpen.apps.cli", "gpen.files.download"): "python -m gpen --help does not import torch",
     ("gpen.apps.cli", "gpen.loader"): "python -m gpen --help does not import torch",
-    ("gpen.apps.cli", "gpen.faces.options"): "python -m gpen --help does not import torch",
 }
 
 

@@ -12,9 +12,9 @@ from safetensors.torch import save_file
 import gpen
 from gpen import CheckpointError
 from gpen.devices import resolve_device
-from gpen.files.weights import read_state_dict
 from gpen.faces.restore import as_restorer
 from gpen.files.registry import build
+from gpen.files.weights import read_state_dict
 from gpen.loader import convert_checkpoint, describe_weights
 from tests.helpers import export_fake_scrfd, random_gpen
 

@@ -267,7 +267,7 @@ def test_all_in_one_node_after_a_swap_restores_only_the_changed_faces(pack, mode
     model, detector = load_models(pack)
     crops, info = gpen.locate_faces(solvay, detector.model, 256)
     swapped, _ = gpen.paste_faces(solvay, crops[:1].expand(2, -1, -1, -1), info.affines[[4, 9]], info.frames[[4, 9]],
-                                  mask_shape="ellipse", erode=0.2)
+                                  gpen.PasteOptions(mask_shape="ellipse", erode=0.2))
     with caplog.at_level(logging.INFO):
         image, mask = pack.NODE_CLASS_MAPPINGS["GPENFaceRestore"]().restore(
             swapped, model, detector, face_batch=8, threshold=0.5, min_size=0, max_faces=0, order="largest",

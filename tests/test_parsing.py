@@ -7,8 +7,10 @@ import pytest
 import torch
 
 import gpen
+from gpen import MaskOptions, SelectOptions
 from gpen.faces.align import warp
-from gpen.faces.masks import FACE_REGIONS, REGION_PRESETS, feather_inside, region_classes, smooth_over_time
+from gpen.faces.masks import feather_inside, smooth_over_time
+from gpen.faces.options import FACE_REGIONS, REGION_PRESETS, region_classes
 from gpen.faces.parse import parse_faces
 from gpen.loader import load_parser
 from tests.helpers import GreyRestorer, SplitParser
@@ -61,7 +63,8 @@ def test_region_presets_names_and_indices():
 
 def test_hair_stays_bit_identical_and_the_face_is_restored(solvay, detector):
     parser = SplitParser(17, 1, rows=True)
-    result = gpen.restore_faces(solvay, GreyRestorer(), detector, parser=parser, max_faces=1)  # no neighbours
+    result = gpen.restore_faces(solvay, GreyRestorer(), detector, select=SelectOptions(max_faces=1),
+                                masks=MaskOptions(parser=parser))  # no neighbours
     assert result.face_count == 1 and len(parser.seen) == 1
     size = 512
     hair = torch.zeros(size, size)
@@ -69,7 +72,7 @@ def test_hair_stays_bit_identical_and_the_face_is_restored(solvay, detector):
     in_hair = in_image(hair, result.info.affines, result.info.frames, solvay.shape) > 0
     assert in_hair.sum() > 1000
     assert result.masks[in_hair].max() == 0 and torch.equal(result.images[in_hair], solvay[in_hair])
-    plain = gpen.restore_faces(solvay, GreyRestorer(), detector, max_faces=1)
+    plain = gpen.restore_faces(solvay, GreyRestorer(), detector, select=SelectOptions(max_faces=1))
     assert (plain.masks[in_hair] > 0.99).float().mean() > 0.5  # without the parser the hair was painted
     skin = torch.zeros(size, size)
     skin[size // 2 + 40: size - 60, 60:-60] = 1
@@ -95,16 +98,17 @@ def test_feathering_stays_inside_the_mask():
 
 def test_faces_are_parsed_in_the_restore_batches(solvay, detector):
     parser = SplitParser(17, 1, rows=True)
-    gpen.restore_faces(solvay, GreyRestorer(), detector, parser=parser, face_batch=8)
+    gpen.restore_faces(solvay, GreyRestorer(), detector, masks=MaskOptions(parser=parser), face_batch=8)
     assert [len(seen) for seen in parser.seen] == [8, 8, 8, 5]
 
 
 def test_parse_source_restored_parses_what_the_restorer_made(solvay, detector):
     parser = SplitParser(17, 1, rows=True)
-    gpen.restore_faces(solvay[:, :300, :500], GreyRestorer(), detector, parser=parser, parse_source="restored")
+    gpen.restore_faces(solvay[:, :300, :500], GreyRestorer(), detector,
+                       masks=MaskOptions(parser=parser, source="restored"))
     assert all(torch.all(seen == 0.5) for seen in parser.seen)
     with pytest.raises(ValueError, match="parse_source"):
-        gpen.restore_faces(solvay, GreyRestorer(), detector, parser=parser, parse_source="both")
+        MaskOptions(parser=parser, source="both")
 
 
 def test_masks_are_steadied_along_tracks_without_growing():
@@ -121,13 +125,14 @@ def test_masks_are_steadied_along_tracks_without_growing():
 
 def test_video_masks_follow_each_face(solvay, detector):
     frames = solvay[:, :300, :500].expand(3, -1, -1, -1).contiguous()
-    result = gpen.restore_faces(frames, GreyRestorer(), detector, parser=SplitParser(17, 1, rows=True), mask_temporal_sigma=1.0)
+    result = gpen.restore_faces(frames, GreyRestorer(), detector,
+                                masks=MaskOptions(parser=SplitParser(17, 1, rows=True), temporal_sigma=1.0))
     assert torch.allclose(result.masks[0], result.masks[1], atol=1e-6) and result.face_count > 0
 
 
 def test_faces_the_parser_finds_no_face_in_are_left_alone_and_counted(solvay, detector):
     background_only = SplitParser(0, 0)
-    result = gpen.restore_faces(solvay, GreyRestorer(), detector, parser=background_only)
+    result = gpen.restore_faces(solvay, GreyRestorer(), detector, masks=MaskOptions(parser=background_only))
     assert torch.equal(result.images, solvay) and result.face_count == 0
     assert result.summary == ("no face restored; 29 face(s) left as they were: the face parser found none of "
                               "mask_regions in them; images returned unchanged")

@@ -7,6 +7,7 @@ import torch
 
 import gpen
 import gpen.faces.restore
+from gpen import PasteOptions, SelectOptions
 from gpen.faces.align import GPEN_TEMPLATE, template_points
 from gpen.faces.detect import Faces
 from gpen.faces.paste import face_mask, soften
@@ -121,7 +122,7 @@ def test_out_of_range_and_float64_inputs(solvay, detector):
 def test_faces_cut_by_the_frame_edge_still_restore(solvay, detector, reference_faces):
     x0 = int(reference_faces["boxes"][0, 0] + 12)  # through the first face
     cut = solvay[:, :, x0:x0 + 300]
-    result = gpen.restore_faces(cut, IdentityRestorer(), detector, threshold=0.3)
+    result = gpen.restore_faces(cut, IdentityRestorer(), detector, select=SelectOptions(threshold=0.3))
     edge_faces = result.faces[0].boxes[:, 0] < 0
     assert edge_faces.any()
     assert psnr(result.images, cut) >= 34
@@ -131,7 +132,7 @@ def test_overlapping_faces_are_not_blended_twice():
     image = torch.full((1, 100, 100, 3), 0.5)
     affine = torch.tensor([[[1.0, 0, -10], [0, 1.0, -10]]]).repeat(2, 1, 1)
     restored = torch.stack([torch.ones(64, 64, 3), torch.zeros(64, 64, 3)])
-    out, mask = gpen.paste_faces(image, restored, affine, torch.tensor([0, 0]), smooth_small_faces=False)
+    out, mask = gpen.paste_faces(image, restored, affine, torch.tensor([0, 0]), PasteOptions(smooth_small_faces=False))
     centre = out[0, 42, 42]
     assert mask[0, 42, 42] == 1 and (torch.equal(centre, torch.ones(3)) or torch.equal(centre, torch.zeros(3)))
 
@@ -140,7 +141,7 @@ def test_strength_and_mask_shapes():
     image = torch.zeros(1, 100, 100, 3)
     affine = torch.tensor([[[1.0, 0, -10], [0, 1.0, -10]]])
     white = torch.ones(1, 64, 64, 3)
-    half, mask = gpen.paste_faces(image, white, affine, strength=0.5, smooth_small_faces=False)
+    half, mask = gpen.paste_faces(image, white, affine, options=PasteOptions(strength=0.5, smooth_small_faces=False))
     assert torch.allclose(half[0, 42, 42], torch.full((3,), 0.5)) and mask[0, 42, 42] == 0.5
     box, ellipse = face_mask(64, "box"), face_mask(64, "ellipse")
     assert box[2, 2] < 0.01 and box[32, 32] > 0.99 and ellipse[8, 8] < 0.01 and ellipse[32, 32] > 0.99
@@ -152,7 +153,7 @@ def test_colour_correction_pulls_a_tinted_face_back(solvay, reference_faces):
     crops, affines = gpen.crop_faces(solvay, reference_faces["landmarks"][:3], 256)
     tinted = (crops + torch.tensor([0.3, -0.1, 0.0])).clamp(0, 1)
     plain, masks = gpen.paste_faces(solvay, tinted, affines)
-    corrected, _ = gpen.paste_faces(solvay, tinted, affines, color_correction=True)
+    corrected, _ = gpen.paste_faces(solvay, tinted, affines, options=PasteOptions(color_correction=True))
     face = masks[0] > 0.99
     error = lambda x: (x[0][face].mean(0) - solvay[0][face].mean(0)).abs().sum()
     assert error(corrected) < error(plain) / 3
@@ -160,17 +161,17 @@ def test_colour_correction_pulls_a_tinted_face_back(solvay, reference_faces):
 
 def test_selection_by_size_order_index_and_count(solvay, detector):
     (faces,) = detector.detect(solvay)
-    left_to_right = gpen.select_faces(faces, order="left-right")
+    left_to_right = gpen.select_faces(faces, SelectOptions(order="left-right"))
     assert left_to_right.boxes[:, 0].tolist() == sorted(left_to_right.boxes[:, 0].tolist())
-    largest = gpen.select_faces(faces, order="largest", max_faces=3)
+    largest = gpen.select_faces(faces, SelectOptions(order="largest", max_faces=3))
     areas = (faces.boxes[:, 2:] - faces.boxes[:, :2]).prod(1)
     assert len(largest) == 3 and torch.allclose((largest.boxes[:, 2:] - largest.boxes[:, :2]).prod(1),
                                                 areas.sort(descending=True).values[:3])
-    picked = gpen.select_faces(faces, order="left-right", indices="0,2,99")
+    picked = gpen.select_faces(faces, SelectOptions(order="left-right", indices="0,2,99"))
     assert torch.equal(picked.boxes, left_to_right.boxes[[0, 2]])
-    assert len(gpen.select_faces(faces, min_size=1000)) == 0
+    assert len(gpen.select_faces(faces, SelectOptions(min_size=1000))) == 0
     with pytest.raises(ValueError, match="comma-separated"):
-        gpen.select_faces(faces, indices="first")
+        SelectOptions(indices="first")
 
 
 def jitter(points: torch.Tensor) -> float:
@@ -199,7 +200,7 @@ def test_temporal_smoothing_on_faces_the_detector_found_in_a_panning_shot(solvay
     affines = torch.tensor([[2.0, 0, -1120], [0, 2.0, -200]], dtype=torch.float64).repeat(20, 1, 1)
     affines[:, :, 2] += pan
     video = warp(solvay[0].permute(2, 0, 1), affines, 360, 480).permute(0, 2, 3, 1).contiguous()
-    found = [gpen.select_faces(f, order="left-right") for f in detector.detect(video)]
+    found = [gpen.select_faces(f, SelectOptions(order="left-right")) for f in detector.detect(video)]
     assert {len(f) for f in found} == {4}
     smoothed = smooth_landmarks(found, sigma=2.0)
 
@@ -239,9 +240,9 @@ def test_every_pixel_outside_the_masks_comes_back_bit_identical(solvay, detector
 
 def test_repeated_indices_restore_a_face_once_and_missing_ones_are_reported(solvay, detector):
     restorer = IdentityRestorer()
-    result = gpen.restore_faces(solvay, restorer, detector, indices=",".join(["0"] * 500))
+    result = gpen.restore_faces(solvay, restorer, detector, select=SelectOptions(indices=",".join(["0"] * 500)))
     assert result.face_count == 1 and sum(restorer.batches) == 1
-    result = gpen.restore_faces(solvay, IdentityRestorer(), detector, indices="999")
+    result = gpen.restore_faces(solvay, IdentityRestorer(), detector, select=SelectOptions(indices="999"))
     assert result.face_count == 0
     assert result.summary == "no face restored; indices 999: only 29 face(s) found; images returned unchanged"
 
@@ -249,7 +250,7 @@ def test_repeated_indices_restore_a_face_once_and_missing_ones_are_reported(solv
 def test_faces_under_min_size_are_reported():
     faces = Faces(torch.tensor([[0, 0, 40, 40.0]]), torch.ones(1), torch.zeros(1, 5, 2))
     selection = gpen.faces.pipeline.Selection()
-    assert len(gpen.select_faces(faces, min_size=256, selection=selection)) == 0
+    assert len(gpen.select_faces(faces, SelectOptions(min_size=256), selection)) == 0
     assert selection.notes() == ["1 face(s) found smaller than min_size 256"]
 
 
@@ -289,7 +290,8 @@ def swap(image, crops, info, faces, source: int, tint=None):
     """A face swap as ReActor makes one: faces `faces` replaced by face `source`'s crop (optionally tinted),
     pasted with the pack's own functions inside an oval around the face."""
     new = crops[source].expand(len(faces), -1, -1, -1) if tint is None else (crops[faces] + torch.tensor(tint)).clamp(0, 1)
-    pasted, _ = gpen.paste_faces(image, new, info.affines[faces], info.frames[faces], mask_shape="ellipse", erode=0.2)
+    pasted, _ = gpen.paste_faces(image, new, info.affines[faces], info.frames[faces],
+                                 PasteOptions(mask_shape="ellipse", erode=0.2))
     return pasted
 
 
@@ -297,7 +299,7 @@ def test_after_a_swap_only_the_swapped_faces_are_restored(solvay, detector):
     crops, info = gpen.locate_faces(solvay, detector, 512)
     swapped_faces = torch.tensor([3, 11, 20])
     swapped = swap(solvay, crops, info, swapped_faces, source=0)
-    result = gpen.restore_faces(swapped, GreyRestorer(), detector, changed_from=solvay)
+    result = gpen.restore_faces(swapped, GreyRestorer(), detector, select=SelectOptions(changed_from=solvay))
     assert result.summary == "3 of 29 faces changed; restored 3 face(s) in 1 image(s)"
     restored_centres = result.faces[0].boxes[:, :2]
     assert torch.allclose(restored_centres.sort(0).values, info.faces[0].boxes[swapped_faces, :2].sort(0).values, atol=6)
@@ -308,7 +310,7 @@ def test_after_a_swap_only_the_swapped_faces_are_restored(solvay, detector):
 def test_a_slight_colour_change_is_not_a_changed_face(solvay, detector):
     crops, info = gpen.locate_faces(solvay, detector, 512)
     tinted = swap(solvay, crops, info, torch.tensor([5]), source=5, tint=[0.03, 0.0, -0.03])  # ~8/255, as a VAE shifts
-    result = gpen.restore_faces(tinted, GreyRestorer(), detector, changed_from=solvay)
+    result = gpen.restore_faces(tinted, GreyRestorer(), detector, select=SelectOptions(changed_from=solvay))
     assert result.summary == "0 of 29 faces changed; no face restored; images returned unchanged"
     assert torch.equal(result.images, tinted)
 
@@ -317,22 +319,48 @@ def test_frames_where_nothing_changed_pass_through_whole(solvay, detector):
     crops, info = gpen.locate_faces(solvay, detector, 512)
     before = torch.cat([solvay, solvay, solvay])
     after = torch.cat([solvay, swap(solvay, crops, info, torch.tensor([8]), source=1), solvay])
-    result = gpen.restore_faces(after, GreyRestorer(), detector, changed_from=before)
+    result = gpen.restore_faces(after, GreyRestorer(), detector, select=SelectOptions(changed_from=before))
     assert [len(f) for f in result.faces] == [0, 1, 0]
     assert torch.equal(result.images[0], solvay[0]) and torch.equal(result.images[2], solvay[0])
-    single = gpen.restore_faces(after, GreyRestorer(), detector, changed_from=solvay)  # one frame for all
+    one_for_all = SelectOptions(changed_from=solvay)  # one frame before the swap, for every frame
+    single = gpen.restore_faces(after, GreyRestorer(), detector, select=one_for_all)
     assert [len(f) for f in single.faces] == [0, 1, 0]
 
 
 def test_the_image_before_the_swap_must_match_in_size(solvay, detector):
     with pytest.raises(ValueError, match="before the swap is 1 frame\\(s\\) of 600x300, but the images are 1 frame\\(s\\) of 1328x568"):
-        gpen.restore_faces(solvay, GreyRestorer(), detector, changed_from=solvay[:, :300, :600])
+        gpen.restore_faces(solvay, GreyRestorer(), detector, select=SelectOptions(changed_from=solvay[:, :300, :600]))
 
 
 def test_where_two_faces_overlap_fully_one_of_them_takes_every_pixel():
     image = torch.full((1, 200, 200, 3), 0.5)
     nearly_the_same = torch.tensor([[[1.3, 0.2, -30], [-0.2, 1.3, -25]], [[1.3, 0.2, -30.013], [-0.2, 1.3, -24.987]]])
     faces = torch.stack([torch.ones(128, 128, 3), torch.zeros(128, 128, 3)])
-    out, masks = gpen.paste_faces(image, faces, nearly_the_same, torch.tensor([0, 0]), smooth_small_faces=False)
+    out, masks = gpen.paste_faces(image, faces, nearly_the_same, torch.tensor([0, 0]),
+                                  PasteOptions(smooth_small_faces=False))
     inside = masks[0] > 0.999
     assert inside.sum() > 5000 and (out[0][inside] > 0.99).all()  # float rounding lets no black spot through
+
+
+def test_the_two_halves_give_what_restore_faces_gives(solvay, detector):
+    """locate_faces, any restorer, then paste_restored (the modular nodes' chain): the crops are cut
+    again from the image for the parser, and a face restored as NaN is left as it was."""
+    from gpen import MaskOptions
+    from tests.helpers import SplitParser
+
+    masks = MaskOptions(parser=SplitParser(17, 1, rows=True))
+    whole = gpen.restore_faces(solvay, GreyRestorer(), detector, masks=masks)
+    crops, info = gpen.locate_faces(solvay, detector, 512)
+    halves = gpen.paste_restored(solvay, GreyRestorer().restore(crops), info, masks=masks)
+    assert torch.equal(halves.images, whole.images) and torch.equal(halves.masks, whole.masks)
+    broken = GreyRestorer().restore(crops)
+    broken[:2] = float("nan")
+    result = gpen.paste_restored(solvay, broken, info)
+    assert result.unrestored == 2 and result.face_count == 27 and result.images.isfinite().all()
+    with pytest.raises(ValueError, match="28 restored crops for 29 detected faces"):
+        gpen.paste_restored(solvay, broken[1:], info)
+
+
+def test_a_stream_takes_no_changed_from(solvay, detector):
+    with pytest.raises(ValueError, match="restore_frames takes no changed_from"):
+        next(gpen.restore_frames(iter(solvay), IdentityRestorer(), detector, select=SelectOptions(changed_from=solvay)))

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import gpen
+from gpen import SelectOptions
 from gpen.apps.video import VideoReader, VideoWriter, join_segments, probe_video, restore_video
 from gpen.faces.detect import Faces
 from gpen.faces.pipeline import detect_faces, smooth_landmarks
@@ -124,7 +125,7 @@ def test_frames_rate_time_base_and_audio_packets_are_kept(tmp_path, suffix):
 def test_frames_outside_the_faces_come_back_at_high_quality(tmp_path):
     source = make_clip(tmp_path / "clip.mp4", audio=None)
     summary = restore_video(source, tmp_path / "out.mp4", IdentityRestorer(64), OneFace(), progress=False,
-                            threshold=2)
+                            select=SelectOptions(threshold=2))
     assert str(summary).startswith("24 frames, 0 faces restored, ") and str(summary).endswith(" s; no face found")
     with av.open(str(source)) as a, av.open(str(tmp_path / "out.mp4")) as b:
         assert b.streams.video[0].codec_context.pix_fmt == "yuv420p"
@@ -194,7 +195,8 @@ def test_at_most_chunk_and_reach_frames_are_held(sigma):
     frames, chunk = Counted(100), 8
     reach = smoothing_reach(sigma)  # 9 frames each side for sigma 2
     restored, held = 0, []
-    for result in restore_frames(frames, IdentityRestorer(32), OneFace(), chunk=chunk, temporal_sigma=sigma):
+    for result in restore_frames(frames, IdentityRestorer(32), OneFace(), chunk=chunk,
+                                 select=SelectOptions(temporal_sigma=sigma)):
         assert 1 <= len(result.images) <= chunk and result.images.dtype == torch.float32
         assert result.images[0, 0, 0, 0] * 255 == pytest.approx(restored % 256)  # in order (a corner: no face)
         restored += len(result.images)
@@ -207,10 +209,11 @@ def test_streamed_landmarks_equal_whole_clip_smoothing(picture, fast_detector):
     boundaries in 30 frames. Streaming with look-ahead gives whole-clip smoothing; smoothing chunk
     by chunk would not."""
     frames = [torch.from_numpy(np.ascontiguousarray(picture[10:250, 3 * t:3 * t + 400])) for t in range(30)]
-    raw = detect_faces(torch.stack(frames).float() / 255, fast_detector, max_faces=4)
+    raw = detect_faces(torch.stack(frames).float() / 255, fast_detector, SelectOptions(max_faces=4))
     whole = smooth_landmarks(raw, 1.5)  # what detect_faces(..., temporal_sigma=1.5) gives
     streamed = [faces for result in restore_frames(iter(frames), IdentityRestorer(64), fast_detector, chunk=6,
-                                                   max_faces=4, temporal_sigma=1.5) for faces in result.faces]
+                                                   select=SelectOptions(max_faces=4, temporal_sigma=1.5))
+                for faces in result.faces]
     assert [len(f) for f in streamed] == [len(f) for f in whole] and min(len(f) for f in whole) == 4
     gap = max(float((s.landmarks - w.landmarks).abs().max()) for s, w in zip(streamed, whole))
     assert gap < 0.05
@@ -238,7 +241,7 @@ def test_segments_restore_as_the_whole_clip_does(picture, fast_detector):
     frames around it only as far as smoothing reaches, restores its own frames alone, and together
     they give the landmarks of the whole clip restored in one stream."""
     frames = [torch.from_numpy(np.ascontiguousarray(picture[10:250, 3 * t:3 * t + 400])) for t in range(30)]
-    options = dict(chunk=6, max_faces=4, temporal_sigma=1.5)
+    options = dict(chunk=6, select=SelectOptions(max_faces=4, temporal_sigma=1.5))
     results = list(restore_frames(iter(frames), IdentityRestorer(64), fast_detector, **options))
     whole = [faces for result in results for faces in result.faces]
     restored = torch.cat([result.images for result in results])
@@ -278,7 +281,7 @@ def test_the_reader_starts_at_any_frame(tmp_path, suffix):
                          + [(".mp4", True), (".mkv", True)], ids=lambda v: {True: "silent", False: "audio"}.get(v, v))
 def test_segments_joined_are_the_clip_restored_whole(tmp_path, suffix, silent):
     source = make_clip(tmp_path / f"clip{suffix}", frames=30, audio=None if silent else AUDIO[suffix], step=2, gop=8)
-    options = dict(progress=False, temporal_sigma=1, chunk=4, crf=0)  # x264 at CRF 0 is lossless
+    options = dict(progress=False, select=SelectOptions(temporal_sigma=1), chunk=4, crf=0)  # x264 at CRF 0 is lossless
     restore_video(source, tmp_path / f"whole{suffix}", GreyRestorer(64), OneFace(), **options)
     parts = []
     for span in (range(0, 11), range(11, 20), range(20, 30)):
@@ -309,7 +312,7 @@ def test_segments_joined_are_the_clip_restored_whole(tmp_path, suffix, silent):
 def test_restore_video_with_gpen_and_real_faces(tmp_path, picture, fast_detector):
     source = make_clip(tmp_path / "solvay.mp4", picture, frames=12, size=(400, 240))
     summary = restore_video(source, tmp_path / "out" / "solvay.mp4", random_gpen(32), fast_detector,
-                            progress=False, max_faces=2, temporal_sigma=1, chunk=5)
+                            progress=False, select=SelectOptions(max_faces=2, temporal_sigma=1), chunk=5)
     assert (summary.frames, summary.faces) == (12, 24)
     assert str(summary).startswith("12 frames, 24 faces restored, ")
     assert timing(tmp_path / "out" / "solvay.mp4")[0] == 12

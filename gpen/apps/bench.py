@@ -147,10 +147,9 @@ def time_pipeline(scene: str, images: torch.Tensor, size: int, device: torch.dev
     restore_faces(images, model, detector, face_batch=args.batch[0])  # warm-up
     best: dict | None = None
     for _ in range(args.repeat):
-        timings: dict = {}
-        result = restore_faces(images, model, detector, face_batch=args.batch[0], timings=timings)
-        if best is None or sum(timings.values()) < sum(best.values()):
-            best = timings
+        result = restore_faces(images, model, detector, face_batch=args.batch[0])
+        if best is None or sum(result.timings.values()) < sum(best.values()):
+            best = result.timings
     total = sum(best.values())
     return dict(scene=scene, frames=len(images), faces=result.face_count, size=model.size, device=str(device),
                 dtype=dtype, **{f"{k}_ms": round(v * 1e3, 1) for k, v in best.items()}, total_ms=round(total * 1e3, 1),

@@ -7,17 +7,10 @@ imports its work (gpen.apps.jobs, .bench, .distributed, ...) when it runs.
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 
+from ..faces.options import MaskOptions, PasteOptions, SelectOptions, declared, spec_of, surface_name
 from ..files.images import MAX_MEGAPIXELS
-
-# The library's defaults, written out so that building the parser imports no torch; a test checks that
-# they are faces.pipeline's ORDERS and faces.paste's MASK_SHAPES, GPEN_ERODE and GPEN_FEATHER.
-ORDERS = ("largest", "left-right", "top-bottom", "confidence")
-MASK_SHAPES = ("box", "ellipse")
-GPEN_ERODE = 26 / 512
-GPEN_FEATHER = 4 * math.sqrt(2) / 512
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -121,27 +114,24 @@ def add_restore_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--models-dir", help="models folder (default: ComfyUI's when the pack is in one)")
     parser.add_argument("--max-megapixels", type=float, default=MAX_MEGAPIXELS,
                         help="refuse larger images from their header, before decoding (0: no limit; default %(default)g)")
-    select = parser.add_argument_group("which faces")
-    select.add_argument("--threshold", type=float, default=0.5, help="detection confidence (default %(default)g)")
+    select = parser.add_argument_group(
+        "which faces", "--temporal-smoothing steadies landmarks (and parse masks) within each video file, and "
+                       "across the image inputs, which are then frames of one video, in order")
     select.add_argument("--detect-size", default="auto",
                         help="auto: faces from ~16 px to the whole frame (close-ups, 2048 portraits); "
                              "or a long side in px to detect at, in one pass")
-    select.add_argument("--min-size", type=float, default=0, help="skip faces smaller than this many pixels")
-    select.add_argument("--max-faces", type=int, default=0, help="restore at most this many per image (0: all)")
-    select.add_argument("--order", choices=ORDERS, default="largest", help="face order for --indices and --max-faces")
-    select.add_argument("--indices", help="only these faces, counted in --order from 0: '0,2'")
-    select.add_argument("--temporal-smoothing", type=float, default=0, metavar="SIGMA",
-                        help="steady the landmarks over SIGMA frames: within each video file, and across the "
-                             "image inputs, which are then frames of one video, in order")
-    blend = parser.add_argument_group("blending")
-    blend.add_argument("--strength", type=float, default=1.0, help="how much of the restored face replaces the original")
-    blend.add_argument("--template", choices=("gpen", "ffhq"), default="gpen", help="alignment template")
-    blend.add_argument("--mask-shape", choices=MASK_SHAPES, default="box", help="paste mask (default %(default)s)")
-    blend.add_argument("--erode", type=float, default=GPEN_ERODE,
-                       help="mask inset, a fraction of the crop (default GPEN's %(default).4f)")
-    blend.add_argument("--feather", type=float, default=GPEN_FEATHER,
-                       help="mask blur, a fraction of the crop (default GPEN's %(default).4f)")
-    blend.add_argument("--color-correction", action="store_true", help="match the restored face's colours to the original")
+    added: set[str] = set()
+    _add_option_flags(select, SelectOptions, added)
+    select.add_argument("--changed-from", metavar="PATH",
+                        help="the image before a face swap: only the faces the swap changed are restored. A file "
+                             "(for one input), or a folder holding the originals at the inputs' paths below their "
+                             "common folder; not for video files")
+    _add_option_flags(parser.add_argument_group("blending"), PasteOptions, added)
+    masks = parser.add_argument_group("face parsing: restore only the face's own pixels")
+    masks.add_argument("--parser", action="append", metavar="NAME_OR_PATH",
+                       help="face parser: catalogue name (parsing_bisenet, parsing_parsenet) or a path; give it twice "
+                            "for a region parser and an occluder, their masks combined by minimum")
+    _add_option_flags(masks, MaskOptions, added)
     video = parser.add_argument_group("video files")
     video.add_argument("--codec", default="libx264",
                        help="video encoder (default %(default)s; webm files get libvpx-vp9): libx265, libvpx-vp9, ...")
@@ -161,6 +151,31 @@ def add_restore_arguments(parser: argparse.ArgumentParser) -> None:
     cluster.add_argument("--ray-segment", type=float, default=60, metavar="SECONDS",
                          help="clips longer than this are split into segments of about this length, restored "
                               "in parallel and joined (default %(default)g; 0 never splits)")
+
+
+# Options the CLI leaves at their defaults, and why: tests/test_options.py lists them too.
+NOT_FLAGS = {
+    "smooth_small_faces": "GPEN's own softening of small faces; only the crops' coverage masks turn it off",
+    "change_threshold": "the measured line between a face swap and noise (pipeline.changed_faces), not a taste",
+}
+
+
+def _add_option_flags(group, options: type, added: set[str]) -> None:
+    """A flag for each option of `options` (faces/options.py): --name-with-dashes, its default, its choices,
+    its help. Options that share a name (temporal_smoothing) share the flag: `added` holds the names so far."""
+    for field in declared(options):
+        name, spec = surface_name(field), spec_of(field)
+        if name in NOT_FLAGS or name in added:
+            continue
+        added.add(name)
+        flag = "--" + name.replace("_", "-")
+        if isinstance(field.default, bool):
+            group.add_argument(flag, action="store_true", help=spec.help)
+            continue
+        shown = "%(default)g" if isinstance(field.default, float) else "%(default)s"
+        default = f" (default {shown})" if field.default != "" else ""
+        group.add_argument(flag, type=type(field.default), default=field.default, choices=spec.choices,
+                           help=f"{spec.help}{default}")
 
 
 def _yes_no(text: str) -> bool:

@@ -151,10 +151,11 @@ RUN_OPTIONS = {"inputs", "legacy_inputs", "output", "overwrite", "ray", "ray_act
 
 def made_with(args, job) -> dict:
     """What decides a clip's restored pixels: the restore options, and the size and time of its source
-    and of the model and detector files given by path."""
+    and of the model, detector and parser files given by path."""
     made = {name: value for name, value in sorted(vars(args).items()) if name not in RUN_OPTIONS}
+    parsers = [(f"parser_file_{i}", path) for i, path in enumerate(getattr(args, "parser", None) or ())]
     for name, path in (("source", job.source), ("model_file", getattr(args, "model", None)),
-                       ("detector_file", getattr(args, "detector", None))):
+                       ("detector_file", getattr(args, "detector", None)), *parsers):
         if path and Path(path).is_file():
             stat = Path(path).stat()
             made[name] = [str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns]

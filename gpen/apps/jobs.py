@@ -4,10 +4,11 @@ their headers, load the models, and restore one file or clip. The CLI and Ray bo
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 import sys
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from glob import glob
 from pathlib import Path
 
@@ -15,12 +16,12 @@ import torch
 
 from ..devices import resolve_device
 from ..faces.detect import check_detect_size
-from ..faces.paste import face_mask
-from ..faces.pipeline import detect_faces, parse_indices, restore_faces, smooth_landmarks
-from ..faces.restore import check_strength, restore_aligned
+from ..faces.options import MaskOptions, PasteOptions, SelectOptions, from_values
+from ..faces.pipeline import detect_faces, restore_faces, smooth_landmarks
+from ..faces.restore import restore_aligned
 from ..files.catalogue import resolve
 from ..files.images import IMAGE_SUFFIXES, check_image_size, read_image, write_image
-from ..loader import load_detector, load_model
+from ..loader import load_detector, load_model, load_parser
 from .video import VIDEO_SUFFIXES, VideoInfo, check_video_options, probe_video, restore_video
 
 
@@ -98,12 +99,46 @@ def check_writable(folder: Path) -> None:
 
 def check_options(args) -> None:
     """Refuse bad option values once, with the library's messages, instead of failing every file."""
-    check_strength(args.strength)
+    restore_options(args)
     check_detect_size(args.detect_size)
-    face_mask(8, args.mask_shape, args.erode, args.feather)
-    parse_indices(args.indices or "")
     if not args.ray_segment >= 0:
         raise ValueError(f"--ray-segment must be 0 (never split) or a number of seconds, got {args.ray_segment:g}")
+    if (args.changed_from or args.parser) and (args.aligned or not args.face_align):
+        raise ValueError("--changed-from and --parser work on detected faces; aligned crops (--aligned) have none")
+    if args.changed_from and not Path(args.changed_from).exists():
+        raise FileNotFoundError(f"--changed-from {args.changed_from}: no such file or folder")
+
+
+def restore_options(args, changed_from=None, parsers=None) -> tuple[SelectOptions, PasteOptions, MaskOptions]:
+    """The restore options the flags give (faces/options.py), with the image before a swap and the
+    parsers, loaded, where there are some."""
+    values = vars(args)
+    return (from_values(SelectOptions, values, changed_from=changed_from), from_values(PasteOptions, values),
+            from_values(MaskOptions, values, parser=parsers))
+
+
+def changed_from_file(job: Job, args) -> Path | None:
+    """The image before the swap for this job's input: --changed-from itself when a file, else the
+    file at the input's path (below the inputs' common folder) in that folder."""
+    if not args.changed_from:
+        return None
+    before = Path(args.changed_from)
+    if not before.is_dir():
+        return before
+    output = Path(args.output)
+    return before / (job.target.relative_to(output) if job.target != output else job.source.name)
+
+
+@functools.lru_cache(maxsize=1)  # loaded once per process, as the model is: the CLI's run, or a Ray worker
+def load_parsers(names: tuple[str, ...], device: str, models_dir: str | None) -> list:
+    return [load_parser(resolve(name, "parser", models_dir), device=device) for name in names]
+
+
+def parsers_for(args, detector) -> list | None:
+    """The --parser parsers, on the detector's device (where crops are cut), or None without one."""
+    if not args.parser:
+        return None
+    return load_parsers(tuple(args.parser), str(getattr(detector, "device", "cpu")), args.models_dir)
 
 
 def check_sequence(jobs: list[Job], detect: bool, max_megapixels: float) -> None:
@@ -161,6 +196,8 @@ def admit(jobs: list[Job], args, report: Report, detect: bool = True) -> tuple[l
                 check_image_size(job.source, args.max_megapixels)
             elif not detect:
                 raise ValueError(f"{job.source}: --aligned is for aligned face crops in image files, not video")
+            elif args.changed_from:
+                raise ValueError(f"{job.source}: --changed-from compares images; it does not take video files")
             else:
                 videos[job] = probe_video(job.source, args.max_megapixels)
         except (ValueError, OSError) as e:
@@ -229,19 +266,15 @@ def load_models(args, device, detect: bool):
     return model, detector
 
 
-def selection(args) -> dict:
-    return dict(threshold=args.threshold, min_size=args.min_size, max_faces=args.max_faces, order=args.order,
-                indices=args.indices)
-
-
 def detect_sequence(jobs: list[Job], detector, args) -> dict:
     """Every frame's faces, with landmarks steadied over the whole sequence. Frames are read one at
     a time and only their landmarks kept, so a long sequence needs no more memory than one frame."""
     print(f"finding the faces in {len(jobs)} frames to steady them over {args.temporal_smoothing:g} frames", flush=True)
+    select = replace(restore_options(args)[0], temporal_sigma=0.0)  # steadied below, over the whole sequence
     found = []
     for job in jobs:
         image = torch.from_numpy(read_image(job.source, args.max_megapixels)[0])[None]
-        found += detect_faces(image, detector, **selection(args))
+        found += detect_faces(image, detector, select)
     return dict(zip(jobs, smooth_landmarks(found, args.temporal_smoothing)))
 
 
@@ -252,10 +285,11 @@ def restore_file(job: Job, model, detector, args, faces=None, progress=None) -> 
     if detector is None:
         restored, summary = restore_aligned(model, image, args.strength, batch_size=1), "restored as one aligned face"
     else:
-        result = restore_faces(image, model, detector, **selection(args), faces=None if faces is None else [faces],
-                               template=args.template, strength=args.strength, mask_shape=args.mask_shape,
-                               erode=args.erode, feather=args.feather, color_correction=args.color_correction,
-                               face_batch=args.face_batch, progress=progress)
+        before = changed_from_file(job, args)
+        before = None if before is None else torch.from_numpy(read_image(before, args.max_megapixels)[0])[None]
+        select, paste, masks = restore_options(args, before, parsers_for(args, detector))
+        result = restore_faces(image, model, detector, select=select, paste=paste, masks=masks,
+                               faces=None if faces is None else [faces], face_batch=args.face_batch, progress=progress)
         restored, summary = result.images, result.summary
     write_image(job.target, restored[0].numpy(), fmt, overwrite=args.overwrite)
     return summary
@@ -265,13 +299,11 @@ def restore_clip(job: Job, model, detector, args, info, label: str, span: range 
                  target: Path | None = None):
     """Restore one video file, streaming, into job.target (or frames `span` alone, into the segment
     file `target`); returns its VideoSummary."""
+    select, paste, masks = restore_options(args, parsers=parsers_for(args, detector))
     return restore_video(job.source, target or job.target, model, detector, codec=args.codec, crf=args.crf,
-                         chunk=args.chunk, temporal_sigma=args.temporal_smoothing, progress=label,
-                         overwrite=args.overwrite or span is not None, max_megapixels=args.max_megapixels,
-                         info=info, span=span, **selection(args), template=args.template,
-                         strength=args.strength, mask_shape=args.mask_shape, erode=args.erode,
-                         feather=args.feather, color_correction=args.color_correction,
-                         face_batch=args.face_batch)
+                         chunk=args.chunk, select=select, paste=paste, masks=masks, face_batch=args.face_batch,
+                         progress=label, overwrite=args.overwrite or span is not None,
+                         max_megapixels=args.max_megapixels, info=info, span=span)
 
 
 def _face_progress(prefix: str):

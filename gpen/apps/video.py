@@ -1,11 +1,11 @@
 """Video files: restore every frame's faces while streaming, keeping the clip's timing and audio.
 
-    summary = gpen.restore_video("clip.mp4", "out/clip.mp4", model, detector, temporal_sigma=2)
+    summary = gpen.restore_video("clip.mp4", "out/clip.mp4", model, detector, select=SelectOptions(temporal_sigma=2))
     print(summary)                        # 240 frames, 231 faces restored, 81.2 s
 
 Frames are decoded, restored and encoded a chunk at a time (PyAV), so a clip of any length needs the
 memory of a few dozen frames. `restore_frames` is the engine on its own: a generator over any
-sequence of frames, for tools with frames from elsewhere. Landmark smoothing (`temporal_sigma`) looks
+sequence of frames, for tools with frames from elsewhere. Landmark smoothing (`select.temporal_sigma`) looks
 ahead and behind across chunk boundaries and gives what smoothing the whole clip at once gives.
 """
 
@@ -26,6 +26,7 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 
+from ..faces.options import MaskOptions, PasteOptions, SelectOptions
 from ..faces.pipeline import Selection
 from ..faces.stream import restore_frames, smoothing_reach
 from ..files.atomic import atomic_file
@@ -472,10 +473,11 @@ def _blend_planes(original: list[np.ndarray], new: list[np.ndarray], mask: np.nd
 
 
 def restore_video(src: str | os.PathLike, dst: str | os.PathLike, model, detector, *, codec: str = DEFAULT_CODEC,
-                  crf: float = DEFAULT_CRF, chunk: int = 16, temporal_sigma: float = 0.0,
+                  crf: float = DEFAULT_CRF, chunk: int = 16, select: SelectOptions = SelectOptions(),
+                  paste: PasteOptions = PasteOptions(), masks: MaskOptions = MaskOptions(), face_batch: int = 4,
                   progress: bool | str = True, overwrite: bool = True,
                   max_megapixels: float | None = MAX_MEGAPIXELS, info: VideoInfo | None = None,
-                  span: range | None = None, **restore_options) -> VideoSummary:
+                  span: range | None = None, cancel: Callable[[], bool | None] | None = None) -> VideoSummary:
     """Restore every face of the video `src` into `dst` (its container from its suffix), streaming.
 
     Frame count, rate and time base are kept, audio streams are copied packet for packet, and video
@@ -483,7 +485,7 @@ def restore_video(src: str | os.PathLike, dst: str | os.PathLike, model, detecto
     the codec gets its usual one, and the summary says so). `dst` appears whole or not at all: the
     encoding goes to a temporary file beside it, renamed at the end and removed on any failure,
     Ctrl-C included. `progress` shows a bar (tqdm) with frames per second and ETA; a string labels it.
-    Other options are restore_frames' (selection, temporal_sigma, masks, cancel ...).
+    `select`, `paste`, `masks`, `face_batch` and `cancel` are restore_frames' (faces/options.py).
 
     With `span`, only those frames of the clip are restored, into `dst` as a segment holding video
     alone, at the clip's timestamps, for `join_segments` to put together with the others and the
@@ -502,7 +504,7 @@ def restore_video(src: str | os.PathLike, dst: str | os.PathLike, model, detecto
     if not span:
         reader.close()
         raise ValueError(f"{src}: span {span.start}:{span.stop} holds no frame")
-    start = max(0, span.start - smoothing_reach(temporal_sigma))  # the first frame read
+    start = max(0, span.start - smoothing_reach(select.temporal_sigma))  # the first frame read
     lead = span.start - start  # frames read for smoothing alone, before the segment
     bar = None
     try:
@@ -520,9 +522,10 @@ def restore_video(src: str | os.PathLike, dst: str | os.PathLike, model, detecto
                     reader.originals.clear()
                 reader.on_audio = writer.mux_audio
                 bar = _progress_bar(progress, len(span), src.name)
-                for result in restore_frames(_prepend(first, frames), model, detector, chunk=chunk,
-                                             temporal_sigma=temporal_sigma, selection=summary.selection,
-                                             span=range(lead, len(span) + lead), **restore_options):
+                for result in restore_frames(_prepend(first, frames), model, detector, chunk=chunk, select=select,
+                                             paste=paste, masks=masks, face_batch=face_batch,
+                                             selection=summary.selection, span=range(lead, len(span) + lead),
+                                             cancel=cancel):
                     pixels = (result.images[..., :3].clamp(0, 1) * 255 + 0.5).to(torch.uint8).numpy()
                     masks = result.masks.float().cpu().numpy()
                     for _ in range(lead):  # read before the segment, for its smoothing

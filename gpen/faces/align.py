@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .options import TEMPLATES
+
 # GPEN's own template, as fractions of the crop size: align_faces.py's 96x112 reference points,
 # squared to 112x112 (x + 8) with inner padding 0.25 (+ 28, in a 168x168 frame). GPEN was trained on it.
 GPEN_TEMPLATE = tuple(((x + 8 + 28) / 168, (y + 28) / 168) for x, y in (
@@ -18,14 +20,14 @@ GPEN_TEMPLATE = tuple(((x + 8 + 28) / 168, (y + 28) / 168) for x, y in (
 FFHQ_TEMPLATE = ((192.98138 / 512, 239.94708 / 512), (318.90277 / 512, 240.1936 / 512),
                  (256.63416 / 512, 314.01935 / 512), (201.26117 / 512, 371.41043 / 512),
                  (313.08905 / 512, 371.15118 / 512))
-TEMPLATES = {"gpen": GPEN_TEMPLATE, "ffhq": FFHQ_TEMPLATE}
+TEMPLATE_POINTS = {"gpen": GPEN_TEMPLATE, "ffhq": FFHQ_TEMPLATE}  # by the names options.TEMPLATES offers
 WARP_CHUNK = 1  # faces warped together
 
 
 def template_points(size: int, template: str = "gpen") -> torch.Tensor:
-    if template not in TEMPLATES:
+    if template not in TEMPLATE_POINTS:
         raise ValueError(f"template must be one of {', '.join(TEMPLATES)}, got {template!r}")
-    return torch.tensor(TEMPLATES[template], dtype=torch.float64) * size
+    return torch.tensor(TEMPLATE_POINTS[template], dtype=torch.float64) * size
 
 
 def similarity_transform(src: torch.Tensor, dst: torch.Tensor) -> torch.Tensor:

@@ -15,43 +15,6 @@ import torch.nn.functional as F
 
 from .paste import gaussian_blur
 
-CLASSES = ("background", "skin", "left brow", "right brow", "left eye", "right eye", "glasses", "left ear",
-           "right ear", "earring", "nose", "mouth", "upper lip", "lower lip", "neck", "necklace", "cloth", "hair",
-           "hat")
-# Restored by default: the face itself. Kept from the original: background, earring, neck, necklace,
-# cloth, hair and hat, which GPEN would repaint with hallucinated skin.
-FACE_REGIONS = (1, 2, 3, 4, 5, 6, 7, 8, 10, 11, 12, 13)
-REGION_PRESETS = {
-    "face": FACE_REGIONS,
-    "face without glasses": tuple(c for c in FACE_REGIONS if c != 6),  # rims stay as they were
-    "face without ears": tuple(c for c in FACE_REGIONS if c not in (7, 8)),
-    "face and hair": FACE_REGIONS + (17,),
-}
-PARSE_FEATHER = 0.01  # of the crop: the soft edge of a parse mask (5 px at 512)
-
-
-def region_classes(regions: str | Iterable[int | str] | None = None) -> tuple[int, ...]:
-    """Class indices from a preset name ("face"), names ("skin, nose") or indices; None is "face"."""
-    if regions is None:
-        return FACE_REGIONS
-    if isinstance(regions, str):
-        if regions in REGION_PRESETS:
-            return REGION_PRESETS[regions]
-        regions = [part.strip() for part in regions.split(",") if part.strip()]
-    classes = []
-    for region in regions:
-        if isinstance(region, str) and region.isdigit():
-            region = int(region)
-        if isinstance(region, str):
-            if region not in CLASSES:
-                raise ValueError(f"unknown face region {region!r}: use a preset ({', '.join(REGION_PRESETS)}) "
-                                 f"or classes from {', '.join(CLASSES)}")
-            region = CLASSES.index(region)
-        if not 0 <= int(region) < len(CLASSES):
-            raise ValueError(f"face region {region} is not one of the {len(CLASSES)} classes (0-{len(CLASSES) - 1})")
-        classes.append(int(region))
-    return tuple(sorted(set(classes)))
-
 
 def class_masks(logits: torch.Tensor, classes: Iterable[int]) -> torch.Tensor:
     """(N,C,S,S) logits -> (N,S,S) float: 1 where the most likely class is one of `classes`."""

@@ -15,7 +15,8 @@ import torch
 
 from ..archs.spec import ArchSpec, network_input, resize
 from .handle import NetworkHandle
-from .masks import CLASSES, PARSE_FEATHER, class_masks, feather_inside, region_classes
+from .masks import class_masks, feather_inside
+from .options import CLASSES, PARSE_FEATHER, region_classes
 
 
 @runtime_checkable
@@ -87,7 +88,7 @@ def parse_faces(parsers, crops: torch.Tensor, regions: str | Iterable[int | str]
 
     `parsers` is one parser or several (a region parser with an occluder, or several occluders): their
     masks combine by minimum. Region parsers keep the classes in `regions` (default: the face, see
-    masks.FACE_REGIONS); occluders give their visible-face probability. Edges are feathered by
+    options.FACE_REGIONS); occluders give their visible-face probability. Edges are feathered by
     `feather` x S, inside the mask. Faces go through in batches of `batch_size`; `on_batch(done, total)`
     follows them and may raise to cancel.
     """

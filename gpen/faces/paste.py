@@ -7,19 +7,14 @@ merges them: a pixel takes the face whose mask is strongest there, never a blend
 from __future__ import annotations
 
 import functools
-import math
 
 import torch
 import torch.nn.functional as F
 
 from .align import frames_of, invert_affine, warp, warp_faces
-from .restore import check_strength
+from .options import GPEN_ERODE, GPEN_FEATHER, PasteOptions
 from .tensors import as_rgb, match_channels
 
-MASK_SHAPES = ("box", "ellipse")
-# GPEN's paste mask at 512: a box 26 px in from the edge, blurred twice with sigma 4.
-GPEN_ERODE = 26 / 512
-GPEN_FEATHER = 4 * math.sqrt(2) / 512
 MASK_TIE = 1e-4  # weights closer than this are a tie (float rounding), and one this small changes nothing
 SMALL_FACE = 100  # px: GPEN softens restored faces smaller than this, which would look over-sharp
 
@@ -27,10 +22,7 @@ SMALL_FACE = 100  # px: GPEN softens restored faces smaller than this, which wou
 @functools.lru_cache(maxsize=8)  # the same few masks serve every face and frame; callers never modify it
 def face_mask(size: int, shape: str = "box", erode: float = GPEN_ERODE, feather: float = GPEN_FEATHER) -> torch.Tensor:
     """(size, size) soft mask in crop space; erode and feather are fractions of the crop size."""
-    if shape not in MASK_SHAPES:
-        raise ValueError(f"mask shape must be one of {', '.join(MASK_SHAPES)}, got {shape!r}")
-    if not 0 <= erode < 0.5 or feather < 0:
-        raise ValueError(f"erode must be in [0, 0.5) and feather >= 0, got {erode}, {feather}")
+    PasteOptions(mask_shape=shape, erode=erode, feather=feather)  # refuses what they refuse
     coords = torch.arange(size, dtype=torch.float32)
     margin = erode * size
     if shape == "box":
@@ -65,9 +57,8 @@ def soften(crops: torch.Tensor) -> torch.Tensor:
 
 
 def paste_faces(images: torch.Tensor, restored: torch.Tensor, affines: torch.Tensor,
-                frames: torch.Tensor | None = None, *, strength: float = 1.0, mask_shape: str = "box",
-                erode: float = GPEN_ERODE, feather: float = GPEN_FEATHER, color_correction: bool = False,
-                smooth_small_faces: bool = True, crop_size: int | None = None, face_masks: torch.Tensor | None = None,
+                frames: torch.Tensor | None = None, options: PasteOptions = PasteOptions(), *,
+                crop_size: int | None = None, face_masks: torch.Tensor | None = None,
                 device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Blend restored crops (N,S,S,3) back into images (B,H,W,C; C = 1, 3 or 4) through their affines (N,2,3).
 
@@ -76,10 +67,9 @@ def paste_faces(images: torch.Tensor, restored: torch.Tensor, affines: torch.Ten
     with the box mask by minimum: where one is 0 the original stays, bit for bit. The work
     runs on `device` (default: the crops'), one frame's face region at a time. Returns the images in
     their own channels, dtype and device, and the masks used (B,H,W float32). Under the mask the restored
-    face replaces the original (strength scales the mask, GPEN's alpha); every pixel where the mask is
-    zero is returned bit-identical.
+    face replaces the original (`options.strength` scales the mask, GPEN's alpha); every pixel where the
+    mask is zero is returned bit-identical.
     """
-    check_strength(strength)
     if restored.ndim != 4 or restored.shape[-1] != 3 or len(restored) != len(affines):
         raise ValueError(f"restored must be (N, S, S, 3) with one affine each; got {tuple(restored.shape)} "
                          f"and {len(affines)} affines")
@@ -93,16 +83,17 @@ def paste_faces(images: torch.Tensor, restored: torch.Tensor, affines: torch.Ten
     if len(restored):
         device = torch.device(device) if device is not None else restored.device
         affines = resize_affines(affines.to(torch.float64), restored.shape[1] / (crop_size or restored.shape[1]))
-        crops = prepare_crops(images, restored.to(device), affines, frames, color_correction, smooth_small_faces)
+        crops = prepare_crops(images, restored.to(device), affines, frames, options.color_correction,
+                              options.smooth_small_faces)
         size = restored.shape[1]
-        box = face_mask(size, mask_shape, erode, feather).to(device)
+        box = face_mask(size, options.mask_shape, options.erode, options.feather).to(device)
         if face_masks is not None:
             face_masks = face_masks.to(device, torch.float32)
             if face_masks.shape[-2:] != (size, size):
                 face_masks = F.interpolate(face_masks[:, None], size=(size, size), mode="bilinear")[:, 0]
         for i, (crop, affine, frame) in enumerate(zip(crops, affines, frames.tolist())):
             mask = box if face_masks is None else torch.minimum(box, face_masks[i])
-            _paste_face(out[frame], masks[frame], images[frame], crop, affine, mask, strength)
+            _paste_face(out[frame], masks[frame], images[frame], crop, affine, mask, options.strength)
     return (out[0], masks[0]) if single else (out, masks)
 
 

@@ -18,16 +18,15 @@ import torch.nn.functional as F
 
 from .align import crop_faces, warp_faces
 from .detect import Faces, box_iou
-from .masks import PARSE_FEATHER, smooth_over_time
+from .masks import smooth_over_time
+from .options import MaskOptions, PasteOptions, SelectOptions
 from .parse import parse_faces
-from .paste import GPEN_ERODE, GPEN_FEATHER, paste_faces
-from .restore import as_restorer, check_strength, finite_faces
+from .paste import paste_faces
+from .restore import as_restorer, finite_faces
+from .tensors import as_rgb
 
-ORDERS = ("largest", "left-right", "top-bottom", "confidence")
 MIN_DETECT_SIDE = 32  # below this RetinaFace's coarsest level has no cell; nothing is detected
-PARSE_SOURCES = ("original", "restored")
-DETECT_CHUNK = 4
-CHANGE_THRESHOLD = 0.04  # see changed_faces  # frames detected between two looks at the cancel hook
+DETECT_CHUNK = 4  # frames detected between two looks at the cancel hook
 log = logging.getLogger("gpen")
 
 
@@ -94,6 +93,7 @@ class Restoration:
     info: FaceInfo = field(repr=False)
     unrestored: int = 0  # faces left as they were: the restorer's output was not finite
     masked_out: int = 0  # faces left as they were: the face parser found none of the wanted regions
+    timings: dict[str, float] = field(default_factory=dict)  # seconds each stage took
 
     @property
     def faces(self) -> list[Faces]:
@@ -122,36 +122,27 @@ class Restoration:
         return "; ".join([*lead, text, *([f"no face found in {missing} of them"] if missing else []), *notes])
 
 
-def select_faces(faces: Faces, min_size: float = 0, max_faces: int = 0, order: str = "largest",
-                 indices: str | list[int] | None = None, selection: Selection | None = None) -> Faces:
-    """Faces of one frame kept by size, sorted, then picked by index ("0,2"; repeats dropped) and capped
-    at max_faces. `selection`, when given, counts what was left out, for the summary."""
-    if order not in ORDERS:
-        raise ValueError(f"order must be one of {', '.join(ORDERS)}, got {order!r}")
+def select_faces(faces: Faces, options: SelectOptions = SelectOptions(), selection: Selection | None = None) -> Faces:
+    """Faces of one frame kept by size (`min_size`), sorted (`order`), then picked by index (`indices`,
+    "0,2"; repeats dropped) and capped at `max_faces`. `selection`, when given, counts what was left
+    out, for the summary."""
     selection = selection if selection is not None else Selection()
     selection.found += len(faces)
-    selection.min_size = min_size
+    selection.min_size = options.min_size
     sides = torch.minimum(faces.boxes[:, 2] - faces.boxes[:, 0], faces.boxes[:, 3] - faces.boxes[:, 1])
-    selection.too_small += int((sides < min_size).sum())
-    faces = faces[sides >= min_size]
+    selection.too_small += int((sides < options.min_size).sum())
+    faces = faces[sides >= options.min_size]
     keys = {"largest": lambda f: -(f.boxes[:, 2] - f.boxes[:, 0]) * (f.boxes[:, 3] - f.boxes[:, 1]),
             "left-right": lambda f: f.boxes[:, 0], "top-bottom": lambda f: f.boxes[:, 1],
             "confidence": lambda f: -f.scores}
-    faces = faces[keys[order](faces).argsort(stable=True)]
-    if indices not in (None, "", []):
-        wanted = list(dict.fromkeys(parse_indices(indices) if isinstance(indices, str) else indices))
+    faces = faces[keys[options.order](faces).argsort(stable=True)]
+    wanted = options.wanted
+    if wanted is not None:
         for i in wanted:
             if not 0 <= i < len(faces):
                 selection.missing_indices[i] = max(selection.missing_indices.get(i, 0), len(faces))
         faces = faces[torch.tensor([i for i in wanted if 0 <= i < len(faces)], dtype=torch.long)]
-    return faces[:max_faces] if max_faces > 0 else faces
-
-
-def parse_indices(text: str) -> list[int]:
-    try:
-        return [int(part) for part in text.replace(" ", "").split(",") if part]
-    except ValueError:
-        raise ValueError(f"face indices must be comma-separated numbers like '0,2', got {text!r}") from None
+    return faces[:options.max_faces] if options.max_faces > 0 else faces
 
 
 def smooth_landmarks(faces: list[Faces], sigma: float = 1.5, min_iou: float = 0.3) -> list[Faces]:
@@ -203,12 +194,11 @@ def local_linear_weights(times: torch.Tensor, sigma: float) -> torch.Tensor:
     return torch.where(det > 1e-9, linear, w / s0)
 
 
-def detect_faces(images: torch.Tensor, detector, *, threshold: float = 0.5, min_size: float = 0,
-                 max_faces: int = 0, order: str = "largest", indices: str | None = None,
-                 temporal_sigma: float = 0.0, selection: Selection | None = None,
-                 cancel: Callable[[], bool | None] | None = None) -> list[Faces]:
+def detect_faces(images: torch.Tensor, detector, options: SelectOptions = SelectOptions(), *,
+                 selection: Selection | None = None, cancel: Callable[[], bool | None] | None = None) -> list[Faces]:
     """The faces to restore in each frame: detected a few frames at a time (asking `cancel` between),
-    selected, and steadied across frames. Frames too small to hold a face have none."""
+    selected, and steadied across frames (`options.temporal_sigma`). Frames too small to hold a face
+    have none."""
     if images.ndim == 3:
         images = images[None]
     if min(images.shape[1:3]) < MIN_DETECT_SIDE:
@@ -218,23 +208,23 @@ def detect_faces(images: torch.Tensor, detector, *, threshold: float = 0.5, min_
     chunk = DETECT_CHUNK if torch.device(getattr(detector, "device", "cpu")).type == "cuda" else 1
     for start in range(0, len(images), chunk):
         check_cancel(cancel)
-        found += detector.detect(images[start:start + chunk], threshold=threshold)
-    faces = [select_faces(f, min_size, max_faces, order, indices, selection) for f in found]
-    return smooth_landmarks(faces, temporal_sigma)
+        found += detector.detect(images[start:start + chunk], threshold=options.threshold)
+    faces = [select_faces(f, options, selection) for f in found]
+    return smooth_landmarks(faces, options.temporal_sigma)
 
 
-def locate_faces(images: torch.Tensor, detector, crop_size: int, *, template: str = "gpen",
+def locate_faces(images: torch.Tensor, detector, crop_size: int, options: SelectOptions = SelectOptions(), *,
                  faces: list[Faces] | None = None, device: torch.device | str | None = None,
-                 changed_from: torch.Tensor | None = None, change_threshold: float = CHANGE_THRESHOLD,
-                 cancel: Callable[[], bool | None] | None = None, timings: dict | None = None,
-                 **selection_options) -> tuple[torch.Tensor, FaceInfo]:
+                 cancel: Callable[[], bool | None] | None = None, timings: dict | None = None
+                 ) -> tuple[torch.Tensor, FaceInfo]:
     """Aligned crops (N,S,S,3 float32 on `device`) of the faces of every frame, and where they came from.
 
     Detection, cropping and (later) pasting run on one device: the detector's unless `device` says.
-    `faces` (one `Faces` per frame) skips detection; otherwise `selection_options` go to detect_faces.
-    With `changed_from` (the frames before a face swap), only faces that differ from it are kept:
-    see `changed_faces`.
+    `faces` (one `Faces` per frame) skips detection; otherwise `options` select them (detect_faces),
+    and they are cut out on `options.template`. With `options.changed_from` (the frames before a face
+    swap), only faces that differ from it are kept: see `changed_faces`.
     """
+    changed_from = options.changed_from
     if changed_from is not None:
         changed_from = changed_from[None] if changed_from.ndim == 3 else changed_from
         check_same_frames(images, changed_from)
@@ -242,17 +232,18 @@ def locate_faces(images: torch.Tensor, detector, crop_size: int, *, template: st
     selection = Selection()
     if faces is None:
         with _stage(timings, "detect", device):
-            faces = detect_faces(images, detector, selection=selection, cancel=cancel, **selection_options)
+            faces = detect_faces(images, detector, options, selection=selection, cancel=cancel)
     elif len(faces) != len(images):
         raise ValueError(f"faces must hold one entry per frame: {len(faces)} for {len(images)} frames")
     frames = torch.cat([torch.full((len(f),), t, dtype=torch.long) for t, f in enumerate(faces)]) if faces \
         else torch.zeros(0, dtype=torch.long)
     info = FaceInfo(faces, torch.zeros(0, 2, 3), frames, crop_size, tuple(images.shape[1:3]), device, selection)
     with _stage(timings, "crop", device):
-        crops, info.affines = crop_faces(images, info.landmarks, crop_size, frames, template=template, device=device)
+        crops, info.affines = crop_faces(images, info.landmarks, crop_size, frames, template=options.template,
+                                         device=device)
     if changed_from is not None:
         with _stage(timings, "compare", device):
-            keep = changed_faces(crops, changed_from, info.affines, frames) > change_threshold
+            keep = changed_faces(crops, changed_from, info.affines, frames) > options.change_threshold
         selection.compared, selection.changed = len(keep), int(keep.sum())
         crops, info = crops[keep.to(crops.device)], keep_faces(info, keep)
     return crops, info
@@ -296,51 +287,31 @@ def keep_faces(info: FaceInfo, keep: torch.Tensor) -> FaceInfo:
                     info.selection)
 
 
-def restore_faces(images: torch.Tensor, model, detector, *, threshold: float = 0.5, min_size: float = 0,
-                  max_faces: int = 0, order: str = "largest", indices: str | None = None,
-                  template: str = "gpen", strength: float = 1.0, mask_shape: str = "box",
-                  erode: float = GPEN_ERODE, feather: float = GPEN_FEATHER, color_correction: bool = False,
-                  smooth_small_faces: bool = True, temporal_sigma: float = 0.0, face_batch: int = 4,
-                  faces: list[Faces] | None = None, changed_from: torch.Tensor | None = None,
-                  change_threshold: float = CHANGE_THRESHOLD, parser=None, mask_regions=None, parse_source: str = "original",
-                  parse_feather: float = PARSE_FEATHER, mask_temporal_sigma: float = 0.0,
+def restore_faces(images: torch.Tensor, model, detector, *, select: SelectOptions = SelectOptions(),
+                  paste: PasteOptions = PasteOptions(), masks: MaskOptions = MaskOptions(),
+                  faces: list[Faces] | None = None, face_batch: int = 4,
                   progress: Callable[[int, int], None] | None = None,
-                  cancel: Callable[[], bool | None] | None = None, timings: dict | None = None) -> Restoration:
+                  cancel: Callable[[], bool | None] | None = None) -> Restoration:
     """Restore every face in a batch of frames (B,H,W,C float 0..1; C = 1, 3 or 4).
 
     `model` is any restorer with `.size` and `restore(faces, batch_size, on_batch[, cancel])` (a GPEN model);
-    `detector` has `detect(images, threshold)`. Faces from all frames are restored together in
+    `detector` has `detect(images, threshold)`. `select` says which faces (and, with `changed_from`,
+    only those a face swap changed), `paste` how they are blended back, `masks` which of their pixels
+    (with a face parser): see faces/options.py. Faces from all frames are restored together in
     batches of `face_batch`; `progress(done, total)` follows them and `cancel()` is asked between
     detection chunks and face batches (return True, or raise, to stop: Cancelled is raised).
 
     Every pixel outside the paste masks comes back bit-identical, in the input's dtype, channels and
     device; frames without faces come back whole. The result's `summary` says what was done and what
-    was left out. A `timings` dict receives each stage's seconds. `faces` (one `Faces` per frame, from
+    was left out, its `timings` each stage's seconds. `faces` (one `Faces` per frame, from
     `detect_faces`) skips detection and selection, for callers that detect a longer sequence first
     (smoothing landmarks across all of it) and restore it in parts.
-
-    After a face swap: `changed_from`, the frames before it (one frame, or one per frame), restores
-    only the faces the swap changed (see `changed_faces` for `change_threshold`); the summary says
-    "3 of 29 faces changed", and frames where nothing changed come back whole.
-
-    Occlusion- and region-aware paste: `parser` (from `load_parser`, or several in a list, combined by
-    minimum) decides per face which pixels take the restored face: the `mask_regions` classes (default:
-    the face without hair, hat, neck or background; see masks.REGION_PRESETS) and what no occluder
-    covers. Elsewhere the original stays, bit for bit. `parse_source` "original" parses the crop
-    before restoration (what sees a hand or a microphone), "restored" the restored face, as facexlib
-    does. `parse_feather` softens the mask edge (a fraction of the crop, inside the mask);
-    `mask_temporal_sigma` steadies masks along each face's track across frames.
     """
-    check_strength(strength)
-    if parse_source not in PARSE_SOURCES:
-        raise ValueError(f"parse_source must be one of {', '.join(PARSE_SOURCES)}, got {parse_source!r}")
     if images.ndim == 3:
         images = images[None]
     check_cancel(cancel)
-    crops, info = locate_faces(images, detector, model.size, template=template, faces=faces, cancel=cancel,
-                               timings=timings, changed_from=changed_from, change_threshold=change_threshold,
-                               threshold=threshold, min_size=min_size, max_faces=max_faces,
-                               order=order, indices=indices, temporal_sigma=temporal_sigma)
+    timings: dict[str, float] = {}
+    crops, info = locate_faces(images, detector, model.size, select, faces=faces, cancel=cancel, timings=timings)
 
     def on_batch(done: int, total: int) -> None:
         if progress is not None:
@@ -352,15 +323,54 @@ def restore_faces(images: torch.Tensor, model, detector, *, threshold: float = 0
         with _stage(timings, "restore", info.device):
             restored = as_restorer(model).restore(crops, batch_size=face_batch, on_batch=on_batch,
                                                   cancel=cancel and (lambda: check_cancel(cancel))).to(info.device)
+    return paste_restored(images, restored, info, paste, masks, crops=crops, face_batch=face_batch, cancel=cancel,
+                          timings=timings)
+
+
+def paste_restored(images: torch.Tensor, restored: torch.Tensor, info: FaceInfo, paste: PasteOptions = PasteOptions(),
+                   masks: MaskOptions = MaskOptions(), *, crops: torch.Tensor | None = None, face_batch: int = 4,
+                   progress: Callable[[int, int], None] | None = None,
+                   cancel: Callable[[], bool | None] | None = None, timings: dict | None = None) -> Restoration:
+    """Paste restored crops (N,S,S,C, in `info`'s order, any size) back into the frames `info` was made
+    from: the second half of restore_faces, for restorers run apart (the modular nodes).
+
+    With a face parser (`masks.parser`), each face takes the restored pixels only where the parser shows
+    the `masks.regions` and no occluder covers it; elsewhere the original stays, bit for bit.
+    `masks.source` "original" parses the crops before restoration (`crops`, or cut again from `images`),
+    "restored" the restored faces, as facexlib does; `masks.temporal_sigma` steadies the masks along each
+    face's track. A face whose restored pixels are not finite (NaN or Inf), or in which the parser finds
+    none of the regions, is left as it was, and the summary says so. `progress(done, total)` follows the
+    parsing; `cancel()` is asked between its batches. A `timings` dict receives the stages' seconds
+    (and becomes the result's).
+    """
+    if images.ndim == 3:
+        images = images[None]
+    if tuple(images.shape[1:3]) != tuple(info.image_size):
+        raise ValueError(f"image is {tuple(images.shape[1:3])} but the faces were found in "
+                         f"{tuple(info.image_size)} frames")
+    if len(restored) != len(info):
+        raise ValueError(f"{len(restored)} restored crops for {len(info)} detected faces")
+    if restored.shape[-1] != 3:  # crops from other packs may be grey or RGBA
+        restored = as_rgb(restored)
+    restored = restored.to(info.device)
     face_masks = None
-    if parser is not None and len(crops):
+    if masks.parser is not None and len(restored):
+        if masks.source == "original" and crops is None:  # cut again from the frames, as locate_faces cut them
+            crops = warp_faces(images, info.affines, info.frames, info.crop_size, info.device)
+            crops = crops.clamp_(0, 1).permute(0, 2, 3, 1)
+
+        def on_batch(done: int, total: int) -> None:
+            if progress is not None:
+                progress(done, total)
+            check_cancel(cancel)
+
         with _stage(timings, "parse", info.device):
-            face_masks = parse_faces(parser, crops if parse_source == "original" else restored, mask_regions,
-                                     parse_feather, batch_size=face_batch, on_batch=lambda *_: check_cancel(cancel))
-        if mask_temporal_sigma > 0:
+            face_masks = parse_faces(masks.parser, crops if masks.source == "original" else restored, masks.regions,
+                                     masks.feather, batch_size=face_batch, on_batch=on_batch)
+        if masks.temporal_sigma > 0:
             offsets = _face_offsets(info.faces)
             tracks = [torch.tensor([offsets[t] + i for t, i in track]) for track in face_tracks(info.faces)]
-            face_masks = smooth_over_time(face_masks, tracks, mask_temporal_sigma)
+            face_masks = smooth_over_time(face_masks, tracks, masks.temporal_sigma)
     finite = finite_faces(restored)
     unrestored = int((~finite).sum())
     if unrestored:
@@ -372,11 +382,17 @@ def restore_faces(images: torch.Tensor, model, detector, *, threshold: float = 0
     else:
         affines, frames = info.affines, info.frames
     with _stage(timings, "paste", info.device):
-        pasted, masks = paste_faces(images, restored, affines, frames,
-                                    strength=strength, mask_shape=mask_shape, erode=erode, feather=feather,
-                                    color_correction=color_correction, smooth_small_faces=smooth_small_faces,
+        pasted, blend = paste_faces(images, restored, affines, frames, paste, crop_size=info.crop_size,
                                     face_masks=face_masks, device=info.device)
-    return Restoration(pasted, masks, info, unrestored, int((finite & ~shown).sum()))
+    masked_out = int((finite & ~shown).sum())
+    return Restoration(pasted, blend, info, unrestored, masked_out, timings if timings is not None else {})
+
+
+def face_areas(images: torch.Tensor, crops: torch.Tensor, info: FaceInfo) -> torch.Tensor:
+    """(B,H,W) the area of each frame the located faces cover: GPEN's paste mask of each crop."""
+    _, areas = paste_faces(images[..., :1], crops, info.affines, info.frames, PasteOptions(smooth_small_faces=False),
+                           device=info.device)
+    return areas
 
 
 def _face_offsets(faces: list[Faces]) -> list[int]:

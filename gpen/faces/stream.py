@@ -5,11 +5,13 @@ from __future__ import annotations
 import itertools
 import math
 from collections import deque
+from dataclasses import replace
 from typing import Callable, Iterable, Iterator
 
 import torch
 
 from .detect import Faces
+from .options import MaskOptions, PasteOptions, SelectOptions
 from .pipeline import DETECT_CHUNK, Restoration, Selection, detect_faces, restore_faces, smooth_landmarks
 
 SMOOTHING_REACH = 4  # Gaussian sigmas: weights beyond are under exp(-8) of the centre's
@@ -20,31 +22,34 @@ def smoothing_reach(sigma: float) -> int:
     return math.ceil(SMOOTHING_REACH * sigma) + 1 if sigma > 0 else 0
 
 
-def restore_frames(frames: Iterable, model, detector, *, chunk: int = 16, temporal_sigma: float = 0.0,
-                   threshold: float = 0.5, min_size: float = 0, max_faces: int = 0, order: str = "largest",
-                   indices: str | None = None, selection: Selection | None = None, span: range | None = None,
-                   cancel: Callable[[], bool | None] | None = None, **restore_options) -> Iterator[Restoration]:
+def restore_frames(frames: Iterable, model, detector, *, chunk: int = 16, select: SelectOptions = SelectOptions(),
+                   paste: PasteOptions = PasteOptions(), masks: MaskOptions = MaskOptions(), face_batch: int = 4,
+                   selection: Selection | None = None, span: range | None = None,
+                   cancel: Callable[[], bool | None] | None = None) -> Iterator[Restoration]:
     """Restore a stream of frames: yields one `Restoration` per chunk of up to `chunk` consecutive
     frames, in order (its `images` float 0..1, its `faces` the landmarks used, its `face_count`).
 
     `frames` yields (H,W,3) frames or (n,H,W,3) batches, uint8 or float 0..1, numpy or torch, all of
-    one size. With `temporal_sigma` each face's landmarks are steadied along its track as
+    one size. With `select.temporal_sigma` each face's landmarks are steadied along its track as
     `smooth_landmarks` does over the whole sequence: frames are detected up to
     `smoothing_reach(sigma)` frames ahead of the chunk being restored, and only landmarks, not
     frames, are kept from behind it, so at most `chunk + smoothing_reach(sigma)` frames are held.
     `span` restores and yields only the frames at those positions of the stream (one segment of a
     long clip, restored as restoring it whole would): the frames within that reach of it are
     detected for the smoothing alone, earlier ones skipped, and the stream is read no further.
-    Selection options are detect_faces', the others restore_faces' (`mask_temporal_sigma` steadies
-    masks within each chunk); `selection` gathers what detection found and left out (in the span).
+    The options are restore_faces' (`masks.temporal_sigma` steadies masks within each chunk; a stream
+    has no `select.changed_from`); `selection` gathers what detection found and left out (in the span).
     """
+    if select.changed_from is not None:
+        raise ValueError("changed_from compares a batch of images with the images before a face swap; "
+                         "restore_frames takes no changed_from: restore such frames with restore_faces")
     if chunk < 1:
         raise ValueError(f"chunk must be at least 1 frame, got {chunk}")
     if detector is None:
         raise ValueError("restore_frames needs a face detector")
     selection = selection if selection is not None else Selection()
-    options = dict(threshold=threshold, min_size=min_size, max_faces=max_faces, order=order, indices=indices)
-    engine = FrameStream(model, detector, chunk, temporal_sigma, span, selection, options, restore_options, cancel)
+    restore_options = dict(paste=paste, masks=masks, face_batch=face_batch)
+    engine = FrameStream(model, detector, chunk, span, selection, select, restore_options, cancel)
     stream = _each_frame(frames) if span is None else itertools.islice(_each_frame(frames), span.stop + engine.reach)
     for frame in stream:
         if (result := engine.push(frame)) is not None:
@@ -60,12 +65,14 @@ class FrameStream:
     detected, so that smoothing sees what it would see over the whole stream; finish() restores the rest.
     """
 
-    def __init__(self, model, detector, chunk: int, temporal_sigma: float, span: range | None, selection: Selection,
-                 select_options: dict, restore_options: dict, cancel: Callable[[], bool | None] | None = None):
+    def __init__(self, model, detector, chunk: int, span: range | None, selection: Selection, select: SelectOptions,
+                 restore_options: dict, cancel: Callable[[], bool | None] | None = None):
         self.model, self.detector, self.cancel = model, detector, cancel
-        self.chunk, self.sigma, self.reach = chunk, temporal_sigma, smoothing_reach(temporal_sigma)
+        self.chunk, self.sigma, self.reach = chunk, select.temporal_sigma, smoothing_reach(select.temporal_sigma)
         self.begin, self.end = (span.start, span.stop) if span is not None else (0, math.inf)
-        self.select_options, self.restore_options = select_options, restore_options
+        # Detection selects; the stream steadies the landmarks across chunks.
+        self.select, self.detect_options = select, replace(select, temporal_sigma=0.0)
+        self.restore_options = restore_options  # restore_faces': paste, masks, face_batch
         self.selection = selection  # what detection found and left out in the span
         self.context = Selection()  # what detection found around the span, not counted
         self.pending: deque = deque()  # frames not restored yet; pending[0] is frame `first`
@@ -106,8 +113,8 @@ class FrameStream:
             bounds = (b - self.detected for b in (self.begin, self.end) if b > at)
             stop = int(min(len(waiting), start + DETECT_CHUNK, *bounds))
             gathers = self.selection if self.begin <= at < self.end else self.context
-            self.found.extend(detect_faces(_as_float(waiting[start:stop]), self.detector, selection=gathers,
-                                           cancel=self.cancel, **self.select_options))
+            self.found.extend(detect_faces(_as_float(waiting[start:stop]), self.detector, self.detect_options,
+                                           selection=gathers, cancel=self.cancel))
             start = stop
         self.detected = self.first + len(self.pending)
 
@@ -121,8 +128,8 @@ class FrameStream:
         wanted = slice(max(0, self.begin - self.first), int(max(0, min(count, self.end - self.first))))
         result = None
         if wanted.start < wanted.stop:
-            result = restore_faces(_as_float(images[wanted]), self.model, self.detector, faces=faces[wanted],
-                                   cancel=self.cancel, **self.restore_options)
+            result = restore_faces(_as_float(images[wanted]), self.model, self.detector, select=self.select,
+                                   faces=faces[wanted], cancel=self.cancel, **self.restore_options)
         self.first += count
         drop = max(0, self.first - self.reach - self.kept_from)
         del self.found[:drop]

@@ -19,8 +19,15 @@ from torch import nn
 from ..archs import SPECS
 from ..archs.onnx import describe_shapes, input_dtype
 from ..archs.spec import ArchSpec, ModelInfo
-from .weights import (CheckpointError, check_file, check_finite, check_layout, describe_other_network, first_line,
-                      read_state_dict)
+from .weights import (
+    CheckpointError,
+    check_file,
+    check_finite,
+    check_layout,
+    describe_other_network,
+    first_line,
+    read_state_dict,
+)
 
 # How each role is named where an ONNX file of another one is refused.
 ONNX_ROLE_HINTS = {
