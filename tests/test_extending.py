@@ -158,3 +158,41 @@ def test_the_nodes_list_load_and_run_them(toys, solvay, monkeypatch, shared, req
                                                      mask_regions="face", parse_source="original", parse_feather=0.01)
     assert (mask <= plain + 1e-6).all() and 0.3 < mask.sum() / plain.sum() < 0.7
     assert torch.equal(image[mask == 0], solvay[mask == 0])
+
+
+def test_a_restorer_spec_must_say_its_face_size():
+    from gpen.archs.spec import ArchSpec, Convention
+
+    with pytest.raises(ValueError, match="Sizeless: a restorer says the face size it takes"):
+        ArchSpec("Sizeless", "restorer", lambda state: False, lambda state: {}, torch.nn.Identity,
+                 convention=Convention())
+
+
+def test_a_recognise_that_fails_on_other_tensors_only_says_no(small_checkpoint):
+    from gpen.archs import SPECS, register
+    from gpen.archs.spec import ArchSpec, Convention
+
+    clumsy = ArchSpec("Clumsy", "restorer", lambda state: state["clumsy.weight"].ndim == 4, lambda state: {},
+                      torch.nn.Identity, convention=Convention(size=64))
+    before = list(SPECS)
+    register(clumsy)
+    try:
+        assert gpen.load_model(small_checkpoint).info.arch == "GPEN"  # tried against Clumsy too: KeyError inside
+    finally:
+        SPECS[:] = before
+
+
+def test_restore_faces_says_when_faces_are_cut_to_another_template_than_the_restorer_was_trained_on(caplog):
+    from gpen.faces.restore import as_restorer
+    from tests.helpers import random_gpen
+
+    restorer = as_restorer(random_gpen())  # GPEN's spec: trained on the gpen template
+    image = torch.rand(1, 64, 64, 3)
+    face = gpen.Faces(torch.tensor([[8.0, 8, 56, 56]]), torch.tensor([0.9]),
+                      torch.tensor([[[24.0, 28], [40, 28], [32, 36], [26, 46], [38, 46]]]))
+    with caplog.at_level("WARNING", logger="gpen"):
+        gpen.restore_faces(image, restorer, None, faces=[face])
+    assert not caplog.records
+    with caplog.at_level("WARNING", logger="gpen"):
+        gpen.restore_faces(image, restorer, None, faces=[face], select=gpen.SelectOptions(template="ffhq"))
+    assert "trained on faces aligned to the gpen template; cutting them to ffhq" in caplog.text

@@ -184,5 +184,5 @@ def insightface_scrfd(session):
 
 
 SCRFD = ArchSpec("SCRFD face-detector", "detector", is_scrfd, no_config, insightface_scrfd, format="onnx",
-                 convention=Convention(input="0..1", colour="bgr", output="detections", threshold=0.5),
+                 convention=Convention(input="0..1", colour="bgr", output="detections"),
                  details=lambda model: scrfd_details(model.session))

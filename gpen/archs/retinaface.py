@@ -211,5 +211,5 @@ def decode(offsets: torch.Tensor, landmark_offsets: torch.Tensor, priors: torch.
 
 SPEC = ArchSpec("RetinaFace face-detector", "detector", lambda state: RetinaFace.backbone_of(state) is not None,
                 lambda state: {"backbone": RetinaFace.backbone_of(state)}, RetinaFace,
-                convention=Convention(input="bgr-minus-mean", colour="bgr", output="detections", threshold=0.5),
+                convention=Convention(input="bgr-minus-mean", colour="bgr", output="detections"),
                 details=lambda net: {"detail": f"{net.backbone} backbone"})

@@ -36,7 +36,6 @@ class Convention:
     # "any": batches of what the caller asks; "one-on-cpu": a face at a time on the CPU (GPEN's fast path
     # folds styles into weights at batch 1); "file": an ONNX export's fixed batch dimension, else any.
     batch: str = "any"
-    threshold: float | None = None  # detectors: the default score threshold
 
     def __post_init__(self):
         for name, allowed in (("input", INPUTS), ("output", OUTPUTS), ("batch", BATCHES),
@@ -70,6 +69,8 @@ class ArchSpec:
             raise ValueError(f"{self.name}: role must be one of {', '.join(ROLES)}, got {self.role!r}")
         if self.format not in FORMATS:
             raise ValueError(f"{self.name}: format must be one of {', '.join(FORMATS)}, got {self.format!r}")
+        if self.role == "restorer" and self.convention.size is None and self.face_size is None:
+            raise ValueError(f"{self.name}: a restorer says the face size it takes: Convention(size=...) or face_size")
 
     def size_of(self, network) -> int | None:
         """The face size `network` (built from this spec) takes."""

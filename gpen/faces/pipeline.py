@@ -310,8 +310,13 @@ def restore_faces(images: torch.Tensor, model, detector, *, select: SelectOption
     if images.ndim == 3:
         images = images[None]
     check_cancel(cancel)
+    restorer = as_restorer(model)
+    trained_on = getattr(restorer, "template", None)
+    if trained_on is not None and trained_on != select.template:
+        log.warning("%s was trained on faces aligned to the %s template; cutting them to %s as asked (template)",
+                    restorer.info.arch if restorer.info else restorer.spec.name, trained_on, select.template)
     timings: dict[str, float] = {}
-    crops, info = locate_faces(images, detector, model.size, select, faces=faces, cancel=cancel, timings=timings)
+    crops, info = locate_faces(images, detector, restorer.size, select, faces=faces, cancel=cancel, timings=timings)
 
     def on_batch(done: int, total: int) -> None:
         if progress is not None:
@@ -321,8 +326,8 @@ def restore_faces(images: torch.Tensor, model, detector, *, select: SelectOption
     restored = crops
     if len(crops):
         with _stage(timings, "restore", info.device):
-            restored = as_restorer(model).restore(crops, batch_size=face_batch, on_batch=on_batch,
-                                                  cancel=cancel and (lambda: check_cancel(cancel))).to(info.device)
+            restored = restorer.restore(crops, batch_size=face_batch, on_batch=on_batch,
+                                        cancel=cancel and (lambda: check_cancel(cancel))).to(info.device)
     return paste_restored(images, restored, info, paste, masks, crops=crops, face_batch=face_batch, cancel=cancel,
                           timings=timings)
 

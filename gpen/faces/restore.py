@@ -13,6 +13,7 @@ import torch
 
 from ..archs import SPECS
 from ..archs.spec import Convention, network_input, resize
+from .align import TEMPLATE_POINTS
 from .handle import NetworkHandle
 from .tensors import as_rgb, match_channels
 
@@ -33,6 +34,16 @@ class Restorer(Protocol):
 
 class RestorerHandle(NetworkHandle):
     """A restoring network (a torch module or an ONNX runner) with its spec, ready for face crops."""
+
+    def __init__(self, network, spec):
+        super().__init__(network, spec)
+        if self.template is not None and self.template not in TEMPLATE_POINTS:
+            raise ValueError(f"{spec.name}: template {self.template!r} is not one of {', '.join(TEMPLATE_POINTS)}")
+
+    @property
+    def template(self) -> str | None:
+        """The face alignment the network was trained on (faces/align.py), where its spec says."""
+        return self.spec.convention.template
 
     def restore(self, faces: torch.Tensor, batch_size: int = 4, on_batch: Callable[[int, int], None] | None = None,
                 cancel: Callable[[], None] | None = None) -> torch.Tensor:

@@ -62,11 +62,20 @@ def describe_file(path: str | os.PathLike) -> ModelInfo:
     return describe(read_state_dict(path), path)
 
 
+def recognises(spec: ArchSpec, found) -> bool:
+    """Whether a state dict or session is `spec`'s network. A test that fails on another network's
+    tensors (a registered network's, say, indexing a key that is not there) says no."""
+    try:
+        return bool(spec.recognise(found))
+    except Exception:
+        return False
+
+
 def identify(state: dict[str, torch.Tensor], path: str | os.PathLike, role: str | None = None) -> ArchSpec:
     """The architecture these weights are for (of `role`, when given), or a CheckpointError naming
     what they are instead."""
     for spec in specs("torch"):
-        if spec.recognise(state):
+        if recognises(spec, state):
             if role is not None and spec.role != role:
                 raise CheckpointError(path, f"holds {spec.name} weights, not a {role}")
             return spec
@@ -116,7 +125,7 @@ def describe(state: dict[str, torch.Tensor], path: str | os.PathLike) -> ModelIn
         spec, net = skeleton(state, path)
     except CheckpointError:
         other = describe_other_network(state)
-        if other is None or any(spec.recognise(state) for spec in specs("torch")):
+        if other is None or any(recognises(spec, state) for spec in specs("torch")):
             raise
         return ModelInfo(arch=other, format=weight_format(path), dtype=stored_dtype(state),
                          parameters=sum(t.numel() for t in state.values() if t.is_floating_point()))
@@ -149,7 +158,7 @@ def open_session(path: Path, device: torch.device | str | None = None):
 def identify_session(session, path: str | os.PathLike, role: str | None = None) -> ArchSpec:
     """The architecture of an ONNX file (of `role`, when given), told by its inputs and outputs."""
     for spec in specs("onnx"):
-        if spec.recognise(session):
+        if recognises(spec, session):
             if role is not None and spec.role != role:
                 raise CheckpointError(path, f"holds {spec.name} weights, not a {role}")
             return spec
