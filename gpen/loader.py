@@ -42,6 +42,8 @@ def load(path: str | os.PathLike, role: str | None = None, *, device: torch.devi
     """
     if role is not None and role not in ROLES:
         raise ValueError(f"role must be one of {', '.join(ROLES)}, got {role!r}")
+    if role_options and role != "detector":
+        raise TypeError(f"load() takes {', '.join(role_options)} only for a detector (role='detector')")
     device = resolve_device(device)
     spec, network = registry.load(path, role, device)
     if isinstance(network, torch.nn.Module) and spec.role != "detector":  # detectors keep float32, and move themselves

@@ -101,6 +101,9 @@ def test_classifiers_that_disagree_are_refused_before_building():
     state["conv_out16.conv_out.weight"] = torch.empty(5, 64, 1, 1, device="meta")
     with pytest.raises(ValueError, match="conv_out16.conv_out.weight is \\(5, 64, 1, 1\\)"):
         bisenet_config(state)
+    with pytest.raises(CheckpointError) as refused:  # the reader's own words, after the file's name
+        build(state, "odd.pth")
+    assert str(refused.value).startswith("odd.pth: BiSeNet's conv_out16.conv_out.weight is (5, 64, 1, 1); expected")
 
 
 def test_wrong_layouts_and_damaged_weights_are_refused(fp16_state):

@@ -68,10 +68,10 @@ def test_descriptor_says_what_was_loaded(small_checkpoint):
     assert info.parameters > 0 and "GPEN-32" in str(info)
 
 
-def export_onnx(model, path):
+def export_onnx(model, path, batch: int = 1):
     size = model.size
-    torch.onnx.export(model, (torch.zeros(1, 3, size, size),), path, input_names=["input"], output_names=["output"],
-                      dynamo=False)
+    torch.onnx.export(model, (torch.zeros(batch, 3, size, size),), path, input_names=["input"],
+                      output_names=["output"], dynamo=False)
 
 
 def test_onnx_export_restores_like_the_torch_model(tmp_path, monkeypatch):
@@ -90,6 +90,11 @@ def test_onnx_export_restores_like_the_torch_model(tmp_path, monkeypatch):
     assert onnx_model.network.fixed_batch == 1 and "CPUExecutionProvider" in onnx_model.network.providers
     faces = torch.rand(3, 64, 64, 3)
     assert (onnx_model.restore(faces) - as_restorer(model).restore(faces)).abs().max() < 1e-4
+
+    export_onnx(model, tmp_path / "GPEN-64-batch-2.onnx", batch=2)  # the last of 3 faces runs padded to 2
+    pairs = gpen.load_model(tmp_path / "GPEN-64-batch-2.onnx", device="cpu")
+    assert pairs.network.fixed_batch == 2
+    assert (pairs.restore(faces, batch_size=3) - as_restorer(model).restore(faces)).abs().max() < 1e-4
 
 
 def error_for(path) -> str:

@@ -148,7 +148,7 @@ def test_winograd_convolution_equals_direct_convolution(monkeypatch):
 
 @pytest.mark.parametrize("fused", [True, False], ids=["onednn-in-place", "fallback"])
 def test_the_cpu_workspace_path_gives_the_plain_forward(monkeypatch, fused):
-    """On the CPU, large layers write into memory the model keeps (gpen/workspace.py), through
+    """On the CPU, large layers write into memory the model keeps (gpen/archs/gpen/workspace.py), through
     oneDNN's in-place convolution where this PyTorch has it, else an ordinary one added in."""
     from gpen.archs.gpen import workspace
 

@@ -208,10 +208,10 @@ def test_other_onnx_files_are_refused_with_what_they_hold(tmp_path):
     gpen_file = export(FakeGPEN(), torch.zeros(1, 3, 64, 64), tmp_path / "bisenet_resnet_34.onnx")
     with pytest.raises(CheckpointError) as refused:
         load_parser(gpen_file)
-    assert str(refused.value).startswith(f"{gpen_file}: holds GPEN weights, not a parser")
+    assert str(refused.value).startswith(f"{gpen_file}: holds a GPEN restorer, not a face parser or occluder (a GPEN-")
 
     export_fake_scrfd(tmp_path / "xseg_2.onnx")
-    with pytest.raises(CheckpointError, match="holds SCRFD face-detector weights, not a parser"):
+    with pytest.raises(CheckpointError, match="holds an SCRFD face detector, not a face parser or occluder"):
         load_parser(tmp_path / "xseg_2.onnx")
 
     unrelated = export(torch.nn.Linear(10, 2), torch.zeros(1, 10), tmp_path / "xseg_3.onnx")

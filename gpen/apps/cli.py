@@ -115,8 +115,9 @@ def add_restore_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-megapixels", type=float, default=MAX_MEGAPIXELS,
                         help="refuse larger images from their header, before decoding (0: no limit; default %(default)g)")
     select = parser.add_argument_group(
-        "which faces", "--temporal-smoothing steadies landmarks (and parse masks) within each video file, and "
-                       "across the image inputs, which are then frames of one video, in order")
+        "which faces", "--temporal-smoothing steadies landmarks within each video file, and across the image "
+                       "inputs, which are then frames of one video, in order; with --parser, parse masks are "
+                       "steadied within each --chunk of a video's frames")
     select.add_argument("--detect-size", default="auto",
                         help="auto: faces from ~16 px to the whole frame (close-ups, 2048 portraits); "
                              "or a long side in px to detect at, in one pass")

@@ -527,13 +527,13 @@ def restore_video(src: str | os.PathLike, dst: str | os.PathLike, model, detecto
                                              selection=summary.selection, span=range(lead, len(span) + lead),
                                              cancel=cancel):
                     pixels = (result.images[..., :3].clamp(0, 1) * 255 + 0.5).to(torch.uint8).numpy()
-                    masks = result.masks.float().cpu().numpy()
+                    blends = result.masks.float().cpu().numpy()
                     for _ in range(lead):  # read before the segment, for its smoothing
                         reader.pts.popleft()
                         if reader.keep_yuv:
                             reader.originals.popleft()
                     lead = 0
-                    for image, mask in zip(pixels, masks):
+                    for image, mask in zip(pixels, blends):
                         original = reader.originals.popleft() if reader.keep_yuv else None
                         writer.write(image, reader.pts.popleft(), original, mask)
                     summary.frames += len(pixels)

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .spec import ArchSpec, Convention, imagenet_normalise
+from .spec import ArchSpec, ConfigError, Convention, imagenet_normalise
 
 # Keys that every BiSeNet file of this layout has and no other network here uses.
 BISENET_KEYS = ("cp.resnet.conv1.weight", "cp.arm32.conv_atten.weight", "ffm.convblk.conv.weight",
@@ -194,19 +194,19 @@ def bisenet_config(state: dict[str, torch.Tensor]) -> dict:
     """
     if not is_bisenet(state):
         missing = [k for k in BISENET_KEYS if k not in state]
-        raise ValueError(f"not a BiSeNet face parser: missing {', '.join(missing)}")
+        raise ConfigError(f"not a BiSeNet face parser: missing {', '.join(missing)}")
     classifiers = {k: state.get(f"{k}.conv_out.weight") for k in ("conv_out", "conv_out16", "conv_out32")}
     widths = {"conv_out": 256, "conv_out16": 64, "conv_out32": 64}
     num_class = classifiers["conv_out"].shape[0] if classifiers["conv_out"].dim() == 4 else None
     for name, weight in classifiers.items():
         expected = (num_class, widths[name], 1, 1)
         if weight is None:
-            raise ValueError(f"BiSeNet without {name}.conv_out.weight")
+            raise ConfigError(f"BiSeNet without {name}.conv_out.weight")
         if num_class is None or tuple(weight.shape) != expected:
-            raise ValueError(f"BiSeNet's {name}.conv_out.weight is {tuple(weight.shape)}; expected "
+            raise ConfigError(f"BiSeNet's {name}.conv_out.weight is {tuple(weight.shape)}; expected "
                                   f"(classes, {widths[name]}, 1, 1) with the same classes for all three classifiers")
     if not 1 <= num_class <= MAX_CLASSES:
-        raise ValueError(f"BiSeNet with {num_class} classes; a face parser has 1 to {MAX_CLASSES}")
+        raise ConfigError(f"BiSeNet with {num_class} classes; a face parser has 1 to {MAX_CLASSES}")
     return {"num_class": int(num_class)}
 
 

@@ -57,8 +57,12 @@ class OnnxRunner:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         batch = np.ascontiguousarray(x.detach().cpu().numpy(), dtype=self.input_dtype)
         step = self.fixed_batch or len(batch)
-        outs = [self.session.run([self.output_name], {self.input_name: batch[i:i + step]})[0]
-                for i in range(0, len(batch), step)]
+        outs = []
+        for i in range(0, len(batch), step):
+            part = batch[i:i + step]
+            if len(part) < step:  # the last faces of a file with a fixed batch: padded, the padding dropped
+                part = np.concatenate([part, np.zeros((step - len(part), *part.shape[1:]), part.dtype)])
+            outs.append(self.session.run([self.output_name], {self.input_name: part})[0][:len(batch) - i])
         return torch.from_numpy(np.concatenate(outs).astype(np.float32)).to(x.device)
 
     def __repr__(self) -> str:
@@ -158,16 +162,16 @@ def no_config(session) -> dict:
 
 GPEN_EXPORT = ArchSpec("GPEN", "restorer", is_gpen_export, gpen_export_config, GpenExport, format="onnx",
                        convention=Convention(input="-1..1", output="image", template="gpen", batch="file"),
-                       face_size=lambda runner: runner.size, details=lambda runner: {"size": runner.size})
+                       face_size=lambda runner: runner.size, details=gpen_export_config)
 REGION_PARSER = ArchSpec(
     "FaceFusion region parser", "parser", is_region_parser, no_config, OnnxRunner, format="onnx",
     convention=Convention(input="imagenet", output="logits", size=PARSER_SIZE, batch="file"),
-    details=lambda runner: {"detail": f"{PARSER_CLASSES} face regions at {PARSER_SIZE}x{PARSER_SIZE}"})
+    details=lambda session: {"detail": f"{PARSER_CLASSES} face regions at {PARSER_SIZE}x{PARSER_SIZE}"})
 OCCLUDER = ArchSpec(
     "FaceFusion occluder", "parser", is_occluder, no_config, OnnxRunner, format="onnx",
     convention=Convention(input="0..1", colour="bgr", layout="nhwc", output="probability", size=OCCLUDER_SIZE,
                           batch="file"),
-    details=lambda runner: {"detail": f"visible-face probability at {OCCLUDER_SIZE}x{OCCLUDER_SIZE}"})
+    details=lambda session: {"detail": f"visible-face probability at {OCCLUDER_SIZE}x{OCCLUDER_SIZE}"})
 def insightface_scrfd(session):
     """insightface's SCRFD over the session: it letterboxes, runs and decodes for the detector handle."""
     try:
@@ -185,4 +189,4 @@ def insightface_scrfd(session):
 
 SCRFD = ArchSpec("SCRFD face-detector", "detector", is_scrfd, no_config, insightface_scrfd, format="onnx",
                  convention=Convention(input="0..1", colour="bgr", output="detections"),
-                 details=lambda model: scrfd_details(model.session))
+                 details=scrfd_details)

@@ -136,7 +136,7 @@ class ParseNet(nn.Module):
         self.decoder = nn.Sequential(*decoder)
         self.out_img_conv = Conv(clip(width), 3)
         self.out_mask_conv = Conv(clip(width), parsing_ch)
-        self.info = None  # a checkpoint.ModelInfo once loaded from a file
+        self.info = None  # an archs.spec.ModelInfo once loaded from a file
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         x = x.to(self.encoder[0].conv2d.weight.dtype)
@@ -182,7 +182,7 @@ def parsenet_config(state: dict[str, torch.Tensor], in_size: int = 512) -> dict 
 
     None when the keys are not ParseNet's; ValueError when they are but the shapes make no network
     this code builds (or one beyond the size limits). Fitting every key and shape is left to
-    checkpoint.check_layout against `ParseNet(**config)` built on the meta device.
+    files.weights.check_layout against `ParseNet(**config)` built on the meta device.
 
     The weights fix the number of halvings and doublings but not the image size they were trained
     for (the network is fully convolutional): that is `in_size`, 512 for facexlib's released file,

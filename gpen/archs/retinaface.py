@@ -2,7 +2,7 @@
 biubug6/Pytorch_Retinaface and facexlib (detection_mobilenet0.25_Final.pth, detection_Resnet50_Final.pth).
 
 The network returns, for every prior box, box offsets, face/background logits and five landmark
-offsets; decoding and NMS live in detection.py.
+offsets; decoding and NMS live in faces/detect.py.
 """
 
 from __future__ import annotations

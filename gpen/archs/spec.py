@@ -23,6 +23,11 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
+class ConfigError(ValueError):
+    """A configuration reader's refusal that says the whole problem: shown after the file's name as it is
+    (other ValueErrors are shown as the file not fitting the network's layout, with the reason)."""
+
+
 @dataclass(frozen=True)
 class Convention:
     """How a network is called: what it takes and what it gives."""
@@ -62,7 +67,8 @@ class ArchSpec:
     format: str = "torch"
     face_size: Callable[[object], int] | None = None  # when the convention has no fixed size
     run: Callable[[object, torch.Tensor], torch.Tensor] | None = None  # how to call it, when not network(x)
-    details: Callable[[object], dict] = lambda network: {}  # ModelInfo fields besides arch, role and parameters
+    # ModelInfo fields besides arch, role and parameters, from the built network (torch) or the session (onnx).
+    details: Callable[[object], dict] = lambda network: {}
 
     def __post_init__(self):
         if self.role not in ROLES:

@@ -294,7 +294,8 @@ def restore_faces(images: torch.Tensor, model, detector, *, select: SelectOption
                   cancel: Callable[[], bool | None] | None = None) -> Restoration:
     """Restore every face in a batch of frames (B,H,W,C float 0..1; C = 1, 3 or 4).
 
-    `model` is any restorer with `.size` and `restore(faces, batch_size, on_batch[, cancel])` (a GPEN model);
+    `model` is a restorer (load_model's handle, a registered network, or any object with `.size` and
+    `restore(faces, batch_size, on_batch)`, asked between batches whether to cancel);
     `detector` has `detect(images, threshold)`. `select` says which faces (and, with `changed_from`,
     only those a face swap changed), `paste` how they are blended back, `masks` which of their pixels
     (with a face parser): see faces/options.py. Faces from all frames are restored together in

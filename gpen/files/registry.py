@@ -18,7 +18,7 @@ from torch import nn
 
 from ..archs import SPECS
 from ..archs.onnx import describe_shapes, input_dtype
-from ..archs.spec import ArchSpec, ModelInfo
+from ..archs.spec import ArchSpec, ConfigError, ModelInfo
 from .weights import (
     CheckpointError,
     check_file,
@@ -30,6 +30,12 @@ from .weights import (
 )
 
 # How each role is named where an ONNX file of another one is refused.
+# What an ONNX file of one role is called when another was asked for, where it needs more than the name.
+ONNX_WRONG_ROLE = {
+    ("restorer", "parser"): "holds a GPEN restorer, not a face parser or occluder (a GPEN-{size} export: load it as "
+                            "the restorer)",
+    ("detector", "parser"): "holds an SCRFD face detector, not a face parser or occluder",
+}
 ONNX_ROLE_HINTS = {
     "restorer": "not a GPEN export (one input of shape N,3,S,S)",
     "detector": "not a face detector (insightface's SCRFD exports have 6, 9, 10 or 15 outputs)",
@@ -57,8 +63,11 @@ def load(path: str | os.PathLike, role: str | None = None,
 
 def describe_file(path: str | os.PathLike) -> ModelInfo:
     """What a weight file is, checked as far as its architecture is known, without building it."""
-    if is_onnx(path):  # a runner costs nothing beyond the session
-        return build_session(open_session(Path(path), "cpu"), path)[1].info
+    if is_onnx(path):
+        session = open_session(Path(path), "cpu")
+        spec = identify_session(session, path)
+        configure(spec, session, path)
+        return session_info(spec, session)
     return describe(read_state_dict(path), path)
 
 
@@ -93,6 +102,8 @@ def skeleton(state: dict[str, torch.Tensor], path: str | os.PathLike,
     spec = identify(state, path, role)
     try:
         config = spec.config(state)
+    except ConfigError as e:
+        raise CheckpointError(path, str(e)) from None
     except (KeyError, IndexError, ValueError, ZeroDivisionError) as e:
         raise CheckpointError(path, f"has {spec.name} keys but does not fit its layout ({first_line(e)})") from None
     with torch.device("meta"):
@@ -160,7 +171,8 @@ def identify_session(session, path: str | os.PathLike, role: str | None = None) 
     for spec in specs("onnx"):
         if recognises(spec, session):
             if role is not None and spec.role != role:
-                raise CheckpointError(path, f"holds {spec.name} weights, not a {role}")
+                wrong = ONNX_WRONG_ROLE.get((spec.role, role), "holds {name} weights, not a {role}")
+                raise CheckpointError(path, wrong.format(name=spec.name, role=role, **spec.details(session)))
             return spec
     hint = ONNX_ROLE_HINTS.get(role, "not a network ComfyUI-GPEN knows (GPEN, SCRFD, FaceFusion's parsers)")
     raise CheckpointError(path, f"is an ONNX model with {describe_shapes(session)}, {hint}")
@@ -169,15 +181,29 @@ def identify_session(session, path: str | os.PathLike, role: str | None = None) 
 def build_session(session, path: str | os.PathLike, role: str | None = None) -> tuple[ArchSpec, object]:
     """The runner of an ONNX session, after its signature's checks; its `.info` says what it is."""
     spec = identify_session(session, path, role)
+    config = configure(spec, session, path)
     try:
-        runner = spec.build(session, **spec.config(session))
-    except ValueError as e:  # an ONNX signature's bounds, or what its runner found, said in full
+        runner = spec.build(session, **config)
+    except ValueError as e:  # what its runner found, said in full
         raise CheckpointError(path, first_line(e)) from None
     except ImportError as e:
         raise ImportError(f"{path}: {e}") from None
-    runner.info = ModelInfo(arch=spec.name, role=spec.role, format="onnx", dtype=input_dtype(session).name,
-                            **spec.details(runner))
+    runner.info = session_info(spec, session)
     return spec, runner
+
+
+def configure(spec: ArchSpec, session, path: str | os.PathLike) -> dict:
+    """An ONNX network's configuration from its signature, its bounds checked before anything runs."""
+    try:
+        return spec.config(session)
+    except ValueError as e:  # an ONNX signature's bounds, said in full
+        raise CheckpointError(path, first_line(e)) from None
+
+
+def session_info(spec: ArchSpec, session) -> ModelInfo:
+    """The descriptor of an ONNX file of `spec`: what its signature says (`details` reads the session)."""
+    return ModelInfo(arch=spec.name, role=spec.role, format="onnx", dtype=input_dtype(session).name,
+                     **spec.details(session))
 
 
 def specs(format: str) -> list[ArchSpec]:

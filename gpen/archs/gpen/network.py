@@ -413,7 +413,7 @@ class GPEN(nn.Module):
             setattr(self, f"ecd{i}", nn.Sequential(EncoderLayer(channels[res * 2], channels[res], 3, downsample=True)))
         self.final_linear = nn.Sequential(EqualLinear(channels[4] * 16, style_dim, activation=True))
         self.n_encoders = log_size - 1
-        self.info = None  # a checkpoint.ModelInfo once loaded from a file
+        self.info = None  # an archs.spec.ModelInfo once loaded from a file
         self.register_state_dict_post_hook(dense_state_dict)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
