@@ -32,7 +32,7 @@ class SRVGGNetCompact(nn.Module):
                  upscale: int = 4, act_type: str = "prelu"):
         super().__init__()
         if act_type != "prelu":
-            raise ValueError(f"SRVGGNetCompact here has PReLU activations (those of the released files), not {act_type}")
+            raise ValueError(f"SRVGGNetCompact here has PReLU activations (the released files'), not {act_type}")
         self.num_in_ch, self.num_out_ch, self.num_feat, self.num_conv = num_in_ch, num_out_ch, num_feat, num_conv
         self.upscale = self.scale = upscale
         self.multiple = 1  # any input size
