@@ -123,7 +123,7 @@ def test_a_file_claiming_a_huge_network_is_refused_before_anything_is_built(tmp_
     path = tmp_path / "huge-esrgan.pth"
     torch.save({"conv_first.weight": torch.zeros(4096, 3, 3, 3), "body.0.rdb1.conv1.weight": torch.zeros(1, 4096, 3, 3),
                 "conv_body.weight": torch.zeros(1), "conv_last.weight": torch.zeros(3, 4096, 3, 3)}, path)
-    with pytest.raises(CheckpointError, match="huge-esrgan.pth: RRDBNet with num_feat 4096; at most 1024"):
+    with pytest.raises(CheckpointError, match="huge-esrgan.pth: RRDBNet with num_feat 4096; 1 to 1024"):
         gpen.load_upscaler(path, device="cpu")
     # Shapes alone (no data at all) asking for 5000 convs: refused before the skeleton is built.
     shapes = {"body.0.weight": [64, 3, 3, 3], "body.1.weight": [64]}

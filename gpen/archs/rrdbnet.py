@@ -150,7 +150,7 @@ def rrdbnet_config(state: dict[str, torch.Tensor]) -> dict:
     for name, value, most in (("num_feat", num_feat, MAX_FEATURES), ("num_grow_ch", num_grow_ch, MAX_GROWTH),
                               ("num_block", num_block, MAX_BLOCKS), ("output channels", num_out_ch, MAX_CHANNELS)):
         if not 1 <= value <= most:
-            raise ConfigError(f"RRDBNet with {name} {value}; at most {most} load here")
+            raise ConfigError(f"RRDBNet with {name} {value}; 1 to {most} load here")
     # The input takes as many channels as the output gives, pixel-unshuffled below scale 4.
     scale = next((s for s, factor in UNSHUFFLE.items() if first[1] == num_out_ch * factor ** 2), None)
     if scale is None:
