@@ -203,3 +203,9 @@ def test_absurd_tiling_is_refused_naming_the_parameter(upscalers, options, named
     with pytest.raises(ValueError, match=f"^{named} must be") as refused:
         upscalers["srvgg_x4"].upscale(torch.rand(1, 20, 20, 3), **options)
     assert "\n" not in str(refused.value)
+
+
+def test_images_too_big_to_upscale_are_refused_before_anything_is_allocated(upscalers):
+    huge = torch.zeros(1, 1, 1, 3).expand(1, 20000, 9000, 3)  # no memory of its own
+    with pytest.raises(ValueError, match="^images of 9000x20000 would be 36000x80000 upscaled; at most 65536"):
+        upscalers["srvgg_x4"].upscale(huge)

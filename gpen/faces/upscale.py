@@ -43,11 +43,12 @@ class UpscalerHandle(NetworkHandle):
         """
         check_tiling(tile, overlap)
         images = images if images.ndim != 3 else images[None]
-        rgb = as_rgb(images)
-        batch, height, width, _ = rgb.shape
-        if max(height, width) * self.scale > MAX_OUTPUT_SIDE:
+        height, width = images.shape[1:3] if images.ndim == 4 else (0, 0)  # other shapes: as_rgb says what is wrong
+        if max(height, width) * self.scale > MAX_OUTPUT_SIDE:  # before anything of their size is allocated
             raise ValueError(f"images of {width}x{height} would be {width * self.scale}x{height * self.scale} "
                              f"upscaled; at most {MAX_OUTPUT_SIDE} px a side")
+        rgb = as_rgb(images)
+        batch, height, width, _ = rgb.shape
         overlap = -(-overlap // self.multiple) * self.multiple  # rounded up: pieces start on the grid
         core = max((tile - 2 * overlap) // self.multiple, 1) * self.multiple
         # Sides padded to the network's multiple by repeating the edge, cut off again at the end.
