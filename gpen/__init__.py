@@ -29,11 +29,13 @@ _HOMES = {
     "locate_faces": "faces.pipeline", "paste_restored": "faces.pipeline", "restore_faces": "faces.pipeline",
     "select_faces": "faces.pipeline",
     "Restorer": "faces.restore",
+    "UpscalerHandle": "faces.upscale",
     "restore_frames": "faces.stream",
     "download": "files.download",
     "read_image": "files.images", "write_image": "files.images",
     "CheckpointError": "files.weights", "read_state_dict": "files.weights",
     "load": "loader", "load_detector": "loader", "load_model": "loader", "load_parser": "loader",
+    "load_upscaler": "loader",
 }
 
 __all__ = sorted(_HOMES)

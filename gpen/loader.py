@@ -9,6 +9,7 @@ anything its size is allocated.
     load_model(path, device, dtype)          -> a restorer (RestorerHandle)
     load_detector(path, device, detect_size) -> a face detector
     load_parser(path, device, dtype)         -> a face parser or occluder (ParserHandle)
+    load_upscaler(path, device, dtype)       -> an image upscaler (UpscalerHandle)
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from .devices import resolve_device, resolve_dtype
 from .faces.detect import detector_handle
 from .faces.parse import ParserHandle
 from .faces.restore import RestorerHandle
+from .faces.upscale import UpscalerHandle
 from .files import registry
 from .files.weights import CheckpointError, read_state_dict, write_safetensors
 
@@ -33,7 +35,7 @@ DETECTOR_FILES = ("face detectors are detection_Resnet50_Final.pth, detection_mo
 
 def load(path: str | os.PathLike, role: str | None = None, *, device: torch.device | str | None = None,
          dtype: torch.dtype | str | None = None, **role_options):
-    """The network in `path` as a handle for its role ("restorer", "detector" or "parser"; when given,
+    """The network in `path` as a handle for its role ("restorer", "detector", "parser" or "upscaler"; when given,
     a file of another role is refused with a CheckpointError saying what it holds).
 
     Torch networks run on `device` (default: CUDA when available, else the CPU) in `dtype` (default
@@ -52,6 +54,8 @@ def load(path: str | os.PathLike, role: str | None = None, *, device: torch.devi
         return RestorerHandle(network, spec)
     if spec.role == "parser":
         return ParserHandle(network, spec, name=f"{spec.name} {Path(path).name}")
+    if spec.role == "upscaler":
+        return UpscalerHandle(network, spec)
     return detector_handle(network, device, **role_options)
 
 
@@ -87,6 +91,17 @@ def load_parser(path: str | os.PathLike, device: torch.device | str | None = Non
     bf16 suit GPUs); ONNX ones through onnxruntime, on CUDA when it offers it.
     """
     return load(path, "parser", device=device, dtype=dtype)
+
+
+def load_upscaler(path: str | os.PathLike, device: torch.device | str | None = None,
+                  dtype: torch.dtype | str | None = None) -> UpscalerHandle:
+    """An image upscaler from an ESRGAN / Real-ESRGAN file (RRDBNet in BasicSR's or the older ESRGAN
+    layouts, e.g. RealESRGAN_x4plus.pth, 4x-UltraSharp.pth; SRVGGNetCompact, e.g. realesr-general-x4v3.pth).
+
+    On `device` (default: CUDA when available, else CPU) with weights in `dtype` (default float32);
+    `.scale`, `.info`, `.network` and `upscale(images, tile=..., overlap=..., progress=..., cancel=...)`.
+    """
+    return load(path, "upscaler", device=device, dtype=dtype)
 
 
 def describe_weights(path: str | os.PathLike) -> ModelInfo:

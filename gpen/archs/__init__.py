@@ -6,7 +6,7 @@ a user's own network (see README, Development).
 
 from __future__ import annotations
 
-from . import bisenet, onnx, parsenet, retinaface
+from . import bisenet, onnx, parsenet, retinaface, rrdbnet, srvgg
 from .gpen import SPEC as GPEN_SPEC
 from .spec import ArchSpec
 
@@ -15,6 +15,8 @@ SPECS: list[ArchSpec] = [
     retinaface.SPEC,
     parsenet.SPEC,
     bisenet.SPEC,
+    rrdbnet.SPEC,
+    srvgg.SPEC,
     onnx.REGION_PARSER,
     onnx.OCCLUDER,
     onnx.SCRFD,

@@ -14,7 +14,7 @@ from typing import Callable
 import torch
 from torch.nn import functional as F
 
-ROLES = ("restorer", "detector", "parser")
+ROLES = ("restorer", "detector", "parser", "upscaler")
 FORMATS = ("torch", "onnx")  # what `recognise` and `config` look at: a state dict, or an onnxruntime session
 INPUTS = ("-1..1", "0..1", "imagenet", "bgr-minus-mean")
 OUTPUTS = ("image", "logits", "probability", "detections")
@@ -54,7 +54,7 @@ class ArchSpec:
     """One network: how its files are told apart, configured, built and called."""
 
     name: str  # what ModelInfo.arch says, e.g. "GPEN", "RetinaFace face-detector"
-    role: str  # "restorer", "detector" or "parser"
+    role: str  # "restorer", "detector", "parser" or "upscaler"
     # Whether a file is this network's: a state dict's keys (format "torch") or an onnxruntime
     # session's inputs and outputs ("onnx"). Cheap, and never raises.
     recognise: Callable[[object], bool]
@@ -67,6 +67,8 @@ class ArchSpec:
     format: str = "torch"
     face_size: Callable[[object], int] | None = None  # when the convention has no fixed size
     run: Callable[[object, torch.Tensor], torch.Tensor] | None = None  # how to call it, when not network(x)
+    # A file's older key layout renamed to `build`'s names (may raise ConfigError), when a network has several.
+    convert: Callable[[dict], dict] | None = None
     # ModelInfo fields besides arch, role and parameters, from the built network (torch) or the session (onnx).
     details: Callable[[object], dict] = lambda network: {}
 
@@ -127,7 +129,8 @@ class ModelInfo:
     parameters: int | None = None
     dtype: str = "float32"  # as stored in the file
     detail: str | None = None  # e.g. "mobilenet0.25 backbone", "with landmarks"
-    role: str | None = None  # "restorer", "detector", "parser"; None for networks known only by name
+    role: str | None = None  # "restorer", "detector", "parser", "upscaler"; None for networks known only by name
+    scale: int | None = None  # an upscaler's enlargement
 
     def __str__(self) -> str:
         name = self.arch if self.size is None else f"{self.arch}-{self.size}"

@@ -22,15 +22,16 @@ PACK = PACKAGE.parent  # a checkout (or ComfyUI's custom_nodes/<pack>); site-pac
 INSTALLED = not (PACK / "models" / "catalogue.json").is_file()
 CATALOGUE_FILE = (PACKAGE if INSTALLED else PACK) / "models" / "catalogue.json"
 # ComfyUI model folders by role: GPEN files live with the other face restorers (ReActor, facerestore_cf),
-# face parsers with the detectors, where facexlib's users (ReActor, facerestore_cf) already keep them.
+# face parsers with the detectors, where facexlib's users (ReActor, facerestore_cf) already keep them;
+# upscalers in ComfyUI's own upscale_models.
 MODEL_FOLDERS = {"restorer": ("facerestore_models", "gpen"), "detector": ("facedetection",),
-                 "parser": ("facedetection", "face_parsing")}
+                 "parser": ("facedetection", "face_parsing"), "upscaler": ("upscale_models",)}
 
 
 @dataclass(frozen=True)
 class Entry:
     name: str
-    role: str  # "restorer", "detector" or "parser"
+    role: str  # "restorer", "detector", "parser" or "upscaler"
     file: str
     folder: str
     url: str

@@ -57,7 +57,7 @@ def load(path: str | os.PathLike, role: str | None = None,
     if is_onnx(path):
         return build_session(open_session(Path(path), device), path, role)
     state = read_state_dict(path)
-    spec, net = skeleton(state, path, role)
+    spec, net, state = skeleton(state, path, role)
     return spec, fill(spec, net, state, path)
 
 
@@ -86,21 +86,23 @@ def identify(state: dict[str, torch.Tensor], path: str | os.PathLike, role: str 
     for spec in specs("torch"):
         if recognises(spec, state):
             if role is not None and spec.role != role:
-                raise CheckpointError(path, f"holds {spec.name} weights, not a {role}")
+                raise CheckpointError(path, f"holds {spec.name} weights, not {with_article(role)}")
             return spec
     other = describe_other_network(state)
     if other is not None:
-        raise CheckpointError(path, f"holds {other} weights" + (f", not a {role}" if role else ""))
+        raise CheckpointError(path, f"holds {other} weights" + (f", not {with_article(role)}" if role else ""))
     raise CheckpointError(path, "is not a network ComfyUI-GPEN knows (GPEN, RetinaFace, SCRFD, ParseNet, BiSeNet, "
                           f"GFPGAN, CodeFormer, ...); it starts with {', '.join(list(state)[:3])}")
 
 
 def skeleton(state: dict[str, torch.Tensor], path: str | os.PathLike,
-             role: str | None = None) -> tuple[ArchSpec, nn.Module]:
+             role: str | None = None) -> tuple[ArchSpec, nn.Module, dict[str, torch.Tensor]]:
     """The network these weights are for, on the meta device (no memory), checked key for key and
-    shape for shape against them, with finite weights."""
+    shape for shape against them, with finite weights; and the weights under its names."""
     spec = identify(state, path, role)
     try:
+        if spec.convert is not None:
+            state = spec.convert(state)
         config = spec.config(state)
     except ConfigError as e:
         raise CheckpointError(path, str(e)) from None
@@ -110,13 +112,13 @@ def skeleton(state: dict[str, torch.Tensor], path: str | os.PathLike,
         net = spec.build(**config)
     check_layout(state, net, path, spec.name)
     check_finite(state, path)
-    return spec, net
+    return spec, net, state
 
 
 def build(state: dict[str, torch.Tensor], path: str | os.PathLike, role: str | None = None) -> nn.Module:
     """The network holding these weights, in float32 and eval mode, on the CPU, after `skeleton`'s
     checks; its `.info` says what it is."""
-    spec, net = skeleton(state, path, role)
+    spec, net, state = skeleton(state, path, role)
     return fill(spec, net, state, path)
 
 
@@ -133,7 +135,7 @@ def fill(spec: ArchSpec, net: nn.Module, state: dict[str, torch.Tensor], path: s
 def describe(state: dict[str, torch.Tensor], path: str | os.PathLike) -> ModelInfo:
     """What these weights are, checked as far as their architecture is known, without building them."""
     try:
-        spec, net = skeleton(state, path)
+        spec, net, state = skeleton(state, path)
     except CheckpointError:
         other = describe_other_network(state)
         if other is None or any(recognises(spec, state) for spec in specs("torch")):
@@ -204,6 +206,10 @@ def session_info(spec: ArchSpec, session) -> ModelInfo:
     """The descriptor of an ONNX file of `spec`: what its signature says (`details` reads the session)."""
     return ModelInfo(arch=spec.name, role=spec.role, format="onnx", dtype=input_dtype(session).name,
                      **spec.details(session))
+
+
+def with_article(role: str) -> str:
+    return f"an {role}" if role[0] in "aeiou" else f"a {role}"
 
 
 def specs(format: str) -> list[ArchSpec]:
