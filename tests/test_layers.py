@@ -1,7 +1,7 @@
 """The house: gpen/ is built in layers, each importing only the ones below it, with no circle.
 
     apps/      programs: cli, jobs, video files, Ray, benchmarks
-    loader.py  a path -> a handle for a role (restorer, detector, parser)
+    loader.py  a path -> a handle for a role (restorer, detector, parser, upscaler)
     faces/     the batched face pipeline on tensors, no file I/O
     files/     bytes on disk: weights, the registry of networks, images, catalogue, downloads
     archs/     the networks and their specs

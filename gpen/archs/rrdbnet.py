@@ -162,5 +162,5 @@ def rrdbnet_config(state: dict[str, torch.Tensor]) -> dict:
 
 SPEC = ArchSpec("RRDBNet (ESRGAN)", "upscaler", is_rrdbnet, rrdbnet_config, RRDBNet,
                 convention=Convention(input="0..1"), convert=rrdbnet_names,
-                details=lambda net: {"scale": net.scale,
-                                     "detail": f"{net.scale}x, {net.num_block} blocks, {net.num_feat} features"})
+                details=lambda net: {"scale": net.scale, "detail": f"{net.scale}x, {net.num_block} block"
+                                     f"{'s' * (net.num_block != 1)}, {net.num_feat} features"})
