@@ -114,6 +114,11 @@ def test_upscale_by_out_of_range_is_refused_by_name(upscale_by):
     assert "\n" not in str(refused.value)
 
 
+def test_a_background_and_an_upscale_are_not_both_taken():
+    with pytest.raises(ValueError, match="background and upscale 2 both set the output's size: give one"):
+        PasteOptions(background=blobs(64, 64), upscale_by=2)
+
+
 def test_upscale_frames_keeps_channels_dtype_and_a_flat_picture():
     grey = torch.full((2, 10, 12, 1), 0.25, dtype=torch.float16)
     enlarged = upscale_frames(grey, 2.5)

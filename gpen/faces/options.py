@@ -198,6 +198,11 @@ class PasteOptions(Checked):
                                     "are pasted in at up to the restorer's own detail (1: the image's size).",
                                above=0, high=MAX_UPSCALE, name="upscale", slider=(0.25, MAX_UPSCALE, 0.05))
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.background is not None and self.upscale_by != 1:
+            raise ValueError(f"background and upscale {self.upscale_by:g} both set the output's size: give one")
+
 
 @dataclass(frozen=True)
 class MaskOptions(Checked):
