@@ -120,15 +120,23 @@ def check_background(images: torch.Tensor, background: torch.Tensor | None) -> N
         return
     background = background[None] if background.ndim == 3 else background
     images = images[None] if images.ndim == 3 else images
-    (height, width), (big_height, big_width) = images.shape[1:3], background.shape[1:3]
-    sizes = f"background is {big_width}x{big_height}, the images {width}x{height}"
     if len(background) != len(images):
         raise ValueError(f"background has {len(background)} frame(s) but the images have {len(images)}: "
                          "it must have one per frame")
+    (height, width), (big_height, big_width) = images.shape[1:3], background.shape[1:3]
+    wrong = not_larger(images.shape[1:3], background.shape[1:3])
+    if wrong:
+        raise ValueError(f"background is {big_width}x{big_height}, the images {width}x{height}: background {wrong}")
+
+
+def not_larger(size: tuple[int, int], larger: tuple[int, int]) -> str | None:
+    """Why frames of `larger` (H,W) cannot be those of `size` enlarged, or None when they can."""
+    (height, width), (big_height, big_width) = size, larger
     if big_height < height or big_width < width:
-        raise ValueError(f"{sizes}: background must be the same picture at a larger size, not a smaller one")
+        return "must be the same picture at a larger size, not a smaller one"
     if abs(big_width - width * big_height / height) > 1 and abs(big_height - height * big_width / width) > 1:
-        raise ValueError(f"{sizes}: background must have their aspect (within a pixel)")
+        return "must have their aspect (within a pixel)"
+    return None
 
 
 def upscale_frames(images: torch.Tensor, scale: float) -> torch.Tensor:

@@ -21,7 +21,7 @@ from .detect import Faces, box_iou
 from .masks import smooth_over_time
 from .options import MaskOptions, PasteOptions, SelectOptions
 from .parse import parse_faces
-from .paste import check_background, paste_faces, scale_affines
+from .paste import check_background, not_larger, paste_faces, scale_affines
 from .restore import as_restorer, finite_faces
 from .tensors import as_rgb
 
@@ -358,13 +358,10 @@ def paste_restored(images: torch.Tensor, restored: torch.Tensor, info: FaceInfo,
         images = images[None]
     info_affines = info.affines
     if tuple(images.shape[1:3]) != tuple(info.image_size):
-        found = images.new_empty((len(images), *info.image_size, 0))
-        try:
-            check_background(found, images)
-        except ValueError:
+        wrong = not_larger(info.image_size, images.shape[1:3])
+        if wrong:
             raise ValueError(f"image is {tuple(images.shape[1:3])} but the faces were found in "
-                             f"{tuple(info.image_size)} frames: it must be those frames, or them at a larger "
-                             "size") from None
+                             f"{tuple(info.image_size)} frames: as those frames enlarged it {wrong}")
         info_affines = scale_affines(info.affines.to(torch.float64), info.image_size, images.shape[1:3])
     if len(restored) != len(info):
         raise ValueError(f"{len(restored)} restored crops for {len(info)} detected faces")
