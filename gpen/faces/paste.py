@@ -154,7 +154,7 @@ def scale_affines(affines: torch.Tensor, size: tuple[int, int], scaled: tuple[in
     map as in F.interpolate / cv2.resize, x = (x_scaled + 0.5) / s - 0.5."""
     if tuple(size) == tuple(scaled):
         return affines
-    scale = torch.tensor([scaled[1] / size[1], scaled[0] / size[0]], dtype=affines.dtype)
+    scale = torch.tensor([scaled[1] / size[1], scaled[0] / size[0]], dtype=affines.dtype, device=affines.device)
     moved = affines.clone()
     moved[:, :, :2] = affines[:, :, :2] / scale
     moved[:, :, 2] += affines[:, :, :2] @ (0.5 / scale - 0.5)
