@@ -69,13 +69,15 @@ def _select(threshold, min_size, max_faces, order, indices, temporal_smoothing, 
                          temporal_sigma=temporal_smoothing, **more)
 
 
-def _paste(strength, mask_shape, feather, erode, color_correction) -> PasteOptions:
+def _paste(strength, mask_shape, feather, erode, color_correction, **more) -> PasteOptions:
     return PasteOptions(strength=strength, mask_shape=mask_shape, feather=feather, erode=erode,
-                        color_correction=color_correction)
+                        color_correction=color_correction, **more)
 
 
 ORIGINAL_IMAGE = ("IMAGE", {"tooltip": "The image before a face swap (connect ReActor's input image): only the faces "
                                        "the swap changed are taken, and frames where nothing changed pass through."})
+BACKGROUND = ("IMAGE", {"tooltip": "The same image at a larger size (from an upscaler): the faces are found in "
+                                    "image and pasted into this, at up to the restorer's own detail."})
 FACE_PARSER = ("FACE_PARSER", {"tooltip": "From Load Face Parser: restore only the face's own pixels (mask_regions), "
                                           "never hair, hands or what covers the face."})
 
@@ -236,7 +238,8 @@ class PasteFacesBack:
     @classmethod
     def INPUT_TYPES(cls):
         required = {
-            "image": ("IMAGE", {"tooltip": "The frames the faces were detected in."}),
+            "image": ("IMAGE", {"tooltip": "The frames the faces were detected in, or them at a larger size "
+                                           "(from an upscaler): the faces are pasted there."}),
             "restored": ("IMAGE", {"tooltip": "Restored crops, in the order Detect and Crop Faces gave them."}),
             "face_info": ("FACE_INFO", {"tooltip": "From Detect and Crop Faces."}),
         }
@@ -275,14 +278,17 @@ class GPENFaceRestore:
         options = {**_widgets(SelectOptions, SELECT_WIDGETS), **_widgets(PasteOptions, PASTE_WIDGETS)}
         return {"required": {**required, **options},
                 "optional": {"original_image": ORIGINAL_IMAGE, "face_parser": FACE_PARSER,
-                             **_widgets(MaskOptions, MASK_WIDGETS)}}
+                             **_widgets(MaskOptions, MASK_WIDGETS), "background": BACKGROUND,
+                             **_widgets(PasteOptions, ("upscale",))}}
 
     def restore(self, image, gpen_model, face_detector, face_batch, threshold, min_size, max_faces, order, indices,
                 temporal_smoothing, strength, mask_shape, feather, erode, color_correction, original_image=None,
-                face_parser=None, mask_regions="face", parse_source="original", parse_feather=PARSE_FEATHER):
+                face_parser=None, mask_regions="face", parse_source="original", parse_feather=PARSE_FEATHER,
+                background=None, upscale=1.0):
         select = _select(threshold, min_size, max_faces, order, indices, temporal_smoothing,
                          changed_from=original_image)
-        paste = _paste(strength, mask_shape, feather, erode, color_correction)
+        paste = _paste(strength, mask_shape, feather, erode, color_correction, background=background,
+                       upscale_by=upscale)
         progress = host.Progress()
         with gpen_model as model, face_detector as detector, host.using_all(face_parser) as parsers:
             masks = MaskOptions(parser=parsers, regions=mask_regions, source=parse_source, feather=parse_feather,

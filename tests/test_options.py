@@ -35,7 +35,7 @@ NODE_GROUPS = {
     "GPENFaceParsingMask": (MaskOptions,),
 }
 # Options that are not widgets but inputs (nodes) or flags of another form (CLI).
-NODE_INPUTS = {"changed_from": "original_image", "parser": "face_parser"}
+NODE_INPUTS = {"changed_from": "original_image", "parser": "face_parser", "background": "background"}
 CLI_FLAGS = {"changed_from": "changed_from", "parser": "parser"}
 # Deliberate exceptions: (surface, option) -> why it is not there.
 NOT_THERE = {
@@ -47,6 +47,9 @@ NOT_THERE = {
     ("GPENPasteFacesBack", "smooth_small_faces"): "GPEN's own softening; only the crops' coverage masks turn it off",
     ("cli", "smooth_small_faces"): "GPEN's own softening; only the crops' coverage masks turn it off",
     ("GPENPasteFacesBack", "temporal_sigma"): "saved workflows know no such widget; the chain steadies nothing",
+    ("GPENPasteFacesBack", "background"): "its image input takes the larger frames themselves",
+    ("GPENPasteFacesBack", "upscale_by"): "its image input takes the larger frames: upscale them before it",
+    ("cli", "background"): "the CLI enlarges with --upscale; a background file per input is not a flag yet",
     ("GPENFaceParsingMask", "source"): "it parses the crops it is given",
     ("GPENFaceParsingMask", "temporal_sigma"): "crops from any pack carry no tracks",
 }

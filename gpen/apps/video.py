@@ -498,6 +498,8 @@ def restore_video(src: str | os.PathLike, dst: str | os.PathLike, model, detecto
     began = time.perf_counter()
     src, dst = Path(src), Path(dst)
     check_video_options(codec, crf, chunk)
+    if paste.upscale_by != 1 or paste.background is not None:
+        raise ValueError("upscale does not take video files yet: their frames are encoded at the clip's size")
     summary = VideoSummary(src, dst)
     reader = VideoReader(src, max_megapixels, info, keep_yuv=True, audio=span is None)
     span = range(reader.info.frames) if span is None else span

@@ -25,6 +25,7 @@ GPEN_ERODE = 26 / 512
 GPEN_FEATHER = 4 * math.sqrt(2) / 512
 PARSE_FEATHER = 0.01  # of the crop: the soft edge of a parse mask (5 px at 512)
 CHANGE_THRESHOLD = 0.04  # see pipeline.changed_faces
+MAX_UPSCALE = 8  # upscale_by's largest: a 1 MP photo becomes 64 MP
 MASK_GEOMETRY = "erode must be in [0, 0.5) and feather >= 0, got {erode}, {feather}"  # one check of the two
 
 # The 19 face-parsing classes, CelebAMask-HQ's, in the order facexlib's ParseNet and BiSeNet and
@@ -49,6 +50,7 @@ class Spec:
 
     help: str
     low: float | None = None  # the smallest valid value
+    above: float | None = None  # every valid value is more than this
     high: float | None = None  # the largest
     below: float | None = None  # every valid value is less than this
     choices: tuple[str, ...] | None = None
@@ -99,10 +101,12 @@ def _within(value, spec: Spec) -> bool:
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or math.isnan(value):
         return False
     return ((spec.low is None or value >= spec.low) and (spec.high is None or value <= spec.high)
-            and (spec.below is None or value < spec.below))
+            and (spec.below is None or value < spec.below) and (spec.above is None or value > spec.above))
 
 
 def _range(spec: Spec) -> str:
+    if spec.above is not None:
+        return f"more than {spec.above:g} and at most {spec.high:g}"
     if spec.high is not None:
         return f"between {spec.low:g} and {spec.high:g}"
     return f"{spec.low:g} or more" if spec.below is None else f"in [{spec.low:g}, {spec.below:g})"
@@ -188,6 +192,16 @@ class PasteOptions(Checked):
     color_correction: bool = option(False, "Match the restored face's colours to the original (mean and std in Lab).")
     smooth_small_faces: bool = option(True, "Soften faces under 100 px as GPEN does, where a restored face "
                                             "would look over-sharp.")
+    # The same frames at a larger size (one per frame, any scale, same aspect): the faces are pasted into it.
+    background: Any = field(default=None, compare=False, repr=False)
+    upscale_by: float = option(1.0, "Scale of the output: the image is enlarged (Lanczos, no model) and the faces "
+                                    "are pasted in at up to the restorer's own detail (1: the image's size).",
+                               above=0, high=MAX_UPSCALE, name="upscale", slider=(0.25, MAX_UPSCALE, 0.05))
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.background is not None and self.upscale_by != 1:
+            raise ValueError(f"background and upscale {self.upscale_by:g} both set the output's size: give one")
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 
+import cv2
 import torch
 import torch.nn.functional as F
 
@@ -69,6 +70,11 @@ def paste_faces(images: torch.Tensor, restored: torch.Tensor, affines: torch.Ten
     their own channels, dtype and device, and the masks used (B,H,W float32). Under the mask the restored
     face replaces the original (`options.strength` scales the mask, GPEN's alpha); every pixel where the
     mask is zero is returned bit-identical.
+
+    With `options.background` (the same frames s x larger) or `options.upscale_by` (the images enlarged by
+    Lanczos), the faces are pasted into that instead, through the affines scaled by s: the result and its
+    masks have its size, the restored crops land at up to their own detail, and the pixels outside the
+    masks are the background's, bit for bit. Colours are matched against `images`.
     """
     if restored.ndim != 4 or restored.shape[-1] != 3 or len(restored) != len(affines):
         raise ValueError(f"restored must be (N, S, S, 3) with one affine each; got {tuple(restored.shape)} "
@@ -79,30 +85,90 @@ def paste_faces(images: torch.Tensor, restored: torch.Tensor, affines: torch.Ten
     single = images.ndim == 3
     images = images[None] if single else images
     frames = frames_of(images, len(restored), frames)
-    out, masks = images.clone(), torch.zeros(images.shape[:3], device=images.device)
+    target = paste_target(images, options)
+    out, masks = target.clone(), torch.zeros(target.shape[:3], device=target.device)
     if len(restored):
         device = torch.device(device) if device is not None else restored.device
         affines = resize_affines(affines.to(torch.float64), restored.shape[1] / (crop_size or restored.shape[1]))
+        to_target = scale_affines(affines, images.shape[1:3], target.shape[1:3])
         crops = prepare_crops(images, restored.to(device), affines, frames, options.color_correction,
-                              options.smooth_small_faces)
+                              options.smooth_small_faces, to_target)
         size = restored.shape[1]
         box = face_mask(size, options.mask_shape, options.erode, options.feather).to(device)
         if face_masks is not None:
             face_masks = face_masks.to(device, torch.float32)
             if face_masks.shape[-2:] != (size, size):
                 face_masks = F.interpolate(face_masks[:, None], size=(size, size), mode="bilinear")[:, 0]
-        for i, (crop, affine, frame) in enumerate(zip(crops, affines, frames.tolist())):
+        for i, (crop, affine, frame) in enumerate(zip(crops, to_target, frames.tolist())):
             mask = box if face_masks is None else torch.minimum(box, face_masks[i])
-            _paste_face(out[frame], masks[frame], images[frame], crop, affine, mask, options.strength)
+            _paste_face(out[frame], masks[frame], target[frame], crop, affine, mask, options.strength)
     return (out[0], masks[0]) if single else (out, masks)
 
 
-def prepare_crops(images, restored, affines, frames, color_correction, smooth_small_faces):
-    """(N,3,S,S) float32 crops as they will be pasted: small faces softened, colours matched."""
+def paste_target(images: torch.Tensor, options: PasteOptions) -> torch.Tensor:
+    """The frames (B,H,W,C) faces are pasted into: the background, the images enlarged, or the images."""
+    if options.background is not None:
+        background = options.background[None] if options.background.ndim == 3 else options.background
+        check_background(images, background)
+        return background
+    return images if options.upscale_by == 1 else upscale_frames(images, options.upscale_by)
+
+
+def check_background(images: torch.Tensor, background: torch.Tensor | None) -> None:
+    """Refuse a background that is not the images' frames at a larger size, aspect kept within a pixel."""
+    if background is None:
+        return
+    background = background[None] if background.ndim == 3 else background
+    images = images[None] if images.ndim == 3 else images
+    if len(background) != len(images):
+        raise ValueError(f"background has {len(background)} frame(s) but the images have {len(images)}: "
+                         "it must have one per frame")
+    (height, width), (big_height, big_width) = images.shape[1:3], background.shape[1:3]
+    wrong = not_larger(images.shape[1:3], background.shape[1:3])
+    if wrong:
+        raise ValueError(f"background is {big_width}x{big_height}, the images {width}x{height}: background {wrong}")
+
+
+def not_larger(size: tuple[int, int], larger: tuple[int, int]) -> str | None:
+    """Why frames of `larger` (H,W) cannot be those of `size` enlarged, or None when they can."""
+    (height, width), (big_height, big_width) = size, larger
+    if big_height < height or big_width < width:
+        return "must be the same picture at a larger size, not a smaller one"
+    if abs(big_width - width * big_height / height) > 1 and abs(big_height - height * big_width / width) > 1:
+        return "must have their aspect (within a pixel)"
+    return None
+
+
+def upscale_frames(images: torch.Tensor, scale: float) -> torch.Tensor:
+    """The frames (B,H,W,C) enlarged by `scale` with Lanczos (OpenCV's, on the CPU), a frame at a time."""
+    height, width = round(images.shape[1] * scale), round(images.shape[2] * scale)
+    out = torch.empty((len(images), height, width, images.shape[3]), dtype=images.dtype, device=images.device)
+    for frame, image in zip(out, images):
+        enlarged = cv2.resize(image.float().cpu().numpy(), (width, height), interpolation=cv2.INTER_LANCZOS4)
+        frame.copy_(torch.from_numpy(enlarged).reshape(frame.shape).clamp_(0, 1))  # Lanczos rings past 0..1
+    return out
+
+
+def scale_affines(affines: torch.Tensor, size: tuple[int, int], scaled: tuple[int, int]) -> torch.Tensor:
+    """Affines from frames of `size` (H,W) onto the same crops from the frames at `scaled` (H,W): pixel centres
+    map as in F.interpolate / cv2.resize, x = (x_scaled + 0.5) / s - 0.5."""
+    if tuple(size) == tuple(scaled):
+        return affines
+    scale = torch.tensor([scaled[1] / size[1], scaled[0] / size[0]], dtype=affines.dtype, device=affines.device)
+    moved = affines.clone()
+    moved[:, :, :2] = affines[:, :, :2] / scale
+    moved[:, :, 2] += affines[:, :, :2] @ (0.5 / scale - 0.5)
+    return moved
+
+
+def prepare_crops(images, restored, affines, frames, color_correction, smooth_small_faces, pasted_affines=None):
+    """(N,3,S,S) float32 crops as they will be pasted: small faces softened (by their size where they are
+    pasted, `pasted_affines`, default `affines`), colours matched against `images`."""
     size = restored.shape[1]
     crops = restored.float().permute(0, 3, 1, 2)
     if smooth_small_faces:
-        face_px = size / affines[:, :, :2].det().abs().sqrt()  # the crop's width in image pixels
+        pasted = affines if pasted_affines is None else pasted_affines
+        face_px = size / pasted[:, :, :2].det().abs().sqrt()  # the crop's width in output pixels
         small = (face_px * 0.5 < SMALL_FACE).nonzero().squeeze(1).to(crops.device)  # the face is ~half the crop
         if len(small):
             crops = crops.clone()  # the caller's crops stay as they are

@@ -21,7 +21,7 @@ from .detect import Faces, box_iou
 from .masks import smooth_over_time
 from .options import MaskOptions, PasteOptions, SelectOptions
 from .parse import parse_faces
-from .paste import paste_faces
+from .paste import check_background, not_larger, paste_faces, scale_affines
 from .restore import as_restorer, finite_faces
 from .tensors import as_rgb
 
@@ -307,9 +307,13 @@ def restore_faces(images: torch.Tensor, model, detector, *, select: SelectOption
     was left out, its `timings` each stage's seconds. `faces` (one `Faces` per frame, from
     `detect_faces`) skips detection and selection, for callers that detect a longer sequence first
     (smoothing landmarks across all of it) and restore it in parts.
+
+    With `paste.background` (the same frames at a larger size) or `paste.upscale_by`, faces are found and
+    cut out in `images` and pasted into the larger frames: see paste_faces.
     """
     if images.ndim == 3:
         images = images[None]
+    check_background(images, paste.background)
     check_cancel(cancel)
     restorer = as_restorer(model)
     trained_on = getattr(restorer, "template", None)
@@ -347,13 +351,18 @@ def paste_restored(images: torch.Tensor, restored: torch.Tensor, info: FaceInfo,
     face's track. A face whose restored pixels are not finite (NaN or Inf), or in which the parser finds
     none of the regions, is left as it was, and the summary says so. `progress(done, total)` follows the
     parsing; `cancel()` is asked between its batches. A `timings` dict receives the stages' seconds
-    (and becomes the result's).
+    (and becomes the result's). `images` may be the frames at a larger size (same aspect): the faces are
+    pasted there, through their affines scaled to it.
     """
     if images.ndim == 3:
         images = images[None]
+    info_affines = info.affines
     if tuple(images.shape[1:3]) != tuple(info.image_size):
-        raise ValueError(f"image is {tuple(images.shape[1:3])} but the faces were found in "
-                         f"{tuple(info.image_size)} frames")
+        wrong = not_larger(info.image_size, images.shape[1:3])
+        if wrong:
+            raise ValueError(f"image is {tuple(images.shape[1:3])} but the faces were found in "
+                             f"{tuple(info.image_size)} frames: as those frames enlarged it {wrong}")
+        info_affines = scale_affines(info.affines.to(torch.float64), info.image_size, images.shape[1:3])
     if len(restored) != len(info):
         raise ValueError(f"{len(restored)} restored crops for {len(info)} detected faces")
     if restored.shape[-1] != 3:  # crops from other packs may be grey or RGBA
@@ -362,7 +371,7 @@ def paste_restored(images: torch.Tensor, restored: torch.Tensor, info: FaceInfo,
     face_masks = None
     if masks.parser is not None and len(restored):
         if masks.source == "original" and crops is None:  # cut again from the frames, as locate_faces cut them
-            crops = warp_faces(images, info.affines, info.frames, info.crop_size, info.device)
+            crops = warp_faces(images, info_affines, info.frames, info.crop_size, info.device)
             crops = crops.clamp_(0, 1).permute(0, 2, 3, 1)
 
         def on_batch(done: int, total: int) -> None:
@@ -383,10 +392,10 @@ def paste_restored(images: torch.Tensor, restored: torch.Tensor, info: FaceInfo,
         log.warning("%d face(s) left unrestored: the restorer's output was not finite (NaN or Inf)", unrestored)
     shown = finite if face_masks is None else finite & (face_masks.flatten(1).amax(1) > 0).to(finite.device)
     if not shown.all():
-        restored, affines, frames = restored[shown], info.affines[shown.cpu()], info.frames[shown.cpu()]
+        restored, affines, frames = restored[shown], info_affines[shown.cpu()], info.frames[shown.cpu()]
         face_masks = face_masks[shown.to(face_masks.device)] if face_masks is not None else None
     else:
-        affines, frames = info.affines, info.frames
+        affines, frames = info_affines, info.frames
     with _stage(timings, "paste", info.device):
         pasted, blend = paste_faces(images, restored, affines, frames, paste, crop_size=info.crop_size,
                                     face_masks=face_masks, device=info.device)
