@@ -279,16 +279,16 @@ class GPENFaceRestore:
         return {"required": {**required, **options},
                 "optional": {"original_image": ORIGINAL_IMAGE, "face_parser": FACE_PARSER,
                              **_widgets(MaskOptions, MASK_WIDGETS), "background": BACKGROUND,
-                             **_widgets(PasteOptions, ("upscale",))}}
+                             **_widgets(PasteOptions, ("upscale_by",))}}
 
     def restore(self, image, gpen_model, face_detector, face_batch, threshold, min_size, max_faces, order, indices,
                 temporal_smoothing, strength, mask_shape, feather, erode, color_correction, original_image=None,
                 face_parser=None, mask_regions="face", parse_source="original", parse_feather=PARSE_FEATHER,
-                background=None, upscale=1.0):
+                background=None, upscale_by=1.0):
         select = _select(threshold, min_size, max_faces, order, indices, temporal_smoothing,
                          changed_from=original_image)
         paste = _paste(strength, mask_shape, feather, erode, color_correction, background=background,
-                       upscale_by=upscale)
+                       upscale_by=upscale_by)
         progress = host.Progress()
         with gpen_model as model, face_detector as detector, host.using_all(face_parser) as parsers:
             masks = MaskOptions(parser=parsers, regions=mask_regions, source=parse_source, feather=parse_feather,

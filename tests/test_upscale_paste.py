@@ -109,7 +109,7 @@ def test_a_background_that_is_not_the_image_larger_is_refused_by_name(background
 
 @pytest.mark.parametrize("upscale_by", [math.nan, 0, 9])
 def test_upscale_by_out_of_range_is_refused_by_name(upscale_by):
-    with pytest.raises(ValueError, match=r"^upscale must be more than 0 and at most 8, got") as refused:
+    with pytest.raises(ValueError, match=r"^upscale_by must be more than 0 and at most 8, got") as refused:
         PasteOptions(upscale_by=upscale_by)
     assert "\n" not in str(refused.value)
 
@@ -151,7 +151,7 @@ def test_the_all_in_one_node_restores_into_a_background_or_upscales(pack, models
     image, mask = node.restore(photo, model, detector, **options, background=background)
     assert image.shape == (1, 400, 800, 3) and mask.shape == (1, 400, 800) and mask.amax() > 0.99
     assert torch.equal(image[mask == 0], background[mask == 0])
-    image, mask = node.restore(photo, model, detector, **options, upscale=1.5)
+    image, mask = node.restore(photo, model, detector, **options, upscale_by=1.5)
     assert image.shape == (1, 300, 600, 3) and mask.shape == (1, 300, 600) and mask.amax() > 0.99
 
 

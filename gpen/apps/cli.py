@@ -169,13 +169,13 @@ def _add_option_flags(group, options: type, added: set[str]) -> None:
         if name in NOT_FLAGS or name in added:
             continue
         added.add(name)
-        flag = "--" + name.replace("_", "-")
+        flags = ["--" + n.replace("_", "-") for n in (name, spec.alias) if n]
         if isinstance(field.default, bool):
-            group.add_argument(flag, action="store_true", help=spec.help)
+            group.add_argument(*flags, dest=name, action="store_true", help=spec.help)
             continue
         shown = "%(default)g" if isinstance(field.default, float) else "%(default)s"
         default = f" (default {shown})" if field.default != "" else ""
-        group.add_argument(flag, type=type(field.default), default=field.default, choices=spec.choices,
+        group.add_argument(*flags, dest=name, type=type(field.default), default=field.default, choices=spec.choices,
                            help=f"{spec.help}{default}")
 
 

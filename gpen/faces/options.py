@@ -56,6 +56,7 @@ class Spec:
     choices: tuple[str, ...] | None = None
     presets: tuple[str, ...] | None = None  # values the node offers, where others are valid too
     name: str | None = None  # the node input and CLI flag (--with-dashes), where not the field's name
+    alias: str | None = None  # a second, shorter CLI flag
     slider: tuple[float, float, float | None] | None = None  # the node widget's min, max, step
     widget: str | None = None  # the node widget's type, where the default's type does not say it
     message: str | None = None  # the refusal, formatted with the object's fields, where it predates this module
@@ -196,7 +197,7 @@ class PasteOptions(Checked):
     background: Any = field(default=None, compare=False, repr=False)
     upscale_by: float = option(1.0, "Scale of the output: the image is enlarged (Lanczos, no model) and the faces "
                                     "are pasted in at up to the restorer's own detail (1: the image's size).",
-                               above=0, high=MAX_UPSCALE, name="upscale", slider=(0.25, MAX_UPSCALE, 0.05))
+                               above=0, high=MAX_UPSCALE, alias="upscale", slider=(0.25, MAX_UPSCALE, 0.05))
 
     def __post_init__(self) -> None:
         super().__post_init__()
