@@ -36,7 +36,7 @@ NODE_GROUPS = {
 }
 # Options that are not widgets but inputs (nodes) or flags of another form (CLI).
 NODE_INPUTS = {"changed_from": "original_image", "parser": "face_parser", "background": "background"}
-CLI_FLAGS = {"changed_from": "changed_from", "parser": "parser"}
+CLI_FLAGS = {"changed_from": "changed_from", "parser": "parser", "upscaler": "upscaler"}
 # Deliberate exceptions: (surface, option) -> why it is not there.
 NOT_THERE = {
     ("GPENFaceRestore", "template"): "the all-in-one node restores with GPEN, trained on its own template",
@@ -50,6 +50,13 @@ NOT_THERE = {
     ("GPENPasteFacesBack", "background"): "its image input takes the larger frames themselves",
     ("GPENPasteFacesBack", "upscale_by"): "its image input takes the larger frames: upscale them before it",
     ("cli", "background"): "the CLI enlarges with --upscale; a background file per input is not a flag yet",
+    ("GPENFaceRestore", "upscaler"): "ComfyUI's own Upscale Image (using Model) makes the background in the graph",
+    ("GPENFaceRestore", "tile"): "ComfyUI's own Upscale Image (using Model) tiles its upscaling",
+    ("GPENFaceRestore", "max_megapixels"): "ComfyUI's images are decoded already; upscale_by's output is bounded "
+                                           "by the library's default, 200 MP",
+    ("GPENPasteFacesBack", "upscaler"): "its image input takes the larger frames: upscale them before it",
+    ("GPENPasteFacesBack", "tile"): "its image input takes the larger frames: upscale them before it",
+    ("GPENPasteFacesBack", "max_megapixels"): "its image input takes the larger frames: nothing is enlarged",
     ("GPENFaceParsingMask", "source"): "it parses the crops it is given",
     ("GPENFaceParsingMask", "temporal_sigma"): "crops from any pack carry no tracks",
 }

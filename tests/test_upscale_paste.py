@@ -13,12 +13,15 @@ import gpen
 from gpen import PasteOptions
 from gpen.faces.align import GPEN_TEMPLATE
 from gpen.faces.detect import Faces
-from gpen.faces.paste import upscale_frames
+from gpen.apps.video import probe_video
+from gpen.faces.paste import resize_frames
+from gpen.faces.pipeline import model_fit
 from gpen.files.images import read_image, write_image
 from tests import test_cli
 from tests.test_cli import gpen64  # noqa: F401 (a fixture)
 from tests.helpers import IdentityRestorer
 from tests.test_nodes import load_models, models_dir, pack  # noqa: F401 (fixtures)
+from tests.test_video import audio_packets, make_clip
 
 
 def blobs(height: int, width: int, seed: int = 0) -> torch.Tensor:
@@ -115,15 +118,16 @@ def test_upscale_by_out_of_range_is_refused_by_name(upscale_by):
 
 
 def test_a_background_and_an_upscale_are_not_both_taken():
-    with pytest.raises(ValueError, match="background and upscale 2 both set the output's size: give one"):
+    with pytest.raises(ValueError, match="background and upscale 2 both make the larger picture: give one"):
         PasteOptions(background=blobs(64, 64), upscale_by=2)
 
 
-def test_upscale_frames_keeps_channels_dtype_and_a_flat_picture():
+def test_resize_frames_keeps_channels_dtype_and_a_flat_picture():
     grey = torch.full((2, 10, 12, 1), 0.25, dtype=torch.float16)
-    enlarged = upscale_frames(grey, 2.5)
-    assert enlarged.shape == (2, 25, 30, 1) and enlarged.dtype == torch.float16
-    assert torch.equal(enlarged, torch.full_like(enlarged, 0.25))
+    for size in ((25, 30), (5, 6)):  # enlarged (Lanczos) and shrunk (pixel areas)
+        resized = resize_frames(grey, size)
+        assert resized.shape == (2, *size, 1) and resized.dtype == torch.float16
+        assert torch.equal(resized, torch.full_like(resized, 0.25))
 
 
 def test_paste_faces_back_takes_the_image_at_twice_the_size(pack):  # noqa: F811
@@ -147,7 +151,7 @@ def test_the_all_in_one_node_restores_into_a_background_or_upscales(pack, models
                    temporal_smoothing=0.0, strength=1.0, mask_shape="box", feather=0.02, erode=0.05,
                    color_correction=False)
     node = pack.NODE_CLASS_MAPPINGS["GPENFaceRestore"]()
-    background = upscale_frames(photo, 2)
+    background = resize_frames(photo, (400, 800))
     image, mask = node.restore(photo, model, detector, **options, background=background)
     assert image.shape == (1, 400, 800, 3) and mask.shape == (1, 400, 800) and mask.amax() > 0.99
     assert torch.equal(image[mask == 0], background[mask == 0])
@@ -172,7 +176,93 @@ def test_the_cli_upscales_a_photo(shared, gpen64, tmp_path):  # noqa: F811
     assert read_image(tmp_path / "out" / "photo.png")[0].shape == (400, 800, 3)
 
 
-def test_video_is_refused_with_upscale_before_any_work(tmp_path):
-    with pytest.raises(ValueError, match="upscale does not take video files yet"):
-        gpen.restore_video(tmp_path / "absent.mp4", tmp_path / "out.mp4", None, None, paste=PasteOptions(upscale_by=2))
+def test_a_background_is_refused_for_a_video_before_any_work(tmp_path):
+    with pytest.raises(ValueError, match="a background is one picture per frame, held in memory; a video is streamed"):
+        gpen.restore_video(tmp_path / "absent.mp4", tmp_path / "out.mp4", None, None,
+                           paste=PasteOptions(background=blobs(64, 64)))
     assert not (tmp_path / "out.mp4").exists()
+
+
+@pytest.fixture(scope="module")
+def upscaler(shared):
+    return gpen.load_upscaler(shared / "fixtures" / "srvgg_x4_random.pth", device="cpu")
+
+
+def test_an_upscaler_makes_the_background_at_its_own_scale_or_the_one_asked(upscaler):
+    images, faces = blobs(48, 64), one_face(40, 12, 4)
+    own = restore(images, faces, upscaler=upscaler)
+    network = upscaler.upscale(images)
+    assert own.images.shape == (1, 192, 256, 3) and own.masks.amax() > 0.99
+    assert torch.equal(own.images[own.masks == 0], network[own.masks == 0])
+    asked = restore(images, faces, upscaler=upscaler, upscale_by=2.5)  # 4x, then resized down to 2.5x
+    assert asked.images.shape == (1, 120, 160, 3)
+    assert torch.equal(asked.images[asked.masks == 0], resize_frames(network, (120, 160))[asked.masks == 0])
+
+
+def test_an_output_over_max_megapixels_is_refused_before_any_work():
+    class Untouchable:  # a detector and a restorer that must not be reached
+        size = 512
+
+        def __getattr__(self, name):
+            raise AssertionError(f"{name} was reached")
+
+    with pytest.raises(ValueError, match=r"^the output would be 2048x1536, 3 megapixels, over max_megapixels 2"):
+        gpen.restore_faces(blobs(192, 256), Untouchable(), Untouchable(), paste=PasteOptions(upscale_by=8,
+                                                                                           max_megapixels=2))
+
+
+@pytest.mark.parametrize("tile", [8, 4096, 1.5])
+def test_a_huge_or_odd_tile_is_refused_by_name(tile):
+    with pytest.raises(ValueError, match=r"^tile must be between 16 and 1024, got"):
+        PasteOptions(tile=tile)
+
+
+def test_the_summary_says_which_gpen_fits_the_faces_at_the_output():
+    assert model_fit([735], 2048) == "faces cover ~735 px at the output; GPEN-BFR-1024 fits them"
+    assert model_fit([300, 1500, 1400], 512) == "faces cover ~1400 px at the output (median of 3); GPEN-BFR-1024 fits them"
+    assert model_fit([4500], 2048) == "faces cover ~4500 px at the output, more than GPEN-BFR-2048, the largest, restores"
+    assert model_fit([600], 512) is None and model_fit([40], 256) is None and model_fit([], 512) is None
+    images = blobs(96, 128)
+    result = gpen.restore_faces(images, IdentityRestorer(256), None, faces=one_face(64, 30, 8),
+                                paste=PasteOptions(upscale_by=4))  # the crop covers 64 px, 256 at the output
+    assert "at the output" not in result.summary
+    result = gpen.restore_faces(images, IdentityRestorer(1024), None, faces=one_face(64, 30, 8),
+                                paste=PasteOptions(upscale_by=4))
+    assert result.summary == "restored 1 face(s) in 1 image(s); faces cover ~256 px at the output; GPEN-BFR-256 fits them"
+
+
+def test_the_cli_upscales_a_folder_and_a_clip_with_audio_through_an_upscaler(shared, gpen64, tmp_path):  # noqa: F811
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    photo = np.ascontiguousarray(read_image(shared / "images" / "solvay_1927.png")[0][:200, :400, :3])
+    write_image(inputs / "a.png", photo)
+    write_image(inputs / "b.jpg", photo[:, ::-1])
+    clip = make_clip(inputs / "clip.mp4", (photo * 255).round().astype(np.uint8), frames=6, size=(320, 200))
+    upscaler_file = shared / "fixtures" / "srvgg_x4_random.pth"
+    done = test_cli.restore(shared, gpen64, inputs, "-o", tmp_path / "out", "--upscaler", upscaler_file,
+                            "--upscale", 2, "--tile", 64)
+    assert done.returncode == 0, done.stderr
+    for name in ("a.png", "b.jpg"):
+        assert read_image(tmp_path / "out" / name)[0].shape == (400, 800, 3)
+    assert len(re.findall(r"at the output \(median of \d+\); GPEN-BFR-256 fits them", done.stdout)) == 3  # not GPEN-64
+    restored = probe_video(tmp_path / "out" / "clip.mp4")
+    assert (restored.width, restored.height, restored.frames) == (640, 400, 6)
+    assert audio_packets(tmp_path / "out" / "clip.mp4") == audio_packets(clip)
+    done = test_cli.restore(shared, gpen64, inputs / "a.png", "-o", tmp_path / "native.png", "--upscaler", upscaler_file)
+    assert done.returncode == 0, done.stderr
+    assert read_image(tmp_path / "native.png")[0].shape == (800, 1600, 3)  # the network's own 4x
+
+
+def test_the_cli_refuses_an_output_too_large_and_a_wrong_upscaler_before_any_work(shared, gpen64, tmp_path):  # noqa: F811
+    photo = tmp_path / "photo.png"
+    write_image(photo, np.zeros((300, 400, 3), np.uint8))
+    absent = tmp_path / "absent-model.pth"  # never loaded: the refusals come first
+    done = test_cli.run_gpen("restore", photo, "-o", tmp_path / "out", "--model", absent, "--upscale", 8,
+                             "--max-megapixels", 5)
+    assert done.returncode == 1 and not (tmp_path / "out" / "photo.png").exists()
+    assert "photo.png: failed: the output would be 3200x2400, 8 megapixels, over max_megapixels 5" in done.stderr
+    done = test_cli.run_gpen("restore", photo, "-o", tmp_path / "out", "--model", absent, "--upscaler", gpen64)
+    assert done.returncode == 1
+    assert done.stderr.strip() == f"error: {gpen64}: holds GPEN weights, not an upscaler (--upscaler)"
+    done = test_cli.run_gpen("restore", photo, "-o", tmp_path / "out", "--model", absent, "--tile", 5000)
+    assert done.returncode == 1 and done.stderr.strip() == "error: tile must be between 16 and 1024, got 5000"

@@ -23,7 +23,7 @@ RELEASED = {  # key-layout file -> (architecture, scale)
 # Tiles for each fixture's network with context wider than what it sees (RRDBNet x4, 2 blocks: about
 # 34 px; x2, 1 block at half resolution: about 37 px; SRVGG, 6 convs: 6 px), on odd-sized images.
 TILINGS = {"rrdbnet_x4": (144, 36, 151, 157), "rrdbnet_x2": (160, 40, 171, 163), "srvgg_x4": (32, 8, 45, 37)}
-WHOLE = 16384  # a tile bigger than any image here: the network sees the image in one piece
+WHOLE = 1024  # the largest tile, bigger than any image here: the network sees the image in one piece
 
 
 def relative_error(output: torch.Tensor, reference: torch.Tensor) -> float:

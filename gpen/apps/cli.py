@@ -10,7 +10,6 @@ import argparse
 import sys
 
 from ..faces.options import MaskOptions, PasteOptions, SelectOptions, declared, spec_of, surface_name
-from ..files.images import MAX_MEGAPIXELS
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -112,8 +111,6 @@ def add_restore_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--aligned", action="store_true", help="inputs are already aligned face crops")
     parser.add_argument("--face_align", type=_yes_no, nargs="?", const=True, default=True, help=argparse.SUPPRESS)
     parser.add_argument("--models-dir", help="models folder (default: ComfyUI's when the pack is in one)")
-    parser.add_argument("--max-megapixels", type=float, default=MAX_MEGAPIXELS,
-                        help="refuse larger images from their header, before decoding (0: no limit; default %(default)g)")
     select = parser.add_argument_group(
         "which faces", "--temporal-smoothing steadies landmarks within each video file, and across the image "
                        "inputs, which are then frames of one video, in order; with --parser, parse masks are "
@@ -127,7 +124,12 @@ def add_restore_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the image before a face swap: only the faces the swap changed are restored. A file "
                              "(for one input), or a folder holding the originals at the inputs' paths below their "
                              "common folder; not for video files")
-    _add_option_flags(parser.add_argument_group("blending"), PasteOptions, added)
+    output = parser.add_argument_group("blending, and the output's size")
+    _add_option_flags(output, PasteOptions, added)
+    output.add_argument("--upscaler", metavar="NAME_OR_PATH",
+                        help="upscaling network for the whole image, the faces then pasted in: catalogue name "
+                             "(RealESRGAN_x4plus, RealESRGAN_x2plus, realesr-general-x4v3) or a path; its output is "
+                             "resized to --upscale when that is given, else kept at the network's own scale")
     masks = parser.add_argument_group("face parsing: restore only the face's own pixels")
     masks.add_argument("--parser", action="append", metavar="NAME_OR_PATH",
                        help="face parser: catalogue name (parsing_bisenet, parsing_parsenet) or a path; give it twice "

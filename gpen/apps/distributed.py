@@ -155,7 +155,8 @@ def made_with(args, job) -> dict:
     made = {name: value for name, value in sorted(vars(args).items()) if name not in RUN_OPTIONS}
     parsers = [(f"parser_file_{i}", path) for i, path in enumerate(getattr(args, "parser", None) or ())]
     for name, path in (("source", job.source), ("model_file", getattr(args, "model", None)),
-                       ("detector_file", getattr(args, "detector", None)), *parsers):
+                       ("detector_file", getattr(args, "detector", None)),
+                       ("upscaler_file", getattr(args, "upscaler", None)), *parsers):
         if path and Path(path).is_file():
             stat = Path(path).stat()
             made[name] = [str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns]

@@ -17,11 +17,13 @@ import torch
 from ..devices import resolve_device
 from ..faces.detect import check_detect_size
 from ..faces.options import MaskOptions, PasteOptions, SelectOptions, from_values
+from ..faces.paste import check_output_size
 from ..faces.pipeline import detect_faces, restore_faces, smooth_landmarks
 from ..faces.restore import restore_aligned
 from ..files.catalogue import resolve
 from ..files.images import IMAGE_SUFFIXES, check_image_size, read_image, write_image
-from ..loader import load_detector, load_model, load_parser
+from ..files.weights import CheckpointError
+from ..loader import describe_weights, load_detector, load_model, load_parser, load_upscaler
 from .video import VIDEO_SUFFIXES, VideoInfo, check_video_options, probe_video, restore_video
 
 
@@ -105,16 +107,20 @@ def check_options(args) -> None:
         raise ValueError(f"--ray-segment must be 0 (never split) or a number of seconds, got {args.ray_segment:g}")
     if (args.changed_from or args.parser) and (args.aligned or not args.face_align):
         raise ValueError("--changed-from and --parser work on detected faces; aligned crops (--aligned) have none")
+    if (args.upscaler or args.upscale_by != 1) and (args.aligned or not args.face_align):
+        raise ValueError("--upscale and --upscaler enlarge whole images around their faces; aligned crops "
+                         "(--aligned) are restored at GPEN's size")
     if args.changed_from and not Path(args.changed_from).exists():
         raise FileNotFoundError(f"--changed-from {args.changed_from}: no such file or folder")
 
 
-def restore_options(args, changed_from=None, parsers=None) -> tuple[SelectOptions, PasteOptions, MaskOptions]:
-    """The restore options the flags give (faces/options.py), with the image before a swap and the
-    parsers, loaded, where there are some."""
+def restore_options(args, changed_from=None, parsers=None, upscaler=None) -> tuple[SelectOptions, PasteOptions,
+                                                                               MaskOptions]:
+    """The restore options the flags give (faces/options.py), with the image before a swap, the parsers
+    and the upscaler, loaded, where there are some."""
     values = vars(args)
-    return (from_values(SelectOptions, values, changed_from=changed_from), from_values(PasteOptions, values),
-            from_values(MaskOptions, values, parser=parsers))
+    return (from_values(SelectOptions, values, changed_from=changed_from),
+            from_values(PasteOptions, values, upscaler=upscaler), from_values(MaskOptions, values, parser=parsers))
 
 
 def changed_from_file(job: Job, args) -> Path | None:
@@ -132,6 +138,18 @@ def changed_from_file(job: Job, args) -> Path | None:
 @functools.lru_cache(maxsize=1)  # loaded once per process, as the model is: the CLI's run, or a Ray worker
 def load_parsers(names: tuple[str, ...], device: str, models_dir: str | None) -> list:
     return [load_parser(resolve(name, "parser", models_dir), device=device) for name in names]
+
+
+@functools.lru_cache(maxsize=1)
+def load_upscaler_once(name: str, device: str, models_dir: str | None):
+    return load_upscaler(resolve(name, "upscaler", models_dir), device=device)
+
+
+def upscaler_for(args, detector):
+    """The --upscaler network, on the detector's device (where the frames are pasted), or None without one."""
+    if not args.upscaler:
+        return None
+    return load_upscaler_once(args.upscaler, str(getattr(detector, "device", "cpu")), args.models_dir)
 
 
 def parsers_for(args, detector) -> list | None:
@@ -183,28 +201,43 @@ class Report:
 
 
 def admit(jobs: list[Job], args, report: Report, detect: bool = True) -> tuple[list[Job], dict]:
-    """The jobs to run: their result may be written and their image is not too large, or their
-    video readable, holding a video stream, of constant frame rate; and what was read of each video.
-    Decided from names, headers and packets, before any model is loaded."""
+    """The jobs to run: their result may be written and their image (and its result) is not too large, or
+    their video readable, holding a video stream, of constant frame rate; and what was read of each video.
+    Decided from names, headers and packets, before the models are loaded."""
     todo, videos = [], {}
+    enlarged = replace(restore_options(args)[1], upscale_by=output_scale(args))
     for job in jobs:
         if job.target.exists() and not args.overwrite:
             report.skip(job, f"{job.target} exists (--overwrite replaces it)")
             continue
         try:
             if not is_video(job.source):
-                check_image_size(job.source, args.max_megapixels)
+                width, height = check_image_size(job.source, args.max_megapixels).upright_size
+                check_output_size((height, width), enlarged)
             elif not detect:
                 raise ValueError(f"{job.source}: --aligned is for aligned face crops in image files, not video")
             elif args.changed_from:
                 raise ValueError(f"{job.source}: --changed-from compares images; it does not take video files")
             else:
-                videos[job] = probe_video(job.source, args.max_megapixels)
+                info = videos[job] = probe_video(job.source, args.max_megapixels)
+                check_output_size((info.height, info.width), enlarged)
         except (ValueError, OSError) as e:
             report.fail(job, e)
             continue
         todo.append(job)
     return todo, videos
+
+
+def output_scale(args) -> float:
+    """How many times larger than its input each result is: --upscale, else the --upscaler's own scale
+    (read from its file, without building it), else 1."""
+    if args.upscale_by != 1 or not args.upscaler:
+        return args.upscale_by
+    path = resolve(args.upscaler, "upscaler", args.models_dir)
+    info = describe_weights(path)
+    if info.role != "upscaler":
+        raise CheckpointError(path, f"holds {info.arch} weights, not an upscaler (--upscaler)")
+    return info.scale
 
 
 @dataclass
@@ -287,7 +320,7 @@ def restore_file(job: Job, model, detector, args, faces=None, progress=None) -> 
     else:
         before = changed_from_file(job, args)
         before = None if before is None else torch.from_numpy(read_image(before, args.max_megapixels)[0])[None]
-        select, paste, masks = restore_options(args, before, parsers_for(args, detector))
+        select, paste, masks = restore_options(args, before, parsers_for(args, detector), upscaler_for(args, detector))
         result = restore_faces(image, model, detector, select=select, paste=paste, masks=masks,
                                faces=None if faces is None else [faces], face_batch=args.face_batch, progress=progress)
         restored, summary = result.images, result.summary
@@ -299,7 +332,8 @@ def restore_clip(job: Job, model, detector, args, info, label: str, span: range 
                  target: Path | None = None):
     """Restore one video file, streaming, into job.target (or frames `span` alone, into the segment
     file `target`); returns its VideoSummary."""
-    select, paste, masks = restore_options(args, parsers=parsers_for(args, detector))
+    select, paste, masks = restore_options(args, parsers=parsers_for(args, detector),
+                                           upscaler=upscaler_for(args, detector))
     return restore_video(job.source, target or job.target, model, detector, codec=args.codec, crf=args.crf,
                          chunk=args.chunk, select=select, paste=paste, masks=masks, face_batch=args.face_batch,
                          progress=label, overwrite=args.overwrite or span is not None,

@@ -27,7 +27,8 @@ import numpy as np
 import torch
 
 from ..faces.options import MaskOptions, PasteOptions, SelectOptions
-from ..faces.pipeline import Selection
+from ..faces.paste import check_output_size, output_size
+from ..faces.pipeline import Selection, model_fit
 from ..faces.stream import restore_frames, smoothing_reach
 from ..files.atomic import atomic_file
 from ..files.images import MAX_MEGAPIXELS
@@ -68,11 +69,15 @@ class VideoSummary:
     seconds: float = 0.0
     selection: Selection = field(default_factory=Selection)
     notes: list[str] = field(default_factory=list)  # codec fallbacks, streams not copied
+    face_px: list[float] = field(default_factory=list, repr=False)  # each face's crop side in output pixels
+    restorer_size: int | None = None
 
     def __str__(self) -> str:
         notes = self.selection.notes() + self.notes
         if self.unrestored:
             notes.append(f"{self.unrestored} face(s) left unrestored: the restorer's output was not finite")
+        if self.restorer_size and (fit := model_fit(self.face_px, self.restorer_size)):
+            notes.append(fit)
         if not self.faces and not self.selection.found:
             notes.insert(0, "no face found")
         return "; ".join([f"{self.frames} frames, {self.faces} faces restored, {self.seconds:.1f} s", *notes])
@@ -82,6 +87,8 @@ class VideoSummary:
         self.frames += part.frames
         self.faces += part.faces
         self.unrestored += part.unrestored
+        self.face_px += part.face_px
+        self.restorer_size = self.restorer_size or part.restorer_size
         self.selection.add(part.selection)
         self.notes += [note for note in part.notes if note not in self.notes]
 
@@ -498,10 +505,16 @@ def restore_video(src: str | os.PathLike, dst: str | os.PathLike, model, detecto
     began = time.perf_counter()
     src, dst = Path(src), Path(dst)
     check_video_options(codec, crf, chunk)
-    if paste.upscale_by != 1 or paste.background is not None:
-        raise ValueError("upscale does not take video files yet: their frames are encoded at the clip's size")
+    if paste.background is not None:
+        raise ValueError("a background is one picture per frame, held in memory; a video is streamed: enlarge it "
+                         "with upscale_by or an upscaler")
     summary = VideoSummary(src, dst)
     reader = VideoReader(src, max_megapixels, info, keep_yuv=True, audio=span is None)
+    try:
+        check_output_size((reader.info.height, reader.info.width), paste)
+    except ValueError as e:
+        reader.close()
+        raise ValueError(f"{src}: {e}") from None
     span = range(reader.info.frames) if span is None else span
     if not span:
         reader.close()
@@ -517,9 +530,10 @@ def restore_video(src: str | os.PathLike, dst: str | os.PathLike, model, detecto
         with atomic_output(dst, overwrite) as (temp, container):
             writer = None
             try:
-                writer = VideoWriter(temp, reader, first.shape[1], first.shape[0], codec, crf, container)
+                height, width = output_size(first.shape[:2], paste)
+                writer = VideoWriter(temp, reader, width, height, codec, crf, container)
                 summary.notes += writer.notes
-                if writer.pix_fmt != "yuv420p":
+                if writer.pix_fmt != "yuv420p" or (height, width) != first.shape[:2]:  # no source planes to keep
                     reader.keep_yuv = False
                     reader.originals.clear()
                 reader.on_audio = writer.mux_audio
@@ -540,6 +554,8 @@ def restore_video(src: str | os.PathLike, dst: str | os.PathLike, model, detecto
                         writer.write(image, reader.pts.popleft(), original, mask)
                     summary.frames += len(pixels)
                     summary.faces += result.face_count
+                    summary.face_px += result.output_face_px.tolist()
+                    summary.restorer_size = summary.restorer_size or result.restorer_size
                     summary.unrestored += result.unrestored
                     if bar is not None:
                         bar.update(len(pixels))

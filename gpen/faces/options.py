@@ -16,6 +16,8 @@ import numbers
 from dataclasses import dataclass, field, fields
 from typing import Any, Iterable
 
+from ..files.images import MAX_MEGAPIXELS
+
 ORDERS = ("largest", "left-right", "top-bottom", "confidence")
 TEMPLATES = ("gpen", "ffhq")  # align.TEMPLATE_POINTS holds their landmarks
 MASK_SHAPES = ("box", "ellipse")
@@ -26,6 +28,9 @@ GPEN_FEATHER = 4 * math.sqrt(2) / 512
 PARSE_FEATHER = 0.01  # of the crop: the soft edge of a parse mask (5 px at 512)
 CHANGE_THRESHOLD = 0.04  # see pipeline.changed_faces
 MAX_UPSCALE = 8  # upscale_by's largest: a 1 MP photo becomes 64 MP
+# An upscaler's tile, in input pixels. An x4 network's last layers hold 64 channels at 4x the tile's side:
+# 4.3 GB of float32 at 1024.
+MIN_TILE, MAX_TILE = 16, 1024
 MASK_GEOMETRY = "erode must be in [0, 0.5) and feather >= 0, got {erode}, {feather}"  # one check of the two
 
 # The 19 face-parsing classes, CelebAMask-HQ's, in the order facexlib's ParseNet and BiSeNet and
@@ -179,7 +184,8 @@ class SelectOptions(Checked):
 
 @dataclass(frozen=True)
 class PasteOptions(Checked):
-    """How restored faces are blended back into their frames."""
+    """How restored faces are blended back into their frames, and what those frames are: the images, or
+    the same pictures larger (a background, the images upscaled by a network or by Lanczos)."""
 
     strength: float = option(1.0, "How much of the restored face replaces the original (GPEN's alpha).",
                              low=0, high=1, slider=(0.0, 1.0, 0.05))
@@ -198,11 +204,20 @@ class PasteOptions(Checked):
     upscale_by: float = option(1.0, "Scale of the output: the image is enlarged (Lanczos, no model) and the faces "
                                     "are pasted in at up to the restorer's own detail (1: the image's size).",
                                above=0, high=MAX_UPSCALE, alias="upscale", slider=(0.25, MAX_UPSCALE, 0.05))
+    # An upscaling network (load_upscaler): the images it enlarges, resized to upscale_by when that is not
+    # 1, are the frames the faces are pasted into.
+    upscaler: Any = field(default=None, compare=False, repr=False)
+    tile: int = option(512, "Side of the pieces the upscaler enlarges at a time, in input pixels: memory is "
+                            "bounded by the tile, not by the image.", low=MIN_TILE, high=MAX_TILE)
+    max_megapixels: float = option(MAX_MEGAPIXELS, "Largest image read or made, in megapixels (0: no "
+                                   "limit): inputs over it are refused from their header, before decoding, and "
+                                   "upscaled outputs before any work.", low=0)
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.background is not None and self.upscale_by != 1:
-            raise ValueError(f"background and upscale {self.upscale_by:g} both set the output's size: give one")
+        if self.background is not None and (self.upscale_by != 1 or self.upscaler is not None):
+            given = f"upscale {self.upscale_by:g}" if self.upscale_by != 1 else "an upscaler"
+            raise ValueError(f"background and {given} both make the larger picture: give one")
 
 
 @dataclass(frozen=True)

@@ -105,13 +105,39 @@ def paste_faces(images: torch.Tensor, restored: torch.Tensor, affines: torch.Ten
     return (out[0], masks[0]) if single else (out, masks)
 
 
-def paste_target(images: torch.Tensor, options: PasteOptions) -> torch.Tensor:
-    """The frames (B,H,W,C) faces are pasted into: the background, the images enlarged, or the images."""
+def paste_target(images: torch.Tensor, options: PasteOptions, progress=None, cancel=None) -> torch.Tensor:
+    """The frames (B,H,W,C) faces are pasted into: the background, the images enlarged (by the upscaler,
+    then resized to upscale_by if that is given; or by Lanczos), or the images. `progress(done, total)`
+    and `cancel()` follow the upscaler's tiles."""
     if options.background is not None:
         background = options.background[None] if options.background.ndim == 3 else options.background
         check_background(images, background)
         return background
-    return images if options.upscale_by == 1 else upscale_frames(images, options.upscale_by)
+    size = check_output_size(images.shape[1:3], options)
+    if options.upscaler is not None:
+        enlarged = options.upscaler.upscale(images, tile=options.tile, progress=progress, cancel=cancel)
+        return enlarged if enlarged.shape[1:3] == size else resize_frames(enlarged, size)
+    return images if options.upscale_by == 1 else resize_frames(images, size)
+
+
+def output_size(size: tuple[int, int], options: PasteOptions) -> tuple[int, int]:
+    """(H, W) of the frames that faces found in frames of `size` (H, W) are pasted into."""
+    if options.background is not None:
+        return tuple(options.background.shape[-3:-1])
+    if options.upscale_by != 1:
+        return round(size[0] * options.upscale_by), round(size[1] * options.upscale_by)
+    scale = 1 if options.upscaler is None else options.upscaler.scale
+    return size[0] * scale, size[1] * scale
+
+
+def check_output_size(size: tuple[int, int], options: PasteOptions) -> tuple[int, int]:
+    """The output's (H, W); refused when a picture over options.max_megapixels would be made."""
+    height, width = output_size(size, options)
+    megapixels = height * width / 1e6
+    if options.max_megapixels and megapixels > options.max_megapixels and (height, width) != tuple(size):
+        raise ValueError(f"the output would be {width}x{height}, {megapixels:.0f} megapixels, over max_megapixels "
+                         f"{options.max_megapixels:g}: upscale less, or raise max_megapixels")
+    return height, width
 
 
 def check_background(images: torch.Tensor, background: torch.Tensor | None) -> None:
@@ -139,13 +165,16 @@ def not_larger(size: tuple[int, int], larger: tuple[int, int]) -> str | None:
     return None
 
 
-def upscale_frames(images: torch.Tensor, scale: float) -> torch.Tensor:
-    """The frames (B,H,W,C) enlarged by `scale` with Lanczos (OpenCV's, on the CPU), a frame at a time."""
-    height, width = round(images.shape[1] * scale), round(images.shape[2] * scale)
+def resize_frames(images: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """The frames (B,H,W,C) resized to `size` (H, W) with OpenCV on the CPU, a frame at a time: Lanczos to
+    enlarge, pixel areas to shrink (an upscaler's 4x output brought to 2x)."""
+    height, width = size
+    smaller = height < images.shape[1] and width < images.shape[2]
+    interpolation = cv2.INTER_AREA if smaller else cv2.INTER_LANCZOS4
     out = torch.empty((len(images), height, width, images.shape[3]), dtype=images.dtype, device=images.device)
     for frame, image in zip(out, images):
-        enlarged = cv2.resize(image.float().cpu().numpy(), (width, height), interpolation=cv2.INTER_LANCZOS4)
-        frame.copy_(torch.from_numpy(enlarged).reshape(frame.shape).clamp_(0, 1))  # Lanczos rings past 0..1
+        resized = cv2.resize(image.float().cpu().numpy(), (width, height), interpolation=interpolation)
+        frame.copy_(torch.from_numpy(resized).reshape(frame.shape).clamp_(0, 1))  # Lanczos rings past 0..1
     return out
 
 

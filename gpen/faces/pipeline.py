@@ -8,9 +8,10 @@ one at a time where the whole batch would be copied, so memory stays near the in
 from __future__ import annotations
 
 import logging
+import math
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import torch
@@ -21,10 +22,12 @@ from .detect import Faces, box_iou
 from .masks import smooth_over_time
 from .options import MaskOptions, PasteOptions, SelectOptions
 from .parse import parse_faces
-from .paste import check_background, not_larger, paste_faces, scale_affines
+from .paste import check_background, check_output_size, not_larger, paste_faces, paste_target, scale_affines
 from .restore import as_restorer, finite_faces
 from .tensors import as_rgb
 
+GPEN_SIZES = (256, 512, 1024, 2048)
+FIT = 1.5  # a restorer this many times larger or smaller than the faces at the output is worth a note
 MIN_DETECT_SIDE = 32  # below this RetinaFace's coarsest level has no cell; nothing is detected
 DETECT_CHUNK = 4  # frames detected between two looks at the cancel hook
 log = logging.getLogger("gpen")
@@ -94,6 +97,13 @@ class Restoration:
     unrestored: int = 0  # faces left as they were: the restorer's output was not finite
     masked_out: int = 0  # faces left as they were: the face parser found none of the wanted regions
     timings: dict[str, float] = field(default_factory=dict)  # seconds each stage took
+    restorer_size: int | None = None  # the restored crops' side
+
+    @property
+    def output_face_px(self) -> torch.Tensor:
+        """(N,) the side each face's aligned crop covers in the output's pixels."""
+        scale = self.images.shape[2] / self.info.image_size[1]
+        return self.info.crop_size * scale / self.info.affines[:, :, :2].det().abs().sqrt()
 
     @property
     def faces(self) -> list[Faces]:
@@ -116,10 +126,28 @@ class Restoration:
             notes.append(f"{self.masked_out} face(s) left as they were: the face parser found none of mask_regions in them")
         if not self.face_count:
             found = "no face found" if not self.info.selection.found else "no face restored"
-            return "; ".join([*lead, found, *notes, "images returned unchanged"])
+            kept = "unchanged" if self.images.shape[1:3] == tuple(self.info.image_size) else "only enlarged"
+            return "; ".join([*lead, found, *notes, f"images returned {kept}"])
         missing = sum(1 for f in faces if not len(f))
         text = f"restored {self.face_count} face(s) in {len(faces)} image(s)"
-        return "; ".join([*lead, text, *([f"no face found in {missing} of them"] if missing else []), *notes])
+        fit = model_fit(self.output_face_px.tolist(), self.restorer_size or self.info.crop_size)
+        return "; ".join([*lead, text, *([f"no face found in {missing} of them"] if missing else []), *notes,
+                          *([fit] if fit else [])])
+
+
+def model_fit(face_px: list[float], size: int) -> str | None:
+    """A note when a restorer of `size` is more than FIT times larger or smaller than the faces' aligned crops
+    at the output (`face_px`, their sides in output pixels; the median counts), naming the GPEN that fits."""
+    if not face_px:
+        return None
+    median = sorted(face_px)[len(face_px) // 2]
+    if 1 / FIT <= median / size <= FIT:
+        return None
+    best = min(GPEN_SIZES, key=lambda n: abs(math.log(median / n)))
+    faces = f"faces cover ~{median:.0f} px at the output" + (f" (median of {len(face_px)})" if len(face_px) > 1 else "")
+    if best != size:
+        return f"{faces}; GPEN-BFR-{best} fits them"
+    return f"{faces}, more than GPEN-BFR-{size}, the largest, restores" if median > size else None
 
 
 def select_faces(faces: Faces, options: SelectOptions = SelectOptions(), selection: Selection | None = None) -> Faces:
@@ -314,6 +342,7 @@ def restore_faces(images: torch.Tensor, model, detector, *, select: SelectOption
     if images.ndim == 3:
         images = images[None]
     check_background(images, paste.background)
+    check_output_size(images.shape[1:3], paste)
     check_cancel(cancel)
     restorer = as_restorer(model)
     trained_on = getattr(restorer, "template", None)
@@ -352,10 +381,15 @@ def paste_restored(images: torch.Tensor, restored: torch.Tensor, info: FaceInfo,
     none of the regions, is left as it was, and the summary says so. `progress(done, total)` follows the
     parsing; `cancel()` is asked between its batches. A `timings` dict receives the stages' seconds
     (and becomes the result's). `images` may be the frames at a larger size (same aspect): the faces are
-    pasted there, through their affines scaled to it.
+    pasted there, through their affines scaled to it. With `paste.upscaler`, the frames are enlarged here
+    (its tiles asked `cancel()` too).
     """
     if images.ndim == 3:
         images = images[None]
+    if paste.upscaler is not None:
+        with _stage(timings, "upscale", info.device):
+            background = paste_target(images, paste, cancel=cancel and (lambda: check_cancel(cancel)))
+        paste = replace(paste, background=background, upscaler=None, upscale_by=1.0)
     info_affines = info.affines
     if tuple(images.shape[1:3]) != tuple(info.image_size):
         wrong = not_larger(info.image_size, images.shape[1:3])
@@ -400,7 +434,8 @@ def paste_restored(images: torch.Tensor, restored: torch.Tensor, info: FaceInfo,
         pasted, blend = paste_faces(images, restored, affines, frames, paste, crop_size=info.crop_size,
                                     face_masks=face_masks, device=info.device)
     masked_out = int((finite & ~shown).sum())
-    return Restoration(pasted, blend, info, unrestored, masked_out, timings if timings is not None else {})
+    return Restoration(pasted, blend, info, unrestored, masked_out, timings if timings is not None else {},
+                       restorer_size=restored.shape[1] if len(restored) else None)
 
 
 def face_areas(images: torch.Tensor, crops: torch.Tensor, info: FaceInfo) -> torch.Tensor:

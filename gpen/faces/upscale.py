@@ -15,10 +15,10 @@ from torch.nn import functional as F
 
 from ..archs.spec import ArchSpec, network_input, resize
 from .handle import NetworkHandle
+from .options import MAX_TILE, MIN_TILE
 from .tensors import as_rgb, match_channels
 
-MIN_TILE = 16
-MAX_TILE = 16384
+OVERLAP = 32  # context pixels around each tile by default (Real-ESRGAN pads 10): seams do not show
 MAX_OUTPUT_SIDE = 65536  # pixels of an output side; a bigger one is a mistake, not an image
 
 
@@ -31,16 +31,17 @@ class UpscalerHandle(NetworkHandle):
         self.multiple = int(getattr(network, "multiple", 1))  # what the input's sides must be multiples of
 
     @torch.inference_mode()
-    def upscale(self, images: torch.Tensor, tile: int = 512, overlap: int = 32,
+    def upscale(self, images: torch.Tensor, tile: int = 512, overlap: int | None = None,
                 progress: Callable[[int, int], None] | None = None,
                 cancel: Callable[[], None] | None = None) -> torch.Tensor:
         """(B,H,W,C) float 0..1, C in 1, 3, 4 -> (B, H*scale, W*scale, C) clamped to 0..1, on the images' device.
 
         The network sees pieces of at most `tile` x `tile` pixels: a core and `overlap` pixels of context
-        on each side (at most tile/4). Grayscale is upscaled as RGB and returned as its luma; alpha is
+        on each side (at most tile/4; by default 32, or tile/4 for smaller tiles). Grayscale is upscaled as RGB and returned as its luma; alpha is
         resized bilinearly. `progress(done, total)` follows the tiles; `cancel()`, asked before each
         tile, raises to stop.
         """
+        overlap = min(OVERLAP, tile // 4) if overlap is None and isinstance(tile, int) else overlap
         check_tiling(tile, overlap)
         images = images if images.ndim != 3 else images[None]
         height, width = images.shape[1:3] if images.ndim == 4 else (0, 0)  # other shapes: as_rgb says what is wrong

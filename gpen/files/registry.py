@@ -19,6 +19,7 @@ from torch import nn
 from ..archs import SPECS
 from ..archs.onnx import describe_shapes, input_dtype
 from ..archs.spec import ArchSpec, ConfigError, ModelInfo
+from .foreign import load_spandrel_upscaler, spandrel_installed
 from .weights import (
     CheckpointError,
     check_file,
@@ -57,6 +58,10 @@ def load(path: str | os.PathLike, role: str | None = None,
     if is_onnx(path):
         return build_session(open_session(Path(path), device), path, role)
     state = read_state_dict(path)
+    if role == "upscaler" and not known(state):
+        spec, net = load_spandrel_upscaler(state, path)
+        net.info = info(spec, net, state, path)
+        return spec, net
     spec, net, state = skeleton(state, path, role)
     return spec, fill(spec, net, state, path)
 
@@ -68,7 +73,16 @@ def describe_file(path: str | os.PathLike) -> ModelInfo:
         spec = identify_session(session, path)
         configure(spec, session, path)
         return session_info(spec, session)
-    return describe(read_state_dict(path), path)
+    state = read_state_dict(path)
+    if not known(state) and spandrel_installed():
+        spec, net = load_spandrel_upscaler(state, path)
+        return info(spec, net, state, path)
+    return describe(state, path)
+
+
+def known(state: dict[str, torch.Tensor]) -> bool:
+    """Whether one of the registered specs recognises these weights."""
+    return any(recognises(spec, state) for spec in specs("torch"))
 
 
 def recognises(spec: ArchSpec, found) -> bool:
