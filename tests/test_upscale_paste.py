@@ -11,15 +11,15 @@ import torch
 
 import gpen
 from gpen import PasteOptions
+from gpen.apps.video import probe_video
 from gpen.faces.align import GPEN_TEMPLATE
 from gpen.faces.detect import Faces
-from gpen.apps.video import probe_video
 from gpen.faces.paste import resize_frames
 from gpen.faces.pipeline import model_fit
 from gpen.files.images import read_image, write_image
 from tests import test_cli
-from tests.test_cli import gpen64  # noqa: F401 (a fixture)
 from tests.helpers import IdentityRestorer
+from tests.test_cli import gpen64  # noqa: F401 (a fixture)
 from tests.test_nodes import load_models, models_dir, pack  # noqa: F401 (fixtures)
 from tests.test_video import audio_packets, make_clip
 
