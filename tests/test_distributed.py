@@ -13,6 +13,7 @@ av = pytest.importorskip("av", reason="video needs PyAV (pip install av)")
 
 from gpen.apps import cli, jobs  # noqa: E402
 from gpen.apps.jobs import Job  # noqa: E402
+from gpen.apps.video import probe_video  # noqa: E402
 from gpen.files.images import read_image, write_image  # noqa: E402
 from tests.helpers import random_gpen  # noqa: E402
 
@@ -293,3 +294,20 @@ def test_the_scheduler_retries_a_failed_file_on_another_actor_then_reports_it(tm
     assert "[1/2] bad.png: failed: failed 2 times: cannot decode; cannot decode" in captured.err
     assert "[2/2] good.png: restored 1 face" in captured.out
     assert all(actor.killed for actor in scheduler.actors)
+
+
+def test_ray_restores_and_upscales_photos_and_segmented_clips(restore, photos, shared, tmp_path):
+    from tests.test_video import audio_packets, make_clip
+
+    picture = (read_image(photos / "photo0.png")[0] * 255).round().astype(np.uint8)
+    folder = tmp_path / "in"
+    folder.mkdir()
+    write_image(folder / "photo.png", picture[:200, :240])
+    make_clip(folder / "clip.mp4", picture, frames=12, size=(240, 200), step=2, gop=4)
+    upscaler = shared / "fixtures" / "srvgg_x4_random.pth"
+    assert restore(folder, "-o", tmp_path / "ray", "--ray", "local", "--ray-segment", 0.2, "--upscaler", upscaler,
+                   "--upscale", 2, "--tile", 128) == 0
+    assert read_image(tmp_path / "ray" / "photo.png")[0].shape == (400, 480, 3)
+    joined = probe_video(tmp_path / "ray" / "clip.mp4")
+    assert (joined.width, joined.height, joined.frames) == (480, 400, 12)
+    assert audio_packets(tmp_path / "ray" / "clip.mp4") == audio_packets(folder / "clip.mp4")

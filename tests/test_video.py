@@ -393,7 +393,7 @@ def test_cli_restores_photos_and_clips_in_one_call(gpen_cli, tmp_path, picture, 
     assert gpen_cli(tmp_path / "in", "-o", tmp_path / "out", "--max-faces", 1, "--temporal-smoothing", 1,
                     "--crf", 20, "--chunk", 3) == 0
     out = capsys.readouterr().out
-    assert "[1/2] clip.mp4: 8 frames, 8 faces restored, " in out and f" s -> {tmp_path / 'out' / 'clip.mp4'}" in out
+    assert "[1/2] clip.mp4: 8 frames, 8 faces restored, " in out and f"GPEN-BFR-256 fits them -> {tmp_path / 'out' / 'clip.mp4'}" in out
     assert "[2/2] photo.png: restored 1 face(s) in 1 image(s)" in out
     assert timing(tmp_path / "out" / "clip.mp4") == timing(tmp_path / "in" / "clip.mp4")
     assert audio_packets(tmp_path / "out" / "clip.mp4") == audio_packets(tmp_path / "in" / "clip.mp4")
