@@ -27,6 +27,8 @@ KNOWN = {
     "GetVideoComponents": ({"video": "VIDEO"}, ["IMAGE", "AUDIO", "FLOAT"], 0),
     "CreateVideo": ({"images": "IMAGE", "audio": "AUDIO", "fps": "FLOAT"}, ["VIDEO"], 1),
     "SaveVideo": ({"video": "VIDEO"}, [], 3),
+    "UpscaleModelLoader": ({}, ["UPSCALE_MODEL"], 1),
+    "ImageUpscaleWithModel": ({"upscale_model": "UPSCALE_MODEL", "image": "IMAGE"}, ["IMAGE"], 0),
     # Gourieff/ComfyUI-ReActor
     "ReActorFaceSwap": ({"input_image": "IMAGE", "source_image": "IMAGE", "face_model": "FACE_MODEL",
                          "face_boost": "FACE_BOOST"}, ["IMAGE", "FACE_MODEL", "IMAGE"], 11),
@@ -88,11 +90,11 @@ def test_workflow_is_valid(path):
     assert {"GPENLoadModel", "GPENLoadFaceDetector"} <= ours
 
 
-def test_the_seven_example_workflows_are_there():
+def test_the_eight_example_workflows_are_there():
     assert [p.stem for p in WORKFLOWS] == [
         "gpen_after_reactor_swap", "gpen_after_txt2img", "gpen_large_portrait_2048",
-        "gpen_modular_detect_restore_paste", "gpen_occlusion_aware", "gpen_restore_photo",
-        "gpen_video_temporal_smoothing"]
+        "gpen_modular_detect_restore_paste", "gpen_occlusion_aware", "gpen_restore_and_upscale",
+        "gpen_restore_photo", "gpen_video_temporal_smoothing"]
 
 
 def workflow(stem):
@@ -141,6 +143,7 @@ SLOT_HEIGHT, WIDGET_ROW, WIDGETS_PADDING, BOTTOM_PADDING = 20, 24, 8, 6
 MIN_HEIGHT = {"LoadImage": 326, "SaveImage": 58, "PreviewImage": 26, "MaskToImage": 26, "Note": 88,
               "CheckpointLoaderSimple": 98, "CLIPTextEncode": 88, "EmptyLatentImage": 106, "KSampler": 262,
               "VAEDecode": 46, "GetVideoComponents": 66, "CreateVideo": 78, "ReActorFaceSwap": 358,
+              "UpscaleModelLoader": 58, "ImageUpscaleWithModel": 46,  # by the rule above (one widget; two inputs)
               "LoadVideo": lambda width: 86 + width * 3 / 4, "SaveVideo": lambda width: 110 + width * 3 / 4}
 # The saved view (extra.ds: screen = (graph + offset) * scale, in canvas pixels) in the smallest window
 # we design for, a 1280x720 browser viewport: the canvas is 1240x680 (a 40 px side bar on the left,
@@ -203,9 +206,11 @@ def test_the_saved_view_shows_the_whole_graph(path):
 
 
 # ----------------------------------------------------------------------------------------------- notes
-LOADER_FILES = {"GPENLoadModel", "GPENLoadFaceDetector", "GPENLoadFaceParser", "CheckpointLoaderSimple"}
+LOADER_FILES = {"GPENLoadModel", "GPENLoadFaceDetector", "GPENLoadFaceParser", "CheckpointLoaderSimple",
+                "UpscaleModelLoader"}
 FOLDERS = {"GPENLoadModel": "models/facerestore_models", "GPENLoadFaceDetector": "models/facedetection",
-           "GPENLoadFaceParser": "models/facedetection", "CheckpointLoaderSimple": "models/checkpoints"}
+           "GPENLoadFaceParser": "models/facedetection", "CheckpointLoaderSimple": "models/checkpoints",
+           "UpscaleModelLoader": "models/upscale_models"}
 
 
 @pytest.mark.parametrize("path", WORKFLOWS, ids=[p.stem for p in WORKFLOWS])
@@ -231,3 +236,26 @@ def test_the_2048_workflow_picks_the_confident_large_face_and_says_what_input_it
     (note,) = [n["widgets_values"][0] for n in flow["nodes"] if n["type"] == "Note"]
     assert "2048 px" in note and f"min_size {min_size}" in note
 
+
+
+def test_restore_and_upscale_finds_faces_in_the_original_and_pastes_them_into_the_upscaled_picture():
+    flow = workflow("gpen_restore_and_upscale")
+    nodes = {n["id"]: n for n in flow["nodes"]}
+    links = {link[0]: link for link in flow["links"]}
+
+    def source(node, name):
+        """The node feeding node's input of that name."""
+        return nodes[links[next(s["link"] for s in node["inputs"] if s["name"] == name)][1]]
+
+    (restore,) = [n for n in nodes.values() if n["type"] == "GPENFaceRestore"]
+    upscaler = source(restore, "background")
+    assert upscaler["type"] == "ImageUpscaleWithModel"
+    assert source(upscaler, "upscale_model")["widgets_values"] == ["RealESRGAN_x4plus.pth"]
+    assert source(restore, "image") is source(upscaler, "image")  # the original, not the upscaler's pixels
+    assert source(restore, "image")["type"] == "LoadImage"
+    assert source(restore, "gpen_model")["widgets_values"][0] == "GPEN-BFR-2048.pth"
+    assert restore["widgets_values"][-1] == 1  # upscale_by: the background already sets the output's size
+    (note,) = [n["widgets_values"][0] for n in flow["nodes"] if n["type"] == "Note"]
+    for size in (256, 512, 1024, 2048):
+        assert f"GPEN-BFR-{size}" in note
+    assert "upscale_by" in note and "1.5x" in note
