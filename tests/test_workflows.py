@@ -305,9 +305,12 @@ def test_restore_and_upscale_runs_as_saved_and_gives_the_upscaled_picture_with_r
     saved = {}
     # ComfyUI's upscale-model nodes need spandrel (and so torchvision): a Lanczos 4x stands in for the
     # model here, as Upscale Image By would; the GPEN nodes run as saved.
+    def upscale_with_model(inputs, widgets):
+        return (upscale_frames(inputs["image"], inputs["upscale_model"]),)
+
     core = {"LoadImage": lambda inputs, widgets: (original, None),
-            "UpscaleModelLoader": lambda inputs, widgets: (4,),
-            "ImageUpscaleWithModel": lambda inputs, widgets: (upscale_frames(inputs["image"], inputs["upscale_model"]),),
+            "UpscaleModelLoader": lambda inputs, widgets: (4,),  # the stand-in model: its scale
+            "ImageUpscaleWithModel": upscale_with_model,
             "SaveImage": lambda inputs, widgets: saved.setdefault("images", inputs["images"])}
     flow = workflow("gpen_restore_and_upscale")
     outputs = run(flow, load_pack(), core)
