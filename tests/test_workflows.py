@@ -138,8 +138,8 @@ def test_occlusion_aware_workflow_restores_through_a_parser_and_shows_its_mask()
 # What the frontend (ComfyUI_frontend 1.27, LiteGraph) draws, in graph units: a node is its box
 # pos..pos+size plus its title bar above pos (NODE_TITLE_HEIGHT). On loading, the frontend grows any
 # node to at least its computeSize(): one 20 px row per input or output slot (the larger count), 24 px per
-# widget, 8 px below the widgets and 6 px at the bottom. The sizes saved here must already be that large, or the boxes checked here
-# are not the ones users see.
+# widget, 8 px below the widgets and 6 px at the bottom. The sizes saved here must already be that large,
+# or the boxes checked here are not the ones users see.
 TITLE_HEIGHT = 30
 SLOT_HEIGHT, WIDGET_ROW, WIDGETS_PADDING, BOTTOM_PADDING = 20, 24, 8, 6
 # Other nodes' minimum heights, measured in frontend 1.27.10 (computeSize after loading). A video
