@@ -1,5 +1,6 @@
 """The example workflows: every node known, every link well typed, every widget of ours valid; a Note
-in each; a layout where no node hides another and the saved view shows the whole graph."""
+in each; a layout where no node hides another and the saved view shows the whole graph; and the
+restore-and-upscale workflow run as saved."""
 
 import json
 import shutil
@@ -242,7 +243,6 @@ def test_the_2048_workflow_picks_the_confident_large_face_and_says_what_input_it
     assert "2048 px" in note and f"min_size {min_size}" in note
 
 
-
 def test_restore_and_upscale_finds_faces_in_the_original_and_pastes_them_into_the_upscaled_picture():
     flow = workflow("gpen_restore_and_upscale")
     nodes = {n["id"]: n for n in flow["nodes"]}
@@ -266,7 +266,7 @@ def test_restore_and_upscale_finds_faces_in_the_original_and_pastes_them_into_th
     assert "upscale_by" in note and "1.5x" in note
 
 
-def run(flow, pack, core):
+def run_workflow(flow, pack, core):
     """Run a UI workflow in-process, as ComfyUI would run its API form: each node called with its widget
     values by name and its linked inputs, in dependency order. `core` stands in for ComfyUI's own nodes:
     node type -> function(inputs, widget values) -> outputs. Returns every node's outputs by id."""
@@ -313,7 +313,7 @@ def test_restore_and_upscale_runs_as_saved_and_gives_the_upscaled_picture_with_r
             "ImageUpscaleWithModel": upscale_with_model,
             "SaveImage": lambda inputs, widgets: saved.setdefault("images", inputs["images"])}
     flow = workflow("gpen_restore_and_upscale")
-    outputs = run(flow, load_pack(), core)
+    outputs = run_workflow(flow, load_pack(), core)
     ids = {n["type"]: n["id"] for n in flow["nodes"]}
     background = outputs[ids["ImageUpscaleWithModel"]][0]
     image, mask = outputs[ids["GPENFaceRestore"]]
