@@ -13,7 +13,8 @@ replaces (gpen.paste_faces). No GPEN weights are used and no "restored" faces ar
 say what each workflow does, not how good the result looks. Two pictures contain stand-ins, and say so
 on the picture: the face swap in the ReActor workflow is another face of the photo pasted with the
 pack's own paste-back, and the occlusion-aware workflow's "parse mask" is drawn geometrically (an
-ellipse minus a drawn occluder), not a face parser's output.
+ellipse minus a drawn occluder), not a face parser's output. The restore-and-upscale picture's 4x image
+is the pack's Lanczos enlargement (upscale_by), standing in for an upscale model, and says so.
 
 Needs only the pack (torch, numpy, opencv-python) and two files, by default from ../shared (the
 project's shared data): images/solvay_1927.png and models/retinaface_mobilenet0.25.pth
@@ -121,6 +122,21 @@ def fit(image: np.ndarray, width: int, height: int, interpolation=cv2.INTER_AREA
 def arrow(img, p0, p1, colour=(220, 220, 220)):
     cv2.arrowedLine(img, p0, p1, colour, 2, cv2.LINE_AA, tipLength=0.3)
 
+
+def graph(img, steps: list[str], x: int, y: int, gap: int) -> list[tuple[int, int]]:
+    """A row of node boxes joined by arrows, the last one (GPEN's) in blue; each box's left and right x."""
+    spans = []
+    for i, name in enumerate(steps):
+        (w, _), _ = cv2.getTextSize(name, FONT, 0.45, 1)
+        colour = (60, 90, 120) if i == len(steps) - 1 else (70, 70, 70)
+        cv2.rectangle(img, (x, y), (x + w + 14, y + 30), colour, -1)
+        text(img, name, (x + 7, y + 20), 0.45, shadow=False)
+        spans.append((x, x + w + 14))
+        x += w + 14
+        if i < len(steps) - 1:
+            arrow(img, (x + 3, y + 15), (x + gap - 3, y + 15))
+            x += gap
+    return spans
 
 # ------------------------------------------------------------------------------------------ the pack
 
@@ -281,18 +297,7 @@ def after_reactor(s: Scene) -> np.ndarray:
 
 def after_txt2img(s: Scene) -> np.ndarray:
     img = canvas()
-    # the graph, drawn: checkpoint -> sampler -> decode -> GPEN
-    steps = ["Checkpoint", "KSampler", "VAE Decode", "GPEN Face Restore"]
-    x, y = 10, 12
-    for i, name in enumerate(steps):
-        (w, _), _ = cv2.getTextSize(name, FONT, 0.45, 1)
-        colour = (60, 90, 120) if i == 3 else (70, 70, 70)
-        cv2.rectangle(img, (x, y), (x + w + 14, y + 30), colour, -1)
-        text(img, name, (x + 7, y + 20), 0.45, shadow=False)
-        x += w + 14
-        if i < 3:
-            arrow(img, (x + 3, y + 15), (x + 19, y + 15))
-            x += 22
+    graph(img, ["Checkpoint", "KSampler", "VAE Decode", "GPEN Face Restore"], 10, 12, gap=22)
     text(img, '"portrait photo of an elderly fisherman, natural light"', (10, 72), 0.45, (200, 200, 160))
     # a generated portrait would go here; a face of the photo shows what GPEN does to it
     cx, cy, half = 844, 222, 60
@@ -342,6 +347,50 @@ def occlusion(s: Scene) -> np.ndarray:
                    "a face parser keeps what covers the face")
 
 
+def restore_and_upscale(s: Scene) -> np.ndarray:
+    img = canvas()
+    # the graph, drawn: the original goes to the upscaler and, as image, to GPEN too
+    y = 24
+    (load, _), (_, upscaled), (gpen_x, _) = graph(img, ["Load Image", "Upscale Image x4", "GPEN Face Restore"], 10, y,
+                                                  gap=44)
+    text(img, "background", (upscaled - 16, y - 6), 0.38, (190, 190, 190))
+    below = y + 42
+    cv2.polylines(img, [np.array([(load + 40, y + 31), (load + 40, below), (gpen_x + 60, below)])], False,
+                  (220, 220, 220), 2, cv2.LINE_AA)
+    arrow(img, (gpen_x + 60, below), (gpen_x + 60, y + 34))
+    text(img, "image: the faces are found in the original", (load, below + 16), 0.38, (190, 190, 190))
+    # a 1024 px portrait (a sitter of the photo, enlarged) and its 4x upscale (Lanczos: upscale_by)
+    cx, cy, half = 723, 232, 88
+    portrait = fit(s.rgb[cy - half:cy + half, cx - half:cx + half], 1024, 1024, cv2.INTER_CUBIC)
+    image = torch.from_numpy(portrait).float()[None] / 255
+    crops, info = gpen.locate_faces(image, s.detector, 128, gpen.SelectOptions(threshold=0.8, max_faces=1))
+    scale = 4
+    output, masks = gpen.paste_faces(image, crops, info.affines, info.frames, gpen.PasteOptions(upscale_by=scale))
+    crop_px = scale * 128 / float(info.affines[0, :, :2].det().abs().sqrt())  # the face's crop at the output
+    y0 = below + 26
+    side = SIZE - CAPTION - y0 - 4
+    small = side // scale
+    big = tint(fit(to_uint8(output[0]), side, side), fit(masks[0].numpy(), side, side), alpha=0.35)
+    # the aligned crop's square, where it lands in the output
+    corners = np.array([[0, 0], [128, 0], [128, 128], [0, 128]], np.float64)
+    inverse = cv2.invertAffineTransform(info.affines[0].double().numpy())
+    square = (corners @ inverse[:, :2].T + inverse[:, 2]) * side / 1024
+    cv2.polylines(big, [square.round().astype(np.int32)], True, BOX, 2, cv2.LINE_AA)
+    x_big = SIZE - side - 8
+    paste(img, big, x_big, y0)
+    label(img, f"output: 4096 px (4x), face crop ~{crop_px:.0f} px", (x_big + 6, y0 + 18), 0.42)
+    label(img, "GPEN-BFR-2048 fits it", (x_big + 6, y0 + 40), 0.42)
+    thumb = fit(portrait, small, small)
+    boxes(thumb, info.faces[0], small / 1024)
+    paste(img, thumb, 8, y0)
+    text(img, "image: 1024 px", (8, y0 + small + 18), 0.4)
+    rows = ["crop at output", "~256: GPEN-256", "~512: GPEN-512", "~1024: GPEN-1024", "~2048: GPEN-2048"]
+    for k, row in enumerate(rows):
+        text(img, row, (8, y0 + small + 50 + k * 20), 0.4, (190, 190, 190) if k == 0 else (235, 235, 235))
+    return caption(img, "Restore and upscale with GPEN-BFR-2048",
+                   "faces found in the original, pasted into the 4x image (Lanczos here)")
+
+
 PICTURES = {
     "gpen_restore_photo": restore_photo,
     "gpen_modular_detect_restore_paste": modular,
@@ -350,6 +399,7 @@ PICTURES = {
     "gpen_after_reactor_swap": after_reactor,
     "gpen_after_txt2img": after_txt2img,
     "gpen_occlusion_aware": occlusion,
+    "gpen_restore_and_upscale": restore_and_upscale,
 }
 
 

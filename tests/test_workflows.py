@@ -1,11 +1,17 @@
 """The example workflows: every node known, every link well typed, every widget of ours valid; a Note
-in each; a layout where no node hides another and the saved view shows the whole graph."""
+in each; a layout where no node hides another and the saved view shows the whole graph; and the
+restore-and-upscale workflow run as saved."""
 
 import json
+import shutil
+import sys
 from pathlib import Path
 
 import pytest
+import torch
 
+from gpen.faces.paste import upscale_frames
+from tests.helpers import random_gpen
 from tests.test_nodes import load_pack
 
 WORKFLOWS = sorted((Path(__file__).resolve().parents[1] / "workflows").glob("*.json"))
@@ -27,6 +33,8 @@ KNOWN = {
     "GetVideoComponents": ({"video": "VIDEO"}, ["IMAGE", "AUDIO", "FLOAT"], 0),
     "CreateVideo": ({"images": "IMAGE", "audio": "AUDIO", "fps": "FLOAT"}, ["VIDEO"], 1),
     "SaveVideo": ({"video": "VIDEO"}, [], 3),
+    "UpscaleModelLoader": ({}, ["UPSCALE_MODEL"], 1),
+    "ImageUpscaleWithModel": ({"upscale_model": "UPSCALE_MODEL", "image": "IMAGE"}, ["IMAGE"], 0),
     # Gourieff/ComfyUI-ReActor
     "ReActorFaceSwap": ({"input_image": "IMAGE", "source_image": "IMAGE", "face_model": "FACE_MODEL",
                          "face_boost": "FACE_BOOST"}, ["IMAGE", "FACE_MODEL", "IMAGE"], 11),
@@ -88,11 +96,11 @@ def test_workflow_is_valid(path):
     assert {"GPENLoadModel", "GPENLoadFaceDetector"} <= ours
 
 
-def test_the_seven_example_workflows_are_there():
+def test_the_eight_example_workflows_are_there():
     assert [p.stem for p in WORKFLOWS] == [
         "gpen_after_reactor_swap", "gpen_after_txt2img", "gpen_large_portrait_2048",
-        "gpen_modular_detect_restore_paste", "gpen_occlusion_aware", "gpen_restore_photo",
-        "gpen_video_temporal_smoothing"]
+        "gpen_modular_detect_restore_paste", "gpen_occlusion_aware", "gpen_restore_and_upscale",
+        "gpen_restore_photo", "gpen_video_temporal_smoothing"]
 
 
 def workflow(stem):
@@ -131,8 +139,8 @@ def test_occlusion_aware_workflow_restores_through_a_parser_and_shows_its_mask()
 # What the frontend (ComfyUI_frontend 1.27, LiteGraph) draws, in graph units: a node is its box
 # pos..pos+size plus its title bar above pos (NODE_TITLE_HEIGHT). On loading, the frontend grows any
 # node to at least its computeSize(): one 20 px row per input or output slot (the larger count), 24 px per
-# widget, 8 px below the widgets and 6 px at the bottom. The sizes saved here must already be that large, or the boxes checked here
-# are not the ones users see.
+# widget, 8 px below the widgets and 6 px at the bottom. The sizes saved here must already be that large,
+# or the boxes checked here are not the ones users see.
 TITLE_HEIGHT = 30
 SLOT_HEIGHT, WIDGET_ROW, WIDGETS_PADDING, BOTTOM_PADDING = 20, 24, 8, 6
 # Other nodes' minimum heights, measured in frontend 1.27.10 (computeSize after loading). A video
@@ -141,6 +149,7 @@ SLOT_HEIGHT, WIDGET_ROW, WIDGETS_PADDING, BOTTOM_PADDING = 20, 24, 8, 6
 MIN_HEIGHT = {"LoadImage": 326, "SaveImage": 58, "PreviewImage": 26, "MaskToImage": 26, "Note": 88,
               "CheckpointLoaderSimple": 98, "CLIPTextEncode": 88, "EmptyLatentImage": 106, "KSampler": 262,
               "VAEDecode": 46, "GetVideoComponents": 66, "CreateVideo": 78, "ReActorFaceSwap": 358,
+              "UpscaleModelLoader": 58, "ImageUpscaleWithModel": 46,  # by the rule above (one widget; two inputs)
               "LoadVideo": lambda width: 86 + width * 3 / 4, "SaveVideo": lambda width: 110 + width * 3 / 4}
 # The saved view (extra.ds: screen = (graph + offset) * scale, in canvas pixels) in the smallest window
 # we design for, a 1280x720 browser viewport: the canvas is 1240x680 (a 40 px side bar on the left,
@@ -203,9 +212,11 @@ def test_the_saved_view_shows_the_whole_graph(path):
 
 
 # ----------------------------------------------------------------------------------------------- notes
-LOADER_FILES = {"GPENLoadModel", "GPENLoadFaceDetector", "GPENLoadFaceParser", "CheckpointLoaderSimple"}
+LOADER_FILES = {"GPENLoadModel", "GPENLoadFaceDetector", "GPENLoadFaceParser", "CheckpointLoaderSimple",
+                "UpscaleModelLoader"}
 FOLDERS = {"GPENLoadModel": "models/facerestore_models", "GPENLoadFaceDetector": "models/facedetection",
-           "GPENLoadFaceParser": "models/facedetection", "CheckpointLoaderSimple": "models/checkpoints"}
+           "GPENLoadFaceParser": "models/facedetection", "CheckpointLoaderSimple": "models/checkpoints",
+           "UpscaleModelLoader": "models/upscale_models"}
 
 
 @pytest.mark.parametrize("path", WORKFLOWS, ids=[p.stem for p in WORKFLOWS])
@@ -231,3 +242,82 @@ def test_the_2048_workflow_picks_the_confident_large_face_and_says_what_input_it
     (note,) = [n["widgets_values"][0] for n in flow["nodes"] if n["type"] == "Note"]
     assert "2048 px" in note and f"min_size {min_size}" in note
 
+
+def test_restore_and_upscale_finds_faces_in_the_original_and_pastes_them_into_the_upscaled_picture():
+    flow = workflow("gpen_restore_and_upscale")
+    nodes = {n["id"]: n for n in flow["nodes"]}
+    links = {link[0]: link for link in flow["links"]}
+
+    def source(node, name):
+        """The node feeding node's input of that name."""
+        return nodes[links[next(s["link"] for s in node["inputs"] if s["name"] == name)][1]]
+
+    (restore,) = [n for n in nodes.values() if n["type"] == "GPENFaceRestore"]
+    upscaler = source(restore, "background")
+    assert upscaler["type"] == "ImageUpscaleWithModel"
+    assert source(upscaler, "upscale_model")["widgets_values"] == ["RealESRGAN_x4plus.pth"]
+    assert source(restore, "image") is source(upscaler, "image")  # the original, not the upscaler's pixels
+    assert source(restore, "image")["type"] == "LoadImage"
+    assert source(restore, "gpen_model")["widgets_values"][0] == "GPEN-BFR-2048.pth"
+    assert restore["widgets_values"][-1] == 1  # upscale_by: the background already sets the output's size
+    (note,) = [n["widgets_values"][0] for n in flow["nodes"] if n["type"] == "Note"]
+    for size in (256, 512, 1024, 2048):
+        assert f"GPEN-BFR-{size}" in note
+    assert "upscale_by" in note and "1.5x" in note
+
+
+def run_workflow(flow, pack, core):
+    """Run a UI workflow in-process, as ComfyUI would run its API form: each node called with its widget
+    values by name and its linked inputs, in dependency order. `core` stands in for ComfyUI's own nodes:
+    node type -> function(inputs, widget values) -> outputs. Returns every node's outputs by id."""
+    links = {link[0]: link for link in flow["links"]}
+    todo = {n["id"]: n for n in flow["nodes"] if n["type"] != "Note"}
+    done = {}
+    while todo:
+        ready = [n for n in todo.values() if all(links[s["link"]][1] in done for s in n["inputs"] if s["link"])]
+        for node in ready:
+            linked = {s["name"]: done[links[s["link"]][1]][links[s["link"]][2]] for s in node["inputs"] if s["link"]}
+            if node["type"] in core:
+                done[node["id"]] = core[node["type"]](linked, node["widgets_values"])
+            else:
+                cls = pack.NODE_CLASS_MAPPINGS[node["type"]]
+                widgets = [name for name, *_ in node_spec(pack, node["type"])[2]]
+                done[node["id"]] = getattr(cls(), cls.FUNCTION)(**dict(zip(widgets, node["widgets_values"])), **linked)
+            del todo[node["id"]]
+    return done
+
+
+@pytest.fixture
+def user_models(tmp_path, monkeypatch, shared):
+    """The files the restore-and-upscale note names, where it says, as small stand-ins: a random GPEN-64
+    as GPEN-BFR-2048.pth and the mobilenet RetinaFace as detection_Resnet50_Final.pth (each file is
+    recognised from its tensors, not its name)."""
+    monkeypatch.setattr(sys.modules[load_pack().__name__ + ".nodes.host"], "PACK_MODELS", tmp_path)
+    (tmp_path / "facerestore_models").mkdir()
+    torch.save(random_gpen(64, 1, 0.125).state_dict(), tmp_path / "facerestore_models" / "GPEN-BFR-2048.pth")
+    (tmp_path / "facedetection").mkdir()
+    shutil.copy(shared / "models" / "retinaface_mobilenet0.25.pth",
+                tmp_path / "facedetection" / "detection_Resnet50_Final.pth")
+
+
+def test_restore_and_upscale_runs_as_saved_and_gives_the_upscaled_picture_with_restored_faces(user_models, solvay):
+    original = solvay[:, 110:330, 560:880]  # 320x220, a few sitters
+    saved = {}
+    # ComfyUI's upscale-model nodes need spandrel (and so torchvision): a Lanczos 4x stands in for the
+    # model here, as Upscale Image By would; the GPEN nodes run as saved.
+    def upscale_with_model(inputs, widgets):
+        return (upscale_frames(inputs["image"], inputs["upscale_model"]),)
+
+    core = {"LoadImage": lambda inputs, widgets: (original, None),
+            "UpscaleModelLoader": lambda inputs, widgets: (4,),  # the stand-in model: its scale
+            "ImageUpscaleWithModel": upscale_with_model,
+            "SaveImage": lambda inputs, widgets: saved.setdefault("images", inputs["images"])}
+    flow = workflow("gpen_restore_and_upscale")
+    outputs = run_workflow(flow, load_pack(), core)
+    ids = {n["type"]: n["id"] for n in flow["nodes"]}
+    background = outputs[ids["ImageUpscaleWithModel"]][0]
+    image, mask = outputs[ids["GPENFaceRestore"]]
+    assert saved["images"].shape == (1, 880, 1280, 3) == background.shape
+    assert mask.shape == (1, 880, 1280) and 0.05 < mask.mean() < 0.8  # faces restored
+    outside = mask == 0
+    assert torch.equal(image[outside], background[outside])  # the upscaler's pixels, bit for bit
