@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from gpen.faces.paste import upscale_frames
+from gpen.faces.paste import resize_frames
 from tests.helpers import random_gpen
 from tests.test_nodes import load_pack
 
@@ -306,7 +306,8 @@ def test_restore_and_upscale_runs_as_saved_and_gives_the_upscaled_picture_with_r
     # ComfyUI's upscale-model nodes need spandrel (and so torchvision): a Lanczos 4x stands in for the
     # model here, as Upscale Image By would; the GPEN nodes run as saved.
     def upscale_with_model(inputs, widgets):
-        return (upscale_frames(inputs["image"], inputs["upscale_model"]),)
+        image, scale = inputs["image"], inputs["upscale_model"]
+        return (resize_frames(image, (image.shape[1] * scale, image.shape[2] * scale)),)
 
     core = {"LoadImage": lambda inputs, widgets: (original, None),
             "UpscaleModelLoader": lambda inputs, widgets: (4,),  # the stand-in model: its scale
