@@ -318,7 +318,7 @@ def keep_freed_memory() -> None:
 
     By default glibc maps and unmaps every block over 32 MiB, and refaulting those pages is slow on
     virtual machines. GPEN's own forward no longer needs this (it keeps its large maps in a
-    workspace, gpen/archs/gpen/workspace.py and gpen/archs/cpu_fast.py); the pipeline around it (detection, crops, paste-back)
+    workspace, gpen/archs/gpen/workspace.py); the pipeline around it (detection, crops, paste-back)
     still makes such blocks. The library never does this by itself: it is a process-wide choice, made
     by the programs, the CLI and its Ray workers.
     """
