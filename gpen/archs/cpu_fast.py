@@ -28,18 +28,25 @@ def tracing() -> bool:
     return torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or torch.compiler.is_compiling()
 
 
+def empty_map(like: torch.Tensor, channels: int) -> torch.Tensor:
+    """An uninitialised channels_last feature map of `channels` the size, dtype and device of `like`."""
+    batch, _, height, width = like.shape
+    return torch.empty(batch, channels, height, width, dtype=like.dtype, device=like.device,
+                       memory_format=torch.channels_last)
+
+
 def fill_bias_(out: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     """Each channel of `out` set to its bias: where a fast path then adds its convolutions."""
     return out.copy_(bias.to(out.dtype).view(1, -1, 1, 1).expand(out.shape))
 
 
 def conv_into(out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, padding: tuple[int, int] = (0, 0),
-              stride: int = 1, groups: int = 1) -> torch.Tensor:
-    """out += conv2d(x, weight), written into out's own memory whatever its strides; returns out."""
+              stride: int = 1, groups: int = 1, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """out += conv2d(x, weight, bias), written into out's own memory whatever its strides; returns out."""
     if out.device.type == "cpu" and fused_add_works(out.dtype):
         return torch.ops.mkldnn._convolution_pointwise_.binary(
-            out, x, weight, None, list(padding), [stride, stride], [1, 1], groups, "add", 1.0, None, [], None)
-    return out.add_(F.conv2d(x, weight, None, stride, padding, groups=groups))
+            out, x, weight, bias, list(padding), [stride, stride], [1, 1], groups, "add", 1.0, None, [], None)
+    return out.add_(F.conv2d(x, weight, bias, stride, padding, groups=groups))
 
 
 @lru_cache(maxsize=None)
@@ -52,11 +59,12 @@ def fused_add_works(dtype: torch.dtype) -> bool:
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(1, 8, 6, 6, generator=generator).to(dtype).contiguous(memory_format=torch.channels_last)
     weight = torch.randn(4, 8, 3, 3, generator=generator).to(dtype)
+    bias = torch.randn(4, generator=generator).to(dtype)
     out = torch.zeros(1, 8, 6, 6, dtype=dtype).contiguous(memory_format=torch.channels_last)
     try:
         with torch.inference_mode():
-            op.binary(out[:, 2:6], x, weight, None, [1, 1], [1, 1], [1, 1], 1, "add", 1.0, None, [], None)
-            expected = F.conv2d(x.float(), weight.float(), padding=1)
+            op.binary(out[:, 2:6], x, weight, bias, [1, 1], [1, 1], [1, 1], 1, "add", 1.0, None, [], None)
+            expected = F.conv2d(x.float(), weight.float(), bias.float(), padding=1)
     except (RuntimeError, NotImplementedError):
         return False
     tolerance = 1e-4 if dtype == torch.float32 else 5e-2
