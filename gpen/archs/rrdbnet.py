@@ -12,9 +12,9 @@ hold the same network under other names: `rrdbnet_names` renames them.
 
 forward(x): NCHW in 0..1 (the training range; not clamped) -> NCHW at `scale` times the size.
 `plain_forward` is the architecture as the reference computes it; on the CPU (float32, not recording
-autograd nor tracing) `forward` gives the same by `fast_forward`: channels_last maps, each dense
-block's growing stack of features one buffer its convolutions write into (no concatenation), the
-residual sums made in place by oneDNN's in-place "add" convolution (cpu_fast.py).
+autograd nor tracing) `forward` gives the same by `fast_forward`: channels_last maps made once for the
+whole trunk, the dense blocks' concatenations never made, and biases, residual sums and the 0.2
+residual scales folded into oneDNN's in-place "add" convolution (cpu_fast.py).
 """
 
 from __future__ import annotations
