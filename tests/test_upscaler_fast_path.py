@@ -1,7 +1,12 @@
 """The upscalers' CPU fast path (channels_last maps, no concatenations, in-place sums and activations)
 computes what their plain forward, the reference architecture, computes: on the fixtures' networks and
 reference outputs, odd sizes, batches, 2x (pixel-unshuffled input) and 4x; and it runs only where it
-is valid (CPU float32 without autograd or a trace)."""
+is valid (CPU float32 without autograd or a trace). `python -m gpen bench --upscaler` times the two."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -9,6 +14,7 @@ import torch
 import gpen
 from gpen.archs import cpu_fast, rrdbnet, srvgg
 
+REPO = Path(__file__).resolve().parents[1]
 FIXTURES = ("rrdbnet_x4", "rrdbnet_x2", "srvgg_x4")
 FAST_FORWARD = {rrdbnet.RRDBNet: rrdbnet, srvgg.SRVGGNetCompact: srvgg}  # network class -> its module
 # Odd sizes for each (multiples of 2 where the 2x model's pixel-unshuffle needs them), batch 2.
@@ -81,3 +87,19 @@ def test_forward_takes_the_fast_path_only_where_it_is_valid(networks, monkeypatc
     with torch.no_grad():
         torch.jit.trace(network, x.detach(), check_trace=False)  # a trace sees the plain layers
     assert taken == [torch.float32, torch.float32]
+
+
+def test_bench_upscaler_prints_ours_against_the_plain_forward(shared):
+    files = [shared / "fixtures" / f"{name}_random.pth" for name in ("rrdbnet_x2", "srvgg_x4")]
+    done = subprocess.run([sys.executable, "-m", "gpen", "bench", "--upscaler", *map(str, files), "--tile-size", "30",
+                           "--rounds", "1", "--repeat", "1", "--device", "cpu"],
+                          cwd=REPO, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    rows = json.loads(done.stdout)
+    assert [(row["upscaler"], row["tile"]) for row in rows] == [
+        (f"RRDBNet 2x ({files[0]})", 30), (f"SRVGGNetCompact 4x ({files[1]})", 30)]
+    for row in rows:
+        assert row["ours_ms_per_tile"] > 0 and row["plain_ms_per_tile"] > 0
+        assert row["plain_over_ours"] == round(row["plain_ms_per_tile"] / row["ours_ms_per_tile"], 2)
+        assert row["ours_ms_per_input_megapixel"] == round(row["ours_ms_per_tile"] / (30 * 30 / 1e6))
+        assert row["max_relative_difference"] < 1e-5

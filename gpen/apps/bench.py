@@ -207,17 +207,10 @@ def measure(size: int, device: torch.device, dtype: str, batch: int, repeat: int
             forward(x)
             sync()
             times.append(time.perf_counter() - start)
-    if device.type == "cuda":
-        peak = torch.cuda.max_memory_allocated() / 2 ** 20
-        name = torch.cuda.get_device_name(device)
-    else:
-        import resource  # Unix only: imported here so that the CLI loads on Windows
-
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-        name = f"cpu ({torch.get_num_threads()} threads)"
-    return dict(size=size, device=name, dtype=dtype, batch=batch, ms_per_face=round(min(times) * 1e3 / batch, 1),
-                ms_per_face_median=round(sorted(times)[len(times) // 2] * 1e3 / batch, 1),
-                peak_memory_mib=round(peak), compile=compile)
+    return dict(size=size, device=device_name(device), dtype=dtype, batch=batch,
+                ms_per_face=round(min(times) * 1e3 / batch, 1),
+                ms_per_face_median=round(median(times) * 1e3 / batch, 1),
+                peak_memory_mib=round(peak_mib(device)), compile=compile)
 
 
 def pipeline_scenes(image_path: str, detector_path: Path, frames: int):
