@@ -77,7 +77,7 @@ def fast_forward(net: SRVGGNetCompact, x: torch.Tensor) -> torch.Tensor:
 def prelu_(x: torch.Tensor, slope: torch.Tensor, scratch: torch.Tensor) -> torch.Tensor:
     """F.prelu(x, slope) in place on a channels_last map, as x + (slope - 1) * min(x, 0): two passes over
     (pixels, channels) rows, where F.prelu makes a new map and is slow on channels_last. Rounding
-    differs from slope * x by at most an ulp of x."""
+    differs from slope * x by about an ulp of x."""
     rows, negative = (t.permute(0, 2, 3, 1).view(-1, t.shape[1]) for t in (x, scratch))
     rows.addcmul_(torch.clamp_max(rows, 0, out=negative), slope - 1)
     return x
