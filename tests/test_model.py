@@ -150,16 +150,17 @@ def test_winograd_convolution_equals_direct_convolution(monkeypatch):
 def test_the_cpu_workspace_path_gives_the_plain_forward(monkeypatch, fused):
     """On the CPU, large layers write into memory the model keeps (gpen/archs/gpen/workspace.py), through
     oneDNN's in-place convolution where this PyTorch has it, else an ordinary one added in."""
+    from gpen.archs import cpu_fast
     from gpen.archs.gpen import workspace
 
-    if fused and not workspace.fused_add_works(torch.float32):
+    if fused and not cpu_fast.fused_add_works(torch.float32):
         pytest.skip("this PyTorch build has no oneDNN in-place convolution")
-    monkeypatch.setattr(workspace, "fused_add_works", lambda dtype: fused)
+    monkeypatch.setattr(cpu_fast, "fused_add_works", lambda dtype: fused)
     model = random_gpen(128, 1, 0.5)
     x = torch.rand(2, 3, 128, 128) * 2 - 1
     with torch.inference_mode():
         with monkeypatch.context() as plain_layers:  # as when tracing
-            plain_layers.setattr(workspace, "usable", lambda model, x: False)
+            plain_layers.setattr(cpu_fast, "usable", lambda model, x: False)
             plain = model(x)
         assert workspace.workspace(model).bytes == 0
         first = model(x)

@@ -2,6 +2,9 @@
 
 Each configuration runs in a fresh subprocess so that its peak memory is its own. Weights are random
 in the layout of the real checkpoint of each size unless --checkpoint names a file.
+
+`bench --upscaler` times the upscalers' forward (ours: the CPU fast path) against the plain forward
+of the same weights (the reference architecture's computation), a tile at a time.
 """
 
 from __future__ import annotations
@@ -16,18 +19,26 @@ import cv2
 import torch
 
 from ..archs.gpen.network import GPEN
+from ..archs.rrdbnet import RRDBNet
+from ..archs.srvgg import SRVGGNetCompact
 from ..devices import resolve_device, resolve_dtype
 from ..faces.align import warp
 from ..faces.pipeline import restore_faces
 from ..files.catalogue import resolve
 from ..files.images import read_image
 from ..files.weights import first_line
-from ..loader import load_detector, load_model
+from ..loader import load_detector, load_model, load_upscaler
 
 STANDARD_CONFIGS = {256: (1, 0.5), 512: (2, 1), 1024: (2, 1), 2048: (2, 1)}
+# Random weights in the released files' layouts: RealESRGAN_x4plus.pth and realesr-general-x4v3.pth.
+STANDARD_UPSCALERS = {"rrdbnet": lambda: RRDBNet(3, 3, scale=4, num_feat=64, num_block=23, num_grow_ch=32),
+                      "srvgg": lambda: SRVGGNetCompact(3, 3, num_feat=64, num_conv=32, upscale=4)}
+PARITY_SIDE = 48  # pixels a side of the input on which ours is compared with the plain forward
 
 
 def run(args) -> int:
+    if args.upscaler is not None:
+        return run_upscalers(args)
     device = resolve_device(args.device)
     on_gpu = device.type == "cuda"
     sizes = args.sizes or ([256, 512, 1024, 2048] if on_gpu else [512])
@@ -63,6 +74,106 @@ def run(args) -> int:
     return print_table(rows)
 
 
+def run_upscalers(args) -> int:
+    """Each upscaler and tile size, ours and the plain forward each in its own process, alternating
+    which goes first, for `--rounds` rounds; a row per configuration with the medians of the rounds."""
+    device = resolve_device(args.device)
+    if args.one:
+        print(json.dumps(measure_upscaler(args.upscaler[0], args.tile_size[0], device, args.forward, args.repeat)))
+        return 0
+    configs = [(name, tile) for name in args.upscaler or list(STANDARD_UPSCALERS) for tile in args.tile_size]
+    runs: dict[tuple, dict[str, list[dict]]] = {config: {"plain": [], "ours": []} for config in configs}
+    for round_ in range(args.rounds):
+        for config in configs:
+            for forward in ("plain", "ours")[::1 if round_ % 2 == 0 else -1]:
+                cmd = [sys.executable, "-m", "gpen", "bench", "--one", "--upscaler", config[0], "--tile-size",
+                       str(config[1]), "--forward", forward, "--device", str(device), "--repeat", str(args.repeat)]
+                cmd += ["--system-allocator"] * args.system_allocator
+                done = subprocess.run(cmd, capture_output=True, text=True)
+                runs[config][forward].append(json.loads(done.stdout.strip().splitlines()[-1]) if not done.returncode
+                                             else {"error": (done.stderr.strip().splitlines() or ["failed"])[-1]})
+    return print_table([upscaler_row(name, tile, runs[name, tile]) for name, tile in configs])
+
+
+def upscaler_row(name: str, tile: int, runs: dict[str, list[dict]]) -> dict:
+    failed = [r["error"] for forward in runs.values() for r in forward if "error" in r]
+    if failed:
+        return dict(upscaler=name, tile=tile, error=failed[0])
+    ours, plain = (median([r["ms_per_tile"] for r in runs[forward]]) for forward in ("ours", "plain"))
+    ours_cpu, plain_cpu = (median([r["cpu_ms_per_tile"] for r in runs[forward]]) for forward in ("ours", "plain"))
+    first = runs["ours"][0]
+    megapixels = first["side"] ** 2 / 1e6
+    return dict(upscaler=first["upscaler"], tile=first["side"], device=first["device"], cpu=first["cpu"],
+                plain_ms_per_tile=round(plain, 1), ours_ms_per_tile=round(ours, 1),
+                plain_ms_per_input_megapixel=round(plain / megapixels),
+                ours_ms_per_input_megapixel=round(ours / megapixels),
+                plain_over_ours=round(plain / ours, 2),
+                plain_cpu_ms_per_tile=round(plain_cpu, 1), ours_cpu_ms_per_tile=round(ours_cpu, 1),
+                plain_over_ours_cpu_time=round(plain_cpu / ours_cpu, 2),
+                rounds={forward: [r["ms_per_tile"] for r in runs[forward]] for forward in ("plain", "ours")},
+                peak_memory_mib={forward: max(r["peak_memory_mib"] for r in runs[forward]) for forward in runs},
+                max_relative_difference=max(r["max_relative_difference"] for r in runs["ours"]))
+
+
+def median(values: list[float]) -> float:
+    return sorted(values)[len(values) // 2]
+
+
+def bench_upscaler(name: str, device: torch.device) -> torch.nn.Module:
+    """rrdbnet or srvgg (random weights in the released files' layouts), or an upscaler file."""
+    if name in STANDARD_UPSCALERS:
+        return STANDARD_UPSCALERS[name]().to(device).eval().requires_grad_(False)
+    return load_upscaler(name, device=device).network
+
+
+def measure_upscaler(name: str, tile: int, device: torch.device, forward: str, repeat: int) -> dict:
+    """The median of `repeat` passes on a tile-sized input after a warm-up; ours also says how far it
+    is from the plain forward on a small input."""
+    network = bench_upscaler(name, device)
+    run = network.plain_forward if forward == "plain" else network
+    side = -(-tile // network.multiple) * network.multiple  # the pixel-unshuffle's multiple
+    x = torch.rand(1, 3, side, side, device=device, generator=torch.Generator(device).manual_seed(0))
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    times, cpu_times = [], []  # the CPU time of the process: what other work on the machine disturbs least
+    with torch.inference_mode():
+        run(x)
+        for _ in range(repeat):
+            sync()
+            start, cpu_start = time.perf_counter(), time.process_time()
+            run(x)
+            sync()
+            times.append(time.perf_counter() - start)
+            cpu_times.append(time.process_time() - cpu_start)
+        difference = None
+        if forward == "ours":
+            small = x[:, :, :PARITY_SIDE, :PARITY_SIDE]
+            plain = network.plain_forward(small)
+            difference = float((network(small) - plain).abs().max() / (plain.max() - plain.min()))
+    return dict(upscaler=f"{type(network).__name__} {network.scale}x ({name})", side=side, device=device_name(device),
+                cpu=cpu_name(), ms_per_tile=round(median(times) * 1e3, 1),
+                cpu_ms_per_tile=round(median(cpu_times) * 1e3, 1), peak_memory_mib=round(peak_mib(device)),
+                max_relative_difference=difference)
+
+
+def device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
+
+
+def cpu_name() -> str:
+    """The CPU's model (Linux) and the instruction set torch's CPU kernels use (AVX2, AVX512)."""
+    models = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+              if line.startswith("model name")] if Path("/proc/cpuinfo").is_file() else []
+    return f"{models[0] if models else 'unknown CPU'}, {torch.backends.cpu.get_cpu_capability()}"
+
+
+def peak_mib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated() / 2 ** 20
+    import resource  # Unix only: imported here so that the CLI loads on Windows
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
 def print_table(rows: list[dict]) -> int:
     """Print the rows; the exit status is 1 when any failed, since the table is then incomplete."""
     print(json.dumps(rows, indent=1))
@@ -96,17 +207,10 @@ def measure(size: int, device: torch.device, dtype: str, batch: int, repeat: int
             forward(x)
             sync()
             times.append(time.perf_counter() - start)
-    if device.type == "cuda":
-        peak = torch.cuda.max_memory_allocated() / 2 ** 20
-        name = torch.cuda.get_device_name(device)
-    else:
-        import resource  # Unix only: imported here so that the CLI loads on Windows
-
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-        name = f"cpu ({torch.get_num_threads()} threads)"
-    return dict(size=size, device=name, dtype=dtype, batch=batch, ms_per_face=round(min(times) * 1e3 / batch, 1),
-                ms_per_face_median=round(sorted(times)[len(times) // 2] * 1e3 / batch, 1),
-                peak_memory_mib=round(peak), compile=compile)
+    return dict(size=size, device=device_name(device), dtype=dtype, batch=batch,
+                ms_per_face=round(min(times) * 1e3 / batch, 1),
+                ms_per_face_median=round(median(times) * 1e3 / batch, 1),
+                peak_memory_mib=round(peak_mib(device)), compile=compile)
 
 
 def pipeline_scenes(image_path: str, detector_path: Path, frames: int):

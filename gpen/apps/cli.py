@@ -83,7 +83,16 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--memory", action="store_true",
                         help="with --pipeline: peak memory of restore_faces beyond its input for a 6000x4000 frame "
                              "made from --image (the restorer hands its crops back: the pipeline alone is measured)")
+    parser.add_argument("--upscaler", nargs="*", metavar="NAME_OR_PATH",
+                        help="time upscalers instead, ours against the plain forward of the same weights: "
+                             "rrdbnet (RealESRGAN_x4plus's layout), srvgg (realesr-general-x4v3's), or a file "
+                             "(default: both)")
+    parser.add_argument("--tile-size", type=int, nargs="+", default=[256],
+                        help="with --upscaler: input tile sides, in pixels (default: 256)")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="with --upscaler: rounds of ours and the plain forward, each in its own process")
     parser.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--forward", choices=("plain", "ours"), default="ours", help=argparse.SUPPRESS)
 
 
 RESTORE_DESCRIPTION = """\

@@ -11,6 +11,10 @@ Files in the older ESRGAN layouts (the original repository's "model.0", "model.1
 hold the same network under other names: `rrdbnet_names` renames them.
 
 forward(x): NCHW in 0..1 (the training range; not clamped) -> NCHW at `scale` times the size.
+`plain_forward` is the architecture as the reference computes it; on the CPU (float32, not recording
+autograd nor tracing) `forward` gives the same by `fast_forward`: channels_last maps made once for the
+whole trunk, the dense blocks' concatenations never made, and biases, residual sums and the 0.2
+residual scales folded into oneDNN's in-place "add" convolution (cpu_fast.py).
 """
 
 from __future__ import annotations
@@ -21,6 +25,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from . import cpu_fast
+from .cpu_fast import conv_into, empty_map, fill_bias_
 from .spec import ArchSpec, ConfigError, Convention
 
 # Beyond what any training makes: a file claiming more is refused before anything is built.
@@ -93,6 +99,11 @@ class RRDBNet(nn.Module):
         self.conv_last = nn.Conv2d(num_feat, num_out_ch, 3, 1, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32 and cpu_fast.usable(self, x):
+            return fast_forward(self, x)
+        return self.plain_forward(x)
+
+    def plain_forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.unshuffle > 1:
             x = F.pixel_unshuffle(x, self.unshuffle)  # hence `multiple`
         feat = self.conv_first(x)
@@ -100,6 +111,48 @@ class RRDBNet(nn.Module):
         for conv in (self.conv_up1, self.conv_up2):
             feat = lrelu(conv(F.interpolate(feat, scale_factor=2, mode="nearest")))
         return self.conv_last(lrelu(self.conv_hr(feat)))
+
+
+def fast_forward(net: RRDBNet, x: torch.Tensor) -> torch.Tensor:
+    """RRDBNet.plain_forward on the CPU, the trunk's feature maps made once for all its blocks."""
+    if net.unshuffle > 1:
+        x = F.pixel_unshuffle(x, net.unshuffle)
+    x = x.contiguous(memory_format=torch.channels_last)
+    trunk, first, second, feat = (empty_map(x, net.num_feat) for _ in range(4))
+    grown = [empty_map(x, net.num_grow_ch) for _ in range(4)]
+    conv_into(fill_bias_(feat, net.conv_first.bias), x, net.conv_first.weight, (1, 1))
+    trunk.copy_(feat)
+    for rrdb in net.body:
+        dense_block_into(rrdb.rdb1, trunk, grown, first.copy_(trunk), 0.2)
+        dense_block_into(rrdb.rdb2, first, grown, second.copy_(first), 0.2)
+        # rdb3's result (second + 0.2 conv5) is wanted only as trunk + 0.2 times it: made in trunk's place.
+        dense_block_into(rrdb.rdb3, second, grown, trunk.add_(second, alpha=0.2), 0.2 * 0.2)
+    conv_into(feat, trunk, net.conv_body.weight, (1, 1), bias=net.conv_body.bias)
+    for conv in (net.conv_up1, net.conv_up2):
+        feat = F.leaky_relu_(conv(F.interpolate(feat, scale_factor=2, mode="nearest")), 0.2)
+    return net.conv_last(F.leaky_relu_(net.conv_hr(feat), 0.2)).contiguous()
+
+
+def dense_block_into(block: ResidualDenseBlock, x: torch.Tensor, grown: list[torch.Tensor], out: torch.Tensor,
+                     scale: float) -> torch.Tensor:
+    """out += scale * the block's conv5 result, conv1-4 writing their activations into `grown`. The
+    reference's growing concatenation is never made: each conv takes the maps one by one, each with
+    its slice of the weight, adding into its output (a strided channel slice would be copied whole)."""
+    parts = [x]
+    for conv, into in zip((block.conv1, block.conv2, block.conv3, block.conv4), grown):
+        F.leaky_relu_(conv_parts_into(fill_bias_(into, conv.bias), parts, conv.weight), 0.2)
+        parts.append(into)
+    return conv_parts_into(out, parts, block.conv5.weight * scale, block.conv5.bias * scale)
+
+
+def conv_parts_into(out: torch.Tensor, parts: list[torch.Tensor], weight: torch.Tensor,
+                    bias: torch.Tensor | None = None) -> torch.Tensor:
+    """out += the 3x3 convolution, with bias, of the parts' channels one after another by weight."""
+    start = 0
+    for part in parts:
+        conv_into(out, part, weight[:, start:start + part.shape[1]], (1, 1), bias=bias if start == 0 else None)
+        start += part.shape[1]
+    return out
 
 
 def is_rrdbnet(state: dict[str, torch.Tensor]) -> bool:

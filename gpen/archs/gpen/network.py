@@ -12,7 +12,7 @@ written for inference speed rather than as a transcript of the reference:
 - the fixed FIR blur runs as a depthwise convolution instead of upfirdn2d's reshapes;
 - feature maps are channels_last, and wide 3x3 layers on the CPU use Winograd (winograd.py);
 - on the CPU (batch 1: a batch goes face by face there), layers write into a workspace the model
-  keeps (workspace.py), in place: the concatenations with the encoder's features are never made
+  keeps (workspace.py), in place (../cpu_fast.py): the concatenations with the encoder's features are never made
   (each half is convolved with its half of the weight) and the transposed convolutions are made
   from their four phases;
 - convolution weights are kept channels_last in memory (`conv_weight`), as oneDNN takes them;
@@ -29,8 +29,10 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .. import cpu_fast
+from ..cpu_fast import conv_into, fill_bias_
 from . import winograd, workspace
-from .workspace import Workspace, conv_into
+from .workspace import Workspace
 
 BLUR_KERNEL = (1, 3, 3, 1)
 LRELU_SLOPE = 0.2
@@ -60,11 +62,6 @@ def fused_leaky_relu(x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
 
 def leaky_relu_gain_(x: torch.Tensor) -> torch.Tensor:
     return F.leaky_relu_(x, LRELU_SLOPE).mul_(LRELU_GAIN)
-
-
-def fill_bias_(out: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """Each channel of `out` set to its bias: where the workspace path adds its convolutions."""
-    return out.copy_(bias.to(out.dtype).view(1, -1, 1, 1).expand(out.shape))
 
 
 def conv_weight(*shape: int) -> nn.Parameter:
@@ -417,7 +414,7 @@ class GPEN(nn.Module):
         self.register_state_dict_post_hook(dense_state_dict)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        fast = workspace.usable(self, x)  # on the CPU, not recording autograd nor tracing
+        fast = cpu_fast.usable(self, x)  # on the CPU, not recording autograd nor tracing
         if x.shape[0] > 1 and fast:
             # At batch 1 styles fold into the weights (plain dense convolutions); on the CPU that beats
             # modulating a batch's activations, so a batch goes one face at a time. A trace (ONNX

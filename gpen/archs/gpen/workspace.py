@@ -4,9 +4,7 @@ At GPEN-512 and up, each forward pass makes feature maps of 32-512 MB. Asked for
 glibc maps new pages for every one (blocks over 32 MiB never come from its heap), and faulting
 those pages in cost about a third of the forward pass on the CPU. Here the maps go into a few
 named blocks that a model keeps (one set per thread) and reuses, and convolutions write their
-results straight into them, channel slices and strided phases included, with oneDNN's in-place
-"add" convolution, the op PyTorch's own compiler fuses into on the CPU. Where that op is missing
-(another build, another device), `conv_into` falls back to adding an ordinary conv2d's result.
+results straight into them (`cpu_fast.conv_into`).
 """
 
 from __future__ import annotations
@@ -14,10 +12,8 @@ from __future__ import annotations
 import math
 import threading
 import weakref
-from functools import lru_cache
 
 import torch
-import torch.nn.functional as F
 
 _held = threading.local()  # per thread: model -> Workspace (weakly, so a model's blocks go with it)
 
@@ -55,46 +51,3 @@ def workspace(model: torch.nn.Module) -> Workspace:
 def release(model: torch.nn.Module) -> None:
     """Free the calling thread's workspace for `model`."""
     getattr(_held, "spaces", {}).pop(model, None)
-
-
-def usable(model: torch.nn.Module, x: torch.Tensor) -> bool:
-    """The workspace path is for running on the CPU: its in-place writes are not differentiable,
-    and a trace (ONNX export, TorchScript, torch.compile) should see the plain layers."""
-    recording = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in model.parameters()))
-    return x.device.type == "cpu" and not recording and not tracing()
-
-
-def tracing() -> bool:
-    """Whether a trace (ONNX export, TorchScript, torch.compile) is recording: it should see plain layers."""
-    return torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or torch.compiler.is_compiling()
-
-
-def conv_into(out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, padding: tuple[int, int] = (0, 0),
-              stride: int = 1, groups: int = 1) -> torch.Tensor:
-    """out += conv2d(x, weight), written into out's own memory whatever its strides; returns out."""
-    if out.device.type == "cpu" and fused_add_works(out.dtype):
-        return torch.ops.mkldnn._convolution_pointwise_.binary(
-            out, x, weight, None, list(padding), [stride, stride], [1, 1], groups, "add", 1.0, None, [], None)
-    return out.add_(F.conv2d(x, weight, None, stride, padding, groups=groups))
-
-
-@lru_cache(maxsize=None)
-def fused_add_works(dtype: torch.dtype) -> bool:
-    """Whether this PyTorch's oneDNN in-place convolution exists and gives conv2d's result, into a
-    strided destination, checked once per dtype on a small case."""
-    op = getattr(getattr(torch.ops, "mkldnn", None), "_convolution_pointwise_", None)
-    if op is None or not torch.backends.mkldnn.is_available():
-        return False
-    generator = torch.Generator().manual_seed(0)
-    x = torch.randn(1, 8, 6, 6, generator=generator).to(dtype).contiguous(memory_format=torch.channels_last)
-    weight = torch.randn(4, 8, 3, 3, generator=generator).to(dtype)
-    out = torch.zeros(1, 8, 6, 6, dtype=dtype).contiguous(memory_format=torch.channels_last)
-    try:
-        with torch.inference_mode():
-            op.binary(out[:, 2:6], x, weight, None, [1, 1], [1, 1], [1, 1], 1, "add", 1.0, None, [], None)
-            expected = F.conv2d(x.float(), weight.float(), padding=1)
-    except (RuntimeError, NotImplementedError):
-        return False
-    tolerance = 1e-4 if dtype == torch.float32 else 5e-2
-    return (bool(torch.allclose(out[:, 2:6].float(), expected, atol=tolerance, rtol=tolerance))
-            and not out[:, :2].any() and not out[:, 6:].any())
