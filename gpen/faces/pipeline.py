@@ -320,7 +320,8 @@ def restore_faces(images: torch.Tensor, model, detector, *, select: SelectOption
                   faces: list[Faces] | None = None, face_batch: int = 4,
                   progress: Callable[[int, int], None] | None = None,
                   cancel: Callable[[], bool | None] | None = None) -> Restoration:
-    """Restore every face in a batch of frames (B,H,W,C float 0..1; C = 1, 3 or 4).
+    """Restore every face in a batch of frames (B,H,W,C float 0..1; C = 1, 3 or 4), or in images of another
+    accepted type (tensors.as_images: uint8, numpy, one (H,W,C) image), given back in the type they came in.
 
     `model` is a restorer (load_model's handle, a registered network, or any object with `.size` and
     `restore(faces, batch_size, on_batch)`, asked between batches whether to cancel);
