@@ -174,7 +174,7 @@ def test_values_out_of_range_or_choices_are_refused_by_name():
 
 
 def test_options_hold_the_defaults_the_surfaces_show():
-    assert SelectOptions() == SelectOptions(threshold=0.5, min_size=0, max_faces=0, order="largest", indices="",
+    assert SelectOptions() == SelectOptions(threshold=0, min_size=0, max_faces=0, order="largest", indices="",
                                             temporal_sigma=0, template="gpen")
     assert PasteOptions().erode == 26 / 512 and PasteOptions().smooth_small_faces
     assert (MaskOptions().regions, MaskOptions().source, MaskOptions().feather) == ("face", "original", 0.01)

@@ -189,4 +189,6 @@ def insightface_scrfd(session):
 
 SCRFD = ArchSpec("SCRFD face-detector", "detector", is_scrfd, no_config, insightface_scrfd, format="onnx",
                  convention=Convention(input="0..1", colour="bgr", output="detections"),
-                 details=scrfd_details)
+                 details=scrfd_details,
+                 # insightface's own default for det_10g and FaceFusion's; not measured here (no SCRFD weights).
+                 threshold=0.5)

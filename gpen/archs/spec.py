@@ -71,6 +71,9 @@ class ArchSpec:
     convert: Callable[[dict], dict] | None = None
     # ModelInfo fields besides arch, role and parameters, from the built network (torch) or the session (onnx).
     details: Callable[[object], dict] = lambda network: {}
+    # Detectors: the score a face must pass unless the user sets one, measured per network (BENCHMARKS.md,
+    # "Detector thresholds"): each scores on its own scale.
+    threshold: float | None = None
 
     def __post_init__(self):
         if self.role not in ROLES:
@@ -79,6 +82,9 @@ class ArchSpec:
             raise ValueError(f"{self.name}: format must be one of {', '.join(FORMATS)}, got {self.format!r}")
         if self.role == "restorer" and self.convention.size is None and self.face_size is None:
             raise ValueError(f"{self.name}: a restorer says the face size it takes: Convention(size=...) or face_size")
+        if self.role == "detector" and not (isinstance(self.threshold, float) and 0 < self.threshold < 1):
+            raise ValueError(f"{self.name}: a detector says the score a face must pass by default, "
+                             f"threshold in (0, 1); got {self.threshold!r}")
 
     def size_of(self, network) -> int | None:
         """The face size `network` (built from this spec) takes."""

@@ -16,11 +16,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..archs.onnx import SCRFD
+from ..archs.retinaface import SPEC as RETINAFACE
 from ..archs.retinaface import RetinaFace, decode, fold_batch_norms, prior_boxes
 from ..files.weights import CheckpointError, first_line
 from .tensors import as_rgb
 
 BGR_MEAN = (104.0, 117.0, 123.0)
+DEFAULT_THRESHOLD = 0.5  # for a detector that names no default of its own: the detector libraries' usual one
 
 
 @dataclass
@@ -47,10 +50,16 @@ class Faces:
 
 @runtime_checkable
 class Detector(Protocol):
-    """Finds faces: one `Faces` per image of a (B,H,W,3) float 0..1 batch, in image pixels, best first."""
+    """Finds faces: one `Faces` per image of a (B,H,W,3) float 0..1 batch, in image pixels, best first.
+    Its `threshold` attribute, where it has one, is the score a face must pass by default."""
 
     def detect(self, images: torch.Tensor, threshold: float = 0.5, nms_threshold: float = 0.4,
                top_k: int = 5000) -> list[Faces]: ...
+
+
+def threshold_for(detector, threshold: float | None = 0) -> float:
+    """The score a face must pass: `threshold`, or where it is 0 (or None) the detector's own default."""
+    return threshold if threshold else getattr(detector, "threshold", DEFAULT_THRESHOLD)
 
 
 def box_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -160,7 +169,7 @@ class RetinaFaceDetector:
 
     def __init__(self, net: RetinaFace, device: torch.device, detect_size: int | str = "auto",
                  frames_per_batch: int = 4):
-        self.info = net.info
+        self.info, self.threshold = net.info, RETINAFACE.threshold
         self.net = fold_batch_norms(net.eval()).to(device).requires_grad_(False)
         self.device = device
         self.detect_size = check_detect_size(detect_size)
@@ -175,11 +184,13 @@ class RetinaFaceDetector:
         self.net.to(self.device)
         return self
 
-    def detect(self, images: torch.Tensor, threshold: float = 0.5, nms_threshold: float = 0.4,
+    def detect(self, images: torch.Tensor, threshold: float = 0, nms_threshold: float = 0.4,
                top_k: int = 5000) -> list[Faces]:
-        """One `Faces` per image (B,H,W,C float 0..1), in image pixels, best score first."""
+        """One `Faces` per image (B,H,W,C float 0..1), in image pixels, best score first; scoring over
+        `threshold` (0: the network's own, its spec's)."""
         if images.ndim == 3:
             images = images[None]
+        threshold = threshold_for(self, threshold)
         scales = detection_scales(*images.shape[1:3], self.detect_size)
         results = []
         with torch.inference_mode():
@@ -239,15 +250,15 @@ class ScrfdDetector:
             raise CheckpointError(path, f"is not a usable SCRFD model ({first_line(e)})") from None
         if not getattr(model, "use_kps", False):
             raise CheckpointError(path, "is an SCRFD model without landmarks (use a *_bnkps or det_10g file)")
-        self.model, self.info, self.device = model, model.info, device
+        self.model, self.info, self.device, self.threshold = model, model.info, device, SCRFD.threshold
         self.detect_size = check_detect_size(detect_size)
         self.name = f"SCRFD {os.path.basename(path)}"
 
-    def detect(self, images: torch.Tensor, threshold: float = 0.5, nms_threshold: float = 0.4,
+    def detect(self, images: torch.Tensor, threshold: float = 0, nms_threshold: float = 0.4,
                top_k: int = 5000) -> list[Faces]:
         if images.ndim == 3:
             images = images[None]
-        self.model.det_thresh, self.model.nms_thresh = threshold, nms_threshold
+        self.model.det_thresh, self.model.nms_thresh = threshold_for(self, threshold), nms_threshold
         scales = detection_scales(*images.shape[1:3], self.detect_size)
         results = []
         for image in images:

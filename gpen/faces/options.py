@@ -152,7 +152,10 @@ def region_classes(regions: str | Iterable[int | str] | None = None) -> tuple[in
 class SelectOptions(Checked):
     """Which faces are restored, and how they are cut out."""
 
-    threshold: float = option(0.5, "Minimum detector confidence for a face.", low=0, slider=(0.05, 1.0, 0.01))
+    # 0 asks for the detector's own default (ArchSpec.threshold), resolved where detection runs.
+    threshold: float = option(0.0, "Minimum detector confidence for a face; 0: the detector's own default (RetinaFace "
+                                   "0.95, SCRFD 0.5), which real faces pass and patterns, paintings and animals do "
+                                   "not.", low=0, slider=(0.0, 1.0, 0.01))
     min_size: float = option(0.0, "Ignore faces whose box is smaller than this (pixels).", low=0,
                              slider=(0, 4096, None), widget="INT")
     max_faces: int = option(0, "Restore at most this many faces per frame (0: all).", low=0, slider=(0, 1000, None))

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from .align import frames_of, invert_affine, warp, warp_faces
 from .options import GPEN_ERODE, GPEN_FEATHER, PasteOptions
-from .tensors import as_rgb, match_channels
+from .tensors import as_images, as_rgb, like_given, match_channels
 
 MASK_TIE = 1e-4  # weights closer than this are a tie (float rounding), and one this small changes nothing
 SMALL_FACE = 100  # px: GPEN softens restored faces smaller than this, which would look over-sharp
@@ -82,8 +82,7 @@ def paste_faces(images: torch.Tensor, restored: torch.Tensor, affines: torch.Ten
     if face_masks is not None and (face_masks.ndim != 3 or len(face_masks) != len(restored)):
         raise ValueError(f"face_masks must be (N, S, S), one per restored face; got {tuple(face_masks.shape)} "
                          f"for {len(restored)} faces")
-    single = images.ndim == 3
-    images = images[None] if single else images
+    images, given = as_images(images)
     frames = frames_of(images, len(restored), frames)
     target = paste_target(images, options)
     out, masks = target.clone(), torch.zeros(target.shape[:3], device=target.device)
@@ -102,7 +101,7 @@ def paste_faces(images: torch.Tensor, restored: torch.Tensor, affines: torch.Ten
         for i, (crop, affine, frame) in enumerate(zip(crops, to_target, frames.tolist())):
             mask = box if face_masks is None else torch.minimum(box, face_masks[i])
             _paste_face(out[frame], masks[frame], target[frame], crop, affine, mask, options.strength)
-    return (out[0], masks[0]) if single else (out, masks)
+    return like_given(out, given), masks if given.batched else masks[0]
 
 
 def paste_target(images: torch.Tensor, options: PasteOptions, progress=None, cancel=None) -> torch.Tensor:

@@ -18,13 +18,13 @@ import torch
 import torch.nn.functional as F
 
 from .align import crop_faces, warp_faces
-from .detect import Faces, box_iou
+from .detect import Faces, box_iou, threshold_for
 from .masks import smooth_over_time
 from .options import MaskOptions, PasteOptions, SelectOptions
 from .parse import parse_faces
 from .paste import check_background, check_output_size, not_larger, paste_faces, paste_target, scale_affines
 from .restore import as_restorer, finite_faces
-from .tensors import as_rgb
+from .tensors import as_images, as_rgb, like_given
 
 GPEN_SIZES = (256, 512, 1024, 2048)
 FIT = 1.5  # a restorer this many times larger or smaller than the faces at the output is worth a note
@@ -91,7 +91,7 @@ class FaceInfo:
 
 @dataclass
 class Restoration:
-    images: torch.Tensor  # (B,H,W,C) like the input: same channels, dtype and device
+    images: torch.Tensor  # like the input: same type (tensor or numpy), shape, dtype, range and device
     masks: torch.Tensor  # (B,H,W) the blend masks
     info: FaceInfo = field(repr=False)
     unrestored: int = 0  # faces left as they were: the restorer's output was not finite
@@ -102,7 +102,7 @@ class Restoration:
     @property
     def output_face_px(self) -> torch.Tensor:
         """(N,) the side each face's aligned crop covers in the output's pixels."""
-        scale = self.images.shape[2] / self.info.image_size[1]
+        scale = self.images.shape[-2] / self.info.image_size[1]
         return self.info.crop_size * scale / self.info.affines[:, :, :2].det().abs().sqrt()
 
     @property
@@ -126,7 +126,7 @@ class Restoration:
             notes.append(f"{self.masked_out} face(s) left as they were: the face parser found none of mask_regions in them")
         if not self.face_count:
             found = "no face found" if not self.info.selection.found else "no face restored"
-            kept = "unchanged" if self.images.shape[1:3] == tuple(self.info.image_size) else "only enlarged"
+            kept = "unchanged" if self.images.shape[-3:-1] == tuple(self.info.image_size) else "only enlarged"
             return "; ".join([*lead, found, *notes, f"images returned {kept}"])
         missing = sum(1 for f in faces if not len(f))
         text = f"restored {self.face_count} face(s) in {len(faces)} image(s)"
@@ -236,7 +236,7 @@ def detect_faces(images: torch.Tensor, detector, options: SelectOptions = Select
     chunk = DETECT_CHUNK if torch.device(getattr(detector, "device", "cpu")).type == "cuda" else 1
     for start in range(0, len(images), chunk):
         check_cancel(cancel)
-        found += detector.detect(images[start:start + chunk], threshold=options.threshold)
+        found += detector.detect(images[start:start + chunk], threshold=threshold_for(detector, options.threshold))
     faces = [select_faces(f, options, selection) for f in found]
     return smooth_landmarks(faces, options.temporal_sigma)
 
@@ -252,9 +252,9 @@ def locate_faces(images: torch.Tensor, detector, crop_size: int, options: Select
     and they are cut out on `options.template`. With `options.changed_from` (the frames before a face
     swap), only faces that differ from it are kept: see `changed_faces`.
     """
-    changed_from = options.changed_from
+    images, changed_from = as_images(images)[0], options.changed_from
     if changed_from is not None:
-        changed_from = changed_from[None] if changed_from.ndim == 3 else changed_from
+        changed_from = as_images(changed_from)[0]
         check_same_frames(images, changed_from)
     device = torch.device(device or getattr(detector, "device", images.device))
     selection = Selection()
@@ -320,7 +320,8 @@ def restore_faces(images: torch.Tensor, model, detector, *, select: SelectOption
                   faces: list[Faces] | None = None, face_batch: int = 4,
                   progress: Callable[[int, int], None] | None = None,
                   cancel: Callable[[], bool | None] | None = None) -> Restoration:
-    """Restore every face in a batch of frames (B,H,W,C float 0..1; C = 1, 3 or 4).
+    """Restore every face in a batch of frames (B,H,W,C float 0..1; C = 1, 3 or 4), or in images of another
+    accepted type (tensors.as_images: uint8, numpy, one (H,W,C) image), given back in the type they came in.
 
     `model` is a restorer (load_model's handle, a registered network, or any object with `.size` and
     `restore(faces, batch_size, on_batch)`, asked between batches whether to cancel);
@@ -339,8 +340,7 @@ def restore_faces(images: torch.Tensor, model, detector, *, select: SelectOption
     With `paste.background` (the same frames at a larger size) or `paste.upscale_by`, faces are found and
     cut out in `images` and pasted into the larger frames: see paste_faces.
     """
-    if images.ndim == 3:
-        images = images[None]
+    images, given = as_images(images)
     check_background(images, paste.background)
     check_output_size(images.shape[1:3], paste)
     check_cancel(cancel)
@@ -362,8 +362,9 @@ def restore_faces(images: torch.Tensor, model, detector, *, select: SelectOption
         with _stage(timings, "restore", info.device):
             restored = restorer.restore(crops, batch_size=face_batch, on_batch=on_batch,
                                         cancel=cancel and (lambda: check_cancel(cancel))).to(info.device)
-    return paste_restored(images, restored, info, paste, masks, crops=crops, face_batch=face_batch, cancel=cancel,
-                          timings=timings)
+    result = paste_restored(images, restored, info, paste, masks, crops=crops, face_batch=face_batch, cancel=cancel,
+                            timings=timings)
+    return replace(result, images=like_given(result.images, given))
 
 
 def paste_restored(images: torch.Tensor, restored: torch.Tensor, info: FaceInfo, paste: PasteOptions = PasteOptions(),
@@ -384,8 +385,7 @@ def paste_restored(images: torch.Tensor, restored: torch.Tensor, info: FaceInfo,
     pasted there, through their affines scaled to it. With `paste.upscaler`, the frames are enlarged here
     (its tiles asked `cancel()` too).
     """
-    if images.ndim == 3:
-        images = images[None]
+    images, given = as_images(images)
     if paste.upscaler is not None:
         with _stage(timings, "upscale", info.device):
             background = paste_target(images, paste, cancel=cancel and (lambda: check_cancel(cancel)))
@@ -434,8 +434,8 @@ def paste_restored(images: torch.Tensor, restored: torch.Tensor, info: FaceInfo,
         pasted, blend = paste_faces(images, restored, affines, frames, paste, crop_size=info.crop_size,
                                     face_masks=face_masks, device=info.device)
     masked_out = int((finite & ~shown).sum())
-    return Restoration(pasted, blend, info, unrestored, masked_out, timings if timings is not None else {},
-                       restorer_size=restored.shape[1] if len(restored) else None)
+    return Restoration(like_given(pasted, given), blend, info, unrestored, masked_out, timings if timings is not None
+                       else {}, restorer_size=restored.shape[1] if len(restored) else None)
 
 
 def face_areas(images: torch.Tensor, crops: torch.Tensor, info: FaceInfo) -> torch.Tensor:

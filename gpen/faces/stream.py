@@ -13,6 +13,7 @@ import torch
 from .detect import Faces
 from .options import MaskOptions, PasteOptions, SelectOptions
 from .pipeline import DETECT_CHUNK, Restoration, Selection, detect_faces, restore_faces, smooth_landmarks
+from .tensors import as_images
 
 SMOOTHING_REACH = 4  # Gaussian sigmas: weights beyond are under exp(-8) of the centre's
 
@@ -139,12 +140,11 @@ class FrameStream:
 
 def _each_frame(frames: Iterable) -> Iterator:
     for item in frames:
-        if item.ndim == 4:
+        if getattr(item, "ndim", None) == 4:
             yield from item
         else:
             yield item
 
 
 def _as_float(frames: list) -> torch.Tensor:
-    batch = torch.stack([torch.as_tensor(f) for f in frames])
-    return batch.float().div_(255) if batch.dtype == torch.uint8 else batch
+    return torch.cat([as_images(frame)[0] for frame in frames])

@@ -1,8 +1,52 @@
-"""ComfyUI IMAGE batches (B,H,W,C) as the pipeline works on them, and back to the caller's layout."""
+"""ComfyUI IMAGE batches (B,H,W,C) as the pipeline works on them, and back to the caller's layout.
+
+The API takes images as ComfyUI gives them (float tensors in 0..1), as image loaders give them (uint8
+tensors or numpy arrays in 0..255) or as float numpy arrays: `as_images` makes the pipeline's float tensor
+of any of these, `like_given` turns the result back into what was given.
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+import numpy as np
 import torch
+
+IMAGES = ("images must be a torch tensor or numpy array, float in 0..1 or uint8 in 0..255, shaped (B, H, W, C) or "
+          "(H, W, C) with C = 1, 3 or 4")
+
+
+@dataclass(frozen=True)
+class Given:
+    """What the caller's images were: the pipeline's result is given back in the same form."""
+
+    numpy: bool
+    dtype: torch.dtype  # uint8 or a float type
+    batched: bool  # (B,H,W,C); else one (H,W,C) image
+
+
+def as_images(images) -> tuple[torch.Tensor, Given]:
+    """Images of any accepted type -> (B,H,W,C) float in 0..1 (a float tensor as it is, not copied), and
+    what they were; anything else is refused with what `images` must be."""
+    if not isinstance(images, (torch.Tensor, np.ndarray)):
+        raise ValueError(f"{IMAGES}; got {type(images).__name__}")
+    given = torch.from_numpy(np.ascontiguousarray(images)) if isinstance(images, np.ndarray) else images
+    if given.dtype != torch.uint8 and not given.dtype.is_floating_point:
+        raise ValueError(f"{IMAGES}; got {given.dtype}")
+    if given.ndim not in (3, 4) or given.shape[-1] not in (1, 3, 4):
+        raise ValueError(f"{IMAGES}; got shape {tuple(given.shape)}")
+    kind = Given(isinstance(images, np.ndarray), given.dtype, given.ndim == 4)
+    batch = given if kind.batched else given[None]
+    return (batch.float().div_(255) if kind.dtype == torch.uint8 else batch), kind
+
+
+def like_given(images: torch.Tensor, given: Given):
+    """The pipeline's (B,H,W,C) float result as the caller's images were: uint8 rounded from 0..1, a numpy
+    array for a numpy array, one image for one image."""
+    images = images.clamp(0, 1).mul(255).round_().to(torch.uint8) if given.dtype == torch.uint8 else \
+        images.to(given.dtype)
+    images = images if given.batched else images[0]
+    return images.cpu().numpy() if given.numpy else images
 
 
 def as_rgb(images: torch.Tensor) -> torch.Tensor:
