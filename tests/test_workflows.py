@@ -317,7 +317,7 @@ def test_restore_and_upscale_runs_as_saved_and_gives_the_upscaled_picture_with_r
     outputs = run_workflow(flow, load_pack(), core)
     ids = {n["type"]: n["id"] for n in flow["nodes"]}
     background = outputs[ids["ImageUpscaleWithModel"]][0]
-    image, mask = outputs[ids["GPENFaceRestore"]]
+    image, mask, _ = outputs[ids["GPENFaceRestore"]]
     assert saved["images"].shape == (1, 880, 1280, 3) == background.shape
     assert mask.shape == (1, 880, 1280) and 0.05 < mask.mean() < 0.8  # faces restored
     outside = mask == 0

@@ -40,6 +40,7 @@ class Cancelled(Exception):
 # Why a face found was not restored, as the report says it (Selection.skipped_counts' keys).
 BELOW_THRESHOLD, TOO_SMALL, NOT_SELECTED, NOT_CHANGED = "below threshold", "too small", "not selected", "not changed"
 NOT_FINITE, MASKED_OUT = "left unrestored", "masked out"
+REASONS = (BELOW_THRESHOLD, TOO_SMALL, NOT_SELECTED, NOT_CHANGED, NOT_FINITE, MASKED_OUT)  # in the pipeline's order
 BELOW_THRESHOLD_FLOOR = 0.3  # detections from here up to the threshold are reported as below it
 MAX_RECORDS = 256  # skipped faces a Selection keeps the details of (all are counted)
 
@@ -211,20 +212,20 @@ def face_report(info: FaceInfo, headline: str, verb: str = "restored", left_as_w
     groups: dict[int, dict[str, list[str]]] = {}  # frame -> verb or reason -> faces
     faces = info.faces_flat()
     for k, (t, score, side) in enumerate(zip(info.frames.tolist(), faces.scores.tolist(), box_sides(faces).tolist())):
-        group = selection.reason_text(left_as_was[k]) if k in left_as_was else verb
-        groups.setdefault(t, {}).setdefault(group, []).append(f"face {k} {score:.3f} {side:.0f}px")
+        groups.setdefault(t, {}).setdefault(left_as_was.get(k, verb), []).append(f"face {k} {score:.3f} {side:.0f}px")
     for r in sorted(selection.skipped, key=lambda r: (r.frame, -r.score)):
-        groups.setdefault(r.frame, {}).setdefault(selection.reason_text(r.reason), []).append(f"{r.score:.3f} {r.size:.0f}px")
+        groups.setdefault(r.frame, {}).setdefault(r.reason, []).append(f"{r.score:.3f} {r.size:.0f}px")
+    order = (verb, *REASONS)
+    text = lambda group: group if group == verb else selection.reason_text(group)
     lines = [headline]
     if len(info.faces) > 1:
-        counts = {selection.reason_text(reason): n for reason, n in selection.skipped_counts.items()}
+        counts = {verb: len(info) - len(left_as_was), **selection.skipped_counts}
         for reason in left_as_was.values():
-            counts[selection.reason_text(reason)] = counts.get(selection.reason_text(reason), 0) + 1
-        lines.append(f"{len(info.faces)} frames: {len(info) - len(left_as_was)} {verb}"
-                     + "".join(f", {n} {reason}" for reason, n in sorted(counts.items())))
+            counts[reason] = counts.get(reason, 0) + 1
+        lines.append(f"{len(info.faces)} frames: " + ", ".join(f"{counts[g]} {text(g)}" for g in order if g in counts))
     frames = sorted(groups)
     for t in frames[:MAX_FRAME_LINES]:
-        listed = [f"{len(items)} {group}: {_listed(items)}" for group, items in groups[t].items()]
+        listed = [f"{len(groups[t][g])} {text(g)}: {_listed(groups[t][g])}" for g in order if g in groups[t]]
         lines.append(("image: " if len(info.faces) == 1 else f"frame {t}: ") + "; ".join(listed))
     if len(frames) > MAX_FRAME_LINES:
         lines.append(f"... and {len(frames) - MAX_FRAME_LINES} more frame(s) with faces")
