@@ -153,7 +153,8 @@ def test_restore_node_accepts_crops_of_other_packs_at_any_size(pack, models_dir)
 def test_paste_refuses_faces_from_other_frames(pack, models_dir, solvay):
     nodes = pack.NODE_CLASS_MAPPINGS
     _, detector = load_models(pack)
-    crops, info, _, _ = nodes["GPENDetectAndCropFaces"]().detect(solvay, detector, 128, "gpen", 0.5, 0, 1, "largest", "", 0.0)
+    crops, info, *_ = nodes["GPENDetectAndCropFaces"]().detect(solvay, detector, 128, "gpen", 0.5, 0, 1, "largest", "",
+                                                               0.0)
     with pytest.raises(ValueError, match="frames"):
         nodes["GPENPasteFacesBack"]().paste(solvay[:, :100], crops, info, 1.0, "box", 0.01, 0.05, False)
 
@@ -244,8 +245,8 @@ def test_all_in_one_node_restores_only_where_the_parser_shows_the_face(pack, mod
 def test_paste_node_with_a_parser_parses_the_crops_asked_for(pack, models_dir, solvay, parse_source):
     nodes = pack.NODE_CLASS_MAPPINGS
     model, detector = load_models(pack)
-    crops, info, _, _ = nodes["GPENDetectAndCropFaces"]().detect(solvay, detector, 256, "gpen", 0.5, 0, 2, "largest", "",
-                                                              0.0, gpen_model=model)
+    crops, info, *_ = nodes["GPENDetectAndCropFaces"]().detect(solvay, detector, 256, "gpen", 0.5, 0, 2, "largest", "",
+                                                               0.0, gpen_model=model)
     (restored,) = nodes["GPENRestoreFaces"]().restore(model, crops, strength=1.0, face_batch=4)
     paste = nodes["GPENPasteFacesBack"]().paste
     _, plain, _ = paste(solvay, restored, info, 1.0, "box", 0.011, 0.05, False)

@@ -98,7 +98,9 @@ class Selection:
         if not len(faces):
             return
         self.skipped_counts[reason] = self.skipped_counts.get(reason, 0) + len(faces)
-        frames = frame.tolist() if isinstance(frame, torch.Tensor) else [self.frames if frame is None else frame] * len(faces)
+        if not isinstance(frame, torch.Tensor):
+            frame = torch.full((len(faces),), self.frames if frame is None else frame)
+        frames = frame.tolist()
         room = MAX_RECORDS - len(self.skipped)
         for t, score, side in list(zip(frames, faces.scores.tolist(), box_sides(faces).tolist()))[:max(room, 0)]:
             self.skipped.append(FaceRecord(int(t), score, side, reason))
@@ -203,7 +205,8 @@ MAX_LISTED = 6  # faces listed in one line of a report; the rest are counted
 MAX_FRAME_LINES = 8  # frames given a line of their own in a report
 
 
-def face_report(info: FaceInfo, headline: str, verb: str = "restored", left_as_was: dict[int, str] | None = None) -> str:
+def face_report(info: FaceInfo, headline: str, verb: str = "restored",
+                left_as_was: dict[int, str] | None = None) -> str:
     """`headline`, then a line for each frame with faces: the faces `verb` ("face 3 0.998 212px": crop
     index, detector score, box side) and those skipped, by reason ("2 too small (min_size 64): ...").
     A batch gets a line of totals first, and lines for its first MAX_FRAME_LINES such frames only."""
