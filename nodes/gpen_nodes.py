@@ -18,7 +18,7 @@ from ..gpen.faces.options import (
     surface_name,
 )
 from ..gpen.faces.parse import parse_faces
-from ..gpen.faces.pipeline import face_areas, locate_faces, paste_restored
+from ..gpen.faces.pipeline import face_areas, face_report, locate_faces, paste_restored
 from ..gpen.faces.restore import restore_aligned
 from ..gpen.faces.tensors import as_rgb
 from ..gpen.loader import load_parser
@@ -165,14 +165,19 @@ class LoadFaceParser:
         return ((*(and_parser or ()), host.Loaded(parser, target)),)
 
 
+SUMMARY_TOOLTIP = ("What was done: each face (index, detector score, size) and each one skipped, with why. "
+                   "Connect a Preview Any node to see it.")
+
+
 class DetectAndCropFaces:
     DESCRIPTION = "Finds faces in each frame and cuts them out aligned to GPEN's template, for any face restorer."
     CATEGORY = CATEGORY
-    RETURN_TYPES = ("IMAGE", "FACE_INFO", "MASK")
-    RETURN_NAMES = ("crops", "face_info", "face_mask")
+    RETURN_TYPES = ("IMAGE", "FACE_INFO", "MASK", "STRING")
+    RETURN_NAMES = ("crops", "face_info", "face_mask", "summary")
     OUTPUT_TOOLTIPS = ("Aligned face crops, one per face across all frames.",
                        "Where each crop came from, for Paste Faces Back.",
-                       "The area of each frame the faces cover.")
+                       "The area of each frame the faces cover.",
+                       SUMMARY_TOOLTIP)
     FUNCTION = "detect"
 
     @classmethod
@@ -196,8 +201,9 @@ class DetectAndCropFaces:
         with face_detector as detector:
             crops, info = locate_faces(image, detector, size, select, cancel=host.Progress.cancel)
             masks = face_areas(image, crops, info)
-        logging.info("[GPEN] %s", "; ".join([f"{len(crops)} face(s) cropped", *info.selection.notes()]))
-        return (crops.cpu(), info, masks)
+        summary = face_report(info, "; ".join([f"{len(crops)} face(s) cropped", *info.selection.notes()]), "cropped")
+        logging.info("[GPEN] %s", summary)
+        return (crops.cpu(), info, masks, summary)
 
 
 class GPENRestoreFaces:
@@ -230,9 +236,9 @@ class PasteFacesBack:
     DESCRIPTION = ("Blends restored crops back into the frames they were cut from; with a face parser, only "
                    "over the face itself.")
     CATEGORY = CATEGORY
-    RETURN_TYPES = ("IMAGE", "MASK")
-    RETURN_NAMES = ("image", "mask")
-    OUTPUT_TOOLTIPS = ("The frames with the faces pasted back.", "The blend mask of each frame.")
+    RETURN_TYPES = ("IMAGE", "MASK", "STRING")
+    RETURN_NAMES = ("image", "mask", "summary")
+    OUTPUT_TOOLTIPS = ("The frames with the faces pasted back.", "The blend mask of each frame.", SUMMARY_TOOLTIP)
     FUNCTION = "paste"
 
     @classmethod
@@ -253,7 +259,8 @@ class PasteFacesBack:
         with host.using_all(face_parser) as parsers:
             masks = MaskOptions(parser=parsers, regions=mask_regions, source=parse_source, feather=parse_feather)
             result = paste_restored(image, restored, face_info, paste, masks, progress=progress, cancel=progress.cancel)
-        return (result.images, result.masks)
+        logging.info("[GPEN] %s", result.report)
+        return (result.images, result.masks, result.report)
 
 
 class GPENFaceRestore:
@@ -261,9 +268,9 @@ class GPENFaceRestore:
                    "blend back in one node. Frames without faces pass through unchanged. With a face parser, "
                    "only the face itself is restored: hair, hands and what covers the face keep the original.")
     CATEGORY = CATEGORY
-    RETURN_TYPES = ("IMAGE", "MASK")
-    RETURN_NAMES = ("image", "mask")
-    OUTPUT_TOOLTIPS = ("The restored frames.", "Where faces were restored in each frame.")
+    RETURN_TYPES = ("IMAGE", "MASK", "STRING")
+    RETURN_NAMES = ("image", "mask", "summary")
+    OUTPUT_TOOLTIPS = ("The restored frames.", "Where faces were restored in each frame.", SUMMARY_TOOLTIP)
     FUNCTION = "restore"
 
     @classmethod
@@ -295,8 +302,8 @@ class GPENFaceRestore:
                                 temporal_sigma=temporal_smoothing)
             result = gpen.restore_faces(image, model, detector, select=select, paste=paste, masks=masks,
                                         face_batch=face_batch, progress=progress, cancel=progress.cancel)
-        logging.info("[GPEN] %s", result.summary)
-        return (result.images, result.masks)
+        logging.info("[GPEN] %s", result.report)
+        return (result.images, result.masks, result.report)
 
 
 class FaceParsingMask:

@@ -152,9 +152,9 @@ def test_the_nodes_list_load_and_run_them(toys, solvay, monkeypatch, shared, req
     options = {"face_batch": 4, "threshold": 0.5, "min_size": 0, "max_faces": 3, "order": "largest", "indices": "",
                "temporal_smoothing": 0.0, "strength": 1.0, "mask_shape": "box", "feather": 0.011, "erode": 0.05,
                "color_correction": False}
-    image, plain = nodes["GPENFaceRestore"]().restore(solvay, model, detector, **options)
+    image, plain, _ = nodes["GPENFaceRestore"]().restore(solvay, model, detector, **options)
     assert ((image - 0.5).abs()[plain > 0.99] < 1e-2).all()
-    image, mask = nodes["GPENFaceRestore"]().restore(solvay, model, detector, **options, face_parser=chain,
+    image, mask, _ = nodes["GPENFaceRestore"]().restore(solvay, model, detector, **options, face_parser=chain,
                                                      mask_regions="face", parse_source="original", parse_feather=0.01)
     assert (mask <= plain + 1e-6).all() and 0.3 < mask.sum() / plain.sum() < 0.7
     assert torch.equal(image[mask == 0], solvay[mask == 0])

@@ -120,7 +120,7 @@ def load_models(pack):
 
 def test_all_in_one_node_restores_a_photo(pack, models_dir, solvay):
     model, detector = load_models(pack)
-    image, mask = pack.NODE_CLASS_MAPPINGS["GPENFaceRestore"]().restore(
+    image, mask, _ = pack.NODE_CLASS_MAPPINGS["GPENFaceRestore"]().restore(
         solvay, model, detector, face_batch=8, threshold=0.5, min_size=0, max_faces=3, order="largest",
         indices="", temporal_smoothing=0.0, strength=1.0, mask_shape="ellipse", feather=0.02, erode=0.05,
         color_correction=True)
@@ -132,14 +132,14 @@ def test_modular_chain_detect_restore_paste(pack, models_dir, solvay):
     nodes = pack.NODE_CLASS_MAPPINGS
     model, detector = load_models(pack)
     frames = torch.cat([solvay, solvay.flip(2)])
-    crops, info, face_mask = nodes["GPENDetectAndCropFaces"]().detect(
+    crops, info, face_mask, _ = nodes["GPENDetectAndCropFaces"]().detect(
         frames, detector, crop_size=256, template="gpen", threshold=0.5, min_size=0, max_faces=2,
         order="left-right", indices="", temporal_smoothing=0.0, gpen_model=model)
     assert crops.shape == (4, 64, 64, 3) and info.frames.tolist() == [0, 0, 1, 1] and info.crop_size == 64
     assert face_mask.shape == frames.shape[:3] and face_mask.amax() > 0.9
     (restored,) = nodes["GPENRestoreFaces"]().restore(model, crops, strength=0.5, face_batch=3)
     assert restored.shape == crops.shape
-    image, mask = nodes["GPENPasteFacesBack"]().paste(frames, restored, info, strength=1.0, mask_shape="box",
+    image, mask, _ = nodes["GPENPasteFacesBack"]().paste(frames, restored, info, strength=1.0, mask_shape="box",
                                                       feather=0.011, erode=0.05, color_correction=False)
     assert image.shape == frames.shape and (mask - face_mask).abs().max() < 0.05
 
@@ -153,7 +153,8 @@ def test_restore_node_accepts_crops_of_other_packs_at_any_size(pack, models_dir)
 def test_paste_refuses_faces_from_other_frames(pack, models_dir, solvay):
     nodes = pack.NODE_CLASS_MAPPINGS
     _, detector = load_models(pack)
-    crops, info, _ = nodes["GPENDetectAndCropFaces"]().detect(solvay, detector, 128, "gpen", 0.5, 0, 1, "largest", "", 0.0)
+    crops, info, *_ = nodes["GPENDetectAndCropFaces"]().detect(solvay, detector, 128, "gpen", 0.5, 0, 1, "largest", "",
+                                                               0.0)
     with pytest.raises(ValueError, match="frames"):
         nodes["GPENPasteFacesBack"]().paste(solvay[:, :100], crops, info, 1.0, "box", 0.01, 0.05, False)
 
@@ -168,7 +169,7 @@ def test_restore_node_refuses_a_strength_outside_0_to_1(pack, models_dir, streng
 def test_detect_node_on_an_empty_image_gives_no_crops(pack, models_dir):
     nodes = pack.NODE_CLASS_MAPPINGS
     _, detector = load_models(pack)
-    crops, info, mask = nodes["GPENDetectAndCropFaces"]().detect(
+    crops, info, mask, _ = nodes["GPENDetectAndCropFaces"]().detect(
         torch.zeros(1, 0, 0, 3), detector, 128, "gpen", 0.5, 0, 0, "largest", "", 0.0)
     assert crops.shape == (0, 128, 128, 3) and len(info) == 0 and mask.shape == (1, 0, 0)
 
@@ -226,14 +227,14 @@ def test_all_in_one_node_restores_only_where_the_parser_shows_the_face(pack, mod
     options = {"face_batch": 4, "threshold": 0.5, "min_size": 0, "max_faces": 3, "order": "largest", "indices": "",
                "temporal_smoothing": 0.0, "strength": 1.0, "mask_shape": "box", "feather": 0.011, "erode": 0.05,
                "color_correction": False}
-    _, plain = nodes["GPENFaceRestore"]().restore(solvay, model, detector, **options)
+    _, plain, _ = nodes["GPENFaceRestore"]().restore(solvay, model, detector, **options)
     parser, chain = half_face_parser(pack)
-    image, mask = nodes["GPENFaceRestore"]().restore(solvay, model, detector, **options, face_parser=chain,
+    image, mask, _ = nodes["GPENFaceRestore"]().restore(solvay, model, detector, **options, face_parser=chain,
                                                      mask_regions="face", parse_source="original", parse_feather=0.01)
     assert len(parser.seen) == 1 and parser.seen[0].shape == (3, 64, 64, 3)
     assert (mask <= plain + 1e-6).all() and 0.3 < mask.sum() / plain.sum() < 0.7  # the parse only takes away
     assert torch.equal(image[0][mask[0] == 0], solvay[0][mask[0] == 0])  # not-face pixels: the original, bit for bit
-    _, info, _ = nodes["GPENDetectAndCropFaces"]().detect(solvay, detector, 512, "gpen", 0.5, 0, 3, "largest", "",
+    _, info, _, _ = nodes["GPENDetectAndCropFaces"]().detect(solvay, detector, 512, "gpen", 0.5, 0, 3, "largest", "",
                                                           0.0, gpen_model=model)
     for (row, col), (row_r, col_r) in zip(crop_points_in_image(info, 0.3, 0.5), crop_points_in_image(info, 0.75, 0.5)):
         assert mask[0, row, col] > 0.9 and plain[0, row, col] > 0.9  # the half the parser calls face
@@ -244,13 +245,13 @@ def test_all_in_one_node_restores_only_where_the_parser_shows_the_face(pack, mod
 def test_paste_node_with_a_parser_parses_the_crops_asked_for(pack, models_dir, solvay, parse_source):
     nodes = pack.NODE_CLASS_MAPPINGS
     model, detector = load_models(pack)
-    crops, info, _ = nodes["GPENDetectAndCropFaces"]().detect(solvay, detector, 256, "gpen", 0.5, 0, 2, "largest", "",
-                                                              0.0, gpen_model=model)
+    crops, info, *_ = nodes["GPENDetectAndCropFaces"]().detect(solvay, detector, 256, "gpen", 0.5, 0, 2, "largest", "",
+                                                               0.0, gpen_model=model)
     (restored,) = nodes["GPENRestoreFaces"]().restore(model, crops, strength=1.0, face_batch=4)
     paste = nodes["GPENPasteFacesBack"]().paste
-    _, plain = paste(solvay, restored, info, 1.0, "box", 0.011, 0.05, False)
+    _, plain, _ = paste(solvay, restored, info, 1.0, "box", 0.011, 0.05, False)
     parser, chain = half_face_parser(pack)
-    image, mask = paste(solvay, restored, info, 1.0, "box", 0.011, 0.05, False, face_parser=chain,
+    image, mask, _ = paste(solvay, restored, info, 1.0, "box", 0.011, 0.05, False, face_parser=chain,
                         mask_regions="face", parse_source=parse_source, parse_feather=0.01)
     (seen,) = parser.seen
     wanted = crops if parse_source == "original" else restored
@@ -269,7 +270,7 @@ def test_all_in_one_node_after_a_swap_restores_only_the_changed_faces(pack, mode
     swapped, _ = gpen.paste_faces(solvay, crops[:1].expand(2, -1, -1, -1), info.affines[[4, 9]], info.frames[[4, 9]],
                                   gpen.PasteOptions(mask_shape="ellipse", erode=0.2))
     with caplog.at_level(logging.INFO):
-        image, mask = pack.NODE_CLASS_MAPPINGS["GPENFaceRestore"]().restore(
+        image, mask, _ = pack.NODE_CLASS_MAPPINGS["GPENFaceRestore"]().restore(
             swapped, model, detector, face_batch=8, threshold=0.5, min_size=0, max_faces=0, order="largest",
             indices="", temporal_smoothing=0.0, strength=1.0, mask_shape="box", feather=0.011, erode=0.05,
             color_correction=False, original_image=solvay)

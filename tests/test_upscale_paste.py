@@ -133,7 +133,7 @@ def test_resize_frames_keeps_channels_dtype_and_a_flat_picture():
 def test_paste_faces_back_takes_the_image_at_twice_the_size(pack):  # noqa: F811
     images, background = blobs(96, 128), blobs(192, 256)
     crops, info = gpen.locate_faces(images, None, 256, faces=one_face(80, 30, 8))
-    image, mask = pack.NODE_CLASS_MAPPINGS["GPENPasteFacesBack"]().paste(
+    image, mask, _ = pack.NODE_CLASS_MAPPINGS["GPENPasteFacesBack"]().paste(
         background, crops, info, strength=1.0, mask_shape="box", feather=0.01, erode=0.05, color_correction=False)
     assert image.shape == background.shape and mask.shape == background.shape[:3]
     same = restore(images, one_face(80, 30, 8), background=background, feather=0.01, erode=0.05)
@@ -152,10 +152,10 @@ def test_the_all_in_one_node_restores_into_a_background_or_upscales(pack, models
                    color_correction=False)
     node = pack.NODE_CLASS_MAPPINGS["GPENFaceRestore"]()
     background = resize_frames(photo, (400, 800))
-    image, mask = node.restore(photo, model, detector, **options, background=background)
+    image, mask, _ = node.restore(photo, model, detector, **options, background=background)
     assert image.shape == (1, 400, 800, 3) and mask.shape == (1, 400, 800) and mask.amax() > 0.99
     assert torch.equal(image[mask == 0], background[mask == 0])
-    image, mask = node.restore(photo, model, detector, **options, upscale_by=1.5)
+    image, mask, _ = node.restore(photo, model, detector, **options, upscale_by=1.5)
     assert image.shape == (1, 300, 600, 3) and mask.shape == (1, 300, 600) and mask.amax() > 0.99
 
 

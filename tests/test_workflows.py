@@ -36,6 +36,7 @@ KNOWN = {
     "SaveVideo": ({"video": "VIDEO"}, [], 3),
     "UpscaleModelLoader": ({}, ["UPSCALE_MODEL"], 1),
     "ImageUpscaleWithModel": ({"upscale_model": "UPSCALE_MODEL", "image": "IMAGE"}, ["IMAGE"], 0),
+    "PreviewAny": ({"source": "*"}, [], 0),  # shows any value as text; its text box is not saved
     # Gourieff/ComfyUI-ReActor
     "ReActorFaceSwap": ({"input_image": "IMAGE", "source_image": "IMAGE", "face_model": "FACE_MODEL",
                          "face_boost": "FACE_BOOST"}, ["IMAGE", "FACE_MODEL", "IMAGE"], 11),
@@ -92,7 +93,8 @@ def test_workflow_is_valid(path):
                 check_widget(name, kind, options, value)
     for link_id, src, src_slot, dst, dst_slot, kind in workflow["links"]:
         assert nodes[src]["outputs"][src_slot]["type"] == kind and link_id in nodes[src]["outputs"][src_slot]["links"]
-        assert nodes[dst]["inputs"][dst_slot]["type"] == kind and nodes[dst]["inputs"][dst_slot]["link"] == link_id
+        target = nodes[dst]["inputs"][dst_slot]
+        assert target["type"] in (kind, "*") and target["link"] == link_id  # "*": takes any type
     ours = {n["type"] for n in nodes.values()} & set(pack.NODE_CLASS_MAPPINGS)
     assert {"GPENLoadModel", "GPENLoadFaceDetector"} <= ours
 
@@ -151,6 +153,7 @@ MIN_HEIGHT = {"LoadImage": 326, "SaveImage": 58, "PreviewImage": 26, "MaskToImag
               "CheckpointLoaderSimple": 98, "CLIPTextEncode": 88, "EmptyLatentImage": 106, "KSampler": 262,
               "VAEDecode": 46, "GetVideoComponents": 66, "CreateVideo": 78, "ReActorFaceSwap": 358,
               "UpscaleModelLoader": 58, "ImageUpscaleWithModel": 46,  # by the rule above (one widget; two inputs)
+              "PreviewAny": 88,  # one input row and its text box, at least 50 px tall (as Note's)
               "LoadVideo": lambda width: 86 + width * 3 / 4, "SaveVideo": lambda width: 110 + width * 3 / 4}
 # The saved view (extra.ds: screen = (graph + offset) * scale, in canvas pixels) in the smallest window
 # we design for, a 1280x720 browser viewport: the canvas is 1240x680 (a 40 px side bar on the left,
@@ -244,6 +247,16 @@ def test_the_2048_workflow_picks_the_confident_large_face_and_says_what_input_it
     assert "2048 px" in note and f"min_size {min_size}" in note
 
 
+@pytest.mark.parametrize("path", WORKFLOWS, ids=[p.stem for p in WORKFLOWS])
+def test_every_workflow_shows_what_its_gpen_node_did_in_a_preview_any(path):
+    flow = json.loads(path.read_text())
+    nodes = {n["id"]: n for n in flow["nodes"]}
+    shown = {(nodes[src]["type"], nodes[src]["outputs"][slot]["name"])
+             for _, src, slot, dst, _, _ in flow["links"] if nodes[dst]["type"] == "PreviewAny"}
+    last = "GPENPasteFacesBack" if "GPENPasteFacesBack" in {n["type"] for n in nodes.values()} else "GPENFaceRestore"
+    assert shown == {(last, "summary")}
+
+
 def test_restore_and_upscale_finds_faces_in_the_original_and_pastes_them_into_the_upscaled_picture():
     flow = workflow("gpen_restore_and_upscale")
     nodes = {n["id"]: n for n in flow["nodes"]}
@@ -313,13 +326,15 @@ def test_restore_and_upscale_runs_as_saved_and_gives_the_upscaled_picture_with_r
     core = {"LoadImage": lambda inputs, widgets: (original, None),
             "UpscaleModelLoader": lambda inputs, widgets: (4,),  # the stand-in model: its scale
             "ImageUpscaleWithModel": upscale_with_model,
-            "SaveImage": lambda inputs, widgets: saved.setdefault("images", inputs["images"])}
+            "SaveImage": lambda inputs, widgets: saved.setdefault("images", inputs["images"]),
+            "PreviewAny": lambda inputs, widgets: saved.setdefault("summary", inputs["source"])}
     flow = workflow("gpen_restore_and_upscale")
     outputs = run_workflow(flow, load_pack(), core)
     ids = {n["type"]: n["id"] for n in flow["nodes"]}
     background = outputs[ids["ImageUpscaleWithModel"]][0]
-    image, mask = outputs[ids["GPENFaceRestore"]]
+    image, mask, _ = outputs[ids["GPENFaceRestore"]]
     assert saved["images"].shape == (1, 880, 1280, 3) == background.shape
     assert mask.shape == (1, 880, 1280) and 0.05 < mask.mean() < 0.8  # faces restored
     outside = mask == 0
     assert torch.equal(image[outside], background[outside])  # the upscaler's pixels, bit for bit
+    assert saved["summary"].startswith("restored ") and "\nimage: " in saved["summary"]  # the faces, listed

@@ -181,7 +181,9 @@ class Report:
         return f"[{job.number}/{self.total}] {job.source.name}"
 
     def done(self, job: Job, summary: str) -> None:
-        print(f"{self.prefix(job)}: {summary} -> {job.target}", flush=True)
+        """The summary's first line, then its details (Restoration.report's faces) indented below."""
+        line, *details = summary.splitlines() or [""]
+        print("\n    ".join([f"{self.prefix(job)}: {line} -> {job.target}", *details]), flush=True)
 
     def skip(self, job: Job, reason: str) -> None:
         self.skipped += 1
@@ -323,7 +325,7 @@ def restore_file(job: Job, model, detector, args, faces=None, progress=None) -> 
         select, paste, masks = restore_options(args, before, parsers_for(args, detector), upscaler_for(args, detector))
         result = restore_faces(image, model, detector, select=select, paste=paste, masks=masks,
                                faces=None if faces is None else [faces], face_batch=args.face_batch, progress=progress)
-        restored, summary = result.images, result.summary
+        restored, summary = result.images, result.report
     write_image(job.target, restored[0].numpy(), fmt, overwrite=args.overwrite)
     return summary
 

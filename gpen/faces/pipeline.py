@@ -37,6 +37,24 @@ class Cancelled(Exception):
     """Raised when the cancel hook asks to stop; nothing already returned is affected."""
 
 
+# Why a face found was not restored, as the report says it (Selection.skipped_counts' keys).
+BELOW_THRESHOLD, TOO_SMALL, NOT_SELECTED, NOT_CHANGED = "below threshold", "too small", "not selected", "not changed"
+NOT_FINITE, MASKED_OUT = "left unrestored", "masked out"
+REASONS = (BELOW_THRESHOLD, TOO_SMALL, NOT_SELECTED, NOT_CHANGED, NOT_FINITE, MASKED_OUT)  # in the pipeline's order
+BELOW_THRESHOLD_FLOOR = 0.3  # detections from here up to the threshold are reported as below it
+MAX_RECORDS = 256  # skipped faces a Selection keeps the details of (all are counted)
+
+
+@dataclass(frozen=True)
+class FaceRecord:
+    """A face found and skipped, for the report: its frame, detector score, box side (px) and why."""
+
+    frame: int
+    score: float
+    size: float
+    reason: str
+
+
 @dataclass
 class Selection:
     """What detection and selection made of the faces, for the summary."""
@@ -47,6 +65,15 @@ class Selection:
     missing_indices: dict[int, int] = field(default_factory=dict)  # index asked for -> most faces any frame had
     compared: int | None = None  # faces compared with the image before a swap (changed_from)
     changed: int = 0  # of those, the ones that differ
+    frames: int = 0  # frames selected from so far: the next one's number
+    threshold: float = 0
+    chosen_by: str = ""  # "max_faces 3", "indices 0,2": what not selected faces were left out by
+    skipped: list[FaceRecord] = field(default_factory=list)  # the first MAX_RECORDS faces skipped
+    skipped_counts: dict[str, int] = field(default_factory=dict)  # reason -> faces skipped for it
+
+    def __post_init__(self):
+        # A Selection read back from JSON (a Ray segment's record) has its records as dicts.
+        self.skipped = [r if isinstance(r, FaceRecord) else FaceRecord(**r) for r in self.skipped]
 
     def add(self, other: "Selection") -> None:
         """Count in what `other` found in another part of the same sequence."""
@@ -58,6 +85,25 @@ class Selection:
         if other.compared is not None:
             self.compared = (self.compared or 0) + other.compared
             self.changed += other.changed
+        self.threshold, self.chosen_by = other.threshold or self.threshold, other.chosen_by or self.chosen_by
+        room = MAX_RECORDS - len(self.skipped)
+        self.skipped += [replace(r, frame=r.frame + self.frames) for r in other.skipped[:max(room, 0)]]
+        for reason, count in other.skipped_counts.items():
+            self.skipped_counts[reason] = self.skipped_counts.get(reason, 0) + count
+        self.frames += other.frames
+
+    def skip(self, faces: Faces, reason: str, frame: int | torch.Tensor | None = None) -> None:
+        """Record `faces` as skipped for `reason`, in `frame` (one, or one per face; by default the
+        frame being selected)."""
+        if not len(faces):
+            return
+        self.skipped_counts[reason] = self.skipped_counts.get(reason, 0) + len(faces)
+        if not isinstance(frame, torch.Tensor):
+            frame = torch.full((len(faces),), self.frames if frame is None else frame)
+        frames = frame.tolist()
+        room = MAX_RECORDS - len(self.skipped)
+        for t, score, side in list(zip(frames, faces.scores.tolist(), box_sides(faces).tolist()))[:max(room, 0)]:
+            self.skipped.append(FaceRecord(int(t), score, side, reason))
 
     def notes(self) -> list[str]:
         notes = [] if self.compared is None else [f"{self.changed} of {self.compared} faces changed"]
@@ -66,6 +112,13 @@ class Selection:
         for index, count in sorted(self.missing_indices.items()):
             notes.append(f"indices {index}: only {count} face(s) found")
         return notes
+
+    def reason_text(self, reason: str) -> str:
+        """`reason` with the setting behind it: "below threshold 0.8", "not selected (max_faces 3)"."""
+        detail = {BELOW_THRESHOLD: f" {self.threshold:g}", TOO_SMALL: f" (min_size {self.min_size:g})",
+                  NOT_SELECTED: f" ({self.chosen_by})" if self.chosen_by else "",
+                  NOT_CHANGED: " (changed_from)", NOT_FINITE: " (not finite)", MASKED_OUT: " (parser)"}
+        return reason + detail.get(reason, "")
 
 
 @dataclass
@@ -88,6 +141,12 @@ class FaceInfo:
     def landmarks(self) -> torch.Tensor:
         return torch.cat([f.landmarks for f in self.faces]) if self.faces else torch.zeros(0, 5, 2)
 
+    def faces_flat(self) -> Faces:
+        """Every crop's face, in crop order."""
+        if not self.faces:
+            return Faces.empty()
+        return Faces(*(torch.cat([getattr(f, name) for f in self.faces]) for name in ("boxes", "scores", "landmarks")))
+
 
 @dataclass
 class Restoration:
@@ -98,6 +157,7 @@ class Restoration:
     masked_out: int = 0  # faces left as they were: the face parser found none of the wanted regions
     timings: dict[str, float] = field(default_factory=dict)  # seconds each stage took
     restorer_size: int | None = None  # the restored crops' side
+    left_as_was: dict[int, str] = field(default_factory=dict)  # crop -> why it was not pasted (NOT_FINITE, MASKED_OUT)
 
     @property
     def output_face_px(self) -> torch.Tensor:
@@ -134,6 +194,56 @@ class Restoration:
         return "; ".join([*lead, text, *([f"no face found in {missing} of them"] if missing else []), *notes,
                           *([fit] if fit else [])])
 
+    @property
+    def report(self) -> str:
+        """The summary, then each face restored (crop index, detector score, box side in px) and each
+        skipped, with why, frame by frame: what the nodes' summary output and the CLI show."""
+        return face_report(self.info, self.summary, "restored", self.left_as_was)
+
+
+MAX_LISTED = 6  # faces listed in one line of a report; the rest are counted
+MAX_FRAME_LINES = 8  # frames given a line of their own in a report
+
+
+def face_report(info: FaceInfo, headline: str, verb: str = "restored",
+                left_as_was: dict[int, str] | None = None) -> str:
+    """`headline`, then a line for each frame with faces: the faces `verb` ("face 3 0.998 212px": crop
+    index, detector score, box side) and those skipped, by reason ("2 too small (min_size 64): ...").
+    A batch gets a line of totals first, and lines for its first MAX_FRAME_LINES such frames only."""
+    left_as_was = left_as_was or {}
+    selection = info.selection
+    groups: dict[int, dict[str, list[str]]] = {}  # frame -> verb or reason -> faces
+    faces = info.faces_flat()
+    for k, (t, score, side) in enumerate(zip(info.frames.tolist(), faces.scores.tolist(), box_sides(faces).tolist())):
+        groups.setdefault(t, {}).setdefault(left_as_was.get(k, verb), []).append(f"face {k} {score:.3f} {side:.0f}px")
+    for r in sorted(selection.skipped, key=lambda r: (r.frame, -r.score)):
+        groups.setdefault(r.frame, {}).setdefault(r.reason, []).append(f"{r.score:.3f} {r.size:.0f}px")
+    order = (verb, *REASONS)
+    text = lambda group: group if group == verb else selection.reason_text(group)
+    lines = [headline]
+    if len(info.faces) > 1:
+        counts = {verb: len(info) - len(left_as_was), **selection.skipped_counts}
+        for reason in left_as_was.values():
+            counts[reason] = counts.get(reason, 0) + 1
+        lines.append(f"{len(info.faces)} frames: " + ", ".join(f"{counts[g]} {text(g)}" for g in order if g in counts))
+    frames = sorted(groups)
+    for t in frames[:MAX_FRAME_LINES]:
+        listed = [f"{len(groups[t][g])} {text(g)}: {_listed(groups[t][g])}" for g in order if g in groups[t]]
+        lines.append(("image: " if len(info.faces) == 1 else f"frame {t}: ") + "; ".join(listed))
+    if len(frames) > MAX_FRAME_LINES:
+        lines.append(f"... and {len(frames) - MAX_FRAME_LINES} more frame(s) with faces")
+    return "\n".join(lines)
+
+
+def _listed(items: list[str]) -> str:
+    more = len(items) - MAX_LISTED
+    return ", ".join(items[:MAX_LISTED]) + (f", ... and {more} more" if more > 0 else "")
+
+
+def box_sides(faces: Faces) -> torch.Tensor:
+    """(N,) each face box's shorter side, px."""
+    return torch.minimum(faces.boxes[:, 2] - faces.boxes[:, 0], faces.boxes[:, 3] - faces.boxes[:, 1])
+
 
 def model_fit(face_px: list[float], size: int) -> str | None:
     """A note when a restorer of `size` is more than FIT times larger or smaller than the faces' aligned crops
@@ -157,19 +267,31 @@ def select_faces(faces: Faces, options: SelectOptions = SelectOptions(), selecti
     selection = selection if selection is not None else Selection()
     selection.found += len(faces)
     selection.min_size = options.min_size
-    sides = torch.minimum(faces.boxes[:, 2] - faces.boxes[:, 0], faces.boxes[:, 3] - faces.boxes[:, 1])
+    sides = box_sides(faces)
     selection.too_small += int((sides < options.min_size).sum())
+    selection.skip(faces[sides < options.min_size], TOO_SMALL)
     faces = faces[sides >= options.min_size]
     keys = {"largest": lambda f: -(f.boxes[:, 2] - f.boxes[:, 0]) * (f.boxes[:, 3] - f.boxes[:, 1]),
             "left-right": lambda f: f.boxes[:, 0], "top-bottom": lambda f: f.boxes[:, 1],
             "confidence": lambda f: -f.scores}
     faces = faces[keys[options.order](faces).argsort(stable=True)]
     wanted = options.wanted
+    chosen = torch.ones(len(faces), dtype=torch.bool)
     if wanted is not None:
         for i in wanted:
             if not 0 <= i < len(faces):
                 selection.missing_indices[i] = max(selection.missing_indices.get(i, 0), len(faces))
-        faces = faces[torch.tensor([i for i in wanted if 0 <= i < len(faces)], dtype=torch.long)]
+        picked = torch.tensor([i for i in wanted if 0 <= i < len(faces)], dtype=torch.long)
+        chosen[:] = False
+        chosen[picked[:options.max_faces] if options.max_faces > 0 else picked] = True
+        faces, left = faces[picked], faces[~chosen]
+    else:
+        chosen[options.max_faces if options.max_faces > 0 else len(faces):] = False
+        left = faces[~chosen]
+    selection.chosen_by = ", ".join([*([f"indices {options.indices}"] if wanted is not None else []),
+                                     *([f"max_faces {options.max_faces}"] if options.max_faces > 0 else [])])
+    selection.skip(left, NOT_SELECTED)
+    selection.frames += 1
     return faces[:options.max_faces] if options.max_faces > 0 else faces
 
 
@@ -231,14 +353,25 @@ def detect_faces(images: torch.Tensor, detector, options: SelectOptions = Select
         images = images[None]
     if min(images.shape[1:3]) < MIN_DETECT_SIDE:
         return [Faces.empty() for _ in range(len(images))]
-    found = []
+    found, threshold = [], threshold_for(detector, options.threshold)
     # On a GPU frames are detected a few at a time; on the CPU, where that gains nothing, one by one.
     chunk = DETECT_CHUNK if torch.device(getattr(detector, "device", "cpu")).type == "cuda" else 1
     for start in range(0, len(images), chunk):
         check_cancel(cancel)
-        found += detector.detect(images[start:start + chunk], threshold=threshold_for(detector, options.threshold))
-    faces = [select_faces(f, options, selection) for f in found]
+        # Detected down to the floor, so that the report can name what the threshold left out: the faces
+        # over the threshold are the same (NMS and merging let a box suppress only weaker ones).
+        found += detector.detect(images[start:start + chunk], threshold=min(threshold, BELOW_THRESHOLD_FLOOR))
+    faces = [select_faces(over_threshold(f, threshold, selection), options, selection) for f in found]
     return smooth_landmarks(faces, options.temporal_sigma)
+
+
+def over_threshold(faces: Faces, threshold: float, selection: Selection | None = None) -> Faces:
+    """The faces scoring over `threshold`; `selection`, when given, records the others as below it."""
+    over = faces.scores > threshold
+    if selection is not None:
+        selection.threshold = threshold
+        selection.skip(faces[~over], BELOW_THRESHOLD)
+    return faces[over]
 
 
 def locate_faces(images: torch.Tensor, detector, crop_size: int, options: SelectOptions = SelectOptions(), *,
@@ -273,6 +406,7 @@ def locate_faces(images: torch.Tensor, detector, crop_size: int, options: Select
         with _stage(timings, "compare", device):
             keep = changed_faces(crops, changed_from, info.affines, frames) > options.change_threshold
         selection.compared, selection.changed = len(keep), int(keep.sum())
+        selection.skip(info.faces_flat()[~keep.cpu()], NOT_CHANGED, info.frames[~keep.cpu()])
         crops, info = crops[keep.to(crops.device)], keep_faces(info, keep)
     return crops, info
 
@@ -434,8 +568,10 @@ def paste_restored(images: torch.Tensor, restored: torch.Tensor, info: FaceInfo,
         pasted, blend = paste_faces(images, restored, affines, frames, paste, crop_size=info.crop_size,
                                     face_masks=face_masks, device=info.device)
     masked_out = int((finite & ~shown).sum())
+    left_as_was = {k: NOT_FINITE for k in (~finite).nonzero().flatten().tolist()}
+    left_as_was |= {k: MASKED_OUT for k in (finite & ~shown).nonzero().flatten().tolist()}
     return Restoration(like_given(pasted, given), blend, info, unrestored, masked_out, timings if timings is not None
-                       else {}, restorer_size=restored.shape[1] if len(restored) else None)
+                       else {}, restorer_size=restored.shape[1] if len(restored) else None, left_as_was=left_as_was)
 
 
 def face_areas(images: torch.Tensor, crops: torch.Tensor, info: FaceInfo) -> torch.Tensor:
