@@ -18,13 +18,14 @@ import torch
 import torch.nn.functional as F
 
 from .align import crop_faces, warp_faces
-from .detect import Faces, box_iou
+from .detect import Faces
 from .masks import smooth_over_time
 from .options import MaskOptions, PasteOptions, SelectOptions
 from .parse import parse_faces
 from .paste import check_background, check_output_size, not_larger, paste_faces, paste_target, scale_affines
 from .restore import as_restorer, finite_faces
 from .tensors import as_rgb
+from .tracks import choose_tracks, face_tracks, selects_tracks
 
 GPEN_SIZES = (256, 512, 1024, 2048)
 FIT = 1.5  # a restorer this many times larger or smaller than the faces at the output is worth a note
@@ -187,30 +188,6 @@ def smooth_landmarks(faces: list[Faces], sigma: float = 1.5, min_iou: float = 0.
     return smoothed
 
 
-def face_tracks(faces: list[Faces], min_iou: float = 0.3) -> list[list[tuple[int, int]]]:
-    """The same face across frames: (frame, face index) along each track, faces linked frame to frame
-    by the largest box overlap above `min_iou`."""
-    tracks: list[list[tuple[int, int]]] = []
-    open_tracks: dict[int, int] = {}  # face index in the previous frame -> track
-    for t, frame_faces in enumerate(faces):
-        matched: dict[int, int] = {}
-        if t and len(frame_faces) and len(faces[t - 1]):
-            iou = box_iou(faces[t - 1].boxes, frame_faces.boxes)
-            while iou.numel() and iou.max() >= min_iou:
-                prev, cur = divmod(int(iou.argmax()), iou.shape[1])
-                matched[cur] = open_tracks[prev]
-                iou[prev, :], iou[:, cur] = -1, -1
-        open_tracks = {}
-        for i in range(len(frame_faces)):
-            track = matched.get(i)
-            if track is None:
-                track = len(tracks)
-                tracks.append([])
-            tracks[track].append((t, i))
-            open_tracks[i] = track
-    return tracks
-
-
 def local_linear_weights(times: torch.Tensor, sigma: float) -> torch.Tensor:
     """(T,T) weights of a Gaussian-weighted straight-line fit around each time: steady motion passes
     through unchanged, even at the ends of a track, while jitter is averaged away."""
@@ -237,8 +214,25 @@ def detect_faces(images: torch.Tensor, detector, options: SelectOptions = Select
     for start in range(0, len(images), chunk):
         check_cancel(cancel)
         found += detector.detect(images[start:start + chunk], threshold=options.threshold)
-    faces = [select_faces(f, options, selection) for f in found]
-    return smooth_landmarks(faces, options.temporal_sigma)
+    by_track = len(found) > 1 and selects_tracks(options)  # on video frames, max_faces and indices pick tracks
+    each_frame = replace(options, max_faces=0, indices="") if by_track else options
+    faces = [select_faces(f, each_frame, selection) for f in found]
+    return select_tracks(faces, options, selection) if by_track else smooth_landmarks(faces, options.temporal_sigma)
+
+
+def select_tracks(faces: list[Faces], options: SelectOptions, selection: Selection | None = None,
+                  frames: range | None = None) -> list[Faces]:
+    """The faces of `frames` (all by default) of a video's faces, those select_faces keeps without max_faces
+    and indices (one `Faces` per frame): with max_faces or indices, those of the tracks they choose, in
+    their tracks' order (tracks.choose_tracks); landmarks steadied (`options.temporal_sigma`). Each frame's
+    choice and smoothing look only at the frames around it (stream.stream_reach), so any stretch of `faces`
+    reaching that far around `frames` gives the same faces."""
+    frames = range(len(faces)) if frames is None else frames
+    smoothed = smooth_landmarks(faces, options.temporal_sigma)
+    if not selects_tracks(options):
+        return smoothed[frames.start:frames.stop]
+    missing = (selection if selection is not None else Selection()).missing_indices
+    return [smoothed[t][keep] for t, keep in zip(frames, choose_tracks(faces, options, frames, missing))]
 
 
 def locate_faces(images: torch.Tensor, detector, crop_size: int, options: SelectOptions = SelectOptions(), *,
