@@ -26,28 +26,28 @@ def face_tracks(faces: list[Faces], min_iou: float = MIN_IOU, bridge: int = 0) -
     before is linked, the same way, to a track last seen up to `bridge` frames before that (a face the
     detector missed for a moment, or that was hidden), by its last box."""
     tracks: list[list[tuple[int, int]]] = []
-    last_seen: dict[int, tuple[int, int, torch.Tensor]] = {}  # track -> (frame, index, box) where last found
+    last_seen: dict[int, tuple[int, int]] = {}  # track -> (frame, face index) where it was last found
     for t, frame_faces in enumerate(faces):
         matched: dict[int, int] = {}  # face index -> track
-        for gap in range(bridge + 1):  # the frame before first, then those bridged
+        for seen in range(t - 1, t - 2 - bridge, -1):  # the frame before first, then those bridged
             waiting = [i for i in range(len(frame_faces)) if i not in matched]
-            candidates = sorted((k for k, seen in last_seen.items() if seen[0] == t - 1 - gap),
-                                key=lambda k: last_seen[k][1])  # in that frame's order
+            candidates = sorted((i, k) for k, (s, i) in last_seen.items() if s == seen)  # in that frame's order
             if not waiting or not candidates:
                 continue
-            iou = box_iou(torch.stack([last_seen[k][2] for k in candidates]), frame_faces.boxes[waiting])
-            while iou.numel() and iou.max() >= min_iou:
-                before, now = divmod(int(iou.argmax()), iou.shape[1])
-                matched[waiting[now]] = candidates[before]
-                iou[before, :], iou[:, now] = -1, -1
+            before = faces[seen].boxes[[i for i, _ in candidates]]
+            iou = box_iou(before, frame_faces.boxes[waiting]).cpu().numpy()
+            while iou.size and iou.max() >= min_iou:
+                row, column = divmod(int(iou.argmax()), iou.shape[1])
+                matched[waiting[column]] = candidates[row][1]
+                iou[row, :], iou[:, column] = -1, -1
         for i in range(len(frame_faces)):
             track = matched.get(i)
             if track is None:
                 track = len(tracks)
                 tracks.append([])
             tracks[track].append((t, i))
-            last_seen[track] = (t, i, frame_faces.boxes[i])
-        last_seen = {k: v for k, v in last_seen.items() if v[0] >= t - bridge}
+            last_seen[track] = (t, i)
+        last_seen = {k: seen for k, seen in last_seen.items() if seen[0] >= t - bridge}
     return tracks
 
 
@@ -63,21 +63,13 @@ def ranked_tracks(faces: list[Faces], order: str) -> list[list[tuple[int, int]]]
     jitter would reorder from frame to frame, are not told apart; those go left to right (by the median
     left edge; for left-right, top to bottom), then by where the track starts."""
     tracks = face_tracks(faces, bridge=BRIDGE)
+    boxes = [f.boxes.float().cpu() for f in faces]
+    left, top = [b[:, 0].tolist() for b in boxes], [b[:, 1].tolist() for b in boxes]
+    side = [((b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])).clamp(min=1e-6).sqrt().tolist() for b in boxes]
+    score = [f.scores.float().cpu().tolist() for f in faces]
 
-    def median(track, value) -> float:
-        return float(torch.stack([value(faces[t], i) for t, i in track]).median())
-
-    def left(f, i):
-        return f.boxes[i, 0]
-
-    def top(f, i):
-        return f.boxes[i, 1]
-
-    def side(f, i):
-        return ((f.boxes[i, 2] - f.boxes[i, 0]) * (f.boxes[i, 3] - f.boxes[i, 1])).clamp(min=1e-6).sqrt()
-
-    def score(f, i):
-        return f.scores[i]
+    def median(track, values) -> float:  # the lower middle, as torch.median
+        return sorted(values[t][i] for t, i in track)[(len(track) - 1) // 2]
 
     def key(track) -> tuple:
         first = track[0]
