@@ -158,8 +158,9 @@ class SelectOptions(Checked):
     max_faces: int = option(0, "Restore at most this many faces per frame (0: all): the first by number; on video "
                                "frames, the first-numbered tracks found in the frame.", low=0, slider=(0, 1000, None))
     order: str = option("largest", "How faces are numbered, from 0. On video frames, faces are followed as tracks, "
-                                   "and tracks are numbered by the median over the frames near each frame (box area, "
-                                   "left or top edge, score), so the same people keep their numbers.", choices=ORDERS)
+                                   "numbered by their median over the 7 frames each side (box side in 10% steps, "
+                                   "left or top edge, score in 0.05 steps; ties left to right), so the same people "
+                                   "keep their numbers.", choices=ORDERS)
     indices: str | list[int] | None = option(
         "", "Only these faces (on video frames, tracks), by number in that order, e.g. '0,2' (empty: all).")
     temporal_sigma: float = option(

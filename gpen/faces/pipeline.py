@@ -202,8 +202,8 @@ def local_linear_weights(times: torch.Tensor, sigma: float) -> torch.Tensor:
 def detect_faces(images: torch.Tensor, detector, options: SelectOptions = SelectOptions(), *,
                  selection: Selection | None = None, cancel: Callable[[], bool | None] | None = None) -> list[Faces]:
     """The faces to restore in each frame: detected a few frames at a time (asking `cancel` between),
-    selected, and steadied across frames (`options.temporal_sigma`). Frames too small to hold a face
-    have none."""
+    selected (on several frames, max_faces and indices choose tracks: select_tracks), and steadied across
+    frames (`options.temporal_sigma`). Frames too small to hold a face have none."""
     if images.ndim == 3:
         images = images[None]
     if min(images.shape[1:3]) < MIN_DETECT_SIDE:
@@ -318,11 +318,11 @@ def restore_faces(images: torch.Tensor, model, detector, *, select: SelectOption
 
     `model` is a restorer (load_model's handle, a registered network, or any object with `.size` and
     `restore(faces, batch_size, on_batch)`, asked between batches whether to cancel);
-    `detector` has `detect(images, threshold)`. `select` says which faces (and, with `changed_from`,
-    only those a face swap changed), `paste` how they are blended back, `masks` which of their pixels
-    (with a face parser): see faces/options.py. Faces from all frames are restored together in
-    batches of `face_batch`; `progress(done, total)` follows them and `cancel()` is asked between
-    detection chunks and face batches (return True, or raise, to stop: Cancelled is raised).
+    `detector` has `detect(images, threshold)`. `select` says which faces (on several frames, which face
+    tracks; with `changed_from`, only those a face swap changed), `paste` how they are blended back,
+    `masks` which of their pixels (with a face parser): see faces/options.py. Faces from all frames are
+    restored together in batches of `face_batch`; `progress(done, total)` follows them and `cancel()` is
+    asked between detection chunks and face batches (return True, or raise, to stop: Cancelled is raised).
 
     Every pixel outside the paste masks comes back bit-identical, in the input's dtype, channels and
     device; frames without faces come back whole. The result's `summary` says what was done and what
