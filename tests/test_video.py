@@ -16,7 +16,7 @@ import gpen
 from gpen import SelectOptions
 from gpen.apps.video import VideoReader, VideoWriter, join_segments, probe_video, restore_video
 from gpen.faces.detect import Faces
-from gpen.faces.pipeline import detect_faces, smooth_landmarks
+from gpen.faces.pipeline import detect_faces, select_tracks, smooth_landmarks
 from gpen.faces.stream import restore_frames, smoothing_reach
 from tests.helpers import GreyRestorer, IdentityRestorer, random_gpen
 
@@ -209,8 +209,9 @@ def test_streamed_landmarks_equal_whole_clip_smoothing(picture, fast_detector):
     boundaries in 30 frames. Streaming with look-ahead gives whole-clip smoothing; smoothing chunk
     by chunk would not."""
     frames = [torch.from_numpy(np.ascontiguousarray(picture[10:250, 3 * t:3 * t + 400])) for t in range(30)]
-    raw = detect_faces(torch.stack(frames).float() / 255, fast_detector, SelectOptions(max_faces=4))
-    whole = smooth_landmarks(raw, 1.5)  # what detect_faces(..., temporal_sigma=1.5) gives
+    found = detect_faces(torch.stack(frames).float() / 255, fast_detector)  # every face; max_faces picks tracks
+    raw = select_tracks(found, SelectOptions(max_faces=4))
+    whole = select_tracks(found, SelectOptions(max_faces=4, temporal_sigma=1.5))  # as detect_faces would give
     streamed = [faces for result in restore_frames(iter(frames), IdentityRestorer(64), fast_detector, chunk=6,
                                                    select=SelectOptions(max_faces=4, temporal_sigma=1.5))
                 for faces in result.faces]

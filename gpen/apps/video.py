@@ -29,7 +29,7 @@ import torch
 from ..faces.options import MaskOptions, PasteOptions, SelectOptions
 from ..faces.paste import check_output_size, output_size
 from ..faces.pipeline import Selection, model_fit
-from ..faces.stream import restore_frames, smoothing_reach
+from ..faces.stream import restore_frames, stream_reach
 from ..files.atomic import atomic_file
 from ..files.images import MAX_MEGAPIXELS
 
@@ -519,7 +519,7 @@ def restore_video(src: str | os.PathLike, dst: str | os.PathLike, model, detecto
     if not span:
         reader.close()
         raise ValueError(f"{src}: span {span.start}:{span.stop} holds no frame")
-    start = max(0, span.start - smoothing_reach(select.temporal_sigma))  # the first frame read
+    start = max(0, span.start - stream_reach(select))  # the first frame read
     lead = span.start - start  # frames read for smoothing alone, before the segment
     bar = None
     try:

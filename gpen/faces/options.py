@@ -158,10 +158,14 @@ class SelectOptions(Checked):
                                    "not.", low=0, slider=(0.0, 1.0, 0.01))
     min_size: float = option(0.0, "Ignore faces whose box is smaller than this (pixels).", low=0,
                              slider=(0, 4096, None), widget="INT")
-    max_faces: int = option(0, "Restore at most this many faces per frame (0: all).", low=0, slider=(0, 1000, None))
-    order: str = option("largest", "How faces are numbered in each frame.", choices=ORDERS)
+    max_faces: int = option(0, "Restore at most this many faces per frame (0: all): the first by number; on video "
+                               "frames, the first-numbered tracks found in the frame.", low=0, slider=(0, 1000, None))
+    order: str = option("largest", "How faces are numbered, from 0. On video frames, faces are followed as tracks, "
+                                   "numbered by their median over the 7 frames each side (box side in 10% steps, "
+                                   "left or top edge, score in 0.05 steps; ties left to right), so the same people "
+                                   "keep their numbers.", choices=ORDERS)
     indices: str | list[int] | None = option(
-        "", "Only these faces, by number in that order, e.g. '0,2' (empty: all).")
+        "", "Only these faces (on video frames, tracks), by number in that order, e.g. '0,2' (empty: all).")
     temporal_sigma: float = option(
         0.0, "For video frames: steadies landmarks (and, with a face parser, its masks) across frames "
              "(Gaussian width in frames; 0 is off).", low=0, name="temporal_smoothing", slider=(0.0, 10.0, 0.5))

@@ -18,13 +18,14 @@ import torch
 import torch.nn.functional as F
 
 from .align import crop_faces, warp_faces
-from .detect import Faces, box_iou, threshold_for
+from .detect import Faces, threshold_for
 from .masks import smooth_over_time
 from .options import MaskOptions, PasteOptions, SelectOptions
 from .parse import parse_faces
 from .paste import check_background, check_output_size, not_larger, paste_faces, paste_target, scale_affines
 from .restore import as_restorer, finite_faces
 from .tensors import as_images, as_rgb, like_given
+from .tracks import choose_tracks, face_tracks, selects_tracks
 
 GPEN_SIZES = (256, 512, 1024, 2048)
 FIT = 1.5  # a restorer this many times larger or smaller than the faces at the output is worth a note
@@ -309,30 +310,6 @@ def smooth_landmarks(faces: list[Faces], sigma: float = 1.5, min_iou: float = 0.
     return smoothed
 
 
-def face_tracks(faces: list[Faces], min_iou: float = 0.3) -> list[list[tuple[int, int]]]:
-    """The same face across frames: (frame, face index) along each track, faces linked frame to frame
-    by the largest box overlap above `min_iou`."""
-    tracks: list[list[tuple[int, int]]] = []
-    open_tracks: dict[int, int] = {}  # face index in the previous frame -> track
-    for t, frame_faces in enumerate(faces):
-        matched: dict[int, int] = {}
-        if t and len(frame_faces) and len(faces[t - 1]):
-            iou = box_iou(faces[t - 1].boxes, frame_faces.boxes)
-            while iou.numel() and iou.max() >= min_iou:
-                prev, cur = divmod(int(iou.argmax()), iou.shape[1])
-                matched[cur] = open_tracks[prev]
-                iou[prev, :], iou[:, cur] = -1, -1
-        open_tracks = {}
-        for i in range(len(frame_faces)):
-            track = matched.get(i)
-            if track is None:
-                track = len(tracks)
-                tracks.append([])
-            tracks[track].append((t, i))
-            open_tracks[i] = track
-    return tracks
-
-
 def local_linear_weights(times: torch.Tensor, sigma: float) -> torch.Tensor:
     """(T,T) weights of a Gaussian-weighted straight-line fit around each time: steady motion passes
     through unchanged, even at the ends of a track, while jitter is averaged away."""
@@ -347,8 +324,8 @@ def local_linear_weights(times: torch.Tensor, sigma: float) -> torch.Tensor:
 def detect_faces(images: torch.Tensor, detector, options: SelectOptions = SelectOptions(), *,
                  selection: Selection | None = None, cancel: Callable[[], bool | None] | None = None) -> list[Faces]:
     """The faces to restore in each frame: detected a few frames at a time (asking `cancel` between),
-    selected, and steadied across frames (`options.temporal_sigma`). Frames too small to hold a face
-    have none."""
+    selected (on several frames, max_faces and indices choose tracks: select_tracks), and steadied across
+    frames (`options.temporal_sigma`). Frames too small to hold a face have none."""
     if images.ndim == 3:
         images = images[None]
     if min(images.shape[1:3]) < MIN_DETECT_SIDE:
@@ -361,8 +338,25 @@ def detect_faces(images: torch.Tensor, detector, options: SelectOptions = Select
         # Detected down to the floor, so that the report can name what the threshold left out: the faces
         # over the threshold are the same (NMS and merging let a box suppress only weaker ones).
         found += detector.detect(images[start:start + chunk], threshold=min(threshold, BELOW_THRESHOLD_FLOOR))
-    faces = [select_faces(over_threshold(f, threshold, selection), options, selection) for f in found]
-    return smooth_landmarks(faces, options.temporal_sigma)
+    by_track = len(found) > 1 and selects_tracks(options)  # on video frames, max_faces and indices pick tracks
+    each_frame = replace(options, max_faces=0, indices="") if by_track else options
+    faces = [select_faces(over_threshold(f, threshold, selection), each_frame, selection) for f in found]
+    return select_tracks(faces, options, selection) if by_track else smooth_landmarks(faces, options.temporal_sigma)
+
+
+def select_tracks(faces: list[Faces], options: SelectOptions, selection: Selection | None = None,
+                  frames: range | None = None) -> list[Faces]:
+    """The faces of `frames` (all by default) of a video's faces, those select_faces keeps without max_faces
+    and indices (one `Faces` per frame): with max_faces or indices, those of the tracks they choose, in
+    their tracks' order (tracks.choose_tracks); landmarks steadied (`options.temporal_sigma`). Each frame's
+    choice and smoothing look only at the frames around it (stream.stream_reach), so any stretch of `faces`
+    reaching that far around `frames` gives the same faces."""
+    frames = range(len(faces)) if frames is None else frames
+    smoothed = smooth_landmarks(faces, options.temporal_sigma)
+    if not selects_tracks(options):
+        return smoothed[frames.start:frames.stop]
+    missing = (selection if selection is not None else Selection()).missing_indices
+    return [smoothed[t][keep] for t, keep in zip(frames, choose_tracks(faces, options, frames, missing))]
 
 
 def over_threshold(faces: Faces, threshold: float, selection: Selection | None = None) -> Faces:
@@ -459,11 +453,11 @@ def restore_faces(images: torch.Tensor, model, detector, *, select: SelectOption
 
     `model` is a restorer (load_model's handle, a registered network, or any object with `.size` and
     `restore(faces, batch_size, on_batch)`, asked between batches whether to cancel);
-    `detector` has `detect(images, threshold)`. `select` says which faces (and, with `changed_from`,
-    only those a face swap changed), `paste` how they are blended back, `masks` which of their pixels
-    (with a face parser): see faces/options.py. Faces from all frames are restored together in
-    batches of `face_batch`; `progress(done, total)` follows them and `cancel()` is asked between
-    detection chunks and face batches (return True, or raise, to stop: Cancelled is raised).
+    `detector` has `detect(images, threshold)`. `select` says which faces (on several frames, which face
+    tracks; with `changed_from`, only those a face swap changed), `paste` how they are blended back,
+    `masks` which of their pixels (with a face parser): see faces/options.py. Faces from all frames are
+    restored together in batches of `face_batch`; `progress(done, total)` follows them and `cancel()` is
+    asked between detection chunks and face batches (return True, or raise, to stop: Cancelled is raised).
 
     Every pixel outside the paste masks comes back bit-identical, in the input's dtype, channels and
     device; frames without faces come back whole. The result's `summary` says what was done and what

@@ -12,8 +12,9 @@ import torch
 
 from .detect import Faces
 from .options import MaskOptions, PasteOptions, SelectOptions
-from .pipeline import DETECT_CHUNK, Restoration, Selection, detect_faces, restore_faces, smooth_landmarks
+from .pipeline import DETECT_CHUNK, Restoration, Selection, detect_faces, restore_faces, select_tracks
 from .tensors import as_images
+from .tracks import TRACK_REACH, selects_tracks
 
 SMOOTHING_REACH = 4  # Gaussian sigmas: weights beyond are under exp(-8) of the centre's
 
@@ -21,6 +22,12 @@ SMOOTHING_REACH = 4  # Gaussian sigmas: weights beyond are under exp(-8) of the 
 def smoothing_reach(sigma: float) -> int:
     """Frames each side whose landmarks change a frame's smoothed ones: ceil(4 sigma) + 1, 0 without smoothing."""
     return math.ceil(SMOOTHING_REACH * sigma) + 1 if sigma > 0 else 0
+
+
+def stream_reach(select: SelectOptions) -> int:
+    """Frames each side whose faces change what a frame restores: smoothing's reach, and with max_faces or
+    indices at least TRACK_REACH, the frames that choose its tracks."""
+    return max(smoothing_reach(select.temporal_sigma), TRACK_REACH if selects_tracks(select) else 0)
 
 
 def restore_frames(frames: Iterable, model, detector, *, chunk: int = 16, select: SelectOptions = SelectOptions(),
@@ -32,9 +39,10 @@ def restore_frames(frames: Iterable, model, detector, *, chunk: int = 16, select
 
     `frames` yields (H,W,3) frames or (n,H,W,3) batches, uint8 or float 0..1, numpy or torch, all of
     one size. With `select.temporal_sigma` each face's landmarks are steadied along its track as
-    `smooth_landmarks` does over the whole sequence: frames are detected up to
-    `smoothing_reach(sigma)` frames ahead of the chunk being restored, and only landmarks, not
-    frames, are kept from behind it, so at most `chunk + smoothing_reach(sigma)` frames are held.
+    `smooth_landmarks` does over the whole sequence, and with `select.max_faces` or `indices` tracks
+    are chosen as select_tracks chooses them over the whole sequence: frames are detected up to
+    `stream_reach(select)` frames ahead of the chunk being restored, and only landmarks, not
+    frames, are kept from behind it, so at most `chunk + stream_reach(select)` frames are held.
     `span` restores and yields only the frames at those positions of the stream (one segment of a
     long clip, restored as restoring it whole would): the frames within that reach of it are
     detected for the smoothing alone, earlier ones skipped, and the stream is read no further.
@@ -60,24 +68,26 @@ def restore_frames(frames: Iterable, model, detector, *, chunk: int = 16, select
 
 class FrameStream:
     """restore_frames' state between frames: the frames not restored yet, the faces detected in them
-    and before them (as far back as smoothing looks), and where each of those starts in the stream.
+    and before them (as far back as smoothing and the choice of tracks look), and where each of those
+    starts in the stream.
 
     Frames come in with push(); a chunk is restored as soon as the frames `reach` beyond it are
-    detected, so that smoothing sees what it would see over the whole stream; finish() restores the rest.
+    detected, so that smoothing and the choice of tracks see what they would see over the whole stream;
+    finish() restores the rest.
     """
 
     def __init__(self, model, detector, chunk: int, span: range | None, selection: Selection, select: SelectOptions,
                  restore_options: dict, cancel: Callable[[], bool | None] | None = None):
         self.model, self.detector, self.cancel = model, detector, cancel
-        self.chunk, self.sigma, self.reach = chunk, select.temporal_sigma, smoothing_reach(select.temporal_sigma)
+        self.chunk, self.sigma, self.reach = chunk, select.temporal_sigma, stream_reach(select)
         self.begin, self.end = (span.start, span.stop) if span is not None else (0, math.inf)
-        # Detection selects; the stream steadies the landmarks across chunks.
-        self.select, self.detect_options = select, replace(select, temporal_sigma=0.0)
+        # Detection keeps faces by size; the stream chooses tracks and steadies landmarks across chunks.
+        self.select, self.detect_options = select, replace(select, temporal_sigma=0.0, max_faces=0, indices="")
         self.restore_options = restore_options  # restore_faces': paste, masks, face_batch
         self.selection = selection  # what detection found and left out in the span
         self.context = Selection()  # what detection found around the span, not counted
         self.pending: deque = deque()  # frames not restored yet; pending[0] is frame `first`
-        self.found: list[Faces] = []  # selected, unsmoothed faces of frames kept_from .. detected - 1
+        self.found: list[Faces] = []  # faces kept by size, unsmoothed, of frames kept_from .. detected - 1
         self.first = self.kept_from = self.detected = 0
 
     def push(self, frame) -> Restoration | None:
@@ -121,16 +131,18 @@ class FrameStream:
 
     def restore_next(self, count: int) -> Restoration | None:
         """Restore the next `count` frames (those of them in the span: None when there are none) with
-        their landmarks smoothed among the faces around them, then forget what no later chunk needs."""
+        their tracks chosen and landmarks smoothed among the faces around them, then forget what no later
+        chunk needs."""
         lo, hi = max(self.kept_from, self.first - self.reach), min(self.detected, self.first + count + self.reach)
-        window = smooth_landmarks(self.found[lo - self.kept_from:hi - self.kept_from], self.sigma)
-        faces = window[self.first - lo:self.first - lo + count]
+        window = self.found[lo - self.kept_from:hi - self.kept_from]
         images = [self.pending.popleft() for _ in range(count)]
         wanted = slice(max(0, self.begin - self.first), int(max(0, min(count, self.end - self.first))))
+        frames = range(self.first - lo + wanted.start, self.first - lo + wanted.stop)  # in the window
         result = None
         if wanted.start < wanted.stop:
+            faces = select_tracks(window, self.select, self.selection, frames)
             result = restore_faces(_as_float(images[wanted]), self.model, self.detector, select=self.select,
-                                   faces=faces[wanted], cancel=self.cancel, **self.restore_options)
+                                   faces=faces, cancel=self.cancel, **self.restore_options)
         self.first += count
         drop = max(0, self.first - self.reach - self.kept_from)
         del self.found[:drop]
