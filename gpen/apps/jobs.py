@@ -18,7 +18,7 @@ from ..devices import resolve_device
 from ..faces.detect import check_detect_size
 from ..faces.options import MaskOptions, PasteOptions, SelectOptions, from_values
 from ..faces.paste import check_output_size
-from ..faces.pipeline import detect_faces, restore_faces, smooth_landmarks
+from ..faces.pipeline import detect_faces, restore_faces, select_tracks
 from ..faces.restore import restore_aligned
 from ..files.catalogue import resolve
 from ..files.images import IMAGE_SUFFIXES, check_image_size, read_image, write_image
@@ -302,15 +302,17 @@ def load_models(args, device, detect: bool):
 
 
 def detect_sequence(jobs: list[Job], detector, args) -> dict:
-    """Every frame's faces, with landmarks steadied over the whole sequence. Frames are read one at
-    a time and only their landmarks kept, so a long sequence needs no more memory than one frame."""
+    """Every frame's faces, with landmarks steadied over the whole sequence and, with --max-faces or
+    --indices, face tracks chosen as on video. Frames are read one at a time and only their landmarks
+    kept, so a long sequence needs no more memory than one frame."""
     print(f"finding the faces in {len(jobs)} frames to steady them over {args.temporal_smoothing:g} frames", flush=True)
-    select = replace(restore_options(args)[0], temporal_sigma=0.0)  # steadied below, over the whole sequence
+    select = restore_options(args)[0]
+    each_frame = replace(select, temporal_sigma=0.0, max_faces=0, indices="")  # tracks are chosen below
     found = []
     for job in jobs:
         image = torch.from_numpy(read_image(job.source, args.max_megapixels)[0])[None]
-        found += detect_faces(image, detector, select)
-    return dict(zip(jobs, smooth_landmarks(found, args.temporal_smoothing)))
+        found += detect_faces(image, detector, each_frame)
+    return dict(zip(jobs, select_tracks(found, select)))
 
 
 def restore_file(job: Job, model, detector, args, faces=None, progress=None) -> str:
