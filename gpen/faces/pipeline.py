@@ -289,8 +289,7 @@ def select_faces(faces: Faces, options: SelectOptions = SelectOptions(), selecti
     else:
         chosen[options.max_faces if options.max_faces > 0 else len(faces):] = False
         left = faces[~chosen]
-    selection.chosen_by = ", ".join([*([f"indices {options.indices}"] if wanted is not None else []),
-                                     *([f"max_faces {options.max_faces}"] if options.max_faces > 0 else [])])
+    selection.chosen_by = chosen_by(options)
     selection.skip(left, NOT_SELECTED)
     selection.frames += 1
     return faces[:options.max_faces] if options.max_faces > 0 else faces
@@ -341,22 +340,38 @@ def detect_faces(images: torch.Tensor, detector, options: SelectOptions = Select
     by_track = len(found) > 1 and selects_tracks(options)  # on video frames, max_faces and indices pick tracks
     each_frame = replace(options, max_faces=0, indices="") if by_track else options
     faces = [select_faces(over_threshold(f, threshold, selection), each_frame, selection) for f in found]
-    return select_tracks(faces, options, selection) if by_track else smooth_landmarks(faces, options.temporal_sigma)
+    if not by_track:
+        return smooth_landmarks(faces, options.temporal_sigma)
+    return select_tracks(faces, options, selection, first=selection.frames - len(faces) if selection else 0)
+
+
+def chosen_by(options: SelectOptions) -> str:
+    """What chose the faces, for the summary: "indices 0,2, max_faces 2"."""
+    return ", ".join([*([f"indices {options.indices}"] if options.wanted is not None else []),
+                      *([f"max_faces {options.max_faces}"] if options.max_faces > 0 else [])])
 
 
 def select_tracks(faces: list[Faces], options: SelectOptions, selection: Selection | None = None,
-                  frames: range | None = None) -> list[Faces]:
+                  frames: range | None = None, first: int = 0) -> list[Faces]:
     """The faces of `frames` (all by default) of a video's faces, those select_faces keeps without max_faces
     and indices (one `Faces` per frame): with max_faces or indices, those of the tracks they choose, in
     their tracks' order (tracks.choose_tracks); landmarks steadied (`options.temporal_sigma`). Each frame's
     choice and smoothing look only at the frames around it (stream.stream_reach), so any stretch of `faces`
-    reaching that far around `frames` gives the same faces."""
+    reaching that far around `frames` gives the same faces. `selection` records the faces left out, position
+    t of `faces` as its frame `first + t`."""
     frames = range(len(faces)) if frames is None else frames
     smoothed = smooth_landmarks(faces, options.temporal_sigma)
     if not selects_tracks(options):
         return smoothed[frames.start:frames.stop]
-    missing = (selection if selection is not None else Selection()).missing_indices
-    return [smoothed[t][keep] for t, keep in zip(frames, choose_tracks(faces, options, frames, missing))]
+    selection = selection if selection is not None else Selection()
+    selection.chosen_by = chosen_by(options)
+    chosen = []
+    for t, keep in zip(frames, choose_tracks(faces, options, frames, selection.missing_indices)):
+        left = torch.ones(len(faces[t]), dtype=torch.bool)
+        left[keep] = False
+        selection.skip(faces[t][left], NOT_SELECTED, first + t)
+        chosen.append(smoothed[t][keep])
+    return chosen
 
 
 def over_threshold(faces: Faces, threshold: float, selection: Selection | None = None) -> Faces:

@@ -140,7 +140,7 @@ class FrameStream:
         frames = range(self.first - lo + wanted.start, self.first - lo + wanted.stop)  # in the window
         result = None
         if wanted.start < wanted.stop:
-            faces = select_tracks(window, self.select, self.selection, frames)
+            faces = select_tracks(window, self.select, self.selection, frames, first=lo - self.begin)
             result = restore_faces(_as_float(images[wanted]), self.model, self.detector, select=self.select,
                                    faces=faces, cancel=self.cancel, **self.restore_options)
         self.first += count
