@@ -80,6 +80,9 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--image",
                         help="group photo for --pipeline (required); its largest face also makes the 1080p scene")
     parser.add_argument("--frames", type=int, default=1, help="frames per batch in --pipeline")
+    parser.add_argument("--rotations", nargs="+", default=["none"],
+                        help="detector rotations to time in --pipeline, a row each; other than none adds a scene, "
+                             "the group photo turned 90 degrees")
     parser.add_argument("--memory", action="store_true",
                         help="with --pipeline: peak memory of restore_faces beyond its input for a 6000x4000 frame "
                              "made from --image (the restorer hands its crops back: the pipeline alone is measured)")
