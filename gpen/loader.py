@@ -75,7 +75,7 @@ def load_detector(path: str | os.PathLike, device: torch.device | str | None = N
 
     `detect_size`: "auto" finds faces from about 16 px to the whole frame (two passes on large frames,
     see FINE_SIDE and COARSE_SIDE), or a long side in pixels to detect at in one pass.
-    `rotations`: "none" finds upright faces (rolled up to about 30 degrees); "all" also looks at every
+    `rotations`: "none" finds upright faces (rolled up to about 20 degrees); "all" also looks at every
     frame turned by 45-degree steps, finding faces at any angle at up to 8 times the cost; "auto" does
     so only on frames whose upright pass finds no face, or a tilted or doubtful one (see TurningDetector).
     """

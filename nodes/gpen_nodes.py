@@ -124,7 +124,7 @@ class LoadFaceDetector:
                                        "frame (close-ups and 2048 portraits included); or a long side in pixels "
                                        "to detect at, e.g. 1024."}),
             "rotations": (list(ROTATIONS), {"default": "none", "tooltip": "none: upright faces (rolled up to "
-                          "~30 degrees). all: also faces on their side, upside down or at any angle (a phone held "
+                          "~20 degrees). all: also faces on their side, upside down or at any angle (a phone held "
                           "sideways, people lying down), up to 8x the detection time. auto: only on frames where the "
                           "upright pass finds no face, or a tilted or doubtful one."}),
         }}

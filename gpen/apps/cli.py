@@ -122,7 +122,7 @@ def add_restore_arguments(parser: argparse.ArgumentParser) -> None:
                         help="auto: faces from ~16 px to the whole frame (close-ups, 2048 portraits); "
                              "or a long side in px to detect at, in one pass")
     select.add_argument("--rotations", default="none",
-                        help="none: upright faces (rolled up to ~30 degrees); all: also faces on their side, upside "
+                        help="none: upright faces (rolled up to ~20 degrees); all: also faces on their side, upside "
                              "down or at any angle, looking at each frame turned in 45-degree steps (up to 8x the "
                              "detection time); auto: turned only where the upright pass finds no face, or a tilted "
                              "or doubtful one")

@@ -289,17 +289,16 @@ def candidates(boxes, scores, points, threshold, nms_threshold, top_k) -> Faces:
     return Faces(boxes[keep].cpu(), scores[keep].cpu(), points[keep].cpu())
 
 
-# Rotations. Both detectors were trained on upright faces and find them up to about 30 degrees of roll
-# (BENCHMARKS.md): a face on its side or upside down is missed, or found with landmarks that are not on
-# it. Turned passes look at the frame turned by each of TURNS (counterclockwise, as seen): the right
+# Rotations. Both detectors were trained on upright faces: past about 20 degrees of roll they miss faces
+# (BENCHMARKS.md), and a face on its side or upside down is missed or found with landmarks not on it. Turned passes look at the frame turned by each of TURNS (counterclockwise, as seen): the right
 # angles exactly (torch.rot90, no resampling), the diagonals resampled, since a face at 45 degrees is
 # as far from 0 as from 90. Every face is within 22.5 degrees of one pass, which sees it upright.
 ROTATIONS = ("none", "auto", "all")
 TURNS = (90, 180, 270, 45, 135, 225, 315)
 # A pass keeps the faces whose landmarks it sees rolled under TILTED degrees; a face rolled more is left
-# to the pass that sees it upright. A face found only turned must score CONFIDENT or more: the turned
-# passes see the frame seven more times, and read upside-down faces as faces at up to 0.8. Upright faces
-# in our photos score over 0.98 and roll under 15 degrees.
+# to the pass that sees it upright. A face from a turned pass must score CONFIDENT or more: the turned
+# passes see the frame seven more times, and took parts of upside-down faces for faces at up to 0.88 in
+# our photos. Upright faces there score over 0.98 and roll under 15 degrees.
 TILTED = 30.0
 CONFIDENT = 0.95
 TURNED_FRAMES = 4  # frames turned at a time: a turned copy of a whole video chunk would double its memory
