@@ -157,8 +157,9 @@ def time_pipeline(scene: str, images: torch.Tensor, size: int, device: torch.dev
             best = result.timings
     total = sum(best.values())
     return dict(scene=scene, frames=len(images), faces=result.face_count, size=model.size, device=str(device),
-                dtype=dtype, rotations=rotations, **{f"{k}_ms": round(v * 1e3, 1) for k, v in best.items()}, total_ms=round(total * 1e3, 1),
-                fps=round(len(images) / total, 2), outside_gpen=f"{100 * (1 - best['restore'] / total):.1f}%")
+                dtype=dtype, rotations=rotations, **{f"{k}_ms": round(v * 1e3, 1) for k, v in best.items()},
+                total_ms=round(total * 1e3, 1), fps=round(len(images) / total, 2),
+                outside_gpen=f"{100 * (1 - best.get('restore', 0) / total):.1f}%")  # (no face: no restore stage)
 
 
 class _CropsBack:

@@ -290,8 +290,9 @@ def candidates(boxes, scores, points, threshold, nms_threshold, top_k) -> Faces:
 
 
 # Rotations. Both detectors were trained on upright faces: past about 20 degrees of roll they miss faces
-# (BENCHMARKS.md), and a face on its side or upside down is missed or found with landmarks not on it. Turned passes look at the frame turned by each of TURNS (counterclockwise, as seen): the right
-# angles exactly (torch.rot90, no resampling), the diagonals resampled, since a face at 45 degrees is
+# (BENCHMARKS.md), and a face on its side or upside down is missed or found with landmarks not on it.
+# Turned passes look at the frame turned by each of TURNS (counterclockwise, as seen): the right angles
+# exactly (torch.rot90, no resampling), the diagonals resampled, since a face at 45 degrees is
 # as far from 0 as from 90. Every face is within 22.5 degrees of one pass, which sees it upright.
 ROTATIONS = ("none", "auto", "all")
 TURNS = (90, 180, 270, 45, 135, 225, 315)
@@ -391,7 +392,8 @@ class TurningDetector:
             passes = [[faces[seen_upright(faces)]] for faces in (found[i] for i in frames)]
             for angle in TURNS:
                 affine = turn_affine(*images.shape[1:3], angle)[0]
-                for kept, faces in zip(passes, self.upright.detect(turn_frames(images[frames], angle), *args, **kwargs)):
+                seen = self.upright.detect(turn_frames(images[frames], angle), *args, **kwargs)
+                for kept, faces in zip(passes, seen):
                     kept.append(turn_back(faces[seen_upright(faces) & (faces.scores >= CONFIDENT)], affine))
             for i, kept in zip(frames, passes):
                 found[i] = one_box_per_face(Faces.joined(kept))
