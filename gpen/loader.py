@@ -7,7 +7,7 @@ anything its size is allocated.
 
     load(path, role=None, *, device=None, dtype=None, **role_options)  -> a handle
     load_model(path, device, dtype)          -> a restorer (RestorerHandle)
-    load_detector(path, device, detect_size) -> a face detector
+    load_detector(path, device, detect_size, rotations) -> a face detector
     load_parser(path, device, dtype)         -> a face parser or occluder (ParserHandle)
     load_upscaler(path, device, dtype)       -> an image upscaler (UpscalerHandle)
 """
@@ -40,7 +40,7 @@ def load(path: str | os.PathLike, role: str | None = None, *, device: torch.devi
 
     Torch networks run on `device` (default: CUDA when available, else the CPU) in `dtype` (default
     float32); ONNX ones through onnxruntime, on CUDA when asked for and offered. `role_options`:
-    a detector's `detect_size` (see load_detector).
+    a detector's `detect_size` and `rotations` (see load_detector).
     """
     if role is not None and role not in ROLES:
         raise ValueError(f"role must be one of {', '.join(ROLES)}, got {role!r}")
@@ -70,14 +70,17 @@ def load_model(path: str | os.PathLike, device: torch.device | str | None = None
 
 
 def load_detector(path: str | os.PathLike, device: torch.device | str | None = None,
-                  detect_size: int | str = "auto"):
+                  detect_size: int | str = "auto", rotations: str = "none"):
     """A face detector from a RetinaFace .pth (either backbone) or an insightface SCRFD .onnx.
 
     `detect_size`: "auto" finds faces from about 16 px to the whole frame (two passes on large frames,
     see FINE_SIDE and COARSE_SIDE), or a long side in pixels to detect at in one pass.
+    `rotations`: "none" finds upright faces (rolled up to about 20 degrees); "all" also looks at every
+    frame turned by 45-degree steps, finding faces at any angle at up to 8 times the cost; "auto" does
+    so only on frames whose upright pass finds no face, or a tilted or doubtful one (see TurningDetector).
     """
     try:
-        return load(path, "detector", device=device, detect_size=detect_size)
+        return load(path, "detector", device=device, detect_size=detect_size, rotations=rotations)
     except CheckpointError as e:
         raise CheckpointError(e.path, f"{e.problem}; {DETECTOR_FILES}") from None
 

@@ -8,6 +8,7 @@ from collections import OrderedDict
 
 from .. import gpen
 from ..gpen.devices import resolve_dtype
+from ..gpen.faces.detect import ROTATIONS
 from ..gpen.faces.options import (
     PARSE_FEATHER,
     MaskOptions,
@@ -122,14 +123,19 @@ class LoadFaceDetector:
             "detect_size": ("STRING", {"default": "auto", "tooltip": "auto: finds faces from ~16 px to the whole "
                                        "frame (close-ups and 2048 portraits included); or a long side in pixels "
                                        "to detect at, e.g. 1024."}),
+            "rotations": (list(ROTATIONS), {"default": "none", "tooltip": "none: upright faces (rolled up to "
+                          "~20 degrees). all: also faces on their side, upside down or at any angle (a phone held "
+                          "sideways, people lying down), up to 8x the detection time. auto: only on frames where the "
+                          "upright pass finds no face, or a tilted or doubtful one."}),
         }}
 
-    def load(self, detector_name: str, device: str, detect_size: str = "auto"):
+    def load(self, detector_name: str, device: str, detect_size: str = "auto", rotations: str = "none"):
         path = host.find_detector_file(detector_name)
         target = host.torch_device(device)
         detect_size = detect_size.strip() or "auto"
-        key = (path, os.path.getmtime(path), target.type, detect_size)
-        detector = _cached(key, lambda: host.load_handle(gpen.load_detector, path, target, detect_size=detect_size))
+        key = (path, os.path.getmtime(path), target.type, detect_size, rotations)
+        detector = _cached(key, lambda: host.load_handle(gpen.load_detector, path, target, detect_size=detect_size,
+                                                         rotations=rotations))
         return (host.Loaded(detector, target),)
 
 

@@ -49,9 +49,10 @@ def run(args) -> int:
         detector = resolve(args.detector, "detector", args.models_dir)
         if args.memory:
             return print_table([pipeline_memory(args.image, detector, size, device) for size in sizes])
-        rows = [pipeline_row(scene, frames, size, device, dtype, detector, args)
-                for scene, frames in pipeline_scenes(args.image, detector, args.frames)
-                for size in sizes for dtype in dtypes]
+        turned = args.rotations != ["none"]
+        rows = [pipeline_row(scene, frames, size, device, dtype, detector, rotations, args)
+                for scene, frames in pipeline_scenes(args.image, detector, args.frames, turned)
+                for size in sizes for dtype in dtypes for rotations in args.rotations]
         return print_table(rows)
     if args.one:
         row = measure(sizes[0], device, dtypes[0], args.batch[0], args.repeat, args.compile, args.checkpoint)
@@ -213,8 +214,9 @@ def measure(size: int, device: torch.device, dtype: str, batch: int, repeat: int
                 peak_memory_mib=round(peak_mib(device)), compile=compile)
 
 
-def pipeline_scenes(image_path: str, detector_path: Path, frames: int):
-    """A 1080p frame with one large face, and the group photo itself, each repeated `frames` times."""
+def pipeline_scenes(image_path: str, detector_path: Path, frames: int, turned: bool = False):
+    """A 1080p frame with one large face, and the group photo itself (and, if `turned`, the group photo
+    turned 90 degrees, as a phone held sideways takes it), each repeated `frames` times."""
     photo = torch.from_numpy(read_image(image_path)[0]).float()
     detector = load_detector(detector_path, device="cpu")
     (faces,) = detector.detect(photo[None])
@@ -232,22 +234,25 @@ def pipeline_scenes(image_path: str, detector_path: Path, frames: int):
     close_up = warp(alone.permute(2, 0, 1), affine, 1080, 1920)[0].permute(1, 2, 0).clamp(0, 1)
     yield "1080p, one face", close_up[None].expand(frames, -1, -1, -1).contiguous()
     yield f"{Path(image_path).name}, {len(faces)} faces", photo[None].expand(frames, -1, -1, -1).contiguous()
+    if turned:
+        sideways = photo.rot90(1, (0, 1))[None]
+        yield f"{Path(image_path).name} turned 90 degrees", sideways.expand(frames, -1, -1, -1).contiguous()
 
 
 def pipeline_row(scene: str, images: torch.Tensor, size: int, device: torch.device, dtype: str, detector_path: Path,
-                 args) -> dict:
+                 rotations: str, args) -> dict:
     """One scene's stage timings, or the row with the error that stopped it (out of memory, say)."""
     try:
-        return time_pipeline(scene, images, size, device, dtype, detector_path, args)
+        return time_pipeline(scene, images, size, device, dtype, detector_path, rotations, args)
     except Exception as e:  # like a failed subprocess of the plain table: the row says why
-        return dict(scene=scene, size=size, device=str(device), dtype=dtype,
+        return dict(scene=scene, size=size, device=str(device), dtype=dtype, rotations=rotations,
                     error=f"{type(e).__name__}: {first_line(e)}")
 
 
 def time_pipeline(scene: str, images: torch.Tensor, size: int, device: torch.device, dtype: str, detector_path: Path,
-                  args) -> dict:
+                  rotations: str, args) -> dict:
     model = bench_model(size, device, dtype, args.checkpoint)
-    detector = load_detector(detector_path, device=device)
+    detector = load_detector(detector_path, device=device, rotations=rotations)
     restore_faces(images, model, detector, face_batch=args.batch[0])  # warm-up
     best: dict | None = None
     for _ in range(args.repeat):
@@ -256,8 +261,9 @@ def time_pipeline(scene: str, images: torch.Tensor, size: int, device: torch.dev
             best = result.timings
     total = sum(best.values())
     return dict(scene=scene, frames=len(images), faces=result.face_count, size=model.size, device=str(device),
-                dtype=dtype, **{f"{k}_ms": round(v * 1e3, 1) for k, v in best.items()}, total_ms=round(total * 1e3, 1),
-                fps=round(len(images) / total, 2), outside_gpen=f"{100 * (1 - best['restore'] / total):.1f}%")
+                dtype=dtype, rotations=rotations, **{f"{k}_ms": round(v * 1e3, 1) for k, v in best.items()},
+                total_ms=round(total * 1e3, 1), fps=round(len(images) / total, 2),
+                outside_gpen=f"{100 * (1 - best.get('restore', 0) / total):.1f}%")  # (no face: no restore stage)
 
 
 class _CropsBack:

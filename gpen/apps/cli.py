@@ -80,6 +80,9 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--image",
                         help="group photo for --pipeline (required); its largest face also makes the 1080p scene")
     parser.add_argument("--frames", type=int, default=1, help="frames per batch in --pipeline")
+    parser.add_argument("--rotations", nargs="+", default=["none"],
+                        help="detector rotations to time in --pipeline, a row each; other than none adds a scene, "
+                             "the group photo turned 90 degrees")
     parser.add_argument("--memory", action="store_true",
                         help="with --pipeline: peak memory of restore_faces beyond its input for a 6000x4000 frame "
                              "made from --image (the restorer hands its crops back: the pipeline alone is measured)")
@@ -127,6 +130,11 @@ def add_restore_arguments(parser: argparse.ArgumentParser) -> None:
     select.add_argument("--detect-size", default="auto",
                         help="auto: faces from ~16 px to the whole frame (close-ups, 2048 portraits); "
                              "or a long side in px to detect at, in one pass")
+    select.add_argument("--rotations", default="none",
+                        help="none: upright faces (rolled up to ~20 degrees); all: also faces on their side, upside "
+                             "down or at any angle, looking at each frame turned in 45-degree steps (up to 8x the "
+                             "detection time); auto: turned only where the upright pass finds no face, or a tilted "
+                             "or doubtful one")
     added: set[str] = set()
     _add_option_flags(select, SelectOptions, added)
     select.add_argument("--changed-from", metavar="PATH",

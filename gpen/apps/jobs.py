@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from ..devices import resolve_device
-from ..faces.detect import check_detect_size
+from ..faces.detect import check_detect_size, check_rotations
 from ..faces.options import MaskOptions, PasteOptions, SelectOptions, from_values
 from ..faces.paste import check_output_size
 from ..faces.pipeline import detect_faces, restore_faces, select_tracks
@@ -103,6 +103,7 @@ def check_options(args) -> None:
     """Refuse bad option values once, with the library's messages, instead of failing every file."""
     restore_options(args)
     check_detect_size(args.detect_size)
+    check_rotations(args.rotations)
     if not args.ray_segment >= 0:
         raise ValueError(f"--ray-segment must be 0 (never split) or a number of seconds, got {args.ray_segment:g}")
     if (args.changed_from or args.parser) and (args.aligned or not args.face_align):
@@ -297,7 +298,7 @@ def load_models(args, device, detect: bool):
     if args.size and model.size != args.size:
         raise ValueError(f"--size {args.size}, but {path.name} is a GPEN-{model.size} model")
     detector = load_detector(resolve(args.detector, "detector", args.models_dir), device=device,
-                              detect_size=args.detect_size) if detect else None
+                              detect_size=args.detect_size, rotations=args.rotations) if detect else None
     return model, detector
 
 

@@ -2,7 +2,8 @@
 
 `load_detector(path)` recognises the file; `detector.detect(images)` takes (B,H,W,3) float 0..1 and
 returns one `Faces` per image, in image pixels, best score first. Both handles share the scale policy
-(`detection_scales`, `merge_scales`, `one_box_per_face`).
+(`detection_scales`, `merge_scales`, `one_box_per_face`), and `rotations` looks at frames turned
+(`TurningDetector`).
 """
 
 from __future__ import annotations
@@ -46,6 +47,10 @@ class Faces:
     @classmethod
     def empty(cls) -> "Faces":
         return cls(torch.zeros(0, 4), torch.zeros(0), torch.zeros(0, 5, 2))
+
+    @classmethod
+    def joined(cls, parts: list["Faces"]) -> "Faces":
+        return cls(*(torch.cat([getattr(f, name) for f in parts]) for name in ("boxes", "scores", "landmarks")))
 
 
 @runtime_checkable
@@ -142,7 +147,7 @@ def merge_scales(passes: list[tuple[float, Faces]]) -> Faces:
         if i > 0:
             workable &= side >= COARSE_MIN_FACE
         kept.append(faces[workable])
-    return Faces(*(torch.cat([getattr(f, name) for f in kept]) for name in ("boxes", "scores", "landmarks")))
+    return Faces.joined(kept)
 
 
 def one_box_per_face(faces: Faces) -> Faces:
@@ -277,12 +282,14 @@ class ScrfdDetector:
         return faces[faces.scores.argsort(descending=True)]
 
 
-def detector_handle(network, device: torch.device, detect_size: int | str = "auto") -> Detector:
+def detector_handle(network, device: torch.device, detect_size: int | str = "auto",
+                    rotations: str = "none") -> Detector:
     """The handle for a detector network: RetinaFace's outputs are decoded here, insightface's SCRFD
-    decodes its own."""
-    if isinstance(network, RetinaFace):
-        return RetinaFaceDetector(network, device, detect_size)
-    return ScrfdDetector(network, device, detect_size)
+    decodes its own; with `rotations` other than "none", it also looks at the frames turned."""
+    rotations = check_rotations(rotations)
+    handle = RetinaFaceDetector(network, device, detect_size) if isinstance(network, RetinaFace) \
+        else ScrfdDetector(network, device, detect_size)
+    return handle if rotations == "none" else TurningDetector(handle, rotations)
 
 
 def candidates(boxes, scores, points, threshold, nms_threshold, top_k) -> Faces:
@@ -291,3 +298,114 @@ def candidates(boxes, scores, points, threshold, nms_threshold, top_k) -> Faces:
     keep = keep[scores[keep].argsort(descending=True)[:top_k]]
     keep = keep[nms(boxes[keep], scores[keep], nms_threshold)]
     return Faces(boxes[keep].cpu(), scores[keep].cpu(), points[keep].cpu())
+
+
+# Rotations. Both detectors were trained on upright faces: past about 20 degrees of roll they miss faces
+# (BENCHMARKS.md), and a face on its side or upside down is missed or found with landmarks not on it.
+# Turned passes look at the frame turned by each of TURNS (counterclockwise, as seen): the right angles
+# exactly (torch.rot90, no resampling), the diagonals resampled, since a face at 45 degrees is
+# as far from 0 as from 90. Every face is within 22.5 degrees of one pass, which sees it upright.
+ROTATIONS = ("none", "auto", "all")
+TURNS = (90, 180, 270, 45, 135, 225, 315)
+# A pass keeps the faces whose landmarks it sees rolled under TILTED degrees; a face rolled more is left
+# to the pass that sees it upright. A face from a turned pass must score CONFIDENT or more: the turned
+# passes see the frame seven more times, and took parts of upside-down faces for faces at up to 0.88 in
+# our photos. Upright faces there score over 0.98 and roll under 15 degrees.
+TILTED = 30.0
+CONFIDENT = 0.95
+TURNED_FRAMES = 4  # frames turned at a time: a turned copy of a whole video chunk would double its memory
+
+
+def check_rotations(rotations) -> str:
+    if rotations not in ROTATIONS:
+        raise ValueError(f"rotations must be one of {', '.join(ROTATIONS)}, got {rotations!r}")
+    return rotations
+
+
+def turn_affine(height: int, width: int, angle: int) -> tuple[torch.Tensor, int, int]:
+    """The (2,3) float64 affine taking frame pixels to the frame turned by `angle` degrees
+    counterclockwise (OpenCV's pixel centres, as landmarks are), and the turned frame's height and width:
+    the whole frame, on a canvas that fits it. At 90 degrees pixel (x, y) goes to (y, W - 1 - x), as
+    torch.rot90 moves it."""
+    radians = np.deg2rad(angle)
+    cos, sin = round(float(np.cos(radians)), 12), round(float(np.sin(radians)), 12)
+    turned_w = round(abs(cos) * width + abs(sin) * height)
+    turned_h = round(abs(sin) * width + abs(cos) * height)
+    linear = torch.tensor([[cos, sin], [-sin, cos]], dtype=torch.float64)
+    centre = torch.tensor([(width - 1) / 2, (height - 1) / 2], dtype=torch.float64)
+    turned_centre = torch.tensor([(turned_w - 1) / 2, (turned_h - 1) / 2], dtype=torch.float64)
+    return torch.cat([linear, (turned_centre - linear @ centre)[:, None]], 1), turned_h, turned_w
+
+
+def turn_frames(frames: torch.Tensor, angle: int) -> torch.Tensor:
+    """(B,H,W,C) frames turned by `angle` degrees counterclockwise, as `turn_affine` maps their pixels:
+    exactly at right angles, resampled bilinearly (black outside the frame) at others."""
+    if angle % 90 == 0:
+        return torch.rot90(frames, angle // 90, (1, 2))
+    affine, height, width = turn_affine(*frames.shape[1:3], angle)
+    return torch.stack([torch.from_numpy(cv2.warpAffine(frame.numpy(), affine.numpy(), (width, height),
+                                                        flags=cv2.INTER_LINEAR)).reshape(height, width, 3)
+                        for frame in as_rgb(frames).cpu()])
+
+
+def turn_back(faces: Faces, affine: torch.Tensor) -> Faces:
+    """Faces found in a turned frame, in the frame's pixels: landmarks mapped exactly; each box keeps its
+    sides (swapped when the turn is nearer a quarter than a half) around its mapped centre."""
+    back = torch.linalg.inv(torch.cat([affine, affine.new_tensor([[0, 0, 1]])]))[:2]
+    to_frame = lambda points: (points.double() @ back[:, :2].T + back[:, 2]).float()
+    sides = faces.boxes[:, 2:] - faces.boxes[:, :2]
+    if abs(affine[0, 1]) > abs(affine[0, 0]):
+        sides = sides.flip(1)
+    centres = to_frame((faces.boxes[:, :2] + faces.boxes[:, 2:]) / 2)
+    return Faces(torch.cat([centres - sides / 2, centres + sides / 2], 1), faces.scores, to_frame(faces.landmarks))
+
+
+def seen_upright(faces: Faces) -> torch.Tensor:
+    """(N,) bool: faces whose eye line and eyes-to-mouth line are both rolled under TILTED degrees."""
+    points = faces.landmarks
+    eyes = points[:, 1] - points[:, 0]
+    down = (points[:, 3] + points[:, 4] - points[:, 0] - points[:, 1]) / 2
+    roll = torch.stack([torch.atan2(eyes[:, 1], eyes[:, 0]), torch.atan2(-down[:, 0], down[:, 1])])
+    return (roll.abs().rad2deg() < TILTED).all(0)
+
+
+def suggests_turned_faces(faces: Faces) -> bool:
+    """Whether an upright pass's faces hint at faces at other angles: none at all, or one it sees rolled
+    or scores under CONFIDENT (how faces at other angles come out of it)."""
+    return len(faces) == 0 or bool((faces.scores < CONFIDENT).any() or not seen_upright(faces).all())
+
+
+class TurningDetector:
+    """A detector that also looks at each frame turned by TURNS: on every frame ("all"), or on the frames
+    whose upright pass suggests faces at other angles ("auto"). Each face is kept once, from the pass
+    that scores it best (IoU as `one_box_per_face`), in the frame's pixels: alignment then crops it
+    upright and paste-back puts it back at its angle."""
+
+    def __init__(self, detector: Detector, rotations: str):
+        self.upright, self.rotations = detector, check_rotations(rotations)
+
+    def __getattr__(self, name):  # name, info, device, detect_size...: the upright detector's
+        if name == "upright":  # (not set yet: while unpickling)
+            raise AttributeError(name)
+        return getattr(self.upright, name)
+
+    def to(self, device: torch.device | str) -> "TurningDetector":
+        self.upright.to(device)
+        return self
+
+    def detect(self, images: torch.Tensor, *args, **kwargs) -> list[Faces]:
+        if images.ndim == 3:
+            images = images[None]
+        found = self.upright.detect(images, *args, **kwargs)
+        turned = [i for i, faces in enumerate(found) if self.rotations == "all" or suggests_turned_faces(faces)]
+        for start in range(0, len(turned), TURNED_FRAMES):
+            frames = turned[start:start + TURNED_FRAMES]
+            passes = [[faces[seen_upright(faces)]] for faces in (found[i] for i in frames)]
+            for angle in TURNS:
+                affine = turn_affine(*images.shape[1:3], angle)[0]
+                seen = self.upright.detect(turn_frames(images[frames], angle), *args, **kwargs)
+                for kept, faces in zip(passes, seen):
+                    kept.append(turn_back(faces[seen_upright(faces) & (faces.scores >= CONFIDENT)], affine))
+            for i, kept in zip(frames, passes):
+                found[i] = one_box_per_face(Faces.joined(kept))
+        return found
