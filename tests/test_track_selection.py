@@ -13,19 +13,10 @@ from gpen import SelectOptions
 from gpen.faces.pipeline import detect_faces, select_tracks
 from gpen.faces.stream import restore_frames
 from tests.helpers import GreyRestorer, IdentityRestorer
+from tests.test_video import fast_detector, picture  # noqa: F401 (fixtures)
 
 FRAMES, STEP, TOP, HEIGHT, WIDTH = 24, 3, 10, 240, 400
 SURE = 0.9  # every face here scores over it, and nothing else does
-
-
-@pytest.fixture(scope="module")
-def picture(solvay):
-    return (solvay[0, ..., :3] * 255).round().to(torch.uint8).numpy()
-
-
-@pytest.fixture(scope="module")
-def fast_detector(shared):
-    return gpen.load_detector(shared / "models" / "retinaface_mobilenet0.25.pth", device="cpu", detect_size=640)
 
 
 def pan(picture, hide=None, frames=range(FRAMES)) -> torch.Tensor:
