@@ -125,7 +125,7 @@ class LoadFaceDetector:
                                        "to detect at, e.g. 1024."}),
             "rotations": (list(ROTATIONS), {"default": "none", "tooltip": "none: upright faces (rolled up to "
                           "~20 degrees). all: also faces on their side, upside down or at any angle (a phone held "
-                          "sideways, people lying down), up to 8x the detection time. auto: only on frames where the "
+                          "sideways, people lying down), about 14x the detection time. auto: only on frames where the "
                           "upright pass finds no face, or a tilted or doubtful one."}),
         }}
 

@@ -132,7 +132,7 @@ def add_restore_arguments(parser: argparse.ArgumentParser) -> None:
                              "or a long side in px to detect at, in one pass")
     select.add_argument("--rotations", default="none",
                         help="none: upright faces (rolled up to ~20 degrees); all: also faces on their side, upside "
-                             "down or at any angle, looking at each frame turned in 45-degree steps (up to 8x the "
+                             "down or at any angle, looking at each frame turned in 45-degree steps (about 14x the "
                              "detection time); auto: turned only where the upright pass finds no face, or a tilted "
                              "or doubtful one")
     added: set[str] = set()

@@ -152,7 +152,7 @@ def describe(state: dict[str, torch.Tensor], path: str | os.PathLike) -> ModelIn
         spec, net, state = skeleton(state, path)
     except CheckpointError:
         other = describe_other_network(state)
-        if other is None or any(recognises(spec, state) for spec in specs("torch")):
+        if other is None or known(state):
             raise
         return ModelInfo(arch=other, format=weight_format(path), dtype=stored_dtype(state),
                          parameters=sum(t.numel() for t in state.values() if t.is_floating_point()))
