@@ -12,12 +12,11 @@ ahead and behind across chunk boundaries and gives what smoothing the whole clip
 from __future__ import annotations
 
 import contextlib
-import heapq
 import itertools
 import os
 import sys
 import time
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
@@ -215,21 +214,19 @@ class VideoReader:
     timestamps in order: AVI's are decoding times, out of order with B-frames); `frames(start)` begins
     at frame `start` (a seek to the keyframe before it); `chunks(n)` stacks them n at a time. With
     `keep_yuv`, each frame's own YUV 4:2:0 planes (upright) go to `originals`, so that a writer can
-    keep them where nothing changed instead of converting RGB back. Audio packets met on the way go,
-    untouched, to `on_audio` once it is set (those met before wait); `audio=False` skips them.
+    keep them where nothing changed instead of converting RGB back. Every frame is checked to be of
+    the clip's size before it is converted: a clip whose frame size changes is a ValueError. The
+    other streams (audio, subtitles) are not read here: StreamCopy copies them.
     """
 
     def __init__(self, path: str | os.PathLike, max_megapixels: float | None = MAX_MEGAPIXELS,
-                 info: VideoInfo | None = None, keep_yuv: bool = False, audio: bool = True):
+                 info: VideoInfo | None = None, keep_yuv: bool = False):
         self.info = info or probe_video(path, max_megapixels)
         self.path = self.info.path
-        self.with_audio = audio
         self._open()
         self.pts: deque[int] = deque()
         self.keep_yuv = keep_yuv
         self.originals: deque[list[np.ndarray]] = deque()
-        self.on_audio: Callable | None = None
-        self.waiting_audio: list = []  # audio packets met before on_audio was set
         self.colorspace = self.color_range = self.color_primaries = self.color_trc = None  # from the first frame
         self.rotation = 0
         self.decoded = 0  # the index of the next frame
@@ -240,7 +237,6 @@ class VideoReader:
         self.container = av.open(str(self.path), metadata_errors="ignore")
         self.stream = _video_stream(self.container, self.path)
         self.stream.thread_type = "AUTO"
-        self.audio = list(self.container.streams.audio) if self.with_audio else []
 
     def frames(self, start: int = 0) -> Iterator[torch.Tensor]:
         av = _av()
@@ -251,6 +247,10 @@ class VideoReader:
         try:
             for n, frame in self._decoded(start):
                 self.decoded = n + 1
+                if (frame.width, frame.height) != (self.info.width, self.info.height):
+                    raise ValueError(f"{self.path}: frame {n + 1} is {frame.width}x{frame.height}, the clip's "
+                                     f"frames are {self.info.width}x{self.info.height}; a clip whose frame size "
+                                     f"changes is not restored")
                 if n < start:
                     continue
                 if self.colorspace is None:
@@ -269,7 +269,6 @@ class VideoReader:
                     self.originals.append([np.rot90(plane, self.rotation) for plane in _planes(yuv)])
                 self.pts.append(pts)
                 yield torch.from_numpy(np.ascontiguousarray(np.rot90(rgb, self.rotation)))
-            self._pass_audio()
         except av.FFmpegError as e:
             raise ValueError(f"{self.path}: damaged video data at frame {self.decoded + 1} ({_reason(e)})") from None
 
@@ -290,24 +289,11 @@ class VideoReader:
                 return
             self.container.close()
             self._open()
-            self.waiting_audio.clear()
         yield from enumerate(self._decode())
 
     def _decode(self) -> Iterator:
-        for packet in self.container.demux(self.stream, *self.audio):
-            if packet.stream.type == "audio":
-                if packet.size:
-                    self.waiting_audio.append(packet)
-                self._pass_audio()
-                continue
-            self._pass_audio()
+        for packet in self.container.demux(self.stream):
             yield from packet.decode()
-
-    def _pass_audio(self) -> None:
-        if self.on_audio is not None:
-            for packet in self.waiting_audio:
-                self.on_audio(packet)
-            self.waiting_audio.clear()
 
     def chunks(self, size: int) -> Iterator[torch.Tensor]:
         """(n,H,W,3) uint8 chunks of `size` frames (the last one shorter)."""
@@ -336,10 +322,12 @@ class VideoReader:
 # Writing.
 
 class VideoWriter:
-    """Encodes frames into `path` with the reader's timing, and copies its audio packets untouched."""
+    """Encodes frames into `path` with the reader's timing and, with `copy_streams`, copies the
+    source's other streams (audio, subtitles) packet for packet, in time with the frames."""
 
     def __init__(self, path: str | os.PathLike, reader: VideoReader, width: int, height: int,
-                 codec: str = DEFAULT_CODEC, crf: float = DEFAULT_CRF, container: str | None = None):
+                 codec: str = DEFAULT_CODEC, crf: float = DEFAULT_CRF, container: str | None = None,
+                 copy_streams: bool = True):
         av = _av()
 
         self.path = Path(path)
@@ -349,11 +337,14 @@ class VideoWriter:
         # the clip's own timescale keeps it exact.
         options = {"movie_timescale": str(reader.info.time_base.denominator)} if kind in ("mp4", "mov") else {}
         self.container = av.open(str(self.path), "w", format=container, options=options)  # None: from the suffix
+        self.copy = None
         try:
             self._add_video(reader, width, height, codec, crf)
-            self._add_audio(reader)
+            if copy_streams:
+                self.copy = StreamCopy(reader.path, self.container)
+                self.notes += self.copy.notes
         except BaseException:
-            self.container.close()
+            self.close()
             raise
         self.encoded = 0
 
@@ -395,12 +386,6 @@ class VideoWriter:
             context.color_primaries, context.color_trc = reader.color_primaries, reader.color_trc
         self.video = stream
 
-    def _add_audio(self, reader: VideoReader) -> None:
-        self.audio, notes = add_audio_streams(self.container, reader.audio)
-        self.notes += notes
-        if reader.with_audio and reader.info.other_streams:
-            self.notes.append(f"{reader.info.other_streams} subtitle or data stream(s) not copied")
-
     def write(self, image: np.ndarray, pts: int, original: list[np.ndarray] | None = None,
               mask: np.ndarray | None = None) -> None:
         """One (H,W,3) uint8 RGB frame, at `pts` in the source's time base. Given the source frame's
@@ -418,37 +403,128 @@ class VideoWriter:
                 frame = _frame_from_planes(_blend_planes(original, _planes(frame), mask), "yuv420p")
         frame.pts = self.encoded if self.counts_frames else round(pts * self.source_time_base / self.time_base)
         frame.time_base = self.time_base
+        if self.copy is not None:
+            self.copy.mux_until(pts * self.source_time_base)
         self.container.mux(self.video.encode(frame))
         self.encoded += 1
 
-    def mux_audio(self, packet) -> None:
-        stream = self.audio.get(packet.stream.index)
-        if stream is not None:
-            packet.stream = stream
-            self.container.mux(packet)
-
-    def finish(self) -> None:
+    def finish(self) -> list[str]:
+        """Flush the encoder and copy the rest of the other streams; returns notes on packets not copied."""
         self.container.mux(self.video.encode())
+        notes = self.copy.finish() if self.copy is not None else []
         self.container.close()
+        return notes
 
     def close(self) -> None:
+        if self.copy is not None:
+            self.copy.close()
         with contextlib.suppress(Exception):
             self.container.close()
 
 
-def add_audio_streams(container, streams: list) -> tuple[dict, list[str]]:
-    """Output streams in `container` for copying the audio `streams` packet for packet: {input
-    stream index: output stream}, and a note for each stream the container cannot hold."""
-    copies, notes = {}, []
-    supported, kind = container.supported_codecs, container.format.name
-    for number, stream in enumerate(streams, 1):
-        name = stream.codec_context.codec.canonical_name
-        if name not in supported:
-            notes.append(f"audio stream {number} ({name}) not copied: {kind} files do not hold it, "
-                         f"and audio is never re-encoded")
+class StreamCopy:
+    """The streams of `source` other than its restored video (audio, subtitles, data), copied packet for
+    packet into the output `container`, never re-encoded: `mux_until` copies those due by a time, in
+    step with the video written there, and `finish` the rest, to the source's end. Packets read and
+    written are counted per stream; `notes` name each stream the container cannot hold, and `finish`
+    returns one for each stream whose packets did not all go, so nothing is dropped without a word."""
+
+    def __init__(self, source: Path, container):
+        av = _av()
+
+        self.source, self.container = source, container
+        self.input = av.open(str(source), metadata_errors="ignore")
+        try:
+            self.video = _video_stream(self.input, source)
+            self.outputs, self.labels, self.notes = _copied_streams(self.input, self.video, container)
+        except BaseException:
+            self.input.close()
+            raise
+        self.read: Counter = Counter()
+        self.written: Counter = Counter()
+        self.refused: dict[int, str] = {}  # the muxer's reason for the first packet of a stream it refused
+        self.damaged: str | None = None  # FFmpeg's reason where reading the source stopped early
+        self.packets = self._demux()
+        self.pending = None  # read, not yet due
+
+    def _demux(self) -> Iterator:
+        if not self.outputs:  # demux() with no stream would read them all
+            return
+        for packet in self.input.demux(*(self.input.streams[index] for index in self.outputs)):
+            if packet.size:  # not the empty ones that end each stream
+                self.read[packet.stream.index] += 1
+                yield packet
+
+    def mux_until(self, seconds: Fraction | None) -> None:
+        """Copy the packets whose decoding time is at most `seconds`; all that are left with None."""
+        av = _av()
+
+        while True:
+            if self.pending is None:
+                try:
+                    self.pending = next(self.packets, None)
+                except av.FFmpegError as e:
+                    self.damaged, self.packets = _reason(e), iter(())
+                if self.pending is None:
+                    return
+            if seconds is not None and _decode_time(self.pending) > seconds:
+                return
+            packet, self.pending = self.pending, None
+            try:
+                self.mux(packet)
+            except av.FFmpegError as e:
+                self.refused.setdefault(packet.stream.index, _reason(e))
+
+    def mux(self, packet) -> None:
+        index = packet.stream.index
+        packet.stream = self.outputs[index]
+        self.container.mux(packet)
+        self.written[index] += 1
+
+    def finish(self) -> list[str]:
+        """Copy what is left; a note for each stream not copied whole."""
+        self.mux_until(None)
+        self.close()
+        notes = []
+        for index, label in self.labels.items():
+            read, written = self.read[index], self.written[index]
+            if written < read:
+                notes.append(f"{label}: {written} of {read} packets copied ({self.refused.get(index, 'refused')})")
+            if self.damaged:
+                notes.append(f"{label}: {written} packets copied; the source's data is damaged after them "
+                             f"({self.damaged})")
+        return notes
+
+    def close(self) -> None:
+        self.input.close()
+
+
+def _copied_streams(source, video, container) -> tuple[dict, dict, list[str]]:
+    """Output streams in `container` for each stream of `source` but `video` that it holds ({input
+    index: output stream}), their labels ("audio stream 1 (aac)"), and a note for each left out."""
+    av = _av()
+
+    outputs, labels, notes, numbers = {}, {}, [], Counter()
+    kind = container.format.name
+    for stream in source.streams:
+        if stream.index == video.index:
             continue
-        copies[stream.index] = container.add_stream_from_template(stream)
-    return copies, notes
+        numbers[stream.type] += 1
+        context = getattr(stream, "codec_context", None)
+        name = context.codec.canonical_name if context is not None and context.codec else "unknown codec"
+        label = f"{stream.type} stream {numbers[stream.type]} ({name})"
+        if stream.type == "video":
+            notes.append(f"{label} not copied: only the first video stream is restored")
+        elif name not in container.supported_codecs:
+            never = ", and audio is never re-encoded" if stream.type == "audio" else ""
+            notes.append(f"{label} not copied: {kind} files do not hold it{never}")
+        else:
+            try:
+                outputs[stream.index] = container.add_stream_from_template(stream)
+                labels[stream.index] = label
+            except (ValueError, TypeError, av.FFmpegError) as e:
+                notes.append(f"{label} not copied ({_reason(e)})")
+    return outputs, labels, notes
 
 
 def _planes(frame) -> list[np.ndarray]:
@@ -509,13 +585,14 @@ def restore_video(src: str | os.PathLike, dst: str | os.PathLike, model, detecto
         raise ValueError("a background is one picture per frame, held in memory; a video is streamed: enlarge it "
                          "with upscale_by or an upscaler")
     summary = VideoSummary(src, dst)
-    reader = VideoReader(src, max_megapixels, info, keep_yuv=True, audio=span is None)
+    reader = VideoReader(src, max_megapixels, info, keep_yuv=True)
     try:
         check_output_size((reader.info.height, reader.info.width), paste)
     except ValueError as e:
         reader.close()
         raise ValueError(f"{src}: {e}") from None
-    span = range(reader.info.frames) if span is None else span
+    whole = span is None  # else a segment: video alone, for join_segments
+    span = range(reader.info.frames) if whole else span
     if not span:
         reader.close()
         raise ValueError(f"{src}: span {span.start}:{span.stop} holds no frame")
@@ -531,12 +608,11 @@ def restore_video(src: str | os.PathLike, dst: str | os.PathLike, model, detecto
             writer = None
             try:
                 height, width = output_size(first.shape[:2], paste)
-                writer = VideoWriter(temp, reader, width, height, codec, crf, container)
+                writer = VideoWriter(temp, reader, width, height, codec, crf, container, copy_streams=whole)
                 summary.notes += writer.notes
                 if writer.pix_fmt != "yuv420p" or (height, width) != first.shape[:2]:  # no source planes to keep
                     reader.keep_yuv = False
                     reader.originals.clear()
-                reader.on_audio = writer.mux_audio
                 bar = _progress_bar(progress, len(span), src.name)
                 for result in restore_frames(_prepend(first, frames), model, detector, chunk=chunk, select=select,
                                              paste=paste, masks=masks, face_batch=face_batch,
@@ -559,7 +635,7 @@ def restore_video(src: str | os.PathLike, dst: str | os.PathLike, model, detecto
                     summary.unrestored += result.unrestored
                     if bar is not None:
                         bar.update(len(pixels))
-                writer.finish()
+                summary.notes += writer.finish()
             except av.FFmpegError as e:
                 if isinstance(e, OSError):
                     raise
@@ -589,27 +665,26 @@ def atomic_output(dst: Path, overwrite: bool = True) -> Iterator[tuple[str, str 
 def join_segments(segments: list[Path], src: str | os.PathLike, dst: str | os.PathLike,
                   overwrite: bool = True) -> list[str]:
     """Put the segments of `src` restored by restore_video(span=...) together, in order, into `dst`
-    with `src`'s audio streams: packets are copied, nothing is encoded again. `dst` appears whole or
-    not at all. Returns notes on audio streams `dst`'s container cannot hold."""
+    with `src`'s other streams (audio, subtitles), as restore_video copies them: packets are copied,
+    nothing is encoded again. `dst` appears whole or not at all. Returns notes on the streams `dst`'s
+    container cannot hold and on packets not copied."""
     av = _av()
 
     src, dst = Path(src), Path(dst)
     with contextlib.ExitStack() as stack:
         inputs = [stack.enter_context(av.open(str(path))) for path in segments]
-        source = stack.enter_context(av.open(str(src), metadata_errors="ignore"))
         temp, container = stack.enter_context(atomic_output(dst, overwrite))
         out = stack.enter_context(av.open(temp, "w", format=container))
         video = out.add_stream_from_template(inputs[0].streams.video[0])
-        original = _video_stream(source, src)
+        copy = StreamCopy(src, out)
+        stack.callback(copy.close)
+        original = copy.video
         video.codec_context.framerate = original.average_rate or original.guessed_rate  # Matroska keeps it per track
-        audio, notes = add_audio_streams(out, list(source.streams.audio))
         pieces = [_moved(part.demux(video=0), {part.streams.video[0].index: video}) for part in inputs]
-        # demux() with no stream reads them all: a clip with no audio to copy has no sound to merge.
-        sound = _moved(source.demux(*(source.streams[index] for index in audio)), audio) if audio else iter(())
-        frames = _timed(itertools.chain(*pieces), counted=out.format.name == "avi")
-        for packet in heapq.merge(frames, sound, key=_decode_time):
+        for packet in _timed(itertools.chain(*pieces), counted=out.format.name == "avi"):
+            copy.mux_until(_decode_time(packet))
             out.mux(packet)
-    return notes
+        return copy.notes + copy.finish()
 
 
 def _timed(packets: Iterator, counted: bool) -> Iterator:

