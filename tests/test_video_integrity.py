@@ -21,7 +21,7 @@ import pytest
 
 from gpen.apps.video import VideoReader, VideoWriter, join_segments, probe_video, restore_video
 from tests.helpers import IdentityRestorer
-from tests.test_video import OneFace
+from tests.test_video import OneFace, gpen_cli  # noqa: F401 (a fixture)
 
 av = pytest.importorskip("av", reason="video needs PyAV (pip install av)")
 
@@ -172,3 +172,33 @@ def test_segments_joined_keep_audio_past_the_last_frame_and_subtitles(tmp_path):
     assert "subtitle stream 1 (ass) not copied: mp4 files do not hold it" in \
         join_segments(parts, source, tmp_path / "joined.mp4")
     assert packets(tmp_path / "joined.mp4") == packets(source)
+
+
+# Limits checked on what is really decoded.
+
+def test_a_frame_size_change_mid_clip_is_refused_before_the_frame_is_converted(tmp_path):
+    source = make_clip(tmp_path / "switch.mkv", frames=6, codec="mjpeg", size=(160, 120), audio=(),
+                       sizes=[(160, 120)] * 4 + [(1600, 1200)] * 2)
+    assert (probe_video(source).width, probe_video(source).height) == (160, 120)  # the header's size
+    with VideoReader(source) as reader:
+        frames = reader.frames()
+        assert [tuple(next(frames).shape) for _ in range(4)] == [(120, 160, 3)] * 4
+        with pytest.raises(ValueError, match=r"switch.mkv: frame 5 is 1600x1200, the clip's frames are 160x120; "
+                                             r"a clip whose frame size changes is not restored"):
+            next(frames)
+    with pytest.raises(ValueError, match="frame 5 is 1600x1200"):
+        restore(source, tmp_path / "out.mkv")
+    assert sorted(os.listdir(tmp_path)) == ["switch.mkv"]  # no result, no temporary file
+
+
+def test_cli_a_clip_changing_size_fails_one_line_and_the_others_go_on(gpen_cli, tmp_path, capsys):
+    (tmp_path / "in").mkdir()
+    make_clip(tmp_path / "in" / "a_switch.mkv", frames=6, codec="mjpeg", size=(160, 120), audio=(),
+              sizes=[(160, 120)] * 4 + [(320, 240)] * 2)
+    make_clip(tmp_path / "in" / "b_good.mkv", frames=4, size=(160, 120))
+    assert gpen_cli(tmp_path / "in", "-o", tmp_path / "out") == 1
+    captured = capsys.readouterr()
+    (line,) = [line for line in captured.err.splitlines() if "failed:" in line]
+    assert line.startswith("[1/2] a_switch.mkv: failed: ") and "frame 5 is 320x240" in line
+    assert "[2/2] b_good.mkv: 4 frames" in captured.out
+    assert sorted(os.listdir(tmp_path / "out")) == ["b_good.mkv"]
