@@ -202,3 +202,59 @@ def test_cli_a_clip_changing_size_fails_one_line_and_the_others_go_on(gpen_cli, 
     assert line.startswith("[1/2] a_switch.mkv: failed: ") and "frame 5 is 320x240" in line
     assert "[2/2] b_good.mkv: 4 frames" in captured.out
     assert sorted(os.listdir(tmp_path / "out")) == ["b_good.mkv"]
+
+
+def claiming(path, samples):
+    """Rewrite the MP4 at `path` so that its sample tables claim `samples` samples of one byte each
+    (12 bytes each in stsz, stts and stsc) though the file holds 4 frames."""
+
+    def rebuild(data):
+        out, at = b"", 0
+        while at < len(data):
+            size, kind = struct.unpack(">I4s", data[at:at + 8])
+            body = data[at + 8:at + size]
+            if kind in (b"moov", b"trak", b"mdia", b"minf", b"stbl"):
+                body = rebuild(body)
+            elif kind == b"stsz":
+                body = body[:4] + struct.pack(">II", 1, samples)
+            elif kind == b"stts":
+                body = body[:4] + struct.pack(">III", 1, samples, 512)
+            elif kind == b"stsc":
+                body = body[:4] + struct.pack(">IIII", 1, 1, samples, 1)
+            elif kind == b"stss":
+                body = body[:4] + struct.pack(">I", 0)
+            out += struct.pack(">I4s", 8 + len(body), kind) + body
+            at += size
+        return out
+
+    path.write_bytes(rebuild(path.read_bytes()))
+    return path
+
+
+PEAK_MEMORY = textwrap.dedent("""
+    import resource, sys
+    from gpen.apps.video import probe_video
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    try:
+        probe_video(sys.argv[1])
+    except ValueError as e:
+        print(e)
+    print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024)  # MB
+""")
+
+
+def test_a_tiny_mp4_claiming_millions_of_samples_is_refused_in_bounded_memory(tmp_path):
+    """FFmpeg indexes every sample an MP4's tables claim (~70 bytes each) as it opens the file: these
+    1.6 KB claiming 6 M samples took 415 MB more to probe (60 M: 4-5 GB) before the tables were checked."""
+    source = claiming(make_clip(tmp_path / "claims.mp4", audio=()), 6_000_000)
+    assert source.stat().st_size < 2000
+    run = subprocess.run([sys.executable, "-c", PEAK_MEMORY, str(source)], capture_output=True, text=True,
+                         cwd=Path(__file__).parents[1], check=True)
+    message, grown = run.stdout.splitlines()
+    assert message.startswith(f"{source}: its ") and "table claims 6000000 samples, more than its " in message
+    assert int(grown) < 50
+
+
+def test_sample_tables_within_the_file_pass(tmp_path):
+    source = claiming(make_clip(tmp_path / "clip.mp4", frames=4, audio=()), 4)  # the truth, told in the same form
+    assert probe_video(source).width == 64

@@ -111,6 +111,7 @@ def probe_video(path: str | os.PathLike, max_megapixels: float | None = MAX_MEGA
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file")
+    check_sample_tables(path)
     try:
         container = av.open(str(path), metadata_errors="ignore")
     except av.FFmpegError as e:
@@ -140,6 +141,90 @@ def probe_video(path: str | os.PathLike, max_megapixels: float | None = MAX_MEGA
         others = len(container.streams) - 1 - len(audio)
         return VideoInfo(path, width, height, len(times), rate, time_base, tuple(times),
                          stream.codec_context.codec.canonical_name, audio, others)
+
+
+# MP4 and MOV files (ISO base media) describe their samples in run-length tables, so a few bytes can
+# claim millions of them, and FFmpeg indexes each claimed sample (~70 bytes) as it opens the file:
+# 12 bytes claiming 60 M samples cost 4-5 GB. The tables are checked first against what the file holds.
+MAX_SAMPLES = 10_000_000  # per file: 46 hours at 60 fps, ~0.7 GB of FFmpeg's index
+_BOXES_WITHIN = {b"moov", b"trak", b"mdia", b"minf", b"stbl", b"mvex", b"moof", b"traf", b"edts"}
+
+
+def check_sample_tables(path: Path) -> None:
+    """Refuse an MP4 or MOV file whose sample tables claim more samples than it can hold (each at
+    least one byte, or the constant size its table gives) or more than MAX_SAMPLES, before FFmpeg
+    indexes them. Only the boxes that describe samples are read, not the media; a file that does not
+    parse as boxes from its start (Matroska, AVI) has none and passes."""
+    size = path.stat().st_size
+    claims: list[tuple[bytes, int, int]] = []  # (table, samples claimed, bytes they need)
+    with open(path, "rb") as file:
+        at = 0
+        while at + 8 <= size:
+            file.seek(at)
+            header = file.read(16)
+            length, kind = _box_header(header, size - at)
+            if length is None:
+                break
+            if kind in (b"moov", b"moof"):
+                file.seek(at)
+                _sample_claims(file.read(length)[_header_size(header):], claims)
+            at += length
+    total = 0
+    for table, samples, needed in claims:
+        total += samples if table in (b"stsz", b"stz2", b"trun") else 0
+        if needed > size:
+            raise ValueError(f"{path}: its {table.decode()} table claims {samples} samples, more than its {size} "
+                             f"bytes can hold; the file is damaged")
+    if total > MAX_SAMPLES:
+        raise ValueError(f"{path}: its tables claim {total} samples, over the {MAX_SAMPLES} a file may hold")
+
+
+def _header_size(header: bytes) -> int:
+    return 16 if int.from_bytes(header[:4], "big") == 1 else 8
+
+
+def _box_header(header: bytes, left: int) -> tuple[int | None, bytes]:
+    """(the box's length, None where it does not fit in `left` bytes, and its type)."""
+    length, kind = int.from_bytes(header[:4], "big"), header[4:8]
+    if length == 1:
+        length = int.from_bytes(header[8:16], "big") if len(header) >= 16 else 0
+    elif length == 0:
+        length = left  # to the end of the file
+    return (length if _header_size(header) <= length <= left else None), kind
+
+
+def _sample_claims(data: bytes, claims: list) -> None:
+    """Append (table, samples claimed, bytes they need) for each sample table among the boxes in `data`."""
+    at = 0
+    while at + 8 <= len(data):
+        length, kind = _box_header(data[at:at + 16], len(data) - at)
+        if length is None:
+            return
+        body = data[at + _header_size(data[at:at + 16]):at + length]
+        if kind in _BOXES_WITHIN:
+            _sample_claims(body, claims)
+        elif len(body) >= 12:
+            claims.append(_claim(kind, body))
+        at += length
+
+
+def _claim(kind: bytes, body: bytes) -> tuple[bytes, int, int]:
+    """(kind, samples, bytes needed) for one full box's body (version and flags first)."""
+    word = [int.from_bytes(body[i:i + 4], "big") for i in range(4, min(len(body), 16) - 3, 4)]
+    if kind == b"stsz":  # sample_size (0: a table of sizes follows), sample_count
+        size, count = word[0], word[1]
+        return kind, count, count * size if size else 20 + 4 * count  # the table itself is in the file
+    if kind == b"stz2":  # field size in bits, sample_count
+        count = word[1]
+        return kind, count, 20 + (count * (word[0] & 0xFF) + 7) // 8
+    if kind in (b"stts", b"ctts"):  # (sample count, value) runs
+        entries = min(word[0], (len(body) - 8) // 8)
+        runs = np.frombuffer(body[8:8 + 8 * entries], ">u4").reshape(-1, 2)
+        count = int(runs[:, 0].sum(dtype=np.uint64))
+        return kind, count, count  # each sample at least one byte
+    if kind == b"trun":  # a fragment's samples
+        return kind, word[0], word[0]
+    return kind, 0, 0
 
 
 def _video_stream(container, path: Path):
