@@ -258,3 +258,56 @@ def test_a_tiny_mp4_claiming_millions_of_samples_is_refused_in_bounded_memory(tm
 def test_sample_tables_within_the_file_pass(tmp_path):
     source = claiming(make_clip(tmp_path / "clip.mp4", frames=4, audio=()), 4)  # the truth, told in the same form
     assert probe_video(source).width == 64
+
+
+# Runs that are stopped.
+
+SLOW_RUN = textwrap.dedent("""
+    import sys, time
+    from gpen.apps.video import restore_video
+    from tests.helpers import IdentityRestorer
+    from tests.test_video import OneFace
+
+    class Slow(IdentityRestorer):
+        def restore(self, faces, *args, **kwargs):
+            time.sleep(0.2)
+            return super().restore(faces, *args, **kwargs)
+
+    try:
+        restore_video(sys.argv[1], sys.argv[2], Slow(64), OneFace(), progress=False, chunk=2)
+    except KeyboardInterrupt:
+        print("interrupted")
+        sys.exit(130)
+""")
+
+
+def test_sigterm_ends_a_run_as_ctrl_c_does_leaving_nothing(tmp_path):
+    source = make_clip(tmp_path / "clip.mp4", frames=60)
+    (tmp_path / "out").mkdir()
+    run = subprocess.Popen([sys.executable, "-c", SLOW_RUN, str(source), str(tmp_path / "out" / "clip.mp4")],
+                           cwd=Path(__file__).parents[1], stdout=subprocess.PIPE, text=True)
+    for _ in range(600):  # until the encoding has begun
+        if os.listdir(tmp_path / "out") or run.poll() is not None:
+            break
+        __import__("time").sleep(0.05)
+    assert [name.endswith(".part") for name in os.listdir(tmp_path / "out")] == [True]
+    run.send_signal(signal.SIGTERM)
+    assert run.wait(60) == 130 and run.stdout.read() == "interrupted\n"
+    assert os.listdir(tmp_path / "out") == []
+
+
+def test_temporary_files_of_killed_runs_are_removed_by_the_next(tmp_path):
+    import fcntl
+
+    source = make_clip(tmp_path / "clip.mkv", frames=4)
+    out = tmp_path / "out"
+    out.mkdir()
+    killed = out / ".clip.mkv.0123abcd.part"  # left by a run killed with SIGKILL
+    running = out / ".clip.mkv.89abcdef.part"  # being written by a run still going
+    others = [out / ".clip.mkv.notes.part", out / ".other.mkv.0123abcd.part", out / "clip.mkv.0123abcd.part"]
+    for path in [killed, running, *others]:
+        path.write_bytes(b"partial")
+    with open(running, "rb") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        restore(source, out / "clip.mkv")
+    assert sorted(os.listdir(out)) == sorted(["clip.mkv", running.name, *(path.name for path in others)])

@@ -14,7 +14,10 @@ from __future__ import annotations
 import contextlib
 import itertools
 import os
+import re
+import signal
 import sys
+import threading
 import time
 from collections import Counter, deque
 from dataclasses import dataclass, field
@@ -31,6 +34,11 @@ from ..faces.pipeline import Selection, model_fit
 from ..faces.stream import restore_frames, stream_reach
 from ..files.atomic import atomic_file
 from ..files.images import MAX_MEGAPIXELS
+
+try:
+    import fcntl
+except ImportError:  # Windows: temporary files are not locked, and those of killed runs stay
+    fcntl = None
 
 VIDEO_SUFFIXES = (".mp4", ".mov", ".mkv", ".webm", ".avi")
 CONTAINERS = {".mp4": "mp4", ".mov": "mov", ".mkv": "matroska", ".webm": "webm", ".avi": "avi"}  # FFmpeg's names
@@ -740,11 +748,74 @@ def restore_video(src: str | os.PathLike, dst: str | os.PathLike, model, detecto
 
 @contextlib.contextmanager
 def atomic_output(dst: Path, overwrite: bool = True) -> Iterator[tuple[str, str | None]]:
-    """(a temporary file beside `dst`, the FFmpeg container `dst`'s suffix names): see atomic_file."""
+    """(a temporary file beside `dst`, the FFmpeg container `dst`'s suffix names): see atomic_file.
+    SIGTERM ends the block as Ctrl-C does, removing the file. The file is locked while it is written,
+    so that the next run removes those a killed run left (SIGKILL, a power cut) and no other."""
     dst.parent.mkdir(parents=True, exist_ok=True)
     container = CONTAINERS.get(dst.suffix.lower())  # named, so the temporary file need not end in .mp4
-    with atomic_file(dst, overwrite, ".part" if container else dst.suffix) as temp:
+    suffix = ".part" if container else dst.suffix
+    remove_left_behind(dst, suffix)
+    with _terminate_as_interrupt(), atomic_file(dst, overwrite, suffix) as temp, _locked(temp):
         yield temp, container
+
+
+@contextlib.contextmanager
+def _terminate_as_interrupt() -> Iterator[None]:
+    """SIGTERM (kill, a service or a scheduler stopping) raises KeyboardInterrupt, where it would
+    otherwise end the process on the spot: only in the main thread (the only one signals reach), and
+    only where no one else handles SIGTERM (a Ray worker, a server)."""
+    if threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        yield
+        return
+
+    def interrupt(number, frame):
+        raise KeyboardInterrupt(f"signal {number} (SIGTERM)")
+
+    signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+@contextlib.contextmanager
+def _locked(temp: str) -> Iterator[None]:
+    """An exclusive lock on the temporary file while it is written (none where there is no fcntl)."""
+    if fcntl is None:
+        yield
+        return
+    fd = os.open(temp, os.O_RDONLY | os.O_NOFOLLOW)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def remove_left_behind(dst: Path, suffix: str = ".part") -> list[Path]:
+    """Remove the temporary files (atomic_file's `.NAME.xxxxxxxx.part`) of runs writing `dst` that
+    were killed: those no running writer locks. Returns them."""
+    if fcntl is None or not dst.parent.is_dir():
+        return []
+    pattern = re.compile(rf"\.{re.escape(dst.name)}\.[0-9a-f]{{8}}{re.escape(suffix)}")
+    removed = []
+    for entry in os.scandir(dst.parent):
+        if not pattern.fullmatch(entry.name) or not entry.is_file(follow_symlinks=False):
+            continue
+        try:
+            fd = os.open(entry.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            os.unlink(entry.path)
+            removed.append(Path(entry.path))
+        except OSError:  # locked: a run is writing it
+            pass
+        finally:
+            os.close(fd)
+    return removed
 
 
 def join_segments(segments: list[Path], src: str | os.PathLike, dst: str | os.PathLike,
