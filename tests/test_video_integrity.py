@@ -311,3 +311,23 @@ def test_temporary_files_of_killed_runs_are_removed_by_the_next(tmp_path):
         fcntl.flock(held, fcntl.LOCK_EX)
         restore(source, out / "clip.mkv")
     assert sorted(os.listdir(out)) == sorted(["clip.mkv", running.name, *(path.name for path in others)])
+
+
+# What the summary says.
+
+def test_ten_bit_frames_written_as_eight_bits_are_said(tmp_path):
+    source = make_clip(tmp_path / "ten.mkv", frames=4, pix_fmt="yuv420p10le", audio=())
+    summary = restore(source, tmp_path / "out.mkv")
+    assert "10-bit source (yuv420p10le) written as 8-bit yuv420p: frames are restored at 8 bits" in str(summary)
+    assert "-bit source" not in str(restore(make_clip(tmp_path / "eight.mkv", frames=4, audio=()),
+                                            tmp_path / "eight_out.mkv"))
+
+
+def test_a_span_past_the_clips_end_says_so(tmp_path):
+    source = make_clip(tmp_path / "clip.mkv", frames=24, audio=())
+    summary = restore(source, tmp_path / "tail.mkv", span=range(20, 40))
+    assert summary.frames == 4
+    assert "span 20:40 runs past the clip's end: it has 24 frames, 20:24 restored" in str(summary)
+    assert "could not be decoded" not in str(summary)
+    with pytest.raises(ValueError, match=r"clip.mkv: span 30:40 starts outside the clip's 24 frames \(0:24\)"):
+        restore(source, tmp_path / "none.mkv", span=range(30, 40))

@@ -321,6 +321,7 @@ class VideoReader:
         self.keep_yuv = keep_yuv
         self.originals: deque[list[np.ndarray]] = deque()
         self.colorspace = self.color_range = self.color_primaries = self.color_trc = None  # from the first frame
+        self.pix_fmt, self.bits = "", 8  # the first frame's pixel format and its bits per component
         self.rotation = 0
         self.decoded = 0  # the index of the next frame
 
@@ -350,6 +351,7 @@ class VideoReader:
                     self.colorspace, self.color_range = frame.colorspace, frame.color_range
                     self.rotation = round(frame.rotation / 90) % 4 if frame.rotation else 0
                     self.color_primaries, self.color_trc = frame.color_primaries, frame.color_trc
+                    self.pix_fmt, self.bits = frame.format.name, max(c.bits for c in frame.format.components)
                 pts = times[n] if n < len(times) else (times[-1] if times else 0) + (n - len(times) + 1) * step
                 colorspace = _SWS_COLORSPACE.get(self.colorspace)
                 rgb = frame.to_ndarray(format="rgb24", src_colorspace=colorspace,
@@ -685,10 +687,16 @@ def restore_video(src: str | os.PathLike, dst: str | os.PathLike, model, detecto
         reader.close()
         raise ValueError(f"{src}: {e}") from None
     whole = span is None  # else a segment: video alone, for join_segments
-    span = range(reader.info.frames) if whole else span
-    if not span:
+    total = reader.info.frames
+    span = range(total) if whole else span
+    if not span or not 0 <= span.start < total:
         reader.close()
-        raise ValueError(f"{src}: span {span.start}:{span.stop} holds no frame")
+        where = "holds no frame" if not span else f"starts outside the clip's {total} frames (0:{total})"
+        raise ValueError(f"{src}: span {span.start}:{span.stop} {where}")
+    if span.stop > total:
+        summary.notes.append(f"span {span.start}:{span.stop} runs past the clip's end: it has {total} frames, "
+                             f"{span.start}:{total} restored")
+        span = range(span.start, total)
     start = max(0, span.start - stream_reach(select))  # the first frame read
     lead = span.start - start  # frames read for smoothing alone, before the segment
     bar = None
@@ -703,6 +711,9 @@ def restore_video(src: str | os.PathLike, dst: str | os.PathLike, model, detecto
                 height, width = output_size(first.shape[:2], paste)
                 writer = VideoWriter(temp, reader, width, height, codec, crf, container, copy_streams=whole)
                 summary.notes += writer.notes
+                if reader.bits > 8:
+                    summary.notes.append(f"{reader.bits}-bit source ({reader.pix_fmt}) written as 8-bit "
+                                         f"{writer.pix_fmt}: frames are restored at 8 bits")
                 if writer.pix_fmt != "yuv420p" or (height, width) != first.shape[:2]:  # no source planes to keep
                     reader.keep_yuv = False
                     reader.originals.clear()
