@@ -7,19 +7,19 @@ PyAV, a few frames each, and a stand-in detector, so no shared data is needed.
 """
 
 import os
-import resource
 import signal
 import struct
 import subprocess
 import sys
 import textwrap
+import time
 from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from gpen.apps.video import VideoReader, VideoWriter, join_segments, probe_video, restore_video
+from gpen.apps.video import VideoReader, join_segments, probe_video, restore_video
 from tests.helpers import IdentityRestorer
 from tests.test_video import OneFace, gpen_cli  # noqa: F401 (a fixture)
 
@@ -191,7 +191,7 @@ def test_a_frame_size_change_mid_clip_is_refused_before_the_frame_is_converted(t
     assert sorted(os.listdir(tmp_path)) == ["switch.mkv"]  # no result, no temporary file
 
 
-def test_cli_a_clip_changing_size_fails_one_line_and_the_others_go_on(gpen_cli, tmp_path, capsys):
+def test_cli_a_clip_changing_size_fails_one_line_and_the_others_go_on(gpen_cli, tmp_path, capsys):  # noqa: F811
     (tmp_path / "in").mkdir()
     make_clip(tmp_path / "in" / "a_switch.mkv", frames=6, codec="mjpeg", size=(160, 120), audio=(),
               sizes=[(160, 120)] * 4 + [(320, 240)] * 2)
@@ -289,7 +289,7 @@ def test_sigterm_ends_a_run_as_ctrl_c_does_leaving_nothing(tmp_path):
     for _ in range(600):  # until the encoding has begun
         if os.listdir(tmp_path / "out") or run.poll() is not None:
             break
-        __import__("time").sleep(0.05)
+        time.sleep(0.05)
     assert [name.endswith(".part") for name in os.listdir(tmp_path / "out")] == [True]
     run.send_signal(signal.SIGTERM)
     assert run.wait(60) == 130 and run.stdout.read() == "interrupted\n"

@@ -1,4 +1,4 @@
-"""Video files: restore every frame's faces while streaming, keeping the clip's timing and audio.
+"""Video files: restore every frame's faces while streaming, keeping the clip's timing, audio and subtitles.
 
     summary = gpen.restore_video("clip.mp4", "out/clip.mp4", model, detector, select=SelectOptions(temporal_sigma=2))
     print(summary)                        # 240 frames, 231 faces restored, 81.2 s
@@ -61,7 +61,7 @@ class VideoInfo:
     timestamps: tuple[int, ...] = field(default=(), repr=False)  # of the frames, in order, in time_base
     codec: str = ""
     audio: tuple[str, ...] = ()  # codec of each audio stream
-    other_streams: int = 0  # subtitles, data, attachments: not copied
+    other_streams: int = 0  # subtitles, data, attachments
 
 
 @dataclass
@@ -658,9 +658,10 @@ def restore_video(src: str | os.PathLike, dst: str | os.PathLike, model, detecto
                   span: range | None = None, cancel: Callable[[], bool | None] | None = None) -> VideoSummary:
     """Restore every face of the video `src` into `dst` (its container from its suffix), streaming.
 
-    Frame count, rate and time base are kept, audio streams are copied packet for packet, and video
-    is encoded with `codec` at `crf` (H.264 CRF 16, yuv420p, by default; a container that cannot hold
-    the codec gets its usual one, and the summary says so). `dst` appears whole or not at all: the
+    Frame count, rate and time base are kept, the other streams (audio, subtitles) are copied packet
+    for packet to the source's end (StreamCopy: the summary names what is not), and video is encoded
+    with `codec` at `crf` (H.264 CRF 16, yuv420p, by default; a container that cannot hold the codec
+    gets its usual one, and the summary says so). `dst` appears whole or not at all: the
     encoding goes to a temporary file beside it, renamed at the end and removed on any failure,
     Ctrl-C included. `progress` shows a bar (tqdm) with frames per second and ETA; a string labels it.
     `select`, `paste`, `masks`, `face_batch` and `cancel` are restore_frames' (faces/options.py).
