@@ -527,7 +527,7 @@ class StreamCopy:
     def __init__(self, source: Path, container):
         av = _av()
 
-        self.source, self.container = source, container
+        self.container = container
         self.input = av.open(str(source), metadata_errors="ignore")
         try:
             self.video = _video_stream(self.input, source)
@@ -565,10 +565,11 @@ class StreamCopy:
             if seconds is not None and _decode_time(self.pending) > seconds:
                 return
             packet, self.pending = self.pending, None
+            index = packet.stream.index
             try:
                 self.mux(packet)
             except av.FFmpegError as e:
-                self.refused.setdefault(packet.stream.index, _reason(e))
+                self.refused.setdefault(index, _reason(e))
 
     def mux(self, packet) -> None:
         index = packet.stream.index
@@ -584,7 +585,7 @@ class StreamCopy:
         for index, label in self.labels.items():
             read, written = self.read[index], self.written[index]
             if written < read:
-                notes.append(f"{label}: {written} of {read} packets copied ({self.refused.get(index, 'refused')})")
+                notes.append(f"{label}: {written} of {read} packets copied ({self.refused[index]})")
             if self.damaged:
                 notes.append(f"{label}: {written} packets copied; the source's data is damaged after them "
                              f"({self.damaged})")
@@ -805,13 +806,12 @@ def _locked(temp: str) -> Iterator[None]:
         os.close(fd)
 
 
-def remove_left_behind(dst: Path, suffix: str = ".part") -> list[Path]:
+def remove_left_behind(dst: Path, suffix: str = ".part") -> None:
     """Remove the temporary files (atomic_file's `.NAME.xxxxxxxx.part`) of runs writing `dst` that
-    were killed: those no running writer locks. Returns them."""
-    if fcntl is None or not dst.parent.is_dir():
-        return []
+    were killed: those no running writer locks."""
+    if fcntl is None:
+        return
     pattern = re.compile(rf"\.{re.escape(dst.name)}\.[0-9a-f]{{8}}{re.escape(suffix)}")
-    removed = []
     for entry in os.scandir(dst.parent):
         if not pattern.fullmatch(entry.name) or not entry.is_file(follow_symlinks=False):
             continue
@@ -822,12 +822,10 @@ def remove_left_behind(dst: Path, suffix: str = ".part") -> list[Path]:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             os.unlink(entry.path)
-            removed.append(Path(entry.path))
         except OSError:  # locked: a run is writing it
             pass
         finally:
             os.close(fd)
-    return removed
 
 
 def join_segments(segments: list[Path], src: str | os.PathLike, dst: str | os.PathLike,
