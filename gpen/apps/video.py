@@ -1,4 +1,4 @@
-"""Video files: restore every frame's faces while streaming, keeping the clip's timing and audio.
+"""Video files: restore every frame's faces while streaming, keeping the clip's timing, audio and subtitles.
 
     summary = gpen.restore_video("clip.mp4", "out/clip.mp4", model, detector, select=SelectOptions(temporal_sigma=2))
     print(summary)                        # 240 frames, 231 faces restored, 81.2 s
@@ -12,12 +12,14 @@ ahead and behind across chunk boundaries and gives what smoothing the whole clip
 from __future__ import annotations
 
 import contextlib
-import heapq
 import itertools
 import os
+import re
+import signal
 import sys
+import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
@@ -32,6 +34,11 @@ from ..faces.pipeline import Selection, model_fit
 from ..faces.stream import restore_frames, stream_reach
 from ..files.atomic import atomic_file
 from ..files.images import MAX_MEGAPIXELS
+
+try:
+    import fcntl
+except ImportError:  # Windows: temporary files are not locked, and those of killed runs stay
+    fcntl = None
 
 VIDEO_SUFFIXES = (".mp4", ".mov", ".mkv", ".webm", ".avi")
 CONTAINERS = {".mp4": "mp4", ".mov": "mov", ".mkv": "matroska", ".webm": "webm", ".avi": "avi"}  # FFmpeg's names
@@ -54,7 +61,7 @@ class VideoInfo:
     timestamps: tuple[int, ...] = field(default=(), repr=False)  # of the frames, in order, in time_base
     codec: str = ""
     audio: tuple[str, ...] = ()  # codec of each audio stream
-    other_streams: int = 0  # subtitles, data, attachments: not copied
+    other_streams: int = 0  # subtitles, data, attachments
 
 
 @dataclass
@@ -112,6 +119,7 @@ def probe_video(path: str | os.PathLike, max_megapixels: float | None = MAX_MEGA
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file")
+    check_sample_tables(path)
     try:
         container = av.open(str(path), metadata_errors="ignore")
     except av.FFmpegError as e:
@@ -141,6 +149,90 @@ def probe_video(path: str | os.PathLike, max_megapixels: float | None = MAX_MEGA
         others = len(container.streams) - 1 - len(audio)
         return VideoInfo(path, width, height, len(times), rate, time_base, tuple(times),
                          stream.codec_context.codec.canonical_name, audio, others)
+
+
+# MP4 and MOV files (ISO base media) describe their samples in run-length tables, so a few bytes can
+# claim millions of them, and FFmpeg indexes each claimed sample (~70 bytes) as it opens the file:
+# 12 bytes claiming 60 M samples cost 4-5 GB. The tables are checked first against what the file holds.
+MAX_SAMPLES = 10_000_000  # per file: 46 hours at 60 fps, ~0.7 GB of FFmpeg's index
+_BOXES_WITHIN = {b"moov", b"trak", b"mdia", b"minf", b"stbl", b"mvex", b"moof", b"traf", b"edts"}
+
+
+def check_sample_tables(path: Path) -> None:
+    """Refuse an MP4 or MOV file whose sample tables claim more samples than it can hold (each at
+    least one byte, or the constant size its table gives) or more than MAX_SAMPLES, before FFmpeg
+    indexes them. Only the boxes that describe samples are read, not the media; a file that does not
+    parse as boxes from its start (Matroska, AVI) has none and passes."""
+    size = path.stat().st_size
+    claims: list[tuple[bytes, int, int]] = []  # (table, samples claimed, bytes they need)
+    with open(path, "rb") as file:
+        at = 0
+        while at + 8 <= size:
+            file.seek(at)
+            header = file.read(16)
+            length, kind = _box_header(header, size - at)
+            if length is None:
+                break
+            if kind in (b"moov", b"moof"):
+                file.seek(at)
+                _sample_claims(file.read(length)[_header_size(header):], claims)
+            at += length
+    total = 0
+    for table, samples, needed in claims:
+        total += samples if table in (b"stsz", b"stz2", b"trun") else 0
+        if needed > size:
+            raise ValueError(f"{path}: its {table.decode()} table claims {samples} samples, more than its {size} "
+                             f"bytes can hold; the file is damaged")
+    if total > MAX_SAMPLES:
+        raise ValueError(f"{path}: its tables claim {total} samples, over the {MAX_SAMPLES} a file may hold")
+
+
+def _header_size(header: bytes) -> int:
+    return 16 if int.from_bytes(header[:4], "big") == 1 else 8
+
+
+def _box_header(header: bytes, left: int) -> tuple[int | None, bytes]:
+    """(the box's length, None where it does not fit in `left` bytes, and its type)."""
+    length, kind = int.from_bytes(header[:4], "big"), header[4:8]
+    if length == 1:
+        length = int.from_bytes(header[8:16], "big") if len(header) >= 16 else 0
+    elif length == 0:
+        length = left  # to the end of the file
+    return (length if _header_size(header) <= length <= left else None), kind
+
+
+def _sample_claims(data: bytes, claims: list) -> None:
+    """Append (table, samples claimed, bytes they need) for each sample table among the boxes in `data`."""
+    at = 0
+    while at + 8 <= len(data):
+        length, kind = _box_header(data[at:at + 16], len(data) - at)
+        if length is None:
+            return
+        body = data[at + _header_size(data[at:at + 16]):at + length]
+        if kind in _BOXES_WITHIN:
+            _sample_claims(body, claims)
+        elif len(body) >= 12:
+            claims.append(_claim(kind, body))
+        at += length
+
+
+def _claim(kind: bytes, body: bytes) -> tuple[bytes, int, int]:
+    """(kind, samples, bytes needed) for one full box's body (version and flags first)."""
+    word = [int.from_bytes(body[i:i + 4], "big") for i in range(4, min(len(body), 16) - 3, 4)]
+    if kind == b"stsz":  # sample_size (0: a table of sizes follows), sample_count
+        size, count = word[0], word[1]
+        return kind, count, count * size if size else 20 + 4 * count  # the table itself is in the file
+    if kind == b"stz2":  # field size in bits, sample_count
+        count = word[1]
+        return kind, count, 20 + (count * (word[0] & 0xFF) + 7) // 8
+    if kind in (b"stts", b"ctts"):  # (sample count, value) runs
+        entries = min(word[0], (len(body) - 8) // 8)
+        runs = np.frombuffer(body[8:8 + 8 * entries], ">u4").reshape(-1, 2)
+        count = int(runs[:, 0].sum(dtype=np.uint64))
+        return kind, count, count  # each sample at least one byte
+    if kind == b"trun":  # a fragment's samples
+        return kind, word[0], word[0]
+    return kind, 0, 0
 
 
 def _video_stream(container, path: Path):
@@ -215,22 +307,21 @@ class VideoReader:
     timestamps in order: AVI's are decoding times, out of order with B-frames); `frames(start)` begins
     at frame `start` (a seek to the keyframe before it); `chunks(n)` stacks them n at a time. With
     `keep_yuv`, each frame's own YUV 4:2:0 planes (upright) go to `originals`, so that a writer can
-    keep them where nothing changed instead of converting RGB back. Audio packets met on the way go,
-    untouched, to `on_audio` once it is set (those met before wait); `audio=False` skips them.
+    keep them where nothing changed instead of converting RGB back. Every frame is checked to be of
+    the clip's size before it is converted: a clip whose frame size changes is a ValueError. The
+    other streams (audio, subtitles) are not read here: StreamCopy copies them.
     """
 
     def __init__(self, path: str | os.PathLike, max_megapixels: float | None = MAX_MEGAPIXELS,
-                 info: VideoInfo | None = None, keep_yuv: bool = False, audio: bool = True):
+                 info: VideoInfo | None = None, keep_yuv: bool = False):
         self.info = info or probe_video(path, max_megapixels)
         self.path = self.info.path
-        self.with_audio = audio
         self._open()
         self.pts: deque[int] = deque()
         self.keep_yuv = keep_yuv
         self.originals: deque[list[np.ndarray]] = deque()
-        self.on_audio: Callable | None = None
-        self.waiting_audio: list = []  # audio packets met before on_audio was set
         self.colorspace = self.color_range = self.color_primaries = self.color_trc = None  # from the first frame
+        self.pix_fmt, self.bits = "", 8  # the first frame's pixel format and its bits per component
         self.rotation = 0
         self.decoded = 0  # the index of the next frame
 
@@ -240,7 +331,6 @@ class VideoReader:
         self.container = av.open(str(self.path), metadata_errors="ignore")
         self.stream = _video_stream(self.container, self.path)
         self.stream.thread_type = "AUTO"
-        self.audio = list(self.container.streams.audio) if self.with_audio else []
 
     def frames(self, start: int = 0) -> Iterator[torch.Tensor]:
         av = _av()
@@ -251,12 +341,17 @@ class VideoReader:
         try:
             for n, frame in self._decoded(start):
                 self.decoded = n + 1
+                if (frame.width, frame.height) != (self.info.width, self.info.height):
+                    raise ValueError(f"{self.path}: frame {n + 1} is {frame.width}x{frame.height}, the clip's "
+                                     f"frames are {self.info.width}x{self.info.height}; a clip whose frame size "
+                                     f"changes is not restored")
                 if n < start:
                     continue
                 if self.colorspace is None:
                     self.colorspace, self.color_range = frame.colorspace, frame.color_range
                     self.rotation = round(frame.rotation / 90) % 4 if frame.rotation else 0
                     self.color_primaries, self.color_trc = frame.color_primaries, frame.color_trc
+                    self.pix_fmt, self.bits = frame.format.name, max(c.bits for c in frame.format.components)
                 pts = times[n] if n < len(times) else (times[-1] if times else 0) + (n - len(times) + 1) * step
                 colorspace = _SWS_COLORSPACE.get(self.colorspace)
                 rgb = frame.to_ndarray(format="rgb24", src_colorspace=colorspace,
@@ -269,7 +364,6 @@ class VideoReader:
                     self.originals.append([np.rot90(plane, self.rotation) for plane in _planes(yuv)])
                 self.pts.append(pts)
                 yield torch.from_numpy(np.ascontiguousarray(np.rot90(rgb, self.rotation)))
-            self._pass_audio()
         except av.FFmpegError as e:
             raise ValueError(f"{self.path}: damaged video data at frame {self.decoded + 1} ({_reason(e)})") from None
 
@@ -290,24 +384,11 @@ class VideoReader:
                 return
             self.container.close()
             self._open()
-            self.waiting_audio.clear()
         yield from enumerate(self._decode())
 
     def _decode(self) -> Iterator:
-        for packet in self.container.demux(self.stream, *self.audio):
-            if packet.stream.type == "audio":
-                if packet.size:
-                    self.waiting_audio.append(packet)
-                self._pass_audio()
-                continue
-            self._pass_audio()
+        for packet in self.container.demux(self.stream):
             yield from packet.decode()
-
-    def _pass_audio(self) -> None:
-        if self.on_audio is not None:
-            for packet in self.waiting_audio:
-                self.on_audio(packet)
-            self.waiting_audio.clear()
 
     def chunks(self, size: int) -> Iterator[torch.Tensor]:
         """(n,H,W,3) uint8 chunks of `size` frames (the last one shorter)."""
@@ -336,10 +417,12 @@ class VideoReader:
 # Writing.
 
 class VideoWriter:
-    """Encodes frames into `path` with the reader's timing, and copies its audio packets untouched."""
+    """Encodes frames into `path` with the reader's timing and, with `copy_streams`, copies the
+    source's other streams (audio, subtitles) packet for packet, in time with the frames."""
 
     def __init__(self, path: str | os.PathLike, reader: VideoReader, width: int, height: int,
-                 codec: str = DEFAULT_CODEC, crf: float = DEFAULT_CRF, container: str | None = None):
+                 codec: str = DEFAULT_CODEC, crf: float = DEFAULT_CRF, container: str | None = None,
+                 copy_streams: bool = True):
         av = _av()
 
         self.path = Path(path)
@@ -349,11 +432,14 @@ class VideoWriter:
         # the clip's own timescale keeps it exact.
         options = {"movie_timescale": str(reader.info.time_base.denominator)} if kind in ("mp4", "mov") else {}
         self.container = av.open(str(self.path), "w", format=container, options=options)  # None: from the suffix
+        self.copy = None
         try:
             self._add_video(reader, width, height, codec, crf)
-            self._add_audio(reader)
+            if copy_streams:
+                self.copy = StreamCopy(reader.path, self.container)
+                self.notes += self.copy.notes
         except BaseException:
-            self.container.close()
+            self.close()
             raise
         self.encoded = 0
 
@@ -395,12 +481,6 @@ class VideoWriter:
             context.color_primaries, context.color_trc = reader.color_primaries, reader.color_trc
         self.video = stream
 
-    def _add_audio(self, reader: VideoReader) -> None:
-        self.audio, notes = add_audio_streams(self.container, reader.audio)
-        self.notes += notes
-        if reader.with_audio and reader.info.other_streams:
-            self.notes.append(f"{reader.info.other_streams} subtitle or data stream(s) not copied")
-
     def write(self, image: np.ndarray, pts: int, original: list[np.ndarray] | None = None,
               mask: np.ndarray | None = None) -> None:
         """One (H,W,3) uint8 RGB frame, at `pts` in the source's time base. Given the source frame's
@@ -418,37 +498,129 @@ class VideoWriter:
                 frame = _frame_from_planes(_blend_planes(original, _planes(frame), mask), "yuv420p")
         frame.pts = self.encoded if self.counts_frames else round(pts * self.source_time_base / self.time_base)
         frame.time_base = self.time_base
+        if self.copy is not None:
+            self.copy.mux_until(pts * self.source_time_base)
         self.container.mux(self.video.encode(frame))
         self.encoded += 1
 
-    def mux_audio(self, packet) -> None:
-        stream = self.audio.get(packet.stream.index)
-        if stream is not None:
-            packet.stream = stream
-            self.container.mux(packet)
-
-    def finish(self) -> None:
+    def finish(self) -> list[str]:
+        """Flush the encoder and copy the rest of the other streams; returns notes on packets not copied."""
         self.container.mux(self.video.encode())
+        notes = self.copy.finish() if self.copy is not None else []
         self.container.close()
+        return notes
 
     def close(self) -> None:
+        if self.copy is not None:
+            self.copy.close()
         with contextlib.suppress(Exception):
             self.container.close()
 
 
-def add_audio_streams(container, streams: list) -> tuple[dict, list[str]]:
-    """Output streams in `container` for copying the audio `streams` packet for packet: {input
-    stream index: output stream}, and a note for each stream the container cannot hold."""
-    copies, notes = {}, []
-    supported, kind = container.supported_codecs, container.format.name
-    for number, stream in enumerate(streams, 1):
-        name = stream.codec_context.codec.canonical_name
-        if name not in supported:
-            notes.append(f"audio stream {number} ({name}) not copied: {kind} files do not hold it, "
-                         f"and audio is never re-encoded")
+class StreamCopy:
+    """The streams of `source` other than its restored video (audio, subtitles, data), copied packet for
+    packet into the output `container`, never re-encoded: `mux_until` copies those due by a time, in
+    step with the video written there, and `finish` the rest, to the source's end. Packets read and
+    written are counted per stream; `notes` name each stream the container cannot hold, and `finish`
+    returns one for each stream whose packets did not all go, so nothing is dropped without a word."""
+
+    def __init__(self, source: Path, container):
+        av = _av()
+
+        self.container = container
+        self.input = av.open(str(source), metadata_errors="ignore")
+        try:
+            self.video = _video_stream(self.input, source)
+            self.outputs, self.labels, self.notes = _copied_streams(self.input, self.video, container)
+        except BaseException:
+            self.input.close()
+            raise
+        self.read: Counter = Counter()
+        self.written: Counter = Counter()
+        self.refused: dict[int, str] = {}  # the muxer's reason for the first packet of a stream it refused
+        self.damaged: str | None = None  # FFmpeg's reason where reading the source stopped early
+        self.packets = self._demux()
+        self.pending = None  # read, not yet due
+
+    def _demux(self) -> Iterator:
+        if not self.outputs:  # demux() with no stream would read them all
+            return
+        for packet in self.input.demux(*(self.input.streams[index] for index in self.outputs)):
+            if packet.size:  # not the empty ones that end each stream
+                self.read[packet.stream.index] += 1
+                yield packet
+
+    def mux_until(self, seconds: Fraction | None) -> None:
+        """Copy the packets whose decoding time is at most `seconds`; all that are left with None."""
+        av = _av()
+
+        while True:
+            if self.pending is None:
+                try:
+                    self.pending = next(self.packets, None)
+                except av.FFmpegError as e:
+                    self.damaged, self.packets = _reason(e), iter(())
+                if self.pending is None:
+                    return
+            if seconds is not None and _decode_time(self.pending) > seconds:
+                return
+            packet, self.pending = self.pending, None
+            index = packet.stream.index
+            try:
+                self.mux(packet)
+            except av.FFmpegError as e:
+                self.refused.setdefault(index, _reason(e))
+
+    def mux(self, packet) -> None:
+        index = packet.stream.index
+        packet.stream = self.outputs[index]
+        self.container.mux(packet)
+        self.written[index] += 1
+
+    def finish(self) -> list[str]:
+        """Copy what is left; a note for each stream not copied whole."""
+        self.mux_until(None)
+        self.close()
+        notes = []
+        for index, label in self.labels.items():
+            read, written = self.read[index], self.written[index]
+            if written < read:
+                notes.append(f"{label}: {written} of {read} packets copied ({self.refused[index]})")
+            if self.damaged:
+                notes.append(f"{label}: {written} packets copied; the source's data is damaged after them "
+                             f"({self.damaged})")
+        return notes
+
+    def close(self) -> None:
+        self.input.close()
+
+
+def _copied_streams(source, video, container) -> tuple[dict, dict, list[str]]:
+    """Output streams in `container` for each stream of `source` but `video` that it holds ({input
+    index: output stream}), their labels ("audio stream 1 (aac)"), and a note for each left out."""
+    av = _av()
+
+    outputs, labels, notes, numbers = {}, {}, [], Counter()
+    kind = container.format.name
+    for stream in source.streams:
+        if stream.index == video.index:
             continue
-        copies[stream.index] = container.add_stream_from_template(stream)
-    return copies, notes
+        numbers[stream.type] += 1
+        context = getattr(stream, "codec_context", None)
+        name = context.codec.canonical_name if context is not None and context.codec else "unknown codec"
+        label = f"{stream.type} stream {numbers[stream.type]} ({name})"
+        if stream.type == "video":
+            notes.append(f"{label} not copied: only the first video stream is restored")
+        elif name not in container.supported_codecs:
+            never = ", and audio is never re-encoded" if stream.type == "audio" else ""
+            notes.append(f"{label} not copied: {kind} files do not hold it{never}")
+        else:
+            try:
+                outputs[stream.index] = container.add_stream_from_template(stream)
+                labels[stream.index] = label
+            except (ValueError, TypeError, av.FFmpegError) as e:
+                notes.append(f"{label} not copied ({_reason(e)})")
+    return outputs, labels, notes
 
 
 def _planes(frame) -> list[np.ndarray]:
@@ -487,9 +659,10 @@ def restore_video(src: str | os.PathLike, dst: str | os.PathLike, model, detecto
                   span: range | None = None, cancel: Callable[[], bool | None] | None = None) -> VideoSummary:
     """Restore every face of the video `src` into `dst` (its container from its suffix), streaming.
 
-    Frame count, rate and time base are kept, audio streams are copied packet for packet, and video
-    is encoded with `codec` at `crf` (H.264 CRF 16, yuv420p, by default; a container that cannot hold
-    the codec gets its usual one, and the summary says so). `dst` appears whole or not at all: the
+    Frame count, rate and time base are kept, the other streams (audio, subtitles) are copied packet
+    for packet to the source's end (StreamCopy: the summary names what is not), and video is encoded
+    with `codec` at `crf` (H.264 CRF 16, yuv420p, by default; a container that cannot hold the codec
+    gets its usual one, and the summary says so). `dst` appears whole or not at all: the
     encoding goes to a temporary file beside it, renamed at the end and removed on any failure,
     Ctrl-C included. `progress` shows a bar (tqdm) with frames per second and ETA; a string labels it.
     `select`, `paste`, `masks`, `face_batch` and `cancel` are restore_frames' (faces/options.py).
@@ -509,16 +682,23 @@ def restore_video(src: str | os.PathLike, dst: str | os.PathLike, model, detecto
         raise ValueError("a background is one picture per frame, held in memory; a video is streamed: enlarge it "
                          "with upscale_by or an upscaler")
     summary = VideoSummary(src, dst)
-    reader = VideoReader(src, max_megapixels, info, keep_yuv=True, audio=span is None)
+    reader = VideoReader(src, max_megapixels, info, keep_yuv=True)
     try:
         check_output_size((reader.info.height, reader.info.width), paste)
     except ValueError as e:
         reader.close()
         raise ValueError(f"{src}: {e}") from None
-    span = range(reader.info.frames) if span is None else span
-    if not span:
+    whole = span is None  # else a segment: video alone, for join_segments
+    total = reader.info.frames
+    span = range(total) if whole else span
+    if not span or not 0 <= span.start < total:
         reader.close()
-        raise ValueError(f"{src}: span {span.start}:{span.stop} holds no frame")
+        where = "holds no frame" if not span else f"starts outside the clip's {total} frames (0:{total})"
+        raise ValueError(f"{src}: span {span.start}:{span.stop} {where}")
+    if span.stop > total:
+        summary.notes.append(f"span {span.start}:{span.stop} runs past the clip's end: it has {total} frames, "
+                             f"{span.start}:{total} restored")
+        span = range(span.start, total)
     start = max(0, span.start - stream_reach(select))  # the first frame read
     lead = span.start - start  # frames read for smoothing alone, before the segment
     bar = None
@@ -531,12 +711,14 @@ def restore_video(src: str | os.PathLike, dst: str | os.PathLike, model, detecto
             writer = None
             try:
                 height, width = output_size(first.shape[:2], paste)
-                writer = VideoWriter(temp, reader, width, height, codec, crf, container)
+                writer = VideoWriter(temp, reader, width, height, codec, crf, container, copy_streams=whole)
                 summary.notes += writer.notes
+                if reader.bits > 8:
+                    summary.notes.append(f"{reader.bits}-bit source ({reader.pix_fmt}) written as 8-bit "
+                                         f"{writer.pix_fmt}: frames are restored at 8 bits")
                 if writer.pix_fmt != "yuv420p" or (height, width) != first.shape[:2]:  # no source planes to keep
                     reader.keep_yuv = False
                     reader.originals.clear()
-                reader.on_audio = writer.mux_audio
                 bar = _progress_bar(progress, len(span), src.name)
                 for result in restore_frames(_prepend(first, frames), model, detector, chunk=chunk, select=select,
                                              paste=paste, masks=masks, face_batch=face_batch,
@@ -559,7 +741,7 @@ def restore_video(src: str | os.PathLike, dst: str | os.PathLike, model, detecto
                     summary.unrestored += result.unrestored
                     if bar is not None:
                         bar.update(len(pixels))
-                writer.finish()
+                summary.notes += writer.finish()
             except av.FFmpegError as e:
                 if isinstance(e, OSError):
                     raise
@@ -579,37 +761,96 @@ def restore_video(src: str | os.PathLike, dst: str | os.PathLike, model, detecto
 
 @contextlib.contextmanager
 def atomic_output(dst: Path, overwrite: bool = True) -> Iterator[tuple[str, str | None]]:
-    """(a temporary file beside `dst`, the FFmpeg container `dst`'s suffix names): see atomic_file."""
+    """(a temporary file beside `dst`, the FFmpeg container `dst`'s suffix names): see atomic_file.
+    SIGTERM ends the block as Ctrl-C does, removing the file. The file is locked while it is written,
+    so that the next run removes those a killed run left (SIGKILL, a power cut) and no other."""
     dst.parent.mkdir(parents=True, exist_ok=True)
     container = CONTAINERS.get(dst.suffix.lower())  # named, so the temporary file need not end in .mp4
-    with atomic_file(dst, overwrite, ".part" if container else dst.suffix) as temp:
+    suffix = ".part" if container else dst.suffix
+    remove_left_behind(dst, suffix)
+    with _terminate_as_interrupt(), atomic_file(dst, overwrite, suffix) as temp, _locked(temp):
         yield temp, container
+
+
+@contextlib.contextmanager
+def _terminate_as_interrupt() -> Iterator[None]:
+    """SIGTERM (kill, a service or a scheduler stopping) raises KeyboardInterrupt, where it would
+    otherwise end the process on the spot: only in the main thread (the only one signals reach), and
+    only where no one else handles SIGTERM (a Ray worker, a server)."""
+    if threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        yield
+        return
+
+    def interrupt(number, frame):
+        raise KeyboardInterrupt(f"signal {number} (SIGTERM)")
+
+    signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+@contextlib.contextmanager
+def _locked(temp: str) -> Iterator[None]:
+    """An exclusive lock on the temporary file while it is written (none where there is no fcntl)."""
+    if fcntl is None:
+        yield
+        return
+    fd = os.open(temp, os.O_RDONLY | os.O_NOFOLLOW)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def remove_left_behind(dst: Path, suffix: str = ".part") -> None:
+    """Remove the temporary files (atomic_file's `.NAME.xxxxxxxx.part`) of runs writing `dst` that
+    were killed: those no running writer locks."""
+    if fcntl is None:
+        return
+    pattern = re.compile(rf"\.{re.escape(dst.name)}\.[0-9a-f]{{8}}{re.escape(suffix)}")
+    for entry in os.scandir(dst.parent):
+        if not pattern.fullmatch(entry.name) or not entry.is_file(follow_symlinks=False):
+            continue
+        try:
+            fd = os.open(entry.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            os.unlink(entry.path)
+        except OSError:  # locked: a run is writing it
+            pass
+        finally:
+            os.close(fd)
 
 
 def join_segments(segments: list[Path], src: str | os.PathLike, dst: str | os.PathLike,
                   overwrite: bool = True) -> list[str]:
     """Put the segments of `src` restored by restore_video(span=...) together, in order, into `dst`
-    with `src`'s audio streams: packets are copied, nothing is encoded again. `dst` appears whole or
-    not at all. Returns notes on audio streams `dst`'s container cannot hold."""
+    with `src`'s other streams (audio, subtitles), as restore_video copies them: packets are copied,
+    nothing is encoded again. `dst` appears whole or not at all. Returns notes on the streams `dst`'s
+    container cannot hold and on packets not copied."""
     av = _av()
 
     src, dst = Path(src), Path(dst)
     with contextlib.ExitStack() as stack:
         inputs = [stack.enter_context(av.open(str(path))) for path in segments]
-        source = stack.enter_context(av.open(str(src), metadata_errors="ignore"))
         temp, container = stack.enter_context(atomic_output(dst, overwrite))
         out = stack.enter_context(av.open(temp, "w", format=container))
         video = out.add_stream_from_template(inputs[0].streams.video[0])
-        original = _video_stream(source, src)
+        copy = StreamCopy(src, out)
+        stack.callback(copy.close)
+        original = copy.video
         video.codec_context.framerate = original.average_rate or original.guessed_rate  # Matroska keeps it per track
-        audio, notes = add_audio_streams(out, list(source.streams.audio))
         pieces = [_moved(part.demux(video=0), {part.streams.video[0].index: video}) for part in inputs]
-        # demux() with no stream reads them all: a clip with no audio to copy has no sound to merge.
-        sound = _moved(source.demux(*(source.streams[index] for index in audio)), audio) if audio else iter(())
-        frames = _timed(itertools.chain(*pieces), counted=out.format.name == "avi")
-        for packet in heapq.merge(frames, sound, key=_decode_time):
+        for packet in _timed(itertools.chain(*pieces), counted=out.format.name == "avi"):
+            copy.mux_until(_decode_time(packet))
             out.mux(packet)
-    return notes
+        return copy.notes + copy.finish()
 
 
 def _timed(packets: Iterator, counted: bool) -> Iterator:
