@@ -1,7 +1,8 @@
 """Image files <-> float RGB arrays, keeping what can be kept: bit depth, alpha, EXIF orientation.
 
-Reading looks at the file's header first, so that an image too large for memory is refused before it
-is decoded; writing goes through a temporary file, so that a failed write leaves what was there.
+Reading looks at the file's header first, parsed as the decoders parse it, so that an image too large
+for memory is refused before it is decoded; OpenCV's own pixel limit and a check of the decoded shape
+back that up. Writing goes through a temporary file, so that a failed write leaves what was there.
 """
 
 from __future__ import annotations
@@ -13,13 +14,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-import cv2
-import numpy as np
-
-from .atomic import write_file_atomically
-
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 MAX_MEGAPIXELS = 200.0  # a 200 MP photo is 2.4 GB as float RGB, before any processing
+OPENCV_LIMIT = "OPENCV_IO_MAX_IMAGE_PIXELS"
+# OpenCV reads its pixel limit once, when it is loaded: the same limit as ours, unless the user set one,
+# so that a file whose header we read otherwise than its decoder does is still refused by the decoder.
+os.environ.setdefault(OPENCV_LIMIT, str(int(MAX_MEGAPIXELS * 1e6)))
+
+import cv2  # noqa: E402  after its limit is set
+import numpy as np  # noqa: E402
+
+from .atomic import write_file_atomically  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -48,13 +53,21 @@ def read_image(path: str | os.PathLike,
                max_megapixels: float | None = MAX_MEGAPIXELS) -> tuple[np.ndarray, ImageFormat]:
     """(H,W,C) float32 RGB(A) or gray in 0..1, upright per EXIF, and the file's channels and depth.
 
-    Images over `max_megapixels` (None or 0: no limit) are refused from their header, undecoded.
+    Images over `max_megapixels` (None or 0: no limit) are refused from their header, undecoded, and
+    from their decoded shape, before any copy, should the decoder have read the header otherwise.
     """
     path = Path(path)
     header = check_image_size(path, max_megapixels)
-    raw = cv2.imdecode(np.fromfile(path, np.uint8), cv2.IMREAD_UNCHANGED)  # the one decode
+    try:
+        raw = cv2.imdecode(np.fromfile(path, np.uint8), cv2.IMREAD_UNCHANGED)  # the one decode
+    except cv2.error as e:
+        if "CV_IO_MAX_IMAGE_PIXELS" not in str(e):
+            raise ValueError(f"{path}: OpenCV cannot decode it ({str(e).strip().splitlines()[-1]})") from None
+        raise ValueError(f"{path}: over OpenCV's own limit of {os.environ.get(OPENCV_LIMIT)} pixels ({OPENCV_LIMIT}, "
+                         "read when OpenCV is loaded: set it before starting to read larger images)") from None
     if raw is None:
         raise ValueError(f"{path}: not an image OpenCV can read")
+    _check_megapixels(path, raw.shape[1], raw.shape[0], max_megapixels, "decoded, ")
     if raw.ndim == 2:
         raw = raw[..., None]
     elif raw.shape[2] in (3, 4):
@@ -69,10 +82,15 @@ def check_image_size(path: str | os.PathLike, max_megapixels: float | None = MAX
     """The file's header, or a ValueError when it holds more than `max_megapixels` (None or 0: no limit)."""
     path = Path(path)
     header = read_header(path)
-    if max_megapixels and header.megapixels > max_megapixels:
-        raise ValueError(f"{path}: {header.width}x{header.height} is {header.megapixels:.0f} megapixels, "
-                         f"over the {max_megapixels:g} MP limit (--max-megapixels raises it)")
+    _check_megapixels(path, header.width, header.height, max_megapixels)
     return header
+
+
+def _check_megapixels(path: Path, width: int, height: int, max_megapixels: float | None, how: str = "") -> None:
+    megapixels = width * height / 1e6
+    if max_megapixels and megapixels > max_megapixels:
+        raise ValueError(f"{path}: {how}{width}x{height} is {megapixels:.0f} megapixels, "
+                         f"over the {max_megapixels:g} MP limit (--max-megapixels raises it)")
 
 
 def read_header(path: str | os.PathLike) -> ImageHeader:
@@ -168,15 +186,28 @@ def _jpeg_header(f: BinaryIO) -> ImageHeader:
     f.seek(2)
     orientation = 1
     while True:  # segments up to the frame header (SOF), maybe an APP1 Exif on the way
-        ff, marker, length = struct.unpack(">BBH", _read(f, 4))
-        if ff != 0xFF:
-            raise ValueError("not a JPEG segment")
+        marker = _next_jpeg_marker(f)
+        if 0xD0 <= marker <= 0xD7 or marker == 0x01:  # RSTn and TEM stand alone, without a length
+            continue
+        (length,) = struct.unpack(">H", _read(f, 2))
         if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
             height, width = struct.unpack(">xHH", _read(f, 5))
             return ImageHeader(width, height, orientation)
         data = _read(f, length - 2)
         if marker == 0xE1 and data.startswith(b"Exif\0\0"):
             orientation = _exif_orientation(data)
+
+
+def _next_jpeg_marker(f: BinaryIO) -> int:
+    """The next marker as libjpeg finds it: bytes before an 0xFF are skipped (libjpeg warns and goes on),
+    then any number of 0xFF fill bytes; 0xFF 0x00 is a stuffed zero, not a marker."""
+    while True:
+        while (byte := _read(f, 1)) != b"\xff":
+            pass
+        while (byte := _read(f, 1)) == b"\xff":
+            pass
+        if byte != b"\0":
+            return byte[0]
 
 
 def _bmp_header(f: BinaryIO) -> ImageHeader:
@@ -188,7 +219,9 @@ def _bmp_header(f: BinaryIO) -> ImageHeader:
 
 def _tiff_header(f: BinaryIO) -> ImageHeader:
     tags = _tiff_tags(f)
-    return ImageHeader(tags[256], tags[257])  # OpenCV leaves a TIFF's own orientation tag alone
+    if 256 not in tags or 257 not in tags:
+        raise ValueError("no image width and length")
+    return ImageHeader(tags[256], tags[257])  # orientation: OpenCV applies a TIFF's own tag as it decodes
 
 
 def _webp_header(f: BinaryIO) -> ImageHeader:
@@ -213,8 +246,12 @@ def _webp_header(f: BinaryIO) -> ImageHeader:
     return ImageHeader(*size, orientation)
 
 
+TIFF_NUMBERS = {1: "B3x", 3: "H2x", 4: "I"}  # BYTE, SHORT, LONG: the types libtiff takes for a size
+
+
 def _tiff_tags(f: BinaryIO) -> dict[int, int]:
-    """The single-number tags of the first image directory of a TIFF structure (a file or EXIF block)."""
+    """The single-number tags of the first image directory of a TIFF structure (a file or EXIF block),
+    read as libtiff reads them: of a tag given twice, the first counts."""
     f.seek(0)
     order = {b"II": "<", b"MM": ">"}.get(_read(f, 2))
     if order is None:
@@ -225,8 +262,8 @@ def _tiff_tags(f: BinaryIO) -> dict[int, int]:
     tags = {}
     for _ in range(count):
         tag, kind, n, value = struct.unpack(order + "HHI4s", _read(f, 12))
-        if n == 1 and kind in (3, 4):  # SHORT or LONG
-            tags[tag] = struct.unpack(order + ("H2x" if kind == 3 else "I"), value)[0]
+        if n == 1 and kind in TIFF_NUMBERS:
+            tags.setdefault(tag, struct.unpack(order + TIFF_NUMBERS[kind], value)[0])
     return tags
 
 
