@@ -231,3 +231,23 @@ def test_opencv_is_loaded_with_the_same_pixel_limit_unless_one_is_set(tmp_path, 
         refusal = (f"{tmp_path / 'a.png'}: over OpenCV's own limit of 100 pixels (OPENCV_IO_MAX_IMAGE_PIXELS, "
                    "read when OpenCV is loaded: set it before starting to read larger images)")
         assert done.stdout.splitlines() == ["100", refusal]
+
+
+def safetensors_listing(path, tensors: int) -> None:
+    """A safetensors file whose header lists `tensors` empty float tensors: about 70 bytes each."""
+    entries = ",".join(f'"t{i}":{{"dtype":"F32","shape":[0],"data_offsets":[0,0]}}' for i in range(tensors))
+    header = ("{" + entries + "}").encode()
+    path.write_bytes(struct.pack("<Q", len(header)) + header)
+
+
+def test_a_safetensors_header_of_a_million_tensors_is_refused_by_its_size(tmp_path):
+    path = tmp_path / "GPEN-BFR-512.safetensors"
+    safetensors_listing(path, 1_000_000)  # once a minute and gigabytes in the library before any check
+    assert path.stat().st_size > 50 << 20
+    assert_refused_cheaply(path, "has a safetensors header of")
+
+
+def test_a_safetensors_header_of_too_many_tensors_is_refused_by_their_count(tmp_path):
+    path = tmp_path / "GPEN-BFR-512.safetensors"
+    safetensors_listing(path, 30_000)  # a 2 MB header: 40 times the largest real network's count
+    assert_refused_cheaply(path, "lists 30,000 tensors (the largest network here has 702, the limit is 20,000)")

@@ -13,7 +13,6 @@ import http.client
 import json
 import os
 import re
-import struct
 import sys
 import time
 import urllib.error
@@ -25,12 +24,11 @@ from pathlib import Path
 import filelock
 
 from .atomic import write_file_atomically
-from .weights import CheckpointError, first_line, read_state_dict
+from .weights import CheckpointError, first_line, read_state_dict, safetensors_header
 
 CHUNK = 1 << 20
 CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
 UNSATISFIED_RANGE = re.compile(r"bytes \*/(\d+)")
-SAFETENSORS_MAX_HEADER = 100 << 20  # the safetensors library's own limit
 
 
 class DownloadError(RuntimeError):
@@ -143,20 +141,13 @@ def check_torch_zip(path: Path) -> None:
 
 
 def check_safetensors(path: Path, quick: bool) -> None:
-    """The header (an 8-byte little-endian length, then JSON) must account for every byte of the file."""
+    """The header must account for every byte of the file."""
+    length, header = safetensors_header(path)
+    try:
+        end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+    except (KeyError, TypeError, IndexError):
+        raise CheckpointError(path, "has no readable safetensors header") from None
     size = path.stat().st_size
-    with open(path, "rb") as f:
-        head = f.read(8)
-        length = struct.unpack("<Q", head)[0] if len(head) == 8 else None
-        if length is None or length > size - 8:
-            raise CheckpointError(path, f"is cut short: {size} bytes, less than its safetensors header")
-        try:
-            if length > SAFETENSORS_MAX_HEADER:
-                raise ValueError("header too long")
-            header = json.loads(f.read(length))
-            end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
-        except (ValueError, KeyError, TypeError, IndexError):
-            raise CheckpointError(path, "has no readable safetensors header") from None
     if 8 + length + end != size:
         raise CheckpointError(path, f"has {size} bytes where its safetensors header says {8 + length + end}")
     if not quick:
