@@ -1,4 +1,5 @@
-"""Image files <-> float RGB arrays, keeping what can be kept: bit depth, alpha, EXIF orientation.
+"""Image files <-> float RGB arrays, keeping what can be kept: bit depth, alpha, EXIF orientation,
+the colour profile and EXIF.
 
 Reading looks at the file's header first, parsed as the decoders parse it, so that an image too large
 for memory is refused before it is decoded; OpenCV's own pixel limit and a check of the decoded shape
@@ -10,7 +11,7 @@ from __future__ import annotations
 import io
 import os
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
@@ -25,12 +26,26 @@ import cv2  # noqa: E402  after its limit is set
 import numpy as np  # noqa: E402
 
 from .atomic import write_file_atomically  # noqa: E402
+from .metadata import (  # noqa: E402
+    JPEG_EXIF_LIMIT,
+    METADATA_LIMIT,
+    ImageMetadata,
+    from_tiff,
+    icc_from_jpeg,
+    icc_from_png,
+    jpeg_with_icc,
+    tiff_with_metadata,
+    upright_exif,
+)
+
+METADATA_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")  # OpenCV writes their metadata (see _encode)
 
 
 @dataclass(frozen=True)
 class ImageFormat:
     channels: int  # 1, 3 or 4
     bits: int  # 8 or 16
+    metadata: ImageMetadata = field(default=ImageMetadata(), compare=False, repr=False)  # carried, not a format
 
 
 @dataclass(frozen=True)
@@ -38,6 +53,7 @@ class ImageHeader:
     width: int  # as stored, before the EXIF orientation turns it
     height: int
     orientation: int = 1  # EXIF: 1 upright, 2..8 mirrored and/or turned
+    metadata: ImageMetadata = field(default=ImageMetadata(), compare=False, repr=False)
 
     @property
     def megapixels(self) -> float:
@@ -75,7 +91,7 @@ def read_image(path: str | os.PathLike,
     bits = 16 if raw.dtype == np.uint16 else 8
     scale = 1.0 if raw.dtype.kind == "f" else 65535.0 if bits == 16 else 255.0
     image = np.divide(upright(raw, header.orientation), np.float32(scale), dtype=np.float32)
-    return image, ImageFormat(raw.shape[2], bits)
+    return image, ImageFormat(raw.shape[2], bits, header.metadata)
 
 
 def check_image_size(path: str | os.PathLike, max_megapixels: float | None = MAX_MEGAPIXELS) -> ImageHeader:
@@ -118,7 +134,8 @@ def upright(image: np.ndarray, orientation: int) -> np.ndarray:
 
 def write_image(path: str | os.PathLike, image: np.ndarray, fmt: ImageFormat | None = None,
                 overwrite: bool = True) -> None:
-    """Write (H,W,C) float 0..1 in `fmt`'s depth (16-bit only where the file type holds it).
+    """Write (H,W,C) float 0..1 in `fmt`'s depth (16-bit only where the file type holds it), with its
+    colour profile and EXIF where the file type holds them (JPEG, PNG, WebP, TIFF).
 
     The file appears whole or not at all: a failed or interrupted write leaves what was at `path`.
     With overwrite=False an existing file is kept and FileExistsError raised.
@@ -134,14 +151,37 @@ def write_image(path: str | os.PathLike, image: np.ndarray, fmt: ImageFormat | N
         pixels = cv2.cvtColor(pixels, cv2.COLOR_RGB2BGR)
     elif channels == 4:
         pixels = cv2.cvtColor(pixels, cv2.COLOR_RGBA2BGRA)
+    metadata = fmt.metadata if fmt else ImageMetadata()
     try:
-        ok, encoded = cv2.imencode(path.suffix, pixels)
+        ok, encoded = _encode(path.suffix.lower(), pixels, metadata)
     except cv2.error:
         ok = False
     if not ok:
         raise ValueError(f"{path}: OpenCV cannot write this file type")
     path.parent.mkdir(parents=True, exist_ok=True)
-    write_file_atomically(path, encoded.tobytes(), overwrite)
+    write_file_atomically(path, encoded, overwrite)
+
+
+def _encode(suffix: str, pixels: np.ndarray, metadata: ImageMetadata) -> tuple[bool, bytes]:
+    """The file's bytes with what of `metadata` its type holds. OpenCV writes the profile and EXIF of a
+    PNG or WebP, and the EXIF of a JPEG; a JPEG's profile (split into 64 KB segments, which OpenCV does
+    not do) and a TIFF's tags are added here."""
+    jpeg = suffix in (".jpg", ".jpeg")
+    kept = {cv2.IMAGE_METADATA_ICCP: None if jpeg else metadata.icc,
+            cv2.IMAGE_METADATA_EXIF: None if jpeg and len(metadata.exif or b"") > JPEG_EXIF_LIMIT else metadata.exif}
+    kept = {kind: np.frombuffer(data, np.uint8) for kind, data in kept.items() if data}
+    if suffix in METADATA_SUFFIXES and kept:
+        ok, encoded = cv2.imencodeWithMetadata(suffix, pixels, list(kept), list(kept.values()))
+    else:
+        ok, encoded = cv2.imencode(suffix, pixels)
+    if not ok:
+        return False, b""
+    encoded = encoded.tobytes()
+    if jpeg:
+        return True, jpeg_with_icc(encoded, metadata.icc)
+    if suffix in (".tif", ".tiff"):
+        return True, tiff_with_metadata(encoded, metadata)
+    return True, encoded
 
 
 def _header_reader(start: bytes):
@@ -169,33 +209,41 @@ def _read(f: BinaryIO, size: int) -> bytes:
 def _png_header(f: BinaryIO) -> ImageHeader:
     f.seek(8)
     width = height = 0
-    orientation = 1
-    while True:  # chunks up to the pixel data: IHDR first, maybe eXIf
+    orientation, icc, exif = 1, None, None
+    while True:  # chunks up to the pixel data: IHDR first, maybe iCCP and eXIf
         length, kind = struct.unpack(">I4s", _read(f, 8))
         if kind in (b"IDAT", b"IEND"):
-            return ImageHeader(width, height, orientation)
+            return ImageHeader(width, height, orientation, ImageMetadata(icc, exif))
+        if kind not in (b"IHDR", b"iCCP", b"eXIf") or length > METADATA_LIMIT:
+            f.seek(length + 4, io.SEEK_CUR)  # and the CRC
+            continue
         data = _read(f, length)
         if kind == b"IHDR":
             width, height = struct.unpack(">II", data[:8])
+        elif kind == b"iCCP" and icc is None:  # PNG allows one
+            icc = icc_from_png(data)
         elif kind == b"eXIf":
-            orientation = _exif_orientation(data)
+            orientation, exif = _exif_orientation(data), upright_exif(data)
         f.seek(4, io.SEEK_CUR)  # CRC
 
 
 def _jpeg_header(f: BinaryIO) -> ImageHeader:
     f.seek(2)
-    orientation = 1
-    while True:  # segments up to the frame header (SOF), maybe an APP1 Exif on the way
+    orientation, exif, icc_pieces, icc_count = 1, None, {}, 0
+    while True:  # segments up to the frame header (SOF), maybe an APP1 Exif and APP2 ICC pieces on the way
         marker = _next_jpeg_marker(f)
         if 0xD0 <= marker <= 0xD7 or marker == 0x01:  # RSTn and TEM stand alone, without a length
             continue
         (length,) = struct.unpack(">H", _read(f, 2))
         if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
             height, width = struct.unpack(">xHH", _read(f, 5))
-            return ImageHeader(width, height, orientation)
+            return ImageHeader(width, height, orientation, ImageMetadata(icc_from_jpeg(icc_pieces, icc_count), exif))
         data = _read(f, length - 2)
         if marker == 0xE1 and data.startswith(b"Exif\0\0"):
-            orientation = _exif_orientation(data)
+            orientation, exif = _exif_orientation(data), upright_exif(data)
+        elif marker == 0xE2 and data.startswith(b"ICC_PROFILE\0") and len(data) > 14:
+            icc_pieces.setdefault(data[12], data[14:])  # numbered from 1, of data[13] pieces
+            icc_count = data[13]
 
 
 def _next_jpeg_marker(f: BinaryIO) -> int:
@@ -221,15 +269,17 @@ def _tiff_header(f: BinaryIO) -> ImageHeader:
     tags = _tiff_tags(f)
     if 256 not in tags or 257 not in tags:
         raise ValueError("no image width and length")
-    return ImageHeader(tags[256], tags[257])  # orientation: OpenCV applies a TIFF's own tag as it decodes
+    # orientation: OpenCV applies a TIFF's own tag as it decodes
+    return ImageHeader(tags[256], tags[257], metadata=from_tiff(f))
 
 
 def _webp_header(f: BinaryIO) -> ImageHeader:
     f.seek(12)
-    size, orientation = None, 1
-    while chunk := f.read(8):  # RIFF chunks: the image's, maybe an EXIF one after it
+    size, orientation, icc, exif = None, 1, None, None
+    while chunk := f.read(8):  # RIFF chunks: the image's, maybe an ICC profile before it and EXIF after it
         kind, length = struct.unpack("<4sI", chunk)
-        data = _read(f, min(length, 10)) if kind != b"EXIF" else _read(f, length)
+        whole = kind in (b"EXIF", b"ICCP") and length <= METADATA_LIMIT
+        data = _read(f, length if whole else min(length, 10))
         if kind == b"VP8X":
             size = int.from_bytes(data[4:7], "little") + 1, int.from_bytes(data[7:10], "little") + 1
         elif kind == b"VP8 " and size is None:
@@ -238,12 +288,14 @@ def _webp_header(f: BinaryIO) -> ImageHeader:
         elif kind == b"VP8L" and size is None:
             bits = int.from_bytes(data[1:5], "little")
             size = (bits & 0x3FFF) + 1, ((bits >> 14) & 0x3FFF) + 1
-        elif kind == b"EXIF":
-            orientation = _exif_orientation(data)
+        elif kind == b"EXIF" and whole:
+            orientation, exif = _exif_orientation(data), upright_exif(data)
+        elif kind == b"ICCP" and whole:
+            icc = data
         f.seek(length + (length & 1) - len(data), io.SEEK_CUR)  # chunks are padded to even sizes
     if size is None:
         raise ValueError("no image chunk")
-    return ImageHeader(*size, orientation)
+    return ImageHeader(*size, orientation, ImageMetadata(icc, exif))
 
 
 TIFF_NUMBERS = {1: "B3x", 3: "H2x", 4: "I"}  # BYTE, SHORT, LONG: the types libtiff takes for a size
