@@ -250,12 +250,22 @@ def _next_jpeg_marker(f: BinaryIO) -> int:
     """The next marker as libjpeg finds it: bytes before an 0xFF are skipped (libjpeg warns and goes on),
     then any number of 0xFF fill bytes; 0xFF 0x00 is a stuffed zero, not a marker."""
     while True:
-        while (byte := _read(f, 1)) != b"\xff":
-            pass
-        while (byte := _read(f, 1)) == b"\xff":
-            pass
+        _skip(f, lambda block: block.find(b"\xff"))
+        _skip(f, lambda block: len(block) - len(block.lstrip(b"\xff")))
+        byte = _read(f, 1)
         if byte != b"\0":
             return byte[0]
+
+
+def _skip(f: BinaryIO, first_kept) -> None:
+    """Read on, a block at a time, to the first byte kept: first_kept(block) is its index, or -1 or
+    len(block) when there is none in the block."""
+    while block := f.read(4096):
+        at = first_kept(block)
+        if 0 <= at < len(block):
+            f.seek(at - len(block), io.SEEK_CUR)
+            return
+    raise ValueError("no frame header")
 
 
 def _bmp_header(f: BinaryIO) -> ImageHeader:
