@@ -135,7 +135,8 @@ def test_legacy_pickle_claiming_a_huge_storage_costs_no_more_than_the_file(tmp_p
 def tiff_bytes(entries: list[tuple[int, int, int]]) -> bytes:
     """A little-endian TIFF whose one directory holds these (tag, type, value) entries, in order, and no pixels."""
     packing = {1: "<B3x", 3: "<H2x", 4: "<I", 11: "<f"}
-    ifd = b"".join(struct.pack("<HHI", tag, kind, 1) + struct.pack(packing[kind], value) for tag, kind, value in entries)
+    ifd = b"".join(struct.pack("<HHI", tag, kind, 1) + struct.pack(packing[kind], value)
+                   for tag, kind, value in entries)
     return b"II*\0" + struct.pack("<IH", 8, len(entries)) + ifd + struct.pack("<I", 0)
 
 

@@ -227,8 +227,8 @@ def safetensors_header(path: Path) -> tuple[int, dict]:
         if length is None or length > size - 8:
             raise CheckpointError(path, f"is cut short: {size} bytes, less than its safetensors header")
         if length > MAX_SAFETENSORS_HEADER:
-            raise CheckpointError(path, f"has a safetensors header of {length / 2**20:,.1f} MB (real networks' headers take "
-                                  f"under 0.1 MB, the limit is {MAX_SAFETENSORS_HEADER >> 20} MB)")
+            raise CheckpointError(path, f"has a safetensors header of {length / 2**20:,.1f} MB (real networks' "
+                                  f"headers take under 0.1 MB, the limit is {MAX_SAFETENSORS_HEADER >> 20} MB)")
         text = f.read(length)
     listed = text.count(b'"data_offsets"')  # one per tensor, counted before anything is built for them
     if listed > MAX_TENSORS:
