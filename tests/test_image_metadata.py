@@ -103,3 +103,12 @@ def test_damaged_exif_is_left_out_not_a_failure(tmp_path):
         write_image(tmp_path / "out.tif", np.zeros((8, 8, 3)), ImageFormat(3, 8, ImageMetadata(ICC, damaged)))
         with Image.open(tmp_path / "out.tif") as written:
             assert written.info.get("icc_profile") == ICC and written.size == (8, 8)
+
+
+def test_a_turned_tiff_is_measured_upright_and_turned_once(tmp_path):
+    from gpen.files.images import read_header
+
+    phone_photo(tmp_path / "photo.tif")  # 30 wide, 20 high as stored; OpenCV turns a TIFF by its own tag
+    assert read_header(tmp_path / "photo.tif").upright_size == (20, 30)
+    image, _ = read_image(tmp_path / "photo.tif")
+    assert image.shape == (30, 20, 3) and image[:5].min() > 0.9

@@ -54,6 +54,7 @@ class ImageHeader:
     height: int
     orientation: int = 1  # EXIF: 1 upright, 2..8 mirrored and/or turned
     metadata: ImageMetadata = field(default=ImageMetadata(), compare=False, repr=False)
+    decoder_turns: bool = False  # OpenCV applies the orientation itself (a TIFF's own tag)
 
     @property
     def megapixels(self) -> float:
@@ -90,7 +91,8 @@ def read_image(path: str | os.PathLike,
         raw = cv2.cvtColor(raw, cv2.COLOR_BGR2RGB if raw.shape[2] == 3 else cv2.COLOR_BGRA2RGBA)
     bits = 16 if raw.dtype == np.uint16 else 8
     scale = 1.0 if raw.dtype.kind == "f" else 65535.0 if bits == 16 else 255.0
-    image = np.divide(upright(raw, header.orientation), np.float32(scale), dtype=np.float32)
+    turned = upright(raw, 1 if header.decoder_turns else header.orientation)
+    image = np.divide(turned, np.float32(scale), dtype=np.float32)
     return image, ImageFormat(raw.shape[2], bits, header.metadata)
 
 
@@ -279,8 +281,7 @@ def _tiff_header(f: BinaryIO) -> ImageHeader:
     tags = _tiff_tags(f)
     if 256 not in tags or 257 not in tags:
         raise ValueError("no image width and length")
-    # orientation: OpenCV applies a TIFF's own tag as it decodes
-    return ImageHeader(tags[256], tags[257], metadata=from_tiff(f))
+    return ImageHeader(tags[256], tags[257], tags.get(0x0112, 1), from_tiff(f), decoder_turns=True)
 
 
 def _webp_header(f: BinaryIO) -> ImageHeader:
