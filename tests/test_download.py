@@ -3,6 +3,7 @@
 Every server loop is bounded in bytes and time, and stops by itself when the client hangs up.
 """
 
+import errno
 import hashlib
 import http.server
 import io
@@ -376,3 +377,73 @@ def test_validation_uses_the_final_name_for_a_part_file(tmp_path):
     with pytest.raises(CheckpointError):
         validate_weights(tmp_path / "w.safetensors.part", suffix=".pth")
     assert os.path.exists(tmp_path / "w.safetensors.part")
+
+
+def test_a_part_file_that_is_a_link_is_refused_not_written_through(site, tmp_path):
+    with pytest.raises(DownloadError):
+        fetch(site, "/w.pth?cut", tmp_path / "w.pth")  # leaves w.pth.part and its record
+    notes = tmp_path / "notes.txt"
+    notes.write_text("my notes\n")
+    (tmp_path / "w.pth.part").unlink()
+    (tmp_path / "w.pth.part").symlink_to(notes)
+    with pytest.raises(DownloadError, match=r"w.pth.part: is a symbolic link, not a partial download; nothing is "
+                                            r"written through it \(remove it to download\)"):
+        fetch(site, "/w.pth?cut", tmp_path / "w.pth")
+    assert notes.read_text() == "my notes\n" and (tmp_path / "w.pth.part").is_symlink()
+    assert not os.path.lexists(tmp_path / "w.pth") and site.gets("/w.pth?cut") == [None]
+
+
+@pytest.mark.parametrize("record", ["[]", "42", '"a string"', '{"url": "URL", "total": "many"}'])
+def test_a_part_record_that_is_not_ours_is_discarded_like_a_foreign_one(site, tmp_path, capsys, record):
+    (tmp_path / "w.pth.part").write_bytes(WEIGHTS[:1000])
+    (tmp_path / "w.pth.part.json").write_text(record.replace("URL", site.url("/w.pth")))
+    fetch(site, "/w.pth", tmp_path / "w.pth")
+    assert (tmp_path / "w.pth").read_bytes() == WEIGHTS and site.gets("/w.pth") == [None]
+    assert "w.pth.part: not a part of" in capsys.readouterr().err
+
+
+class FullDisk:
+    """A file on a disk with `room` bytes left: a longer write stores what fits, then fails with ENOSPC."""
+
+    def __init__(self, file, room: int):
+        self.file, self.room = file, room
+
+    def write(self, data: bytes) -> int:
+        if len(data) > self.room:
+            self.file.write(data[:self.room])
+            self.room = 0
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        self.room -= len(data)
+        return self.file.write(data)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.file.close()
+
+
+def test_a_full_disk_leaves_no_partial_file_to_fail_every_rerun(site, tmp_path, monkeypatch):
+    monkeypatch.setattr(gpen.files.download, "open", lambda *args: FullDisk(open(*args), 300_000), raising=False)
+    with pytest.raises(DownloadError, match=r"w.pth.part failed: No space left on device; the partial file was "
+                                            "deleted, free some space and run again"):
+        fetch(site, "/w.pth", tmp_path / "w.pth")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["w.pth.lock"]  # the space is back
+    monkeypatch.undo()
+    fetch(site, "/w.pth", tmp_path / "w.pth")
+    assert (tmp_path / "w.pth").read_bytes() == WEIGHTS and site.gets("/w.pth") == [None, None]
+
+
+def test_a_failed_first_download_leaves_the_checkout_clean(site, tmp_path):
+    """models/ is inside a checkout: what a download leaves there (its lock, a .part and its record) is ignored."""
+    checkout = tmp_path / "checkout"
+    checkout.mkdir()
+    (checkout / ".gitignore").write_text((REPO / ".gitignore").read_text())
+    subprocess.run(["git", "init", "-q"], cwd=checkout, check=True)
+    with pytest.raises(DownloadError, match="run again to resume"):
+        fetch(site, "/w.pth?cut", checkout / "models" / "facerestore_models" / "w.pth")
+    assert {p.name for p in (checkout / "models" / "facerestore_models").iterdir()} == {
+        "w.pth.part", "w.pth.part.json", "w.pth.lock"}
+    status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=all"], cwd=checkout,
+                            capture_output=True, text=True, check=True).stdout
+    assert status == "?? .gitignore\n"

@@ -1,4 +1,4 @@
-"""Small files that claim huge networks are refused quickly, before anything their size is allocated.
+"""Small files that claim huge networks or images are refused quickly, before anything their size is allocated.
 
 Each file is loaded in a fresh Python whose heap is capped at 1 GiB above what importing gpen takes,
 so a regression fails here instead of filling the machine; the child reports how much its peak
@@ -6,12 +6,14 @@ resident memory grew and how long the refusal took.
 """
 
 import json
+import os
 import struct
 import subprocess
 import sys
 import zipfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -128,3 +130,125 @@ def test_legacy_pickle_claiming_a_huge_storage_costs_no_more_than_the_file(tmp_p
     data = data.replace(struct.pack("<q", n), struct.pack("<q", huge))
     (tmp_path / "legacy.pth").write_bytes(data[:4096])
     assert_refused_cheaply(tmp_path / "legacy.pth", "truncated or corrupt")
+
+
+def tiff_bytes(entries: list[tuple[int, int, int]]) -> bytes:
+    """A little-endian TIFF whose one directory holds these (tag, type, value) entries, in order, and no pixels."""
+    packing = {1: "<B3x", 3: "<H2x", 4: "<I", 11: "<f"}
+    ifd = b"".join(struct.pack("<HHI", tag, kind, 1) + struct.pack(packing[kind], value)
+                   for tag, kind, value in entries)
+    return b"II*\0" + struct.pack("<IH", 8, len(entries)) + ifd + struct.pack("<I", 0)
+
+
+def gray_tiff(width_entries: list[tuple[int, int, int]]) -> bytes:
+    """An 8-bit gray TIFF with these width and length entries, its strip (zeros, uncompressed) claimed at the end."""
+    return tiff_bytes([*width_entries, (258, 3, 8), (259, 3, 1), (262, 3, 1), (273, 4, 4096), (277, 3, 1),
+                       (278, 4, 1 << 20), (279, 4, 1 << 30)])
+
+
+@pytest.fixture
+def no_decoding(monkeypatch):
+    """OpenCV's decoder made to fail the test: the files below must be refused before it runs."""
+    import cv2
+
+    def decode(*args):
+        raise AssertionError("decoded a file whose header should have been refused")
+
+    monkeypatch.setattr(cv2, "imdecode", decode)
+
+
+def test_a_tiff_that_gives_its_size_twice_is_measured_by_the_first_as_libtiff_does(tmp_path, no_decoding):
+    from gpen.files.images import read_image
+
+    path = tmp_path / "twice.tif"  # libtiff keeps the first of duplicate tags and ignores the rest
+    path.write_bytes(gray_tiff([(256, 4, 30000), (256, 4, 10), (257, 4, 30000), (257, 4, 10)]))
+    with pytest.raises(ValueError, match="30000x30000 is 900 megapixels, over the 200 MP limit"):
+        read_image(path)
+
+
+def test_a_jpeg_with_a_fill_byte_before_its_frame_header_is_measured_as_libjpeg_does(tmp_path, no_decoding):
+    from gpen.files.images import read_image
+
+    def frame_header(width, height):  # SOF0, 8-bit, one component
+        return b"\xff\xc0" + struct.pack(">HBHHB", 11, 8, height, width, 1) + b"\x01\x11\x00"
+
+    # libjpeg skips any number of 0xFF before a marker: the first frame header, 16000x16000, is the one
+    # it decodes; a reader that takes 0xFF 0xFF for a marker with a length lands on the 16x16 one
+    real = b"\xff\xd8\xff" + frame_header(16000, 16000)
+    path = tmp_path / "filled.jpg"
+    path.write_bytes(real + bytes(0xC000 + 6 - len(real)) + frame_header(16, 16) + b"\xff\xd9")
+    with pytest.raises(ValueError, match="16000x16000 is 256 megapixels, over the 200 MP limit"):
+        read_image(path)
+
+
+@pytest.mark.parametrize("kind, says", [(1, None), (11, "damaged image header")])
+def test_a_tiff_size_of_an_odd_type_is_read_as_libtiff_reads_it_or_refused_by_name(tmp_path, kind, says):
+    from gpen.files.images import read_header
+
+    path = tmp_path / "odd.tif"
+    path.write_bytes(gray_tiff([(256, kind, 10), (257, 3, 20)]))  # BYTE: libtiff takes it; FLOAT: nothing does
+    if says is None:
+        assert (read_header(path).width, read_header(path).height) == (10, 20)
+    else:
+        with pytest.raises(ValueError, match=f"^{path}: {says}"):
+            read_header(path)
+
+
+def test_the_decoded_shape_is_checked_before_any_copy(tmp_path, monkeypatch):
+    """Should a decoder read some header otherwise than read_header, its result is measured too."""
+    import cv2
+
+    from gpen.files import images
+
+    cv2.imwrite(str(tmp_path / "a.png"), np.zeros((64, 64, 3), np.uint8))
+    monkeypatch.setattr(images, "read_header", lambda path: images.ImageHeader(1, 1))
+    with pytest.raises(ValueError, match=r"a.png: decoded, 64x64 is 0 megapixels, over the 0.001 MP limit"):
+        images.read_image(tmp_path / "a.png", max_megapixels=0.001)
+
+
+OPENCV_CHILD = r"""
+import os, sys
+import gpen.files.images as images
+print(os.environ["OPENCV_IO_MAX_IMAGE_PIXELS"])
+try:
+    images.read_image(sys.argv[1], max_megapixels=None)
+except ValueError as e:
+    print(e)
+"""
+
+
+@pytest.mark.parametrize("limit", [None, "100"])
+def test_opencv_is_loaded_with_the_same_pixel_limit_unless_one_is_set(tmp_path, limit):
+    import cv2
+
+    cv2.imwrite(str(tmp_path / "a.png"), np.zeros((20, 30, 3), np.uint8))  # 600 pixels
+    env = {k: v for k, v in os.environ.items() if k != "OPENCV_IO_MAX_IMAGE_PIXELS"}
+    env |= {"OPENCV_IO_MAX_IMAGE_PIXELS": limit} if limit else {}
+    done = subprocess.run([sys.executable, "-c", OPENCV_CHILD, str(tmp_path / "a.png")], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=120, check=True)
+    if limit is None:
+        assert done.stdout == "200000000\n"  # MAX_MEGAPIXELS
+    else:
+        refusal = (f"{tmp_path / 'a.png'}: over OpenCV's own limit of 100 pixels (OPENCV_IO_MAX_IMAGE_PIXELS, "
+                   "read when OpenCV is loaded: set it before starting to read larger images)")
+        assert done.stdout.splitlines() == ["100", refusal]
+
+
+def safetensors_listing(path, tensors: int) -> None:
+    """A safetensors file whose header lists `tensors` empty float tensors: about 70 bytes each."""
+    entries = ",".join(f'"t{i}":{{"dtype":"F32","shape":[0],"data_offsets":[0,0]}}' for i in range(tensors))
+    header = ("{" + entries + "}").encode()
+    path.write_bytes(struct.pack("<Q", len(header)) + header)
+
+
+def test_a_safetensors_header_of_a_million_tensors_is_refused_by_its_size(tmp_path):
+    path = tmp_path / "GPEN-BFR-512.safetensors"
+    safetensors_listing(path, 1_000_000)  # once a minute and gigabytes in the library before any check
+    assert path.stat().st_size > 50 << 20
+    assert_refused_cheaply(path, "has a safetensors header of")
+
+
+def test_a_safetensors_header_of_too_many_tensors_is_refused_by_their_count(tmp_path):
+    path = tmp_path / "GPEN-BFR-512.safetensors"
+    safetensors_listing(path, 30_000)  # a 2 MB header: 40 times the largest real network's count
+    assert_refused_cheaply(path, "lists 30,000 tensors (real networks have a few hundred, the limit is 20,000)")

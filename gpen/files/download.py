@@ -1,19 +1,22 @@
 """Downloading weights: a final file appears only when it is complete and valid.
 
 Bytes go to `dest.part`, with `dest.part.json` beside it saying which URL (and ETag) they came from.
-The .part becomes the final file only after its size, hash and format check out. A lock file
-(`dest.lock`) lets one process download while others wait and then use its file.
+The .part becomes the final file only after its size, hash and format check out; it is only ever a
+plain file of ours (never written through a link), and a full disk deletes it rather than leave what
+would fail every rerun. A lock file (`dest.lock`) lets one process download while others wait and
+then use its file.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import http.client
 import json
 import os
 import re
-import struct
+import stat
 import sys
 import time
 import urllib.error
@@ -21,16 +24,17 @@ import urllib.request
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import filelock
 
 from .atomic import write_file_atomically
-from .weights import CheckpointError, first_line, read_state_dict
+from .weights import CheckpointError, first_line, read_state_dict, safetensors_header
 
 CHUNK = 1 << 20
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
 UNSATISFIED_RANGE = re.compile(r"bytes \*/(\d+)")
-SAFETENSORS_MAX_HEADER = 100 << 20  # the safetensors library's own limit
 
 
 class DownloadError(RuntimeError):
@@ -143,20 +147,13 @@ def check_torch_zip(path: Path) -> None:
 
 
 def check_safetensors(path: Path, quick: bool) -> None:
-    """The header (an 8-byte little-endian length, then JSON) must account for every byte of the file."""
+    """The header must account for every byte of the file."""
+    length, header = safetensors_header(path)
+    try:
+        end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+    except (KeyError, TypeError, IndexError):
+        raise CheckpointError(path, "has no readable safetensors header") from None
     size = path.stat().st_size
-    with open(path, "rb") as f:
-        head = f.read(8)
-        length = struct.unpack("<Q", head)[0] if len(head) == 8 else None
-        if length is None or length > size - 8:
-            raise CheckpointError(path, f"is cut short: {size} bytes, less than its safetensors header")
-        try:
-            if length > SAFETENSORS_MAX_HEADER:
-                raise ValueError("header too long")
-            header = json.loads(f.read(length))
-            end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
-        except (ValueError, KeyError, TypeError, IndexError):
-            raise CheckpointError(path, "has no readable safetensors header") from None
     if 8 + length + end != size:
         raise CheckpointError(path, f"has {size} bytes where its safetensors header says {8 + length + end}")
     if not quick:
@@ -193,14 +190,18 @@ class Part:
 
     def resumable(self, url: str) -> tuple[int, dict]:
         """Bytes that may be resumed for url, and what was recorded about them; a foreign .part is discarded."""
-        if not self.path.exists():
+        if not os.path.lexists(self.path):
             return 0, {}
+        refuse_unless_plain(self.path)
         try:
             meta = json.loads(self.meta.read_text())
         except (OSError, ValueError):
             meta = {}
-        have = self.path.stat().st_size
-        if meta.get("url") != url or (meta.get("total") is not None and have > meta["total"]):
+        if not isinstance(meta, dict):  # [], 42, "text": not a record of ours
+            meta = {}
+        have = self.path.lstat().st_size
+        total = meta.get("total")
+        if meta.get("url") != url or not isinstance(total, (int, type(None))) or (total is not None and have > total):
             say(f"{self.path}: not a part of {url}; discarding it")
             self.discard()
             return 0, {}
@@ -209,12 +210,36 @@ class Part:
     def start(self, url: str, etag: str | None, total: int | None) -> None:
         """Empty the .part and record where its bytes will come from, before any of them is written."""
         self.meta.unlink(missing_ok=True)
-        self.path.write_bytes(b"")
+        with self.open(truncate=True):
+            pass
         write_file_atomically(self.meta, json.dumps({"url": url, "etag": etag, "total": total}).encode())
+
+    def open(self, truncate: bool = False) -> BinaryIO:
+        """The .part to append to, created if need be: never through a link, and only a plain file."""
+        flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | getattr(os, "O_NOFOLLOW", 0) | (os.O_TRUNC if truncate else 0)
+        try:
+            fd = os.open(self.path, flags, 0o666)
+        except OSError as e:
+            if e.errno == errno.ELOOP:  # O_NOFOLLOW met a link
+                refuse_unless_plain(self.path)
+            raise
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            refuse_unless_plain(self.path)
+        return open(fd, "ab")
 
     def discard(self) -> None:
         self.meta.unlink(missing_ok=True)
         self.path.unlink(missing_ok=True)
+
+
+def refuse_unless_plain(path: Path) -> None:
+    """A .part that is a link, folder or device is not ours to write to, or to delete: say so, by name."""
+    mode = path.lstat().st_mode
+    if not stat.S_ISREG(mode):
+        kind = "a symbolic link" if stat.S_ISLNK(mode) else "not a plain file"
+        raise DownloadError(str(path), f"is {kind}, not a partial download; nothing is written through it "
+                                       "(remove it to download)")
 
 
 def fetch(url: str, part: Part, limits: Limits, progress: bool) -> None:
@@ -276,10 +301,10 @@ def receive(url: str, response, part: Part, offset: int, total: int | None, limi
     window_start, window_bytes = time.monotonic(), 0
     shown = 0.0
     try:
-        with open(part.path, "ab") as out:
+        with part.open() as out:
             # read1 returns what has arrived, so the clock is checked even while a server drips
             while chunk := response.read1(CHUNK):
-                out.write(chunk)
+                write(out, chunk, url, part)
                 done += len(chunk)
                 if limits.max_bytes is not None and done > limits.max_bytes:
                     break
@@ -294,6 +319,8 @@ def receive(url: str, response, part: Part, offset: int, total: int | None, limi
                     show(part.path.name.removesuffix(".part"), done, total)
                     shown = now
     except (urllib.error.URLError, http.client.HTTPException, OSError) as e:
+        if isinstance(e, OSError) and e.errno in DISK_FULL:  # the last buffer, flushed as the file closed
+            disk_full(url, part, e)
         raise DownloadError(url, describe(e) + kept(part)) from None
     if limits.max_bytes is not None and done > limits.max_bytes:
         part.discard()  # an endless body: nothing in it is worth resuming
@@ -303,6 +330,22 @@ def receive(url: str, response, part: Part, offset: int, total: int | None, limi
         show(part.path.name.removesuffix(".part"), done, total, end="\n")
     if total is not None and done < total:
         raise DownloadError(url, f"connection closed after {done} of {total} bytes" + kept(part))
+
+
+def write(out: BinaryIO, chunk: bytes, url: str, part: Part) -> None:
+    try:
+        out.write(chunk)
+    except OSError as e:
+        if e.errno in DISK_FULL:
+            disk_full(url, part, e)
+        raise
+
+
+def disk_full(url: str, part: Part, error: OSError) -> None:
+    """A full disk: the .part goes, so that the space comes back and no rerun resumes what did not fit."""
+    part.discard()
+    raise DownloadError(url, f"writing {part.path} failed: {error.strerror or error}; "
+                             "the partial file was deleted, free some space and run again") from None
 
 
 @contextlib.contextmanager

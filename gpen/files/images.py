@@ -1,7 +1,9 @@
-"""Image files <-> float RGB arrays, keeping what can be kept: bit depth, alpha, EXIF orientation.
+"""Image files <-> float RGB arrays, keeping what can be kept: bit depth, alpha, EXIF orientation,
+the colour profile and EXIF.
 
-Reading looks at the file's header first, so that an image too large for memory is refused before it
-is decoded; writing goes through a temporary file, so that a failed write leaves what was there.
+Reading looks at the file's header first, parsed as the decoders parse it, so that an image too large
+for memory is refused before it is decoded; OpenCV's own pixel limit and a check of the decoded shape
+back that up. Writing goes through a temporary file, so that a failed write leaves what was there.
 """
 
 from __future__ import annotations
@@ -9,23 +11,41 @@ from __future__ import annotations
 import io
 import os
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
-import cv2
-import numpy as np
-
-from .atomic import write_file_atomically
-
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 MAX_MEGAPIXELS = 200.0  # a 200 MP photo is 2.4 GB as float RGB, before any processing
+OPENCV_LIMIT = "OPENCV_IO_MAX_IMAGE_PIXELS"
+# OpenCV reads its pixel limit once, when it is loaded: the same limit as ours, unless the user set one,
+# so that a file whose header we read otherwise than its decoder does is still refused by the decoder.
+os.environ.setdefault(OPENCV_LIMIT, str(int(MAX_MEGAPIXELS * 1e6)))
+
+import cv2  # noqa: E402  after its limit is set
+import numpy as np  # noqa: E402
+
+from .atomic import write_file_atomically  # noqa: E402
+from .metadata import (  # noqa: E402
+    JPEG_EXIF_LIMIT,
+    METADATA_LIMIT,
+    ImageMetadata,
+    from_tiff,
+    icc_from_jpeg,
+    icc_from_png,
+    jpeg_with_icc,
+    tiff_with_metadata,
+    upright_exif,
+)
+
+METADATA_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")  # OpenCV writes their metadata (see _encode)
 
 
 @dataclass(frozen=True)
 class ImageFormat:
     channels: int  # 1, 3 or 4
     bits: int  # 8 or 16
+    metadata: ImageMetadata = field(default=ImageMetadata(), compare=False, repr=False)  # carried, not a format
 
 
 @dataclass(frozen=True)
@@ -33,6 +53,8 @@ class ImageHeader:
     width: int  # as stored, before the EXIF orientation turns it
     height: int
     orientation: int = 1  # EXIF: 1 upright, 2..8 mirrored and/or turned
+    metadata: ImageMetadata = field(default=ImageMetadata(), compare=False, repr=False)
+    decoder_turns: bool = False  # OpenCV applies the orientation itself (a TIFF's own tag)
 
     @property
     def megapixels(self) -> float:
@@ -48,31 +70,45 @@ def read_image(path: str | os.PathLike,
                max_megapixels: float | None = MAX_MEGAPIXELS) -> tuple[np.ndarray, ImageFormat]:
     """(H,W,C) float32 RGB(A) or gray in 0..1, upright per EXIF, and the file's channels and depth.
 
-    Images over `max_megapixels` (None or 0: no limit) are refused from their header, undecoded.
+    Images over `max_megapixels` (None or 0: no limit) are refused from their header, undecoded, and
+    from their decoded shape, before any copy, should the decoder have read the header otherwise.
     """
     path = Path(path)
     header = check_image_size(path, max_megapixels)
-    raw = cv2.imdecode(np.fromfile(path, np.uint8), cv2.IMREAD_UNCHANGED)  # the one decode
+    try:
+        raw = cv2.imdecode(np.fromfile(path, np.uint8), cv2.IMREAD_UNCHANGED)  # the one decode
+    except cv2.error as e:
+        if "CV_IO_MAX_IMAGE_PIXELS" not in str(e):
+            raise ValueError(f"{path}: OpenCV cannot decode it ({str(e).strip().splitlines()[-1]})") from None
+        raise ValueError(f"{path}: over OpenCV's own limit of {os.environ.get(OPENCV_LIMIT)} pixels ({OPENCV_LIMIT}, "
+                         "read when OpenCV is loaded: set it before starting to read larger images)") from None
     if raw is None:
         raise ValueError(f"{path}: not an image OpenCV can read")
+    _check_megapixels(path, raw.shape[1], raw.shape[0], max_megapixels, "decoded, ")
     if raw.ndim == 2:
         raw = raw[..., None]
     elif raw.shape[2] in (3, 4):
         raw = cv2.cvtColor(raw, cv2.COLOR_BGR2RGB if raw.shape[2] == 3 else cv2.COLOR_BGRA2RGBA)
     bits = 16 if raw.dtype == np.uint16 else 8
     scale = 1.0 if raw.dtype.kind == "f" else 65535.0 if bits == 16 else 255.0
-    image = np.divide(upright(raw, header.orientation), np.float32(scale), dtype=np.float32)
-    return image, ImageFormat(raw.shape[2], bits)
+    turned = upright(raw, 1 if header.decoder_turns else header.orientation)
+    image = np.divide(turned, np.float32(scale), dtype=np.float32)
+    return image, ImageFormat(raw.shape[2], bits, header.metadata)
 
 
 def check_image_size(path: str | os.PathLike, max_megapixels: float | None = MAX_MEGAPIXELS) -> ImageHeader:
     """The file's header, or a ValueError when it holds more than `max_megapixels` (None or 0: no limit)."""
     path = Path(path)
     header = read_header(path)
-    if max_megapixels and header.megapixels > max_megapixels:
-        raise ValueError(f"{path}: {header.width}x{header.height} is {header.megapixels:.0f} megapixels, "
-                         f"over the {max_megapixels:g} MP limit (--max-megapixels raises it)")
+    _check_megapixels(path, header.width, header.height, max_megapixels)
     return header
+
+
+def _check_megapixels(path: Path, width: int, height: int, max_megapixels: float | None, how: str = "") -> None:
+    megapixels = width * height / 1e6
+    if max_megapixels and megapixels > max_megapixels:
+        raise ValueError(f"{path}: {how}{width}x{height} is {megapixels:.0f} megapixels, "
+                         f"over the {max_megapixels:g} MP limit (--max-megapixels raises it)")
 
 
 def read_header(path: str | os.PathLike) -> ImageHeader:
@@ -100,7 +136,8 @@ def upright(image: np.ndarray, orientation: int) -> np.ndarray:
 
 def write_image(path: str | os.PathLike, image: np.ndarray, fmt: ImageFormat | None = None,
                 overwrite: bool = True) -> None:
-    """Write (H,W,C) float 0..1 in `fmt`'s depth (16-bit only where the file type holds it).
+    """Write (H,W,C) float 0..1 in `fmt`'s depth (16-bit only where the file type holds it), with its
+    colour profile and EXIF where the file type holds them (JPEG, PNG, WebP, TIFF).
 
     The file appears whole or not at all: a failed or interrupted write leaves what was at `path`.
     With overwrite=False an existing file is kept and FileExistsError raised.
@@ -116,14 +153,37 @@ def write_image(path: str | os.PathLike, image: np.ndarray, fmt: ImageFormat | N
         pixels = cv2.cvtColor(pixels, cv2.COLOR_RGB2BGR)
     elif channels == 4:
         pixels = cv2.cvtColor(pixels, cv2.COLOR_RGBA2BGRA)
+    metadata = fmt.metadata if fmt else ImageMetadata()
     try:
-        ok, encoded = cv2.imencode(path.suffix, pixels)
+        ok, encoded = _encode(path.suffix.lower(), pixels, metadata)
     except cv2.error:
         ok = False
     if not ok:
         raise ValueError(f"{path}: OpenCV cannot write this file type")
     path.parent.mkdir(parents=True, exist_ok=True)
-    write_file_atomically(path, encoded.tobytes(), overwrite)
+    write_file_atomically(path, encoded, overwrite)
+
+
+def _encode(suffix: str, pixels: np.ndarray, metadata: ImageMetadata) -> tuple[bool, bytes]:
+    """The file's bytes with what of `metadata` its type holds. OpenCV writes the profile and EXIF of a
+    PNG or WebP, and the EXIF of a JPEG; a JPEG's profile (split into 64 KB segments, which OpenCV does
+    not do) and a TIFF's tags are added here."""
+    jpeg = suffix in (".jpg", ".jpeg")
+    kept = {cv2.IMAGE_METADATA_ICCP: None if jpeg else metadata.icc,
+            cv2.IMAGE_METADATA_EXIF: None if jpeg and len(metadata.exif or b"") > JPEG_EXIF_LIMIT else metadata.exif}
+    kept = {kind: np.frombuffer(data, np.uint8) for kind, data in kept.items() if data}
+    if suffix in METADATA_SUFFIXES and kept:
+        ok, encoded = cv2.imencodeWithMetadata(suffix, pixels, list(kept), list(kept.values()))
+    else:
+        ok, encoded = cv2.imencode(suffix, pixels)
+    if not ok:
+        return False, b""
+    encoded = encoded.tobytes()
+    if jpeg:
+        return True, jpeg_with_icc(encoded, metadata.icc)
+    if suffix in (".tif", ".tiff"):
+        return True, tiff_with_metadata(encoded, metadata)
+    return True, encoded
 
 
 def _header_reader(start: bytes):
@@ -151,32 +211,63 @@ def _read(f: BinaryIO, size: int) -> bytes:
 def _png_header(f: BinaryIO) -> ImageHeader:
     f.seek(8)
     width = height = 0
-    orientation = 1
-    while True:  # chunks up to the pixel data: IHDR first, maybe eXIf
+    orientation, icc, exif = 1, None, None
+    while True:  # chunks up to the pixel data: IHDR first, maybe iCCP and eXIf
         length, kind = struct.unpack(">I4s", _read(f, 8))
         if kind in (b"IDAT", b"IEND"):
-            return ImageHeader(width, height, orientation)
+            return ImageHeader(width, height, orientation, ImageMetadata(icc, exif))
+        if kind not in (b"IHDR", b"iCCP", b"eXIf") or length > METADATA_LIMIT:
+            f.seek(length + 4, io.SEEK_CUR)  # and the CRC
+            continue
         data = _read(f, length)
         if kind == b"IHDR":
             width, height = struct.unpack(">II", data[:8])
+        elif kind == b"iCCP" and icc is None:  # PNG allows one
+            icc = icc_from_png(data)
         elif kind == b"eXIf":
-            orientation = _exif_orientation(data)
+            orientation, exif = _exif_orientation(data), upright_exif(data)
         f.seek(4, io.SEEK_CUR)  # CRC
 
 
 def _jpeg_header(f: BinaryIO) -> ImageHeader:
     f.seek(2)
-    orientation = 1
-    while True:  # segments up to the frame header (SOF), maybe an APP1 Exif on the way
-        ff, marker, length = struct.unpack(">BBH", _read(f, 4))
-        if ff != 0xFF:
-            raise ValueError("not a JPEG segment")
+    orientation, exif, icc_pieces, icc_count = 1, None, {}, 0
+    while True:  # segments up to the frame header (SOF), maybe an APP1 Exif and APP2 ICC pieces on the way
+        marker = _next_jpeg_marker(f)
+        if 0xD0 <= marker <= 0xD7 or marker == 0x01:  # RSTn and TEM stand alone, without a length
+            continue
+        (length,) = struct.unpack(">H", _read(f, 2))
         if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
             height, width = struct.unpack(">xHH", _read(f, 5))
-            return ImageHeader(width, height, orientation)
+            return ImageHeader(width, height, orientation, ImageMetadata(icc_from_jpeg(icc_pieces, icc_count), exif))
         data = _read(f, length - 2)
         if marker == 0xE1 and data.startswith(b"Exif\0\0"):
-            orientation = _exif_orientation(data)
+            orientation, exif = _exif_orientation(data), upright_exif(data)
+        elif marker == 0xE2 and data.startswith(b"ICC_PROFILE\0") and len(data) > 14:
+            icc_pieces.setdefault(data[12], data[14:])  # numbered from 1, of data[13] pieces
+            icc_count = data[13]
+
+
+def _next_jpeg_marker(f: BinaryIO) -> int:
+    """The next marker as libjpeg finds it: bytes before an 0xFF are skipped (libjpeg warns and goes on),
+    then any number of 0xFF fill bytes; 0xFF 0x00 is a stuffed zero, not a marker."""
+    while True:
+        _skip(f, lambda block: block.find(b"\xff"))
+        _skip(f, lambda block: len(block) - len(block.lstrip(b"\xff")))
+        byte = _read(f, 1)
+        if byte != b"\0":
+            return byte[0]
+
+
+def _skip(f: BinaryIO, first_kept) -> None:
+    """Read on, a block at a time, to the first byte kept: first_kept(block) is its index, or -1 or
+    len(block) when there is none in the block."""
+    while block := f.read(4096):
+        at = first_kept(block)
+        if 0 <= at < len(block):
+            f.seek(at - len(block), io.SEEK_CUR)
+            return
+    raise ValueError("no frame header")
 
 
 def _bmp_header(f: BinaryIO) -> ImageHeader:
@@ -188,15 +279,18 @@ def _bmp_header(f: BinaryIO) -> ImageHeader:
 
 def _tiff_header(f: BinaryIO) -> ImageHeader:
     tags = _tiff_tags(f)
-    return ImageHeader(tags[256], tags[257])  # OpenCV leaves a TIFF's own orientation tag alone
+    if 256 not in tags or 257 not in tags:
+        raise ValueError("no image width and length")
+    return ImageHeader(tags[256], tags[257], tags.get(0x0112, 1), from_tiff(f), decoder_turns=True)
 
 
 def _webp_header(f: BinaryIO) -> ImageHeader:
     f.seek(12)
-    size, orientation = None, 1
-    while chunk := f.read(8):  # RIFF chunks: the image's, maybe an EXIF one after it
+    size, orientation, icc, exif = None, 1, None, None
+    while chunk := f.read(8):  # RIFF chunks: the image's, maybe an ICC profile before it and EXIF after it
         kind, length = struct.unpack("<4sI", chunk)
-        data = _read(f, min(length, 10)) if kind != b"EXIF" else _read(f, length)
+        whole = kind in (b"EXIF", b"ICCP") and length <= METADATA_LIMIT
+        data = _read(f, length if whole else min(length, 10))
         if kind == b"VP8X":
             size = int.from_bytes(data[4:7], "little") + 1, int.from_bytes(data[7:10], "little") + 1
         elif kind == b"VP8 " and size is None:
@@ -205,16 +299,22 @@ def _webp_header(f: BinaryIO) -> ImageHeader:
         elif kind == b"VP8L" and size is None:
             bits = int.from_bytes(data[1:5], "little")
             size = (bits & 0x3FFF) + 1, ((bits >> 14) & 0x3FFF) + 1
-        elif kind == b"EXIF":
-            orientation = _exif_orientation(data)
+        elif kind == b"EXIF" and whole:
+            orientation, exif = _exif_orientation(data), upright_exif(data)
+        elif kind == b"ICCP" and whole:
+            icc = data
         f.seek(length + (length & 1) - len(data), io.SEEK_CUR)  # chunks are padded to even sizes
     if size is None:
         raise ValueError("no image chunk")
-    return ImageHeader(*size, orientation)
+    return ImageHeader(*size, orientation, ImageMetadata(icc, exif))
+
+
+TIFF_NUMBERS = {1: "B3x", 3: "H2x", 4: "I"}  # BYTE, SHORT, LONG: the types libtiff takes for a size
 
 
 def _tiff_tags(f: BinaryIO) -> dict[int, int]:
-    """The single-number tags of the first image directory of a TIFF structure (a file or EXIF block)."""
+    """The single-number tags of the first image directory of a TIFF structure (a file or EXIF block),
+    read as libtiff reads them: of a tag given twice, the first counts."""
     f.seek(0)
     order = {b"II": "<", b"MM": ">"}.get(_read(f, 2))
     if order is None:
@@ -225,8 +325,8 @@ def _tiff_tags(f: BinaryIO) -> dict[int, int]:
     tags = {}
     for _ in range(count):
         tag, kind, n, value = struct.unpack(order + "HHI4s", _read(f, 12))
-        if n == 1 and kind in (3, 4):  # SHORT or LONG
-            tags[tag] = struct.unpack(order + ("H2x" if kind == 3 else "I"), value)[0]
+        if n == 1 and kind in TIFF_NUMBERS:
+            tags.setdefault(tag, struct.unpack(order + TIFF_NUMBERS[kind], value)[0])
     return tags
 
 

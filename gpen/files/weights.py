@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
+import struct
 import zipfile
 from pathlib import Path
 
@@ -28,6 +30,11 @@ WRAPPER_KEYS = ("g_ema", "params_ema", "params", "state_dict", "model")
 PICKLE_RECORD_LIMIT = 16 * 2**20
 # torch.save stores its zip records uncompressed, so together they are never much bigger than the file.
 EXPANSION_LIMIT = 10
+# The largest real layouts hold 702 tensors (RRDBNet x4plus) in a 75 KB safetensors header; the
+# library reads a header of up to 100 MB and makes every tensor it lists, a minute and gigabytes for a
+# million of them, before any check of ours could run.
+MAX_TENSORS = 20_000
+MAX_SAFETENSORS_HEADER = 8 << 20
 TRUST_HINT = ("If you trust where it came from, keep only its tensors with "
               "python -m gpen convert FILE OUT.safetensors --trust (this runs the file's code) and load OUT.safetensors")
 
@@ -203,10 +210,37 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
+    safetensors_header(path)
     try:
         return load_file(path, device="cpu")
     except (SafetensorError, OSError, ValueError) as e:
         raise CheckpointError(path, f"is truncated or corrupt safetensors, fetch it again ({e})") from None
+
+
+def safetensors_header(path: Path) -> tuple[int, dict]:
+    """The length and JSON of a safetensors header (an 8-byte little-endian length, then JSON), refused
+    by its size and its count of tensors before it is parsed, and by name when it cannot be read."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        length = struct.unpack("<Q", head)[0] if len(head) == 8 else None
+        if length is None or length > size - 8:
+            raise CheckpointError(path, f"is cut short: {size} bytes, less than its safetensors header")
+        if length > MAX_SAFETENSORS_HEADER:
+            raise CheckpointError(path, f"has a safetensors header of {length / 2**20:,.1f} MB (real networks' "
+                                  f"headers take under 0.1 MB, the limit is {MAX_SAFETENSORS_HEADER >> 20} MB)")
+        text = f.read(length)
+    listed = text.count(b'"data_offsets"')  # one per tensor, counted before anything is built for them
+    if listed > MAX_TENSORS:
+        raise CheckpointError(path, f"lists {listed:,} tensors (real networks have a few hundred, the limit is "
+                              f"{MAX_TENSORS:,})")
+    try:
+        header = json.loads(text)
+    except ValueError:
+        header = None
+    if not isinstance(header, dict):
+        raise CheckpointError(path, "has no readable safetensors header")
+    return length, header
 
 
 def write_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike,
