@@ -558,7 +558,8 @@ def paste_restored(images: torch.Tensor, restored: torch.Tensor, info: FaceInfo,
 
         with _stage(timings, "parse", info.device):
             face_masks = parse_faces(masks.parser, crops if masks.source == "original" else restored, masks.regions,
-                                     masks.feather, batch_size=face_batch, on_batch=on_batch)
+                                     masks.feather, batch_size=face_batch, on_batch=on_batch,
+                                     cancel=cancel and (lambda: check_cancel(cancel)))
         if masks.temporal_sigma > 0:
             offsets = _face_offsets(info.faces)
             tracks = [torch.tensor([offsets[t] + i for t, i in track]) for track in face_tracks(info.faces)]

@@ -49,6 +49,16 @@ def like_given(images: torch.Tensor, given: Given):
     return images.cpu().numpy() if given.numpy else images
 
 
+def check_frames(images) -> torch.Tensor:
+    """`images` when they are a (B,H,W,C) float tensor with C = 1, 3 or 4 (what detectors take); a
+    ValueError for anything else: 2 channels, channels first (B,3,H,W), uint8 0..255 read as 0..1."""
+    if not isinstance(images, torch.Tensor) or images.ndim != 4 or images.shape[-1] not in (1, 3, 4) \
+            or not images.dtype.is_floating_point:
+        shape = f"shape {tuple(images.shape)} {images.dtype}" if hasattr(images, "shape") else type(images).__name__
+        raise ValueError(f"images must be a (B, H, W, C) float tensor in 0..1 with C in 1, 3, 4; got {shape}")
+    return images
+
+
 def as_rgb(images: torch.Tensor) -> torch.Tensor:
     """ComfyUI images as (B,H,W,3) float in 0..1: grayscale is repeated, alpha dropped, range clamped."""
     if images.ndim == 3:
