@@ -8,10 +8,11 @@ region parsers give them.
 from __future__ import annotations
 
 import math
-import numbers
 from typing import Callable, Iterable
 
 import torch
+
+from .options import MaskOptions
 
 
 def class_masks(logits: torch.Tensor, classes: Iterable[int]) -> torch.Tensor:
@@ -26,7 +27,7 @@ def feather_inside(masks: torch.Tensor, feather: float,
     blur's reach: where a mask was 0 it stays exactly 0 (hair, a hand in front of the face), and the
     soft edge lies inside what it allowed. Faces are done one at a time, `cancel()` asked before each
     (it raises to stop)."""
-    check_feather(feather)
+    MaskOptions(feather=feather)  # refuses what it refuses
     sigma = feather * masks.shape[-1]
     if sigma <= 0 or not len(masks):
         return masks
@@ -39,11 +40,6 @@ def feather_inside(masks: torch.Tensor, feather: float,
         shrunk = min_filter(min_filter(mask, reach, 0), reach, 1)  # a square's minimum, by rows then columns
         soft[i] = (blur @ shrunk.float() @ blur).clamp_(0, 1)
     return soft
-
-
-def check_feather(feather: float) -> None:
-    if isinstance(feather, bool) or not isinstance(feather, numbers.Real) or not 0 <= feather < math.inf:
-        raise ValueError(f"parse_feather must be 0 or more, got {feather}")
 
 
 def blur_matrix(size: int, sigma: float, device: torch.device) -> torch.Tensor:

@@ -15,8 +15,8 @@ import torch
 
 from ..archs.spec import ArchSpec, network_input, resize
 from .handle import NetworkHandle
-from .masks import check_feather, class_masks, feather_inside
-from .options import CLASSES, PARSE_FEATHER, region_classes
+from .masks import class_masks, feather_inside
+from .options import CLASSES, PARSE_FEATHER, MaskOptions, region_classes
 
 
 @runtime_checkable
@@ -93,7 +93,7 @@ def parse_faces(parsers, crops: torch.Tensor, regions: str | Iterable[int | str]
     `feather` x S, inside the mask. Faces go through in batches of `batch_size`; `on_batch(done, total)`
     follows them and may raise to cancel, as may `cancel()`, asked before each face's feathering.
     """
-    check_feather(feather)
+    MaskOptions(feather=feather)  # refused before any parsing
     parsers = list(parsers) if isinstance(parsers, (list, tuple)) else [parsers]
     classes = region_classes(regions)
     masks = torch.ones(crops.shape[:3], device=crops.device)
