@@ -23,7 +23,7 @@ def class_masks(logits: torch.Tensor, classes: Iterable[int]) -> torch.Tensor:
 
 def feather_inside(masks: torch.Tensor, feather: float,
                    cancel: Callable[[], object] | None = None) -> torch.Tensor:
-    """Soften the edges of (N,S,S) masks by a Gaussian of `feather` x S, after shrinking them by the
+    """Soften the edges of (N,H,W) masks by a Gaussian of `feather` x W, after shrinking them by the
     blur's reach: where a mask was 0 it stays exactly 0 (hair, a hand in front of the face), and the
     soft edge lies inside what it allowed. Faces are done one at a time, `cancel()` asked before each
     (it raises to stop)."""
@@ -32,20 +32,21 @@ def feather_inside(masks: torch.Tensor, feather: float,
     if sigma <= 0 or not len(masks):
         return masks
     reach = max(1, math.ceil(3 * sigma))
-    blur = blur_matrix(masks.shape[-1], sigma, masks.device)
+    down, across = (blur_matrix(side, sigma, masks.device) for side in masks.shape[1:])
     soft = torch.empty_like(masks)
     for i, mask in enumerate(masks):
         if cancel is not None:
             cancel()
         shrunk = min_filter(min_filter(mask, reach, 0), reach, 1)  # a square's minimum, by rows then columns
-        soft[i] = (blur @ shrunk.float() @ blur).clamp_(0, 1)
+        soft[i] = (down @ shrunk.float() @ across).clamp_(0, 1)
     return soft
 
 
 def blur_matrix(size: int, sigma: float, device: torch.device) -> torch.Tensor:
-    """(size, size) B such that B @ x @ B is paste.gaussian_blur(x, sigma) (its taps, zero beyond the
-    edges) of a square x: two matrix products cost the same at any sigma, where a parse mask's blur
-    reaches hundreds of pixels (feather 0.1 of a 2048 crop: a 1229-tap convolution, a minute a face)."""
+    """(size, size) B, symmetric, such that B_H @ x @ B_W is paste.gaussian_blur(x, sigma) of an HxW x (its
+    taps, zero beyond the edges). Two matrix products cost the same at any sigma: a parse mask's blur reaches
+    hundreds of pixels (feather 0.1 of a 2048 crop: a 1229-tap convolution, a minute a face), and at the crop
+    sizes restorers give (up to 2048) the products are faster than the convolution at any feather."""
     radius = max(1, int(3 * sigma + 0.5))
     taps = torch.arange(-radius, radius + 1, dtype=torch.float32, device=device)
     kernel = torch.exp(-taps.square() / (2 * sigma ** 2))
