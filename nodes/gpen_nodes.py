@@ -333,7 +333,7 @@ class FaceParsingMask:
         masks = MaskOptions(regions=mask_regions, feather=parse_feather)
         with host.using_all(face_parser) as parsers:
             return (parse_faces(parsers, as_rgb(crops), masks.regions, masks.feather,
-                                on_batch=host.Progress().step).cpu(),)
+                                on_batch=host.Progress().step, cancel=host.Progress.cancel).cpu(),)
 
 
 NODE_CLASS_MAPPINGS = {

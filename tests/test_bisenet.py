@@ -116,3 +116,17 @@ def test_wrong_layouts_and_damaged_weights_are_refused(fp16_state):
     nan = dict(fp16_state, **{"ffm.conv1.weight": torch.full((64, 256, 1, 1), float("nan"))})
     with pytest.raises(CheckpointError, match="ffm.conv1.weight holds NaN"):
         build(nan, "nan.pth", "parser")
+
+
+@pytest.mark.parametrize("classes, refusal", [
+    (0, "is a face parser with 0 classes: it can mark no face region"),
+    (1000, "is a face parser giving 1000 classes at 512x512, 1000 MiB of logits a face"),
+])
+def test_class_counts_no_face_parser_has_are_refused_before_building(classes, refusal):
+    with torch.device("meta"):
+        state = BiSeNet(19).state_dict()
+    for name, width in (("conv_out", 256), ("conv_out16", 64), ("conv_out32", 64)):
+        state[f"{name}.conv_out.weight"] = torch.empty(classes, width, 1, 1, device="meta")
+    with pytest.raises(CheckpointError) as refused:
+        build(state, "parser.pth")
+    assert str(refused.value).startswith(f"parser.pth: {refusal}")  # the reader's own words, after the file's name

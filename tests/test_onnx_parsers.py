@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -238,3 +239,72 @@ def test_info_names_them(models):
         assert done.returncode == 0, done.stderr
         assert done.stdout.startswith(f"{kind} (onnx, float32)")
         assert "format: onnx" in done.stdout
+
+
+def tiny_parser(path: Path, nodes, constants: dict, declared=(1, 19, 512, 512)) -> Path:
+    """A region parser written node by node, as small as a hostile file is: input (1,3,512,512) named
+    "input", output named "output" and declared `declared`, whatever its graph really makes."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    graph = helper.make_graph(
+        nodes, "parser", [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 3, 512, 512])],
+        [helper.make_tensor_value_info("output", TensorProto.FLOAT, list(declared))],
+        initializer=[numpy_helper.from_array(np.asarray(value), name) for name, value in constants.items()])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    return path
+
+
+def logits_then(node_maker):
+    """19 logits from a 1x1 convolution, then what `node_maker` does with them."""
+    from onnx import helper
+
+    return [helper.make_node("Conv", ["input", "weight"], ["logits"]), *node_maker(helper)]
+
+
+def test_a_parser_whose_output_size_follows_the_image_is_refused_before_it_runs(tmp_path):
+    """The issue's 768-byte file: it declares 19x512x512 and resizes its logits by 16 x the image's
+    brightest value, 19x8192x8192 floats (5 GB) on a white face, allocated inside onnxruntime's run."""
+    scaled = tiny_parser(tmp_path / "bisenet_resnet_18.onnx", logits_then(lambda h: [
+        h.make_node("ReduceMax", ["input"], ["brightest"], keepdims=0),
+        h.make_node("Mul", ["brightest", "sixteen"], ["factor"]),
+        h.make_node("Concat", ["ones", "factor", "factor"], ["scales"], axis=0),
+        h.make_node("Resize", ["logits", "", "scales"], ["output"], mode="nearest")]),
+        {"weight": np.zeros((19, 3, 1, 1), np.float32), "ones": np.ones(2, np.float32), "sixteen": np.float32([16])})
+    assert scaled.stat().st_size < 1024
+    assert REGION_PARSER.recognise(onnxruntime.InferenceSession(str(scaled)))
+    with pytest.raises(CheckpointError, match="Resize output 'output' has a size that depends on the image's values"):
+        load_parser(scaled)
+
+
+def test_a_parser_that_declares_19_classes_and_makes_1000_is_refused(tmp_path):
+    widened = tiny_parser(tmp_path / "bisenet_resnet_34.onnx", logits_then(lambda h: [
+        h.make_node("ReduceMax", ["input"], ["brightest"], keepdims=0),
+        h.make_node("Mul", ["brightest", "thousands"], ["classes"]),
+        h.make_node("Cast", ["classes"], ["count"], to=7),
+        h.make_node("Concat", ["one", "count", "side", "side"], ["shape"], axis=0),
+        h.make_node("Expand", ["logits", "shape"], ["output"])]),
+        {"weight": np.zeros((1, 3, 1, 1), np.float32), "thousands": np.float32([2000]), "one": np.int64([1]),
+         "side": np.int64([512])})
+    with pytest.raises(CheckpointError, match="Expand output 'output' has a size that depends on the image's values"):
+        load_parser(widened)
+
+
+def test_a_parser_whose_fixed_tensors_are_larger_than_a_face_needs_is_refused(tmp_path):
+    huge = tiny_parser(tmp_path / "bisenet_resnet_18.onnx", logits_then(lambda h: [
+        h.make_node("Resize", ["logits", "", "scales"], ["big"], mode="nearest"),
+        h.make_node("MaxPool", ["big"], ["output"], kernel_shape=[16, 16], strides=[16, 16])]),
+        {"weight": np.zeros((19, 3, 1, 1), np.float32), "scales": np.float32([1, 1, 16, 16])})
+    with pytest.raises(CheckpointError, match=r"making a 1x19x8192x8192 tensor \('big'\), 4864 MiB a face"):
+        load_parser(huge)
+
+
+def test_a_real_parser_graph_passes_the_checks(tmp_path):
+    """facexlib's BiSeNet exported as FaceFusion's bisenet_resnet_18.onnx is: every size fixed by the input's."""
+    from gpen.archs.bisenet import BiSeNet
+
+    torch.manual_seed(0)
+    network = BiSeNet(19).eval()
+    parser = load_parser(export(network, torch.zeros(1, 3, 512, 512), tmp_path / "bisenet_resnet_18.onnx"))
+    crops = torch.rand(2, 64, 64, 3)
+    assert parser.logits(crops).shape == (2, 19, 64, 64)

@@ -186,3 +186,39 @@ def test_broken_layouts_are_named(small_state):
     grey = {**small_state, "encoder.0.conv2d.weight": torch.empty(8, 1, 3, 3, device="meta")}
     with pytest.raises(ValueError, match="takes 1 channels, not RGB"):
         parsenet_config(grey)
+
+
+def test_parsers_asking_more_memory_than_a_face_needs_are_refused(tmp_path):
+    """The issue's 167 KB file: four-channel layers within every size bound, and a head of 1024 classes that,
+    with two more doublings than halvings, gives 1024x2048x2048 logits: 17 GB a face."""
+    from gpen import CheckpointError
+    from gpen.loader import load_parser
+
+    torch.manual_seed(0)
+    state = ParseNet(in_size=64, out_size=256, min_feat_size=16, base_ch=4, res_depth=0, ch_range=[4, 4]).state_dict()
+    state["out_mask_conv.conv2d.weight"] = torch.randn(1024, 4, 3, 3)
+    state["out_mask_conv.conv2d.bias"] = torch.randn(1024)
+    torch.save(state, tmp_path / "parsing_parsenet.pth")
+    assert (tmp_path / "parsing_parsenet.pth").stat().st_size < 200_000
+    with pytest.raises(CheckpointError, match="is a face parser giving 1024 classes at 2048x2048, 16384 MiB of logits"):
+        load_parser(tmp_path / "parsing_parsenet.pth")
+
+    with torch.device("meta"):
+        wide = ParseNet(in_size=64, out_size=64, min_feat_size=16, base_ch=512, res_depth=0, ch_range=[512, 512])
+        none = ParseNet(in_size=64, out_size=64, min_feat_size=16, base_ch=8, res_depth=0, ch_range=[8, 8])
+    with pytest.raises(ValueError, match="making 512 channels at 512x512 in one layer, 512 MiB a face"):
+        parsenet_config(wide.state_dict())
+    empty_head = dict(none.state_dict(), **{"out_mask_conv.conv2d.weight": torch.empty(0, 8, 3, 3, device="meta")})
+    with pytest.raises(ValueError, match="is a face parser with 0 classes: it can mark no face region"):
+        parsenet_config(empty_head)
+
+
+def test_the_released_parser_is_within_the_bounds_with_room(released):
+    from gpen.archs.parsenet import largest_features
+    from gpen.archs.spec import MAX_PARSER_FEATURES, MAX_PARSER_LOGITS
+
+    config = parsenet_config(meta_state(released["keys"]))
+    channels, side = largest_features(config["in_size"], config["out_size"], config["min_feat_size"],
+                                      config["base_ch"], config["ch_range"])
+    assert (channels, side) == (128, 512) and 2 * channels * side ** 2 <= MAX_PARSER_FEATURES
+    assert 4 * config["parsing_ch"] * config["out_size"] ** 2 <= MAX_PARSER_LOGITS  # 19 classes at 1024 would pass

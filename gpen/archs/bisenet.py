@@ -15,13 +15,12 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .spec import ArchSpec, ConfigError, Convention, imagenet_normalise
+from .spec import ArchSpec, ConfigError, Convention, check_parser_output, imagenet_normalise
 
 # Keys that every BiSeNet file of this layout has and no other network here uses.
 BISENET_KEYS = ("cp.resnet.conv1.weight", "cp.arm32.conv_atten.weight", "ffm.convblk.conv.weight",
                 "conv_out.conv_out.weight")
-# The classifier is a 1x1 conv; a file claiming more classes than this is not a face parser.
-MAX_CLASSES = 1024
+SIZE = 512  # the faces it parses (and the size of its logits)
 
 
 class ConvBNReLU(nn.Module):
@@ -205,11 +204,10 @@ def bisenet_config(state: dict[str, torch.Tensor]) -> dict:
         if num_class is None or tuple(weight.shape) != expected:
             raise ConfigError(f"BiSeNet's {name}.conv_out.weight is {tuple(weight.shape)}; expected "
                                   f"(classes, {widths[name]}, 1, 1) with the same classes for all three classifiers")
-    if not 1 <= num_class <= MAX_CLASSES:
-        raise ConfigError(f"BiSeNet with {num_class} classes; a face parser has 1 to {MAX_CLASSES}")
+    check_parser_output(int(num_class), SIZE, SIZE)
     return {"num_class": int(num_class)}
 
 
 SPEC = ArchSpec("BiSeNet face-parser", "parser", is_bisenet, bisenet_config, BiSeNet,
-                convention=Convention(input="imagenet", output="logits", size=512),
+                convention=Convention(input="imagenet", output="logits", size=SIZE),
                 details=lambda net: {"detail": f"{net.num_class} classes"})

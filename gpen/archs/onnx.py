@@ -22,10 +22,12 @@ insightface's SCRFD detectors are told by their number of outputs and run throug
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 
-from .spec import ArchSpec, Convention
+from .spec import MAX_PARSER_FEATURES, ArchSpec, ConfigError, Convention, check_parser_output
 
 ONNX_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
 # Face sizes accepted from a GPEN export: the released GPEN runs 256 to 2048. A fixed input far bigger
@@ -146,6 +148,88 @@ def is_occluder(session) -> bool:
     return len(out) == 3 and fits(out[0], 1) and fits(out[1], OCCLUDER_SIZE) and fits(out[2], OCCLUDER_SIZE)
 
 
+def parser_shapes(session, batch: int) -> tuple[dict[str, tuple[int, ...]], str]:
+    """The shape of every tensor a parser's graph makes from `batch` inputs of its input's shape, worked
+    out from the graph alone (its declared shapes ignored: a file may declare what it likes), and the
+    name of its first output. onnxruntime allocates each tensor inside the run, at whatever size the
+    data makes it, so a graph where a size follows the input's values (a Resize whose scales it computes
+    from the image: a 768-byte file gave 19x8192x8192 floats) is refused here, before it ever runs."""
+    try:
+        import onnx
+    except ImportError:
+        raise ConfigError("is an ONNX face parser; checking its graph needs the onnx package: pip install onnx") \
+            from None
+    source = getattr(session, "_model_path", None) or getattr(session, "_model_bytes", None)
+    model = onnx.load(source, load_external_data=False) if isinstance(source, str) else \
+        onnx.load_model_from_string(source)
+    graph = model.graph
+    for node in graph.node:
+        if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute):
+            raise ConfigError(f"is an ONNX face parser with a {node.op_type} (a graph inside the graph), whose "
+                              "tensors' sizes cannot be known before it runs")
+    constants = {i.name for i in graph.initializer}
+    image = next(i for i in graph.input if i.name not in constants)
+    first = image.type.tensor_type.shape.dim[0]
+    if not first.HasField("dim_value"):
+        first.dim_value = batch
+    graph.ClearField("value_info")
+    for output in graph.output:
+        output.type.tensor_type.ClearField("shape")
+    try:
+        graph = onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True, data_prop=True).graph
+    except Exception as e:  # onnx raises its own types (InferenceError, ValidationError) for graphs it cannot follow
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"is an ONNX face parser whose tensor shapes cannot be worked out ({reason[:200]})") \
+            from None
+    known = {value.name: value.type for value in (*graph.value_info, *graph.output)}
+    shapes = {}
+    for node in graph.node:
+        for name in filter(None, node.output):
+            kind = known.get(name)
+            dims = kind.tensor_type.shape.dim if kind is not None and kind.tensor_type.HasField("shape") else None
+            if dims is None or not all(d.HasField("dim_value") for d in dims):
+                raise ConfigError(f"is an ONNX face parser whose {node.op_type} output {name!r} has a size that "
+                                  "depends on the image's values, not only on its size: refused, since onnxruntime "
+                                  "would allocate it whatever size it came to")
+            shapes[name] = tuple(d.dim_value for d in dims)
+    return shapes, graph.output[0].name
+
+
+def check_parser_graph(session) -> tuple[int, ...]:
+    """Refuse a parser's graph (ConfigError) with a tensor whose size is not fixed by the input's, larger
+    than a face parser needs (MAX_PARSER_FEATURES a face), or growing faster than the batch; its first
+    output's shape for one face, worked out from the graph."""
+    (one, output), (two, _) = parser_shapes(session, 1), parser_shapes(session, 2)
+    for name, shape in one.items():
+        size = math.prod(shape)
+        if size > MAX_PARSER_FEATURES:
+            raise ConfigError(f"is an ONNX face parser making a {'x'.join(map(str, shape))} tensor ({name!r}), "
+                              f"{size * 4 / 2**20:.0f} MiB a face: more than a face parser needs "
+                              f"(at most {MAX_PARSER_FEATURES * 4 // 2**20} MiB)")
+        if math.prod(two[name]) > 2 * size:
+            raise ConfigError(f"is an ONNX face parser whose tensor {name!r} grows faster than the number of faces")
+    return one[output]
+
+
+def region_parser_config(session) -> dict:
+    """No configuration; the graph checked (check_parser_graph): its logits are 19 classes at 512x512."""
+    shape = check_parser_graph(session)
+    check_parser_output(shape[1] if len(shape) == 4 else 0, *shape[2:] if len(shape) == 4 else (0, 0))
+    if shape[1:] != (PARSER_CLASSES, PARSER_SIZE, PARSER_SIZE):
+        raise ConfigError(f"is an ONNX face parser whose graph gives {'x'.join(map(str, shape))} logits, not the "
+                          f"{PARSER_CLASSES} classes at {PARSER_SIZE}x{PARSER_SIZE} it declares")
+    return {}
+
+
+def occluder_config(session) -> dict:
+    """No configuration; the graph checked (check_parser_graph): one probability a pixel at 256x256."""
+    shape = check_parser_graph(session)
+    if sorted(shape[1:]) not in ([OCCLUDER_SIZE, OCCLUDER_SIZE], [1, OCCLUDER_SIZE, OCCLUDER_SIZE]):
+        raise ConfigError(f"is an ONNX occluder whose graph gives {'x'.join(map(str, shape))}, not one channel at "
+                          f"{OCCLUDER_SIZE}x{OCCLUDER_SIZE} as it declares")
+    return {}
+
+
 def is_scrfd(session) -> bool:
     return len(session.get_outputs()) in SCRFD_OUTPUTS
 
@@ -164,11 +248,11 @@ GPEN_EXPORT = ArchSpec("GPEN", "restorer", is_gpen_export, gpen_export_config, G
                        convention=Convention(input="-1..1", output="image", template="gpen", batch="file"),
                        face_size=lambda runner: runner.size, details=gpen_export_config)
 REGION_PARSER = ArchSpec(
-    "FaceFusion region parser", "parser", is_region_parser, no_config, OnnxRunner, format="onnx",
+    "FaceFusion region parser", "parser", is_region_parser, region_parser_config, OnnxRunner, format="onnx",
     convention=Convention(input="imagenet", output="logits", size=PARSER_SIZE, batch="file"),
     details=lambda session: {"detail": f"{PARSER_CLASSES} face regions at {PARSER_SIZE}x{PARSER_SIZE}"})
 OCCLUDER = ArchSpec(
-    "FaceFusion occluder", "parser", is_occluder, no_config, OnnxRunner, format="onnx",
+    "FaceFusion occluder", "parser", is_occluder, occluder_config, OnnxRunner, format="onnx",
     convention=Convention(input="0..1", colour="bgr", layout="nhwc", output="probability", size=OCCLUDER_SIZE,
                           batch="file"),
     details=lambda session: {"detail": f"visible-face probability at {OCCLUDER_SIZE}x{OCCLUDER_SIZE}"})

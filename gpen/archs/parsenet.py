@@ -24,16 +24,16 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .spec import ArchSpec, Convention
+from .spec import MAX_PARSER_FEATURES, ArchSpec, ConfigError, Convention, check_parser_output
 
 LRELU_SLOPE = 0.2
 
 # Limits on what a file may make us build: the released network is 512 px, 256 channels wide and
-# 10 blocks deep, 21.3M parameters. A file that asks for more than these is broken or hostile.
+# 10 blocks deep, 21.3M parameters. A file that asks for more than these is broken or hostile; so is one
+# whose logits or feature maps take more memory than a face parser needs (archs/spec.py's bounds).
 MAX_SIZE = 2048
 MAX_CHANNELS = 2048
 MAX_DEPTH = 64
-MAX_CLASSES = 1024
 
 # Keys every ParseNet state dict has, whatever its configuration.
 MARKER_KEYS = ("encoder.0.conv2d.weight", "out_mask_conv.conv2d.weight", "out_img_conv.conv2d.weight")
@@ -155,12 +155,13 @@ class ParseNet(nn.Module):
 
 def check_config(in_size: int, out_size: int, min_feat_size: int, base_ch: int, parsing_ch: int, res_depth: int,
                  ch_range: tuple[int, int] | list[int]) -> None:
-    """Refuse configurations no ParseNet file has (ValueError), before anything is built."""
+    """Refuse configurations no ParseNet file has (ValueError), and those whose logits or feature maps take
+    more memory than a face parser needs (ConfigError), before anything is built."""
     low, high = ch_range
     problems = []
     for name, value, limit in (("in_size", in_size, MAX_SIZE), ("out_size", out_size, MAX_SIZE),
                                ("min_feat_size", min_feat_size, MAX_SIZE), ("base_ch", base_ch, MAX_CHANNELS),
-                               ("parsing_ch", parsing_ch, MAX_CLASSES), ("channel range start", low, MAX_CHANNELS),
+                               ("channel range start", low, MAX_CHANNELS),
                                ("channel range end", high, MAX_CHANNELS)):
         if not 1 <= value <= limit:
             problems.append(f"{name} {value} (1 to {limit})")
@@ -170,6 +171,29 @@ def check_config(in_size: int, out_size: int, min_feat_size: int, base_ch: int, 
         problems.append(f"channel range {low}..{high} runs backwards")
     if problems:
         raise ValueError(f"not a ParseNet this code builds: {', '.join(problems)}")
+    check_parser_output(parsing_ch, out_size, out_size)
+    channels, side = largest_features(in_size, out_size, min_feat_size, base_ch, ch_range)
+    if channels * side * side > MAX_PARSER_FEATURES:
+        raise ConfigError(f"is a ParseNet making {channels} channels at {side}x{side} in one layer, "
+                          f"{channels * side * side * 4 / 2**20:.0f} MiB a face: more than a face parser needs "
+                          f"(at most {MAX_PARSER_FEATURES * 4 // 2**20} MiB)")
+
+
+def largest_features(in_size: int, out_size: int, min_feat_size: int, base_ch: int,
+                     ch_range: tuple[int, int] | list[int]) -> tuple[int, int]:
+    """(channels, side) of the largest feature map the network makes from an in_size input: blocks work at
+    their input's size before halving (conv1) and at the doubled size after upsampling."""
+    low, high = ch_range
+    clip = lambda channels: max(low, min(channels, high))
+    min_feat_size = min(in_size, min_feat_size)
+    maps, width, side = [(base_ch, in_size)], base_ch, in_size
+    for _ in range((in_size // min_feat_size).bit_length() - 1):
+        maps.append((clip(width * 2), side))
+        width, side = width * 2, side // 2
+    for _ in range((out_size // min_feat_size).bit_length() - 1):
+        maps.append((clip(width), side * 2))
+        width, side = width // 2, side * 2
+    return max(maps, key=lambda m: m[0] * m[1] ** 2)
 
 
 def is_parsenet(state: dict[str, torch.Tensor]) -> bool:

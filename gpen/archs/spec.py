@@ -21,11 +21,29 @@ OUTPUTS = ("image", "logits", "probability", "detections")
 BATCHES = ("any", "one-on-cpu", "file")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+# What a face parser may ask of memory for one face, checked when its file is read. The released parsers give
+# 19 classes (CelebAMask-HQ's, the ones region masks name) at 512x512, and ParseNet's largest feature map is
+# 128 channels at 512x512; these bounds are that with room (19 classes at 1024x1024 pass). A 167 KB ParseNet
+# asked for 1024 classes at 2048x2048: 17 GB of logits a face.
+MAX_PARSER_CLASSES = 32
+MAX_PARSER_LOGITS = 32 * 1024 * 1024  # classes x output pixels: 128 MiB of float32 a face
+MAX_PARSER_FEATURES = 2 * 128 * 512 * 512  # values of any one intermediate tensor: 256 MiB of float32 a face
 
 
 class ConfigError(ValueError):
     """A configuration reader's refusal that says the whole problem: shown after the file's name as it is
     (other ValueErrors are shown as the file not fitting the network's layout, with the reason)."""
+
+
+def check_parser_output(classes: int, height: int, width: int) -> None:
+    """Refuse a face parser (ConfigError) whose class logits are none, or more than a face parser needs."""
+    if classes < 1:
+        raise ConfigError(f"is a face parser with {classes} classes: it can mark no face region")
+    if classes > MAX_PARSER_CLASSES or classes * height * width > MAX_PARSER_LOGITS:
+        mib = classes * height * width * 4 / 2**20
+        raise ConfigError(f"is a face parser giving {classes} classes at {width}x{height}, {mib:.0f} MiB of logits a "
+                          f"face: more than a face parser needs (at most {MAX_PARSER_CLASSES} classes and "
+                          f"{MAX_PARSER_LOGITS * 4 // 2**20} MiB; the released ones give 19 at 512x512)")
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from .options import TEMPLATES
+from .tensors import check_frames
 
 # GPEN's own template, as fractions of the crop size: align_faces.py's 96x112 reference points,
 # squared to 112x112 (x + 8) with inner padding 0.25 (+ 28, in a 168x168 frame). GPEN was trained on it.
@@ -81,6 +82,7 @@ def crop_faces(images: torch.Tensor, landmarks: torch.Tensor, size: int, frames:
     (may be left out when B is 1). Returns crops (N,size,size,3) float32 in 0..1 on `device` (default:
     the images') and affines (N,2,3) image -> crop pixels, float32. Frames go to the device one at a time.
     """
+    check_frames(images)
     landmarks = torch.as_tensor(landmarks)
     if landmarks.ndim != 3 or landmarks.shape[1:] != (5, 2):
         raise ValueError(f"landmarks must be (N, 5, 2), got shape {tuple(landmarks.shape)}")

@@ -8,6 +8,9 @@ returns one `Faces` per image, in image pixels, best score first. Both handles s
 
 from __future__ import annotations
 
+import functools
+import logging
+import math
 import os
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
@@ -21,10 +24,12 @@ from ..archs.onnx import SCRFD
 from ..archs.retinaface import SPEC as RETINAFACE
 from ..archs.retinaface import RetinaFace, decode, fold_batch_norms, prior_boxes
 from ..files.weights import CheckpointError, first_line
-from .tensors import as_rgb
+from .options import SelectOptions
+from .tensors import as_rgb, check_frames
 
 BGR_MEAN = (104.0, 117.0, 123.0)
 DEFAULT_THRESHOLD = 0.5  # for a detector that names no default of its own: the detector libraries' usual one
+log = logging.getLogger("gpen")
 
 
 @dataclass
@@ -63,8 +68,11 @@ class Detector(Protocol):
 
 
 def threshold_for(detector, threshold: float | None = 0) -> float:
-    """The score a face must pass: `threshold`, or where it is 0 (or None) the detector's own default."""
-    return threshold if threshold else getattr(detector, "threshold", DEFAULT_THRESHOLD)
+    """The score a face must pass: `threshold`, or where it is 0 (or None) the detector's own default.
+    NaN or infinity is refused: no score passes it, and every face would be dropped without a word."""
+    if threshold:
+        return SelectOptions(threshold=threshold).threshold
+    return getattr(detector, "threshold", DEFAULT_THRESHOLD)
 
 
 def box_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -105,20 +113,46 @@ COARSE_MIN_FACE = 64  # px at the coarse scale: smaller faces are left to the fi
 MIN_SHORT_SIDE = 32  # a pass keeps the image's short side at least this long (the coarsest stride)
 SAME_FACE_IOU = 0.3  # two boxes overlapping more than this are one face
 SAME_FACE_INSIDE = 0.6  # as is a box with this much of its area inside another
+# The most pixels one detection pass (all its frames together) sees: a 4K UHD frame's. RetinaFace ResNet-50
+# holds about 250 bytes a pixel of its input at its peak (BENCHMARKS.md), so this is ~2 GB; detect_size 8192
+# on a 1080p frame asked for 38 MP (9 GB), on a 64x64 one 67 MP. "auto" never comes near it (at most 1600^2).
+MAX_DETECT_PIXELS = 3840 * 2160
 
 
 def detection_scales(height: int, width: int, detect_size: int | str = "auto") -> list[float]:
     """The scales a frame is detected at: [fine, coarse] for "auto" (one when they coincide), or the one
-    scale that gives the fixed long side `detect_size`; none for a frame too thin to hold a face."""
+    scale that gives the fixed long side `detect_size`, lowered where the frame would have more than
+    MAX_DETECT_PIXELS at it (with a warning); none for a frame too thin to hold a face."""
     long, short = max(height, width), min(height, width)
     if short < MIN_SHORT_SIDE:
         return []
     if detect_size != "auto":
-        scales = [int(detect_size) / long]
+        scales = [min(int(detect_size) / long, largest_scale(height, width, int(detect_size)))]
     else:
         fine = min(1.0, max(FINE_SIDE / long, MIN_SHORT_SIDE / short))
         scales = [fine, COARSE_SIDE / long] if long * fine > COARSE_SIDE * 1.25 else [fine]
     return [s for s in scales if short * s >= MIN_SHORT_SIDE]  # a thinner image has no cell at stride 32
+
+
+def largest_scale(height: int, width: int, detect_size: int | str = "auto") -> float:
+    """The largest scale that keeps a frame within MAX_DETECT_PIXELS (warned about once per frame size)."""
+    scale = math.sqrt(MAX_DETECT_PIXELS / (height * width))
+    if detect_size != "auto" and int(detect_size) / max(height, width) > scale:
+        _warn_lowered(height, width, int(detect_size), scale)
+    return scale
+
+
+@functools.lru_cache(maxsize=32)
+def _warn_lowered(height: int, width: int, detect_size: int, scale: float) -> None:
+    log.warning("detect_size %d on a %dx%d frame would detect %.0f MP at once; detecting at %dx%d, the most one "
+                "pass takes (%.1f MP)", detect_size, width, height, (detect_size / max(height, width)) ** 2 * height *
+                width / 1e6, round(width * scale), round(height * scale), MAX_DETECT_PIXELS / 1e6)
+
+
+def frames_per_pass(height: int, width: int, scales: list[float], frames: int) -> int:
+    """How many of `frames` frames of this size one pass takes without going over MAX_DETECT_PIXELS."""
+    largest = max(scales, default=0) ** 2 * height * width
+    return max(1, min(frames, int(MAX_DETECT_PIXELS // largest) if largest else frames))
 
 
 def check_detect_size(detect_size) -> int | str:
@@ -193,14 +227,14 @@ class RetinaFaceDetector:
                top_k: int = 5000) -> list[Faces]:
         """One `Faces` per image (B,H,W,C float 0..1), in image pixels, best score first; scoring over
         `threshold` (0: the network's own, its spec's)."""
-        if images.ndim == 3:
-            images = images[None]
+        images = check_frames(images[None] if images.ndim == 3 else images)
         threshold = threshold_for(self, threshold)
         scales = detection_scales(*images.shape[1:3], self.detect_size)
+        step = frames_per_pass(*images.shape[1:3], scales, self.frames_per_batch)
         results = []
         with torch.inference_mode():
-            for start in range(0, len(images), self.frames_per_batch):
-                chunk = images[start:start + self.frames_per_batch]
+            for start in range(0, len(images), step):
+                chunk = images[start:start + step]
                 passes = [(scale, self._detect_at(chunk, scale, threshold, nms_threshold, top_k)) for scale in scales]
                 results += [one_box_per_face(merge_scales([(s, found[i]) for s, found in passes]))
                             for i in range(len(chunk))]
@@ -229,8 +263,20 @@ class RetinaFaceDetector:
             # Shrinking averages areas: antialiased bilinear would first make a full-height copy of the frame.
             x = F.interpolate(x, size=size, mode="area") if scale < 1 else \
                 F.interpolate(x, size=size, mode="bilinear", align_corners=False)
-        x = x.flip(1).clamp_(0, 1)  # (flip first: it makes the copy the rest works in)
+        x = readable(x.flip(1))  # (flip first: it makes the copy the rest works in)
         return x.mul_(255).sub_(x.new_tensor(BGR_MEAN).view(1, 3, 1, 1))
+
+
+def readable(x: torch.Tensor) -> torch.Tensor:
+    """`x` (a copy, changed in place) clamped to 0..1, its non-finite pixels read as black (NaN, -Inf) or
+    white (+Inf): one NaN would spread through every convolution that sees it and take the scores of the
+    faces around it (11 of 20 faces found), so the frame is detected as a viewer shows it, with a warning."""
+    finite = torch.isfinite(x)
+    if not finite.all():
+        log.warning("detection read %d non-finite value(s) (NaN or Inf) of the image as black or white",
+                    int((~finite).sum()))
+        x.nan_to_num_(nan=0.0, posinf=1.0, neginf=0.0)
+    return x.clamp_(0, 1)
 
 
 def shrink(images: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -261,13 +307,13 @@ class ScrfdDetector:
 
     def detect(self, images: torch.Tensor, threshold: float = 0, nms_threshold: float = 0.4,
                top_k: int = 5000) -> list[Faces]:
-        if images.ndim == 3:
-            images = images[None]
+        images = check_frames(images[None] if images.ndim == 3 else images)
         self.model.det_thresh, self.model.nms_thresh = threshold_for(self, threshold), nms_threshold
         scales = detection_scales(*images.shape[1:3], self.detect_size)
         results = []
         for image in images:
-            bgr = np.ascontiguousarray((as_rgb(image) * 255).round().to(torch.uint8).flip(-1).cpu().numpy()[0])
+            rgb = readable(as_rgb(image))
+            bgr = np.ascontiguousarray((rgb * 255).round().to(torch.uint8).flip(-1).cpu().numpy()[0])
             passes = [(scale, self._detect_at(bgr, scale)) for scale in scales]
             faces = one_box_per_face(merge_scales(passes))
             results.append(faces[:top_k] if top_k < 5000 else faces)

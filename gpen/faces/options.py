@@ -4,7 +4,7 @@ pasted back, and which of their pixels a face parser lets through.
 Each field is declared once, with its default, its valid range or choices, its help text and how the
 ComfyUI nodes show it (slider range, widget type); the nodes' widgets and the CLI's flags are built
 from these declarations, so an option exists everywhere it should (tests/test_options.py checks).
-Constructing an option object refuses a bad value, NaN included, with a message naming the option.
+Constructing an option object refuses a bad value, NaN and infinity included, with a message naming the option.
 
 No torch here: `python -m gpen --help` builds its flags from this module.
 """
@@ -95,7 +95,8 @@ class Checked:
             if spec.choices is not None and value not in spec.choices:
                 raise ValueError(self._refusal(spec, f, f"must be one of {', '.join(spec.choices)}, got {value!r}"))
             if isinstance(f.default, (int, float)) and not isinstance(f.default, bool) and not _within(value, spec):
-                raise ValueError(self._refusal(spec, f, f"must be {_range(spec)}, got {value}"))
+                finite = " and finite" if _infinite(value) else ""
+                raise ValueError(self._refusal(spec, f, f"must be {_range(spec)}{finite}, got {value}"))
 
     def _refusal(self, spec: Spec, f, text: str) -> str:
         if spec.message:
@@ -104,10 +105,15 @@ class Checked:
 
 
 def _within(value, spec: Spec) -> bool:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or math.isnan(value):
+    # Infinity too: a threshold or min_size of inf keeps no face, a feather or smoothing of inf has no size.
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
         return False
     return ((spec.low is None or value >= spec.low) and (spec.high is None or value <= spec.high)
             and (spec.below is None or value < spec.below) and (spec.above is None or value > spec.above))
+
+
+def _infinite(value) -> bool:
+    return isinstance(value, numbers.Real) and math.isinf(value)
 
 
 def _range(spec: Spec) -> str:

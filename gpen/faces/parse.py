@@ -16,7 +16,7 @@ import torch
 from ..archs.spec import ArchSpec, network_input, resize
 from .handle import NetworkHandle
 from .masks import class_masks, feather_inside
-from .options import CLASSES, PARSE_FEATHER, region_classes
+from .options import CLASSES, PARSE_FEATHER, MaskOptions, region_classes
 
 
 @runtime_checkable
@@ -83,15 +83,17 @@ def check_crops(crops: torch.Tensor) -> None:
 
 def parse_faces(parsers, crops: torch.Tensor, regions: str | Iterable[int | str] | None = None,
                 feather: float = PARSE_FEATHER, batch_size: int = 4,
-                on_batch: Callable[[int, int], None] | None = None) -> torch.Tensor:
+                on_batch: Callable[[int, int], None] | None = None,
+                cancel: Callable[[], object] | None = None) -> torch.Tensor:
     """(N,S,S) masks of crops (N,S,S,3 RGB 0..1): 1 where every parser shows the face.
 
     `parsers` is one parser or several (a region parser with an occluder, or several occluders): their
     masks combine by minimum. Region parsers keep the classes in `regions` (default: the face, see
     options.FACE_REGIONS); occluders give their visible-face probability. Edges are feathered by
     `feather` x S, inside the mask. Faces go through in batches of `batch_size`; `on_batch(done, total)`
-    follows them and may raise to cancel.
+    follows them and may raise to cancel, as may `cancel()`, asked before each face's feathering.
     """
+    MaskOptions(feather=feather)  # refused before any parsing
     parsers = list(parsers) if isinstance(parsers, (list, tuple)) else [parsers]
     classes = region_classes(regions)
     masks = torch.ones(crops.shape[:3], device=crops.device)
@@ -102,4 +104,4 @@ def parse_faces(parsers, crops: torch.Tensor, regions: str | Iterable[int | str]
             masks[start:start + len(batch)] = torch.minimum(masks[start:start + len(batch)], found.to(masks.device))
         if on_batch is not None:
             on_batch(min(start + batch_size, len(crops)), len(crops))
-    return feather_inside(masks, feather)
+    return feather_inside(masks, feather, cancel)

@@ -24,13 +24,14 @@ from .options import MaskOptions, PasteOptions, SelectOptions
 from .parse import parse_faces
 from .paste import check_background, check_output_size, not_larger, paste_faces, paste_target, scale_affines
 from .restore import as_restorer, finite_faces
-from .tensors import as_images, as_rgb, like_given
+from .tensors import as_images, as_rgb, check_finite, like_given
 from .tracks import choose_tracks, face_tracks, selects_tracks
 
 GPEN_SIZES = (256, 512, 1024, 2048)
 FIT = 1.5  # a restorer this many times larger or smaller than the faces at the output is worth a note
 MIN_DETECT_SIDE = 32  # below this RetinaFace's coarsest level has no cell; nothing is detected
 DETECT_CHUNK = 4  # frames detected between two looks at the cancel hook
+CHANGED_FROM = "changed_from (the image before the swap)"
 log = logging.getLogger("gpen")
 
 
@@ -396,7 +397,9 @@ def locate_faces(images: torch.Tensor, detector, crop_size: int, options: Select
     """
     images, changed_from = as_images(images)[0], options.changed_from
     if changed_from is not None:
-        changed_from = as_images(changed_from)[0]
+        # NaN there would make every face "not changed", and the image come back untouched without a word.
+        changed_from = as_images(changed_from, CHANGED_FROM)[0]
+        check_finite(changed_from, CHANGED_FROM)
         check_same_frames(images, changed_from)
     device = torch.device(device or getattr(detector, "device", images.device))
     selection = Selection()
@@ -558,7 +561,8 @@ def paste_restored(images: torch.Tensor, restored: torch.Tensor, info: FaceInfo,
 
         with _stage(timings, "parse", info.device):
             face_masks = parse_faces(masks.parser, crops if masks.source == "original" else restored, masks.regions,
-                                     masks.feather, batch_size=face_batch, on_batch=on_batch)
+                                     masks.feather, batch_size=face_batch, on_batch=on_batch,
+                                     cancel=cancel and (lambda: check_cancel(cancel)))
         if masks.temporal_sigma > 0:
             offsets = _face_offsets(info.faces)
             tracks = [torch.tensor([offsets[t] + i for t, i in track]) for track in face_tracks(info.faces)]

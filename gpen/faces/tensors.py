@@ -12,8 +12,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-IMAGES = ("images must be a torch tensor or numpy array, float in 0..1 or uint8 in 0..255, shaped (B, H, W, C) or "
+IMAGES = ("{name} must be a torch tensor or numpy array, float in 0..1 or uint8 in 0..255, shaped (B, H, W, C) or "
           "(H, W, C) with C = 1, 3 or 4")
+FINITE_ROWS = 256  # rows looked at a time for NaN and Inf: the check's flags stay small beside the frame
 
 
 @dataclass(frozen=True)
@@ -25,19 +26,28 @@ class Given:
     batched: bool  # (B,H,W,C); else one (H,W,C) image
 
 
-def as_images(images) -> tuple[torch.Tensor, Given]:
+def as_images(images, name: str = "images") -> tuple[torch.Tensor, Given]:
     """Images of any accepted type -> (B,H,W,C) float in 0..1 (a float tensor as it is, not copied), and
-    what they were; anything else is refused with what `images` must be."""
+    what they were; anything else is refused with what `images` (called `name` there) must be."""
+    must = IMAGES.format(name=name)
     if not isinstance(images, (torch.Tensor, np.ndarray)):
-        raise ValueError(f"{IMAGES}; got {type(images).__name__}")
+        raise ValueError(f"{must}; got {type(images).__name__}")
     given = torch.from_numpy(np.ascontiguousarray(images)) if isinstance(images, np.ndarray) else images
     if given.dtype != torch.uint8 and not given.dtype.is_floating_point:
-        raise ValueError(f"{IMAGES}; got {given.dtype}")
+        raise ValueError(f"{must}; got {given.dtype}")
     if given.ndim not in (3, 4) or given.shape[-1] not in (1, 3, 4):
-        raise ValueError(f"{IMAGES}; got shape {tuple(given.shape)}")
+        raise ValueError(f"{must}; got shape {tuple(given.shape)}")
     kind = Given(isinstance(images, np.ndarray), given.dtype, given.ndim == 4)
     batch = given if kind.batched else given[None]
     return (batch.float().div_(255) if kind.dtype == torch.uint8 else batch), kind
+
+
+def check_finite(images: torch.Tensor, name: str) -> None:
+    """Refuse (B,H,W,C) images holding NaN or Inf, a few rows at a time."""
+    for frame in images:
+        for rows in frame.split(FINITE_ROWS):
+            if not torch.isfinite(rows).all():
+                raise ValueError(f"{name} holds NaN or infinite values")
 
 
 def like_given(images: torch.Tensor, given: Given):
@@ -47,6 +57,16 @@ def like_given(images: torch.Tensor, given: Given):
         images.to(given.dtype)
     images = images if given.batched else images[0]
     return images.cpu().numpy() if given.numpy else images
+
+
+def check_frames(images) -> torch.Tensor:
+    """`images` when they are a (B,H,W,C) float tensor with C = 1, 3 or 4 (what detectors take); a
+    ValueError for anything else: 2 channels, channels first (B,3,H,W), uint8 0..255 read as 0..1."""
+    if not isinstance(images, torch.Tensor) or images.ndim != 4 or images.shape[-1] not in (1, 3, 4) \
+            or not images.dtype.is_floating_point:
+        shape = f"shape {tuple(images.shape)} {images.dtype}" if hasattr(images, "shape") else type(images).__name__
+        raise ValueError(f"images must be a (B, H, W, C) float tensor in 0..1 with C in 1, 3, 4; got {shape}")
+    return images
 
 
 def as_rgb(images: torch.Tensor) -> torch.Tensor:
