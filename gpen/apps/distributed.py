@@ -369,6 +369,8 @@ class Scheduler:
                 part.discard()
                 self.outcomes[part].status = "pending"
                 self.retry(part, None, str(e))
+            if job in self.ended:  # a segment failed its last attempt: so has the clip
+                return
         if any(self.outcomes[part].status != "done" for part in parts):
             return
         try:
