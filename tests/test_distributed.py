@@ -16,6 +16,7 @@ from gpen.apps.jobs import Job  # noqa: E402
 from gpen.apps.video import probe_video  # noqa: E402
 from gpen.files.images import read_image, write_image  # noqa: E402
 from tests.helpers import random_gpen  # noqa: E402
+from tests.test_segments import flip_a_byte, worker_for  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -299,12 +300,27 @@ def test_a_clip_whose_segments_another_run_holds_fails_by_name_and_nothing_of_it
     first.lock.release()
 
 
-def test_a_segment_changed_after_it_was_made_is_restored_again_before_the_join(tmp_path, capsys):
+def unreadable_but_recorded(segment):
+    """What an encoder gone wrong would leave: a file that is no video, with a record that matches it."""
+    import json
+
+    from gpen.files.download import file_sha256
+
+    segment.path.write_bytes(b"not a video" * 100)
+    record = json.loads(segment.record.read_text())
+    segment.record.write_text(json.dumps(dict(record, size=segment.path.stat().st_size,
+                                              sha256=file_sha256(segment.path))))
+
+
+@pytest.mark.parametrize("damage, reason", [
+    (flip_a_byte, "its file is not the one recorded"),
+    (unreadable_but_recorded, "it cannot be read back: "),
+])
+def test_a_segment_found_wrong_at_the_join_is_restored_again_not_joined(damage, reason, tmp_path, capsys):
     from types import SimpleNamespace
 
     from gpen.apps.distributed import Scheduler, plan_tasks
     from gpen.apps.jobs import Report
-    from tests.test_segments import flip_a_byte, worker_for
     from tests.test_video import make_clip
 
     source = make_clip(tmp_path / "a.mp4", frames=12, audio=None)
@@ -319,7 +335,7 @@ def test_a_segment_changed_after_it_was_made_is_restored_again_before_the_join(t
         def restore(task, overwrite, info):
             def run():
                 if task is others[-1] and not damaged:  # the first segment, damaged once it is done
-                    flip_a_byte(first)
+                    damage(first)
                     damaged.append(first)
                 return task.restore(worker, info)
             return run
@@ -331,8 +347,7 @@ def test_a_segment_changed_after_it_was_made_is_restored_again_before_the_join(t
         scheduler.dispatch()
         scheduler.collect()
     captured = capsys.readouterr()
-    assert "ray: a.mp4 [0:4] failed its check before the join (its file is not the one recorded); trying again" \
-        in captured.err
+    assert f"ray: a.mp4 [0:4] failed at the join ({reason}" in captured.err and "trying again" in captured.err
     assert scheduler.outcomes[first].actors == [0, 1]  # restored again, on the other actor
     assert "[1/1] a.mp4: 12 frames, 12 faces restored" in captured.out and "(in 3 segments)" in captured.out
     assert probe_video(job.target).frames == 12 and os.listdir(tmp_path / "out") == ["a.mp4"]

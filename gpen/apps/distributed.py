@@ -323,7 +323,7 @@ class Scheduler:
         job = job_of(task)
         name = task.label if task is not job else job.source.name
         if len(outcome.errors) < ATTEMPTS:
-            where = f"on actor {slot}" if slot is not None else "its check before the join"
+            where = f"on actor {slot}" if slot is not None else "at the join"
             print(f"ray: {name} failed {where} ({reason}); trying again", file=sys.stderr, flush=True)
             self.queue.insert(0, task)
             return
@@ -359,25 +359,26 @@ class Scheduler:
             self.report.done(job, summary)
 
     def join(self, job) -> None:
-        """Join a clip's segments, each checked against its record first: one that does not check out
-        is restored again (a retry), not joined."""
+        """Join a clip's segments, each checked against its record first: one that does not check out,
+        or that the join cannot read, is restored again (a retry), not joined."""
         parts = self.segments[job]
         for part in parts:
             try:
                 self.outcomes[part].summary = part.check()
             except ValueError as e:
-                part.discard()
-                self.outcomes[part].status = "pending"
-                self.retry(part, None, str(e))
+                self.redo(part, str(e))
             if job in self.ended:  # a segment failed its last attempt: so has the clip
                 return
         if any(self.outcomes[part].status != "done" for part in parts):
             return
         try:
             notes = join_segments([part.path for part in parts], job.source, job.target, self.overwrite)
-        except (ValueError, OSError) as e:
-            return self.fail(job, e)
-        except Exception as e:  # PyAV's errors: a segment that cannot be read back
+        except Exception as e:
+            unreadable = [part for part in parts if getattr(e, "filename", None) == str(part.path)]
+            if unreadable:  # kept, it would fail every rerun's join too
+                return self.redo(unreadable[0], f"it cannot be read back: {e}")
+            if isinstance(e, (ValueError, OSError)):
+                return self.fail(job, e)
             return self.fail(job, RuntimeError(f"{job.target}: the segments could not be joined ({e})"))
         total = VideoSummary(job.source, job.target, notes=notes)
         for part in parts:
@@ -387,6 +388,12 @@ class Scheduler:
         self.ended.add(job)
         if self.report is not None:
             self.report.done(job, f"{total} (in {len(parts)} segments)")
+
+    def redo(self, part: Segment, reason: str) -> None:
+        """A segment found wrong at the join: removed, and restored again (a retry)."""
+        part.discard()
+        self.outcomes[part].status = "pending"
+        self.retry(part, None, reason)
 
     def stop(self) -> None:
         for actor in self.actors:
