@@ -77,6 +77,7 @@ def count_nine_frames(segment):
     (lambda s: s.record.write_text('"a string"'), "its record cannot be read"),
     (lambda s: s.record.write_bytes(s.record.read_bytes()[:50]), "its record cannot be read"),  # cut short
     (lambda s: s.record.write_bytes(b"\xff\xfe"), "its record cannot be read"),
+    (lambda s: s.record.write_text("[" * 100_000 + "]" * 100_000), "its record cannot be read"),  # too deep
     (count_nine_frames, "its record counts 9 frames"),
 ])
 def test_a_damaged_segment_or_record_is_restored_again_never_reused(clip, damage, reason):

@@ -191,8 +191,9 @@ def run_on_ray(jobs: list, args, address: str | None = "local", report=None, vid
                task_timeout: float | None = None) -> dict:
     """Restore `jobs` (the CLI's planned and admitted Jobs) on a pool of Ray actors.
 
-    Clips longer than `args.ray_segment` seconds are split into segments (see plan_tasks), restored
-    like files, and joined here, in order, with the clip's audio, once all are done. Returns
+    Clips longer than `args.ray_segment` seconds are split into segments (see plan_tasks), in a
+    folder this run holds until it ends (claim_folders), restored like files, checked against their
+    records and joined here, in order, with the clip's audio, once all are done. Returns
     {task: Outcome} (a task is a Job, or a Segment of one); what becomes of each job is told to
     `report` (the CLI's Report) as it happens. A task that raises, or runs past `task_timeout`
     seconds, is retried once (on another actor when the pool has several); a task that fails twice

@@ -68,7 +68,7 @@ class Segment:
             record = json.loads(self.record.read_bytes())
             summary = read_summary(record["summary"])
             made, span, frames, size, sha256 = (record[key] for key in ("made", "span", "frames", "size", "sha256"))
-        except (ValueError, KeyError, TypeError, AttributeError):
+        except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
             raise ValueError("its record cannot be read") from None
         if made != json.loads(self.made):
             raise ValueError("it was made with other settings or files")
@@ -109,8 +109,9 @@ class SegmentFolder:
 
     def claim(self, segments: list[Segment], overwrite: bool) -> None:
         """Hold the folder for this run, and clear from it what is not one of `segments` (all with
-        `overwrite`): other runs' spans, temporary files of a killed one. A run that holds it already
-        is not waited for (it may take hours, and would leave nothing to do): ValueError."""
+        `overwrite`): other runs' spans, temporary files of a killed one. Where another run holds it,
+        ValueError, not a wait: that run may take hours, and whether its result is then skipped or
+        restored again (--overwrite) is better decided once it has ended."""
         if self.path.is_symlink() or (self.path.exists() and not self.path.is_dir()):
             raise ValueError(f"{self.path} is in the way: the segments of {self.target.name} wait in a folder by "
                              "that name; move or remove it")
@@ -121,10 +122,14 @@ class SegmentFolder:
             raise ValueError(f"another run is restoring it into {self.target} now (it holds {self.lock.lock_file}); "
                              "run again once that one has ended") from None
         keep = {LOCK} if overwrite else {LOCK} | {name for s in segments for name in (s.path.name, s.record.name)}
-        for entry in self.path.iterdir():
-            if entry.name in keep:
-                continue
-            if entry.is_dir() and not entry.is_symlink():
-                shutil.rmtree(entry)
-            else:
-                entry.unlink()
+        try:
+            for entry in self.path.iterdir():
+                if entry.name in keep:
+                    continue
+                if entry.is_dir() and not entry.is_symlink():
+                    shutil.rmtree(entry)
+                else:
+                    entry.unlink()
+        except OSError:
+            self.lock.release()
+            raise
