@@ -16,6 +16,7 @@ from gpen.apps.jobs import Job  # noqa: E402
 from gpen.apps.video import probe_video  # noqa: E402
 from gpen.files.images import read_image, write_image  # noqa: E402
 from tests.helpers import random_gpen  # noqa: E402
+from tests.test_segments import flip_a_byte, worker_for  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -179,37 +180,18 @@ def test_clips_are_cut_into_segments_of_about_the_length_asked(tmp_path):
 
     jobs = [Job(1, tmp_path / "a.mp4", tmp_path / "out" / "a.mp4"), Job(2, tmp_path / "b.png", tmp_path / "b.png")]
     videos = {jobs[0]: VideoInfo(jobs[0].source, 320, 240, frames=250, rate=Fraction(25), time_base=Fraction(1, 25))}
-    tasks = plan_tasks(jobs, videos, seconds=3, overwrite=False)  # 75 frames: 250 / 75 = 3.3 segments
+    tasks = plan_tasks(jobs, videos, seconds=3)  # 75 frames: 250 / 75 = 3.3 segments
     assert [t.span for t in tasks[:-1]] == [range(0, 83), range(83, 167), range(167, 250)] and tasks[-1] is jobs[1]
     assert tasks[0].path == tmp_path / "out" / ".a.mp4.segments" / "000000000-000000083.mp4"
     assert all(isinstance(t, Segment) and t.job is jobs[0] for t in tasks[:-1])
-    halves = plan_tasks(jobs, videos, seconds=3, overwrite=False, actors=2)  # 4: no actor idle in the last round
+    halves = plan_tasks(jobs, videos, seconds=3, actors=2)  # 4: no actor idle in the last round
     assert [t.span for t in halves[:-1]] == [range(0, 62), range(62, 125), range(125, 188), range(188, 250)]
-    many = plan_tasks(jobs, videos, seconds=3, overwrite=False, actors=64)  # 64 segments of 4 frames: no
+    many = plan_tasks(jobs, videos, seconds=3, actors=64)  # 64 segments of 4 frames: no
     assert [t.span for t in many[:-1]] == [t.span for t in tasks[:-1]]
-    aligned = plan_tasks(jobs, videos, seconds=3, overwrite=False, chunk=16)  # where the whole run's chunks start
+    aligned = plan_tasks(jobs, videos, seconds=3, chunk=16)  # where the whole run's chunks start
     assert [t.span for t in aligned[:-1]] == [range(0, 80), range(80, 160), range(160, 250)]
-    assert plan_tasks(jobs, videos, seconds=8, overwrite=False) == jobs  # under 1.5 segments: whole
-    assert plan_tasks(jobs, videos, seconds=0, overwrite=False) == jobs
-
-
-def test_segments_of_an_earlier_run_are_reused_only_if_made_the_same_way(tmp_path):
-    from gpen.apps.distributed import plan_tasks
-    from gpen.apps.video import VideoInfo
-
-    job = Job(1, tmp_path / "a.mp4", tmp_path / "out" / "a.mp4")
-    videos = {job: VideoInfo(job.source, 320, 240, frames=250, rate=Fraction(25), time_base=Fraction(1, 25))}
-    plan = lambda overwrite=False, model="GPEN-BFR-512": plan_tasks(  # noqa: E731
-        [job], videos, seconds=3, overwrite=overwrite, made_with=lambda job: {"model": model})
-    first = plan()[0].path
-    first.write_bytes(b"from an earlier run")
-    plan()
-    assert first.exists()  # kept, to resume from
-    plan(model="GPEN-BFR-1024")
-    assert not first.exists()  # made with another model: restored again
-    first.write_bytes(b"from an earlier run")
-    plan(overwrite=True, model="GPEN-BFR-1024")
-    assert not first.exists()  # --overwrite starts again
+    assert plan_tasks(jobs, videos, seconds=8) == jobs  # under 1.5 segments: whole
+    assert plan_tasks(jobs, videos, seconds=0) == jobs
 
 
 def test_what_a_segment_is_made_with_is_the_options_and_the_files(tmp_path):
@@ -225,27 +207,6 @@ def test_what_a_segment_is_made_with_is_the_options_and_the_files(tmp_path):
     assert made["strength"] == 0.5 and made["model"] == "GPEN-BFR-512" and "output" not in made and "ray" not in made
     os.utime(source, ns=(0, 0))  # the source replaced or touched
     assert made_with(args, job) != made
-
-
-def test_a_segment_finished_by_an_earlier_run_is_not_restored_again(tmp_path):
-    import argparse
-    from types import SimpleNamespace
-
-    from gpen.apps.distributed import Segment
-    from tests.helpers import IdentityRestorer
-    from tests.test_video import OneFace, make_clip
-
-    source = make_clip(tmp_path / "a.mp4", frames=12, audio=None)
-    parser = argparse.ArgumentParser()
-    cli.add_restore_arguments(parser)
-    args = parser.parse_args([str(source), "-o", str(tmp_path / "out")])
-    segment = Segment(Job(1, source, tmp_path / "out" / "a.mp4"), range(4, 12), tmp_path / "parts" / "4.mp4")
-    worker = SimpleNamespace(model=IdentityRestorer(64), detector=OneFace(), args=args)
-    first = segment.restore(worker, None)
-    assert (first.frames, first.faces) == (8, 8) and segment.record.exists()
-    worker.model = None  # restoring again would fail
-    again = segment.restore(worker, None)
-    assert again == first and isinstance(again.selection.missing_indices, dict)
 
 
 class FakeRay:
@@ -311,3 +272,124 @@ def test_ray_restores_and_upscales_photos_and_segmented_clips(restore, photos, s
     joined = probe_video(tmp_path / "ray" / "clip.mp4")
     assert (joined.width, joined.height, joined.frames) == (480, 400, 12)
     assert audio_packets(tmp_path / "ray" / "clip.mp4") == audio_packets(folder / "clip.mp4")
+
+
+def test_a_clip_whose_segments_another_run_holds_fails_by_name_and_nothing_of_it_is_touched(tmp_path, capsys):
+    from argparse import Namespace
+
+    from gpen.apps.distributed import run_on_ray
+    from gpen.apps.jobs import Report
+    from gpen.apps.segments import SegmentFolder
+    from gpen.apps.video import VideoInfo
+
+    jobs = [Job(i + 1, tmp_path / name, tmp_path / "out" / name) for i, name in enumerate(("a.mp4", "b.mp4"))]
+    videos = {job: VideoInfo(job.source, 320, 240, frames=250, rate=Fraction(25), time_base=Fraction(1, 25))
+              for job in jobs}
+    first = SegmentFolder(jobs[0].target)  # a first run, restoring a.mp4 into the same output now
+    first.claim([], overwrite=False)
+    (first.path / "000000000-000000083.mp4").write_bytes(b"being written")
+    in_the_way = tmp_path / "out" / ".b.mp4.segments"
+    in_the_way.write_text("my notes")
+    args = Namespace(overwrite=True, ray_segment=3, chunk=1, ray_cpus_per_actor=1, ray_actors=0, strength=0.5)
+    assert run_on_ray(jobs, args, "local", Report(len(jobs)), videos) == {}  # nothing left to start actors for
+    err = capsys.readouterr().err
+    assert f"[1/2] a.mp4: failed: another run is restoring it into {jobs[0].target} now" in err
+    assert f"[2/2] b.mp4: failed: {in_the_way} is in the way" in err
+    assert (first.path / "000000000-000000083.mp4").read_bytes() == b"being written"
+    assert in_the_way.read_text() == "my notes"
+    first.lock.release()
+
+
+def unreadable_but_recorded(segment):
+    """What an encoder gone wrong would leave: a file that is no video, with a record that matches it."""
+    import json
+
+    from gpen.files.download import file_sha256
+
+    segment.path.write_bytes(b"not a video" * 100)
+    record = json.loads(segment.record.read_text())
+    segment.record.write_text(json.dumps(dict(record, size=segment.path.stat().st_size,
+                                              sha256=file_sha256(segment.path))))
+
+
+@pytest.mark.parametrize("damage, reason", [
+    (flip_a_byte, "its file is not the one recorded"),
+    (unreadable_but_recorded, "it cannot be read back: "),
+])
+def test_a_segment_found_wrong_at_the_join_is_restored_again_not_joined(damage, reason, tmp_path, capsys):
+    from types import SimpleNamespace
+
+    from gpen.apps.distributed import Scheduler, plan_tasks
+    from gpen.apps.jobs import Report
+    from tests.test_video import make_clip
+
+    source = make_clip(tmp_path / "a.mp4", frames=12, audio=None)
+    job = Job(1, source, tmp_path / "out" / "a.mp4")
+    info = probe_video(source)
+    first, *others = tasks = plan_tasks([job], {job: info}, seconds=4 / 24)  # 3 segments of 4 frames
+    first.path.parent.mkdir(parents=True)
+    worker = worker_for(source, tmp_path / "out")
+    damaged = []
+
+    def actor():
+        def restore(task, overwrite, info):
+            def run():
+                if task is others[-1] and not damaged:  # the first segment, damaged once it is done
+                    damage(first)
+                    damaged.append(first)
+                return task.restore(worker, info)
+            return run
+        return SimpleNamespace(restore=SimpleNamespace(remote=restore))
+
+    scheduler = Scheduler(FakeRay(), actor, tasks, overwrite=False, videos={job: info}, report=Report(1))
+    scheduler.start(2, "1 CPU slot(s)")
+    while scheduler.busy():
+        scheduler.dispatch()
+        scheduler.collect()
+    captured = capsys.readouterr()
+    assert f"ray: a.mp4 [0:4] failed at the join ({reason}" in captured.err and "trying again" in captured.err
+    assert scheduler.outcomes[first].actors == [0, 1]  # restored again, on the other actor
+    assert "[1/1] a.mp4: 12 frames, 12 faces restored" in captured.out and "(in 3 segments)" in captured.out
+    assert probe_video(job.target).frames == 12 and os.listdir(tmp_path / "out") == ["a.mp4"]
+
+
+def test_a_worker_killed_mid_task_is_replaced_and_its_task_retried_on_another(tmp_path, capsys):
+    """The OOM killer ends an actor's process: its task goes to an actor that did not run it (not to
+    the dead one, nor to one Ray restarts, which refuses tasks while it loads), and a fresh actor
+    takes the dead one's place."""
+    import time
+
+    from gpen.apps.distributed import Scheduler, pool_class
+    from gpen.apps.jobs import Report
+
+    class SlowToStart:  # a Worker: a second to load its model; the first attempt at oom.png is killed
+        def __init__(self, marker):
+            time.sleep(1)
+            self.marker = marker
+
+        def restore(self, task, overwrite, info):
+            if task.source.name == "oom.png" and not self.marker.exists():
+                self.marker.touch()
+                os._exit(1)
+            time.sleep(3 if task.source.name == "slow.png" else 0)
+            return f"restored by {os.getpid()}"
+
+    actor_class = pool_class(ray, SlowToStart, {"num_cpus": 1})
+    jobs = [Job(i + 1, tmp_path / name, tmp_path / "out" / name) for i, name in
+            enumerate(("oom.png", "slow.png", "quick.png"))]
+    scheduler = Scheduler(ray, lambda: actor_class.remote(tmp_path / "killed"), jobs, overwrite=False, videos={},
+                          report=Report(len(jobs)))
+    scheduler.start(2, "1 CPU slot(s)")
+    try:
+        while scheduler.busy():
+            scheduler.dispatch()
+            scheduler.collect()
+        ping = Job(9, tmp_path / "ping.png", tmp_path / "ping.png")
+        answers = ray.get([actor.restore.remote(ping, False, None) for actor in scheduler.actors])
+    finally:
+        scheduler.stop()
+    oom, slow, quick = (scheduler.outcomes[job] for job in jobs)
+    assert [oom.status, slow.status, quick.status] == ["done"] * 3
+    assert oom.actors == [0, 1] and len(oom.errors) == 1 and oom.errors[0].startswith("worker lost: ")
+    assert "ray: oom.png failed on actor 0 (worker lost: " in capsys.readouterr().err
+    assert len(set(answers)) == 2  # two live actors: a fresh one in the dead one's place

@@ -10,6 +10,8 @@ model and the detector once; files go to whichever actor is free; each actor wri
 itself, atomically (temporary file beside the result, then renamed), with the library's own
 `restore_file` / `restore_clip`, so results are those of the plain run. A task that fails is tried
 once more, on another actor where there is one; a file that fails twice is reported with its reason.
+An actor that dies (the OOM killer) is replaced by a fresh one, not restarted by Ray. Long clips are
+split into segments (segments.py: their folder, lock and records).
 Inputs and outputs must be at the same paths on every node (shared storage).
 
 Ray is an optional dependency: pip install .[cluster]  (or -r requirements-cluster.txt).
@@ -17,7 +19,6 @@ Ray is an optional dependency: pip install .[cluster]  (or -r requirements-clust
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import shutil
@@ -29,9 +30,8 @@ from pathlib import Path
 import torch
 
 from ..devices import resolve_device
-from ..faces.pipeline import Selection
-from ..files.atomic import write_file_atomically
 from .jobs import is_video, keep_freed_memory, load_models, restore_clip, restore_file
+from .segments import Segment, SegmentFolder, segment_folder
 from .video import VideoSummary, join_segments
 
 ATTEMPTS = 2  # a file is tried this many times before it is reported failed
@@ -75,51 +75,13 @@ class Worker:
         return restore_file(task, self.model, self.detector, self.args)
 
 
-@dataclass(frozen=True)
-class Segment:
-    """Frames `span` of a long clip's job, restored into `path` beside the result, to be joined with
-    the clip's other segments. A segment is complete once its record (its summary) is written."""
-
-    job: object
-    span: range
-    path: Path
-
-    @property
-    def record(self) -> Path:
-        return self.path.with_name(self.path.name + ".json")
-
-    def restore(self, worker: Worker, info):
-        if self.record.exists() and self.path.exists():  # done by an earlier run, or attempt
-            return read_summary(self.record)
-        label = f"{self.job.source.name} [{self.span.start}:{self.span.stop}]"
-        summary = restore_clip(self.job, worker.model, worker.detector, worker.args, info, label, self.span, self.path)
-        write_file_atomically(self.record, json.dumps(dataclasses.asdict(summary), default=str).encode())
-        return summary
-
-
-def read_summary(path: Path):
-    """A segment's VideoSummary, from its record."""
-    fields = json.loads(path.read_text())
-    chosen = fields.pop("selection")
-    chosen["missing_indices"] = {int(k): v for k, v in chosen["missing_indices"].items()}
-    return VideoSummary(**dict(fields, source=Path(fields["source"]), target=Path(fields["target"]),
-                               selection=Selection(**chosen)))
-
-
-def segment_folder(target: Path) -> Path:
-    """Where a clip's segments wait to be joined: a hidden folder beside its result."""
-    return target.with_name(f".{target.name}.segments")
-
-
-def plan_tasks(jobs: list, videos: dict, seconds: float, overwrite: bool, actors: int = 1, chunk: int = 1,
-               made_with=None) -> list:
+def plan_tasks(jobs: list, videos: dict, seconds: float, actors: int = 1, chunk: int = 1, made_with=None) -> list:
     """The jobs, with each clip longer than 1.5 x `seconds` split into segments of about `seconds`
     (0: never split); into a multiple of `actors` of them where that keeps them at least half as long,
     so that no actor waits out the last round. Segments start on multiples of `chunk`, where the whole
     run's chunks start too, so that what is smoothed within a chunk (masks) is as in the whole run.
-
-    Segments an earlier run left are reused only when `made_with(job)` (a JSON-able record of what
-    decides their pixels) is what they were made with, and never with `overwrite`."""
+    Each segment carries `made_with(job)` (a JSON-able record of what decides its pixels), which a
+    segment left by an earlier run must have been made with to be reused."""
     tasks = []
     for job in jobs:
         info = videos.get(job)
@@ -128,20 +90,33 @@ def plan_tasks(jobs: list, videos: dict, seconds: float, overwrite: bool, actors
             tasks.append(job)
             continue
         folder = segment_folder(job.target)
-        record = folder / "made-with.json"
         made = json.dumps(made_with(job) if made_with else {}, sort_keys=True, default=str)
-        if overwrite or not (record.is_file() and record.read_text() == made):
-            shutil.rmtree(folder, ignore_errors=True)
-        folder.mkdir(parents=True, exist_ok=True)
-        write_file_atomically(record, made.encode())
         count = round(info.frames / length)
         pooled = -(-count // actors) * actors
         count = pooled if info.frames / pooled >= length / 2 else count
         starts = {round(i * info.frames / count / chunk) * chunk for i in range(count)}
         bounds = sorted({start for start in starts if start < info.frames} | {info.frames})
-        tasks += [Segment(job, range(a, b), folder / f"{a:09d}-{b:09d}{job.target.suffix}")
+        tasks += [Segment(job, range(a, b), folder / f"{a:09d}-{b:09d}{job.target.suffix}", made)
                   for a, b in zip(bounds, bounds[1:])]
     return tasks
+
+
+def claim_folders(tasks: list, overwrite: bool, report=None) -> tuple[list, list]:
+    """The tasks of the clips whose segment folders this run now holds (SegmentFolder.claim), and those
+    folders, to release once the run ends; a clip whose folder another run holds, or that a file is in
+    the way of, fails by name."""
+    folders, refused = [], set()
+    for job in dict.fromkeys(task.job for task in tasks if isinstance(task, Segment)):
+        folder = SegmentFolder(job.target)
+        try:
+            folder.claim([task for task in tasks if job_of(task) is job], overwrite)
+        except (ValueError, OSError) as e:
+            refused.add(job)
+            if report is not None:
+                report.fail(job, e)
+            continue
+        folders.append(folder)
+    return [task for task in tasks if job_of(task) not in refused], folders
 
 
 # Options that say how a run is carried out, not what its results hold.
@@ -216,8 +191,9 @@ def run_on_ray(jobs: list, args, address: str | None = "local", report=None, vid
                task_timeout: float | None = None) -> dict:
     """Restore `jobs` (the CLI's planned and admitted Jobs) on a pool of Ray actors.
 
-    Clips longer than `args.ray_segment` seconds are split into segments (see plan_tasks), restored
-    like files, and joined here, in order, with the clip's audio, once all are done. Returns
+    Clips longer than `args.ray_segment` seconds are split into segments (see plan_tasks), in a
+    folder this run holds until it ends (claim_folders), restored like files, checked against their
+    records and joined here, in order, with the clip's audio, once all are done. Returns
     {task: Outcome} (a task is a Job, or a Segment of one); what becomes of each job is told to
     `report` (the CLI's Report) as it happens. A task that raises, or runs past `task_timeout`
     seconds, is retried once (on another actor when the pool has several); a task that fails twice
@@ -227,22 +203,34 @@ def run_on_ray(jobs: list, args, address: str | None = "local", report=None, vid
     cpus_per_actor = max(1, getattr(args, "ray_cpus_per_actor", 1) or 1)
     size, resources, threads = pool_shape(ray, address, cpus_per_actor)
     size = max(1, min(size, getattr(args, "ray_actors", 0) or size))
-    tasks = plan_tasks(jobs, videos or {}, getattr(args, "ray_segment", 0), bool(args.overwrite), size,
-                       getattr(args, "chunk", 1), lambda job: made_with(args, job))
-    if not tasks:
-        return {}
-    actor_class = ray.remote(**resources, max_restarts=1, max_task_retries=0)(Worker)
-    scheduler = Scheduler(ray, lambda: actor_class.remote(args, threads), tasks, bool(args.overwrite), videos or {},
-                          report, task_timeout)
-    scheduler.start(min(size, len(tasks)), pool_label(resources, threads))
+    tasks = plan_tasks(jobs, videos or {}, getattr(args, "ray_segment", 0), size, getattr(args, "chunk", 1),
+                       lambda job: made_with(args, job))
+    tasks, folders = claim_folders(tasks, bool(args.overwrite), report)
     try:
-        while scheduler.busy():
-            scheduler.dispatch()
-            scheduler.collect()
-            scheduler.expire()
+        if not tasks:
+            return {}
+        actor_class = pool_class(ray, Worker, resources)
+        scheduler = Scheduler(ray, lambda: actor_class.remote(args, threads), tasks, bool(args.overwrite),
+                              videos or {}, report, task_timeout)
+        scheduler.start(min(size, len(tasks)), pool_label(resources, threads))
+        try:
+            while scheduler.busy():
+                scheduler.dispatch()
+                scheduler.collect()
+                scheduler.expire()
+        finally:
+            scheduler.stop()
+        return scheduler.outcomes
     finally:
-        scheduler.stop()
-    return scheduler.outcomes
+        for folder in folders:
+            folder.lock.release()
+
+
+def pool_class(ray, cls, resources: dict):
+    """`cls` as the pool's actor class. Ray does not restart its actors: a task sent to one while it
+    restarts (loading its model again) fails at once, so a retry would fail there too; the Scheduler
+    replaces a dead actor with a fresh one itself, and retries its task on another."""
+    return ray.remote(**resources, max_restarts=0, max_task_retries=0)(cls)
 
 
 def job_of(task):
@@ -278,20 +266,22 @@ class Scheduler:
         return bool(self.queue or self.running)
 
     def dispatch(self) -> None:
-        """Hand waiting tasks to idle actors."""
-        while self.queue and self.idle:
-            task = self.queue.pop(0)
-            slot = self.pick(task)
+        """Hand waiting tasks to idle actors, each the first task in line that it may run."""
+        for slot in list(self.idle):
+            task = next((task for task in self.queue if self.may_run(task, slot)), None)
+            if task is None:
+                continue
+            self.queue.remove(task)
+            self.idle.remove(slot)
             ref = self.actors[slot].restore.remote(task, self.overwrite, self.videos.get(job_of(task)))
             self.outcomes[task].actors.append(slot)
             self.running[ref] = (task, slot, time.monotonic())
 
-    def pick(self, task) -> int:
-        """An idle actor, one that has not tried this task where there is one."""
+    def may_run(self, task, slot: int) -> bool:
+        """A task tried before waits for a slot that has not tried it, while the pool has one: where it
+        failed (its actor killed by the OOM killer, say), it would likely fail again."""
         tried = self.outcomes[task].actors
-        slot = next((slot for slot in self.idle if slot not in tried), self.idle[0])
-        self.idle.remove(slot)
-        return slot
+        return slot not in tried or len(set(tried)) >= len(self.actors)
 
     def collect(self, timeout: float = 1.0) -> None:
         """Wait up to `timeout` seconds for a task to end, and take in what it returned or raised."""
@@ -302,6 +292,7 @@ class Scheduler:
             try:
                 summary = self.ray.get(ref)
             except self.ray.exceptions.RayActorError as e:
+                self.replace(slot)
                 self.retry(task, slot, f"worker lost: {_reason(e)}")
             except self.ray.exceptions.RayTaskError as e:
                 self.retry(task, slot, _reason(e))
@@ -316,19 +307,25 @@ class Scheduler:
         for ref, (task, slot, started) in list(self.running.items()):
             if now - started > self.task_timeout:
                 self.running.pop(ref)
-                self.ray.kill(self.actors[slot], no_restart=True)
-                self.actors[slot] = self.new_actor()
+                self.replace(slot)
                 self.idle.append(slot)
                 self.retry(task, slot, f"ran past {self.task_timeout:g} s")
 
-    def retry(self, task, slot: int, reason: str) -> None:
-        """A failed attempt: the task waits first in line, or, after ATTEMPTS, fails its job."""
+    def replace(self, slot: int) -> None:
+        """A fresh actor in the place of one that died or hangs."""
+        self.ray.kill(self.actors[slot], no_restart=True)
+        self.actors[slot] = self.new_actor()
+
+    def retry(self, task, slot: int | None, reason: str) -> None:
+        """A failed attempt (on actor `slot`, or at the join): the task waits first in line, or, after
+        ATTEMPTS, fails its job."""
         outcome = self.outcomes[task]
         outcome.errors.append(reason)
         job = job_of(task)
-        name = job.source.name + (f" [{task.span.start}:{task.span.stop}]" if task is not job else "")
+        name = task.label if task is not job else job.source.name
         if len(outcome.errors) < ATTEMPTS:
-            print(f"ray: {name} failed on actor {slot} ({reason}); trying again", file=sys.stderr, flush=True)
+            where = f"on actor {slot}" if slot is not None else "at the join"
+            print(f"ray: {name} failed {where} ({reason}); trying again", file=sys.stderr, flush=True)
             self.queue.insert(0, task)
             return
         outcome.status = "failed"
@@ -363,21 +360,41 @@ class Scheduler:
             self.report.done(job, summary)
 
     def join(self, job) -> None:
+        """Join a clip's segments, each checked against its record first: one that does not check out,
+        or that the join cannot read, is restored again (a retry), not joined."""
         parts = self.segments[job]
+        for part in parts:
+            try:
+                self.outcomes[part].summary = part.check()
+            except ValueError as e:
+                self.redo(part, str(e))
+            if job in self.ended:  # a segment failed its last attempt: so has the clip
+                return
+        if any(self.outcomes[part].status != "done" for part in parts):
+            return
         try:
             notes = join_segments([part.path for part in parts], job.source, job.target, self.overwrite)
-        except (ValueError, OSError) as e:
-            return self.fail(job, e)
-        except Exception as e:  # PyAV's errors: a segment that cannot be read back
+        except Exception as e:
+            unreadable = [part for part in parts if getattr(e, "filename", None) == str(part.path)]
+            if unreadable:  # kept, it would fail every rerun's join too
+                return self.redo(unreadable[0], f"it cannot be read back: {e}")
+            if isinstance(e, (ValueError, OSError)):
+                return self.fail(job, e)
             return self.fail(job, RuntimeError(f"{job.target}: the segments could not be joined ({e})"))
         total = VideoSummary(job.source, job.target, notes=notes)
         for part in parts:
             total.add(self.outcomes[part].summary)
         total.seconds = time.monotonic() - self.began[job]
-        shutil.rmtree(segment_folder(job.target), ignore_errors=True)
+        shutil.rmtree(segment_folder(job.target), ignore_errors=True)  # its lock is released after the run
         self.ended.add(job)
         if self.report is not None:
             self.report.done(job, f"{total} (in {len(parts)} segments)")
+
+    def redo(self, part: Segment, reason: str) -> None:
+        """A segment found wrong at the join: removed, and restored again (a retry)."""
+        part.discard()
+        self.outcomes[part].status = "pending"
+        self.retry(part, None, reason)
 
     def stop(self) -> None:
         for actor in self.actors:
