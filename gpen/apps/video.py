@@ -516,9 +516,10 @@ def restore_video(src: str | os.PathLike, dst: str | os.PathLike, model, detecto
         reader.close()
         raise ValueError(f"{src}: {e}") from None
     span = range(reader.info.frames) if span is None else span
-    if not span:
+    if not span or span.stop > reader.info.frames:
         reader.close()
-        raise ValueError(f"{src}: span {span.start}:{span.stop} holds no frame")
+        raise ValueError(f"{src}: span {span.start}:{span.stop} " + (
+            f"runs past the clip's end: it has {reader.info.frames} frames" if span else "holds no frame"))
     start = max(0, span.start - stream_reach(select))  # the first frame read
     lead = span.start - start  # frames read for smoothing alone, before the segment
     bar = None
