@@ -114,14 +114,17 @@ Restore the faces in image and video files (mp4, mov, mkv, webm, avi; photos and
 Results are never written over an input (asking for that is refused before any work), and an
 existing result is skipped, with a line saying so, unless --overwrite is given. Each result appears
 whole or not at all (written to a temporary file beside it, then renamed), so Ctrl-C or a full disk
-leaves what was there. One input and -o NAME.png (or NAME.mp4 for a clip) write that file; otherwise
-results go under -o with the inputs' folder layout below their common folder, so same-named files
-from different folders stay apart. Clips are streamed: decoded, restored and encoded a chunk at a
-time, keeping their frame count, rate and time base, and copying their audio untouched."""
+leaves what was there. One input and -o NAME.png (or NAME.mp4 for a clip) write that file (a file name
+for several inputs, or of the other kind, is refused); otherwise results go under -o with the inputs'
+folder layout below their common folder, so same-named files from different folders stay apart. A
+folder is restored with its subfolders, except hidden ones, links and the -o folder, each named.
+Clips are streamed: decoded, restored and encoded a chunk at a time, keeping their frame count, rate
+and time base, and copying their audio untouched."""
 
 
 def add_restore_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("inputs", nargs="*", metavar="INPUT", help="image or video files, folders or globs")
+    parser.add_argument("inputs", nargs="*", metavar="INPUT",
+                        help="image or video files, folders (with their subfolders) or globs")
     parser.add_argument("-o", "--output", help="output folder (or file, for one input)")
     parser.add_argument("--input", dest="legacy_inputs", action="append", default=[], help=argparse.SUPPRESS)
     parser.add_argument("--overwrite", action="store_true", help="replace results that exist (inputs never are)")
