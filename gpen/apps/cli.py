@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 import sys
 
 from ..faces.options import MaskOptions, PasteOptions, SelectOptions, declared, spec_of, surface_name
@@ -57,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
         return status
     except BrokenPipeError:  # the reader has gone (gpen info FILE | head -1): stop quietly, as a pipe's tools do
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so that the exit's flush is quiet too
-        return 128 + signal.SIGPIPE
+        return 141  # 128 + SIGPIPE (13), the status of a tool that a closed pipe stopped
     except (CheckpointError, DownloadError, OSError, ValueError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
