@@ -284,7 +284,7 @@ def output_scale(args) -> float:
     (read from its file, without building it), else 1."""
     if args.upscale_by != 1 or not args.upscaler:
         return args.upscale_by
-    return checked_model(args.upscaler, "upscaler", "--upscaler", args.models_dir)[1].scale
+    return check_model(find_model(args.upscaler, "upscaler", args.models_dir), "upscaler", "--upscaler").scale
 
 
 @dataclass
@@ -340,19 +340,18 @@ def restore_here(plan: Plan, args) -> None:
 
 def load_models(args, device, detect: bool):
     """The GPEN model and, unless the inputs are aligned crops, the face detector. Every model the run
-    names (parsers and upscaler too) is found, downloaded when missing, and checked to be there, readable
-    and of its kind before any is loaded: a wrong or missing detector costs no GPEN load."""
-    restorer = args.model or f"GPEN-BFR-{args.size or 512}"
-    path, info = checked_model(restorer, "restorer", "--model", args.models_dir)
-    if args.size and info.size != args.size:
-        raise ValueError(f"--size {args.size}, but {path.name} is a GPEN-{info.size} model")
-    detector_path = checked_model(args.detector, "detector", "--detector", args.models_dir)[0] if detect else None
-    for name in args.parser or ():
-        checked_model(name, "parser", "--parser", args.models_dir)
-    if args.upscaler:
-        checked_model(args.upscaler, "upscaler", "--upscaler", args.models_dir)
-    model = load_model(path, device=device, dtype=args.dtype)
-    detector = load_detector(detector_path, device=device, detect_size=args.detect_size,
+    names (parsers and upscaler too) is found, downloaded when missing, then checked to be readable and
+    of its kind, before any is loaded: a missing or wrong detector costs no GPEN load."""
+    wanted = [(args.model or f"GPEN-BFR-{args.size or 512}", "restorer", "--model")]
+    wanted += [(args.detector, "detector", "--detector")] * detect
+    wanted += [(name, "parser", "--parser") for name in args.parser or ()]
+    wanted += [(args.upscaler, "upscaler", "--upscaler")] * bool(args.upscaler)
+    paths = [find_model(name, role, args.models_dir) for name, role, _ in wanted]  # all there before any is read
+    info = [check_model(path, role, flag) for path, (_, role, flag) in zip(paths, wanted)]
+    if args.size and info[0].size != args.size:
+        raise ValueError(f"--size {args.size}, but {paths[0].name} is a GPEN-{info[0].size} model")
+    model = load_model(paths[0], device=device, dtype=args.dtype)
+    detector = load_detector(paths[1], device=device, detect_size=args.detect_size,
                              rotations=args.rotations) if detect else None
     return model, detector
 
@@ -360,20 +359,23 @@ def load_models(args, device, detect: bool):
 SMALL_DETECTOR = "retinaface_mobilenet0.25"
 
 
-def checked_model(name: str, role: str, flag: str, models_dir: str | None):
-    """(the file, what it holds) of a model named by `flag`: a catalogue name (downloaded on first use)
-    or a path, refused unless it holds a network of `role`. A detector that cannot be had is answered
-    with the small one, which is enough for most photos and quick to fetch."""
+def find_model(name: str, role: str, models_dir: str | None) -> Path:
+    """The file of a catalogue name (downloaded on first use) or a path. A detector that cannot be had
+    is answered with the small one, which is enough for most photos and quick to fetch."""
     try:
-        path = resolve(name, role, models_dir)
+        return resolve(name, role, models_dir)
     except FileNotFoundError as e:
         small = lookup(SMALL_DETECTOR)
         if role != "detector" or lookup(name) == small:
             raise
         raise FileNotFoundError(f"{str(e).rstrip('.')}; or use the {small.approx_mb} MB detector: --detector "
                                 f"{small.name} (python -m gpen download {small.name} fetches it)") from None
+
+
+def check_model(path: Path, role: str, flag: str):
+    """What the file given by `flag` holds, refused unless it is a network of `role`."""
     try:
-        return path, check_weights(path, role)
+        return check_weights(path, role)
     except CheckpointError as e:
         raise CheckpointError(e.path, f"{e.problem} ({flag})") from None
 
