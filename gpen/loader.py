@@ -113,20 +113,39 @@ def describe_weights(path: str | os.PathLike) -> ModelInfo:
     return registry.describe_file(path)
 
 
+def check_weights(path: str | os.PathLike, role: str) -> ModelInfo:
+    """What a weight file is (describe_weights), refused with a CheckpointError unless it is a network of
+    `role`: a file can be checked before any network is built, as a run that needs several does."""
+    info = describe_weights(path)
+    if info.role != role:
+        hint = f"; {DETECTOR_FILES}" if role == "detector" else ""
+        raise CheckpointError(path, f"holds {info.arch} weights, not {registry.with_article(role)}{hint}")
+    return info
+
+
 def convert_checkpoint(source: str | os.PathLike, target: str | os.PathLike, half: bool = False,
-                       trust: bool = False) -> ModelInfo:
-    """Rewrite a checkpoint as .safetensors (float16 with `half`), checked as load_model checks it.
+                       trust: bool = False, dtype: torch.dtype | str | None = None,
+                       overwrite: bool = True) -> ModelInfo:
+    """Rewrite a checkpoint as .safetensors, checked as load_model checks it, in `dtype` (fp32, fp16, bf16;
+    `half` is fp16), by default as the source stores it: float16 and bfloat16 kept, any other as float32.
 
     `trust=True` unpickles a .pth that holds Python objects besides tensors (an args Namespace, say),
     running whatever code it holds, and keeps only the tensors: for files the user trusts.
-    The target is written whole or not at all, with the permissions of any new file.
+    The target is written whole or not at all, with the permissions of any new file; never over the
+    source, and over an existing file only with `overwrite` (else a FileExistsError before any work).
     """
     source, target = Path(source), Path(target)
     if target.suffix.lower() != ".safetensors":
         raise ValueError(f"{target}: the output must end in .safetensors")
+    if target.exists() and source.exists() and target.samefile(source):
+        raise ValueError(f"{target} is the input; results never replace inputs: choose another output")
+    if target.exists() and not overwrite:
+        raise FileExistsError(f"{target}: exists, not replaced")
     state = read_state_dict(source, trust=trust)
     model = registry.build(state, source, role="restorer")
-    dtype = torch.float16 if half else torch.float32
+    stored = getattr(torch, model.info.dtype)
+    kept = stored if stored in (torch.float16, torch.bfloat16) else torch.float32
+    dtype = resolve_dtype("fp16" if half else dtype) if half or dtype is not None else kept
     tensors = {k: v.to(dtype).contiguous() for k, v in model.state_dict().items()}
     write_safetensors(tensors, target, metadata={"format": "pt", "arch": model.info.arch, "size": str(model.info.size)})
     return dataclasses.replace(model.info, format="safetensors", dtype=str(dtype).removeprefix("torch."))

@@ -4,6 +4,7 @@ import contextlib
 import functools
 import http.server
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -17,6 +18,7 @@ import torch
 import gpen
 import gpen.files.images
 from gpen.files.images import ImageFormat, read_image, write_image
+from gpen.loader import describe_weights
 from tests.helpers import random_gpen
 
 REPO = Path(__file__).resolve().parents[1]
@@ -460,3 +462,154 @@ def test_restore_a_clip_and_a_photo_in_one_call(shared, gpen64, tmp_path):
     assert f" s -> {tmp_path / 'out' / 'clip.mp4'}\n" in done.stdout
     assert "[2/2] photo.png: restored 2 face(s) in 1 image(s)" in done.stdout
     assert timing(tmp_path / "out" / "clip.mp4") == timing(tmp_path / "clip.mp4")
+
+
+def readme_api_example() -> str:
+    """The Python code of the README's "Python API" section."""
+    text = (REPO / "README.md").read_text()
+    section = text[text.index("\n## Python API\n"):]
+    section = section[:section.index("\n## ", 1)]
+    return "\n".join(block.split("```", 1)[0] for block in section.split("```python\n")[1:])
+
+
+def test_the_readme_api_example_runs_as_written_on_a_cpu(shared, gpen64, tmp_path):
+    """With random weights of each kind at the paths `python -m gpen download` uses, and small pictures."""
+    pytest.importorskip("av", reason="the example restores a clip: PyAV (pip install av)")
+    from tests.test_video import make_clip
+
+    models = tmp_path / "models"
+    for source, target in [(gpen64, "facerestore_models/GPEN-BFR-512.pth"),
+                           (shared / "models" / "retinaface_mobilenet0.25.pth",
+                            "facedetection/detection_mobilenet0.25_Final.pth"),
+                           (shared / "fixtures" / "bisenet_random_fp16.pth", "facedetection/parsing_bisenet.pth"),
+                           (shared / "fixtures" / "srvgg_x4_random.pth", "upscale_models/realesr-general-x4v3.pth")]:
+        (models / target).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(source, models / target)
+    photo, _ = read_image(shared / "images" / "solvay_1927.png")
+    group = photo[:150, :320, :3]
+    write_image(tmp_path / "photo.jpg", group)
+    write_image(tmp_path / "before_swap.jpg", group)
+    write_image(tmp_path / "swapped.jpg", np.concatenate([group[:, :160], group[:, 160:, ::-1]], axis=1))
+    make_clip(tmp_path / "clip.mp4", (group * 255).round().astype(np.uint8), frames=4, size=(300, 150), step=2)
+    (tmp_path / "example.py").write_text(readme_api_example())
+    done = subprocess.run([sys.executable, "example.py"], cwd=tmp_path, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(REPO), "CUDA_VISIBLE_DEVICES": ""})
+    assert done.returncode == 0, done.stderr
+    assert read_image(tmp_path / "restored.png")[0].shape == group.shape
+    assert (tmp_path / "out" / "clip.mp4").exists() and "restored" in done.stdout
+
+
+# A new user's first runs.
+
+def test_a_folder_is_restored_with_its_subfolders(gpen_cli, tmp_path, capsys):
+    album = tmp_path / "album"
+    face(album / "a.png"), face(album / "2020" / "b.png"), face(album / "2020" / "summer" / "c.png")
+    face(album / ".thumbnails" / "a.png")
+    assert gpen_cli(album, "-o", tmp_path / "out") == 0
+    out, err = capsys.readouterr()
+    restored = sorted(p.relative_to(tmp_path / "out").as_posix() for p in (tmp_path / "out").rglob("*.png"))
+    assert restored == ["2020/b.png", "2020/summer/c.png", "a.png"] and "[3/3]" in out
+    assert f"{album / '.thumbnails'}: skipped: a hidden folder" in err
+
+
+def test_an_output_folder_inside_the_input_folder_is_not_restored_again(gpen_cli, tmp_path, capsys):
+    album = tmp_path / "album"
+    face(album / "a.png")
+    assert gpen_cli(album, "-o", album / "restored") == 0
+    assert gpen_cli(album, "-o", album / "restored", "--overwrite") == 0
+    assert f"{album / 'restored'}: skipped: the output folder (-o)" in capsys.readouterr().err
+    assert sorted(album.rglob("*.png")) == [album / "a.png", album / "restored" / "a.png"]
+
+
+def test_a_file_name_for_several_results_is_refused(gpen_cli, tmp_path, capsys):
+    a, b = face(tmp_path / "a.png"), face(tmp_path / "b.png")
+    assert gpen_cli(a, b, "-o", tmp_path / "two.png") == 1
+    assert capsys.readouterr().err == (f"error: -o {tmp_path / 'two.png'} names an image file, but there are 2 "
+                                       "inputs: give a folder for their results\n")
+    assert gpen_cli(a, "-o", tmp_path / "out.mp4") == 1
+    assert capsys.readouterr().err == (f"error: -o {tmp_path / 'out.mp4'} names a video file, but {a} is an image: "
+                                       "give an image file name (.png) or a folder\n")
+    assert sorted(tmp_path.iterdir()) == [a, b]  # no folder named two.png or out.mp4
+
+
+def test_convert_keeps_float16_and_never_writes_over_what_is_there(tmp_path, small_checkpoint):
+    half, again = tmp_path / "half.safetensors", tmp_path / "again.safetensors"
+    assert run_gpen("convert", small_checkpoint, half, "--half").returncode == 0
+    assert run_gpen("convert", half, again).returncode == 0
+    assert describe_weights(again).dtype == "float16"  # not widened to float32 unasked
+    assert run_gpen("convert", half, tmp_path / "wide.safetensors", "--dtype", "fp32").returncode == 0
+    assert describe_weights(tmp_path / "wide.safetensors").dtype == "float32"
+    kept = run_gpen("convert", small_checkpoint, again)
+    assert kept.returncode == 0 and kept.stderr == f"skipped: {again} exists (--overwrite replaces it)\n"
+    assert describe_weights(again).dtype == "float16"
+    assert run_gpen("convert", small_checkpoint, again, "--overwrite").returncode == 0
+    assert describe_weights(again).dtype == "float32"
+    before = half.read_bytes()
+    for flags in ((), ("--overwrite",)):
+        itself = run_gpen("convert", half, half, "--dtype", "fp32", *flags)
+        assert itself.returncode == 1 and "is the input; results never replace inputs" in itself.stderr
+    assert half.read_bytes() == before
+
+
+def test_info_into_a_pipe_its_reader_closed_exits_quietly(small_checkpoint):
+    """What `gpen info FILE | head -1` does when head has gone before the output is written."""
+    child = subprocess.Popen([sys.executable, "-m", "gpen", "info", small_checkpoint], cwd=REPO,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    child.stdout.close()  # the reader has gone
+    stderr = child.stderr.read().decode()
+    assert child.wait() == 141 and stderr == ""  # as a tool stopped by SIGPIPE: 128 + 13, and no message
+
+
+def test_a_span_past_the_clips_end_says_so(gpen64, detector, tmp_path):
+    pytest.importorskip("av", reason="video needs PyAV (pip install av)")
+    from tests.test_video import make_clip
+
+    make_clip(tmp_path / "clip.mp4", frames=6)
+    model = gpen.load_model(gpen64, device="cpu")
+    summary = gpen.restore_video(tmp_path / "clip.mp4", tmp_path / "part.mp4", model, detector, span=range(0, 1500))
+    assert "span 0:1500 runs past the clip's end: it has 6 frames, 0:6 restored" in str(summary)
+    assert summary.frames == 6
+    with pytest.raises(ValueError, match=r"clip.mp4: span 10:20 starts outside the clip's 6 frames \(0:6\)$"):
+        gpen.restore_video(tmp_path / "clip.mp4", tmp_path / "late.mp4", model, detector, span=range(10, 20))
+    assert not (tmp_path / "late.mp4").exists()
+
+
+def test_every_model_is_checked_before_any_is_loaded(monkeypatch, tmp_path, capsys, gpen64, shared):
+    from gpen.apps import cli, jobs
+
+    monkeypatch.setattr(jobs, "keep_freed_memory", lambda: None)
+    loaded = []
+    monkeypatch.setattr(jobs, "load_model", lambda *args, **kwargs: loaded.append(args))
+    photo = face(tmp_path / "a.png")
+    for flags, says in [(["--detector", tmp_path / "none.pth"], f"{tmp_path / 'none.pth'}: no such file"),
+                        (["--detector", gpen64], f"{gpen64}: holds GPEN weights, not a detector; face detectors "),
+                        (["--parser", gpen64], f"{gpen64}: holds GPEN weights, not a parser (--parser)"),
+                        (["--upscale", 2, "--upscaler", gpen64], "holds GPEN weights, not an upscaler (--upscaler)"),
+                        (["--size", 512], f"--size 512, but {gpen64.name} is a GPEN-64 model")]:
+        detector = ["--detector", shared / "models" / "retinaface_mobilenet0.25.pth"]
+        code = cli.main(["restore", str(photo), "-o", str(tmp_path / "out"), "--model", str(gpen64),
+                         *map(str, detector + flags)])  # the last --detector counts
+        assert code == 1 and says in capsys.readouterr().err
+    assert loaded == []
+
+
+def test_a_detector_that_cannot_be_had_offers_the_small_one(gpen64, tmp_path):
+    write_image(tmp_path / "face.png", np.random.rand(64, 64, 3))
+    done = run_with_catalogue(tmp_path, "http://127.0.0.1:9",  # nothing listens on the discard port
+                              "restore", tmp_path / "face.png", "-o", tmp_path / "out", "--model", gpen64,
+                              "--models-dir", tmp_path / "models")
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    (line,) = done.stderr.strip().splitlines()
+    assert line.startswith(f"error: detection_Resnet50_Final.pth is not in {tmp_path / 'models' / 'facedetection'}")
+    assert line.endswith("; or use the 2 MB detector: --detector retinaface_mobilenet0.25 "
+                         "(python -m gpen download retinaface_mobilenet0.25 fetches it)")
+
+
+def test_bench_pipeline_says_what_it_is_timing(shared):
+    done = run_gpen("bench", "--pipeline", "--sizes", 32, "--device", "cpu", "--dtypes", "fp64", "--repeat", 1,
+                    "--image", shared / "images" / "solvay_1927.png",
+                    "--detector", shared / "models" / "retinaface_mobilenet0.25.pth")
+    assert done.stderr.splitlines() == [
+        "[1/2] 1080p, one face: GPEN-32 fp64, rotations none, 1 run(s) after a warm-up",
+        "[2/2] solvay_1927.png, 29 faces: GPEN-32 fp64, rotations none, 1 run(s) after a warm-up"]
+    assert len(json.loads(done.stdout)) == 2

@@ -281,6 +281,39 @@ def test_a_failed_convert_leaves_the_target_untouched(tmp_path, small_checkpoint
     assert target.read_bytes() == before and len(list(tmp_path.iterdir())) == 2
 
 
+def test_convert_keeps_the_stored_float_type_unless_told(tmp_path, small_checkpoint, expected):
+    half = tmp_path / "half.safetensors"
+    convert_checkpoint(small_checkpoint, half, half=True)
+    assert convert_checkpoint(half, tmp_path / "kept.safetensors").dtype == "float16"
+    assert convert_checkpoint(half, tmp_path / "bf16.safetensors", dtype="bf16").dtype == "bfloat16"
+    assert convert_checkpoint(half, tmp_path / "wide.safetensors", dtype="fp32").dtype == "float32"
+    assert read_state_dict(tmp_path / "kept.safetensors")["ecd0.0.0.weight"].dtype == torch.float16
+    assert torch.equal(output_of(gpen.load_model(tmp_path / "kept.safetensors", device="cpu").network),
+                       output_of(gpen.load_model(half, device="cpu").network))
+
+
+def test_convert_never_writes_over_its_source_and_keeps_a_target_when_told(tmp_path, small_checkpoint):
+    source = tmp_path / "GPEN.safetensors"
+    convert_checkpoint(small_checkpoint, source, half=True)
+    before = source.read_bytes()
+    with pytest.raises(ValueError, match="is the input; results never replace inputs"):
+        convert_checkpoint(source, tmp_path / "." / "GPEN.safetensors", dtype="fp32")
+    with pytest.raises(FileExistsError, match="exists, not replaced"):
+        convert_checkpoint(small_checkpoint, source, overwrite=False)
+    assert source.read_bytes() == before and len(list(tmp_path.iterdir())) == 1
+
+
+def test_a_file_of_another_role_is_refused_before_it_is_built(shared, small_checkpoint):
+    from gpen.loader import check_weights
+
+    assert check_weights(small_checkpoint, "restorer").size == 32
+    detector = shared / "models" / "retinaface_mobilenet0.25.pth"
+    with pytest.raises(CheckpointError, match="holds RetinaFace face-detector weights, not a restorer$"):
+        check_weights(detector, "restorer")
+    with pytest.raises(CheckpointError, match="holds GPEN weights, not a detector; face detectors are "):
+        check_weights(small_checkpoint, "detector")
+
+
 def test_describe_gpen_without_building_it(small_checkpoint):
     info = describe_weights(small_checkpoint)
     assert info == gpen.load_model(small_checkpoint, device="cpu").info

@@ -9,6 +9,7 @@ of the same weights (the reference architecture's computation), a tile at a time
 
 from __future__ import annotations
 
+import itertools
 import json
 import subprocess
 import sys
@@ -50,9 +51,13 @@ def run(args) -> int:
         if args.memory:
             return print_table([pipeline_memory(args.image, detector, size, device) for size in sizes])
         turned = args.rotations != ["none"]
-        rows = [pipeline_row(scene, frames, size, device, dtype, detector, rotations, args)
-                for scene, frames in pipeline_scenes(args.image, detector, args.frames, turned)
-                for size in sizes for dtype in dtypes for rotations in args.rotations]
+        total = (2 + turned) * len(sizes) * len(dtypes) * len(args.rotations)  # pipeline_scenes makes 2 or 3
+        rows = []
+        for scene, frames in pipeline_scenes(args.image, detector, args.frames, turned):
+            for size, dtype, rotations in itertools.product(sizes, dtypes, args.rotations):
+                print(f"[{len(rows) + 1}/{total}] {scene}: GPEN-{size} {dtype}, rotations {rotations}, "
+                      f"{args.repeat} run(s) after a warm-up", file=sys.stderr, flush=True)
+                rows.append(pipeline_row(scene, frames, size, device, dtype, detector, rotations, args))
         return print_table(rows)
     if args.one:
         row = measure(sizes[0], device, dtypes[0], args.batch[0], args.repeat, args.compile, args.checkpoint)

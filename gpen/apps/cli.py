@@ -7,6 +7,7 @@ imports its work (gpen.apps.jobs, .bench, .distributed, ...) when it runs.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from ..faces.options import MaskOptions, PasteOptions, SelectOptions, declared, spec_of, surface_name
@@ -29,7 +30,11 @@ def main(argv: list[str] | None = None) -> int:
     convert = commands.add_parser("convert", help="rewrite a GPEN checkpoint as .safetensors")
     convert.add_argument("input")
     convert.add_argument("output")
-    convert.add_argument("--half", action="store_true", help="store float16 weights")
+    convert.add_argument("--dtype", choices=("fp32", "fp16", "bf16"),
+                         help="store the weights in this type (default: as the input stores them, float16 and "
+                              "bfloat16 kept, any other as float32)")
+    convert.add_argument("--half", action="store_const", dest="dtype", const="fp16", help="the same as --dtype fp16")
+    convert.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists (the input never is)")
     convert.add_argument("--trust", action="store_true",
                          help="unpickle a .pth that holds Python objects besides tensors, keeping only the tensors; "
                               "this runs any code the file holds: only for files you trust")
@@ -46,7 +51,12 @@ def main(argv: list[str] | None = None) -> int:
     run = {"bench": run_bench, "info": run_info, "convert": run_convert, "restore": run_restore,
            "download": run_download}[args.command]
     try:
-        return run(args)
+        status = run(args)
+        sys.stdout.flush()  # here, where a closed pipe can be answered, not at exit
+        return status
+    except BrokenPipeError:  # the reader has gone (gpen info FILE | head -1): stop quietly, as a pipe's tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so that the exit's flush is quiet too
+        return 141  # 128 + SIGPIPE (13), the status of a tool that a closed pipe stopped
     except (CheckpointError, DownloadError, OSError, ValueError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
@@ -103,14 +113,17 @@ Restore the faces in image and video files (mp4, mov, mkv, webm, avi; photos and
 Results are never written over an input (asking for that is refused before any work), and an
 existing result is skipped, with a line saying so, unless --overwrite is given. Each result appears
 whole or not at all (written to a temporary file beside it, then renamed), so Ctrl-C or a full disk
-leaves what was there. One input and -o NAME.png (or NAME.mp4 for a clip) write that file; otherwise
-results go under -o with the inputs' folder layout below their common folder, so same-named files
-from different folders stay apart. Clips are streamed: decoded, restored and encoded a chunk at a
-time, keeping their frame count, rate and time base, and copying their audio untouched."""
+leaves what was there. One input and -o NAME.png (or NAME.mp4 for a clip) write that file (a file name
+for several inputs, or of the other kind, is refused); otherwise results go under -o with the inputs'
+folder layout below their common folder, so same-named files from different folders stay apart. A
+folder is restored with its subfolders, except hidden ones, links and the -o folder, each named.
+Clips are streamed: decoded, restored and encoded a chunk at a time, keeping their frame count, rate
+and time base, and copying their audio untouched."""
 
 
 def add_restore_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("inputs", nargs="*", metavar="INPUT", help="image or video files, folders or globs")
+    parser.add_argument("inputs", nargs="*", metavar="INPUT",
+                        help="image or video files, folders (with their subfolders) or globs")
     parser.add_argument("-o", "--output", help="output folder (or file, for one input)")
     parser.add_argument("--input", dest="legacy_inputs", action="append", default=[], help=argparse.SUPPRESS)
     parser.add_argument("--overwrite", action="store_true", help="replace results that exist (inputs never are)")
@@ -257,10 +270,14 @@ def run_info(args) -> int:
 
 
 def run_convert(args) -> int:
+    """As restore writes its results: never over the input, and an existing output kept unless --overwrite."""
     from ..loader import convert_checkpoint
 
-    info = convert_checkpoint(args.input, args.output, half=args.half, trust=args.trust)
+    try:
+        info = convert_checkpoint(args.input, args.output, dtype=args.dtype, trust=args.trust,
+                                  overwrite=args.overwrite)
+    except FileExistsError:
+        print(f"skipped: {args.output} exists (--overwrite replaces it)", file=sys.stderr)
+        return 0
     print(f"wrote {args.output}: {info}")
     return 0
-
-

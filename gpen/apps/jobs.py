@@ -20,10 +20,10 @@ from ..faces.options import MaskOptions, PasteOptions, SelectOptions, from_value
 from ..faces.paste import check_output_size
 from ..faces.pipeline import detect_faces, restore_faces, select_tracks
 from ..faces.restore import restore_aligned
-from ..files.catalogue import resolve
+from ..files.catalogue import lookup, resolve
 from ..files.images import IMAGE_SUFFIXES, check_image_size, read_image, write_image
 from ..files.weights import CheckpointError
-from ..loader import describe_weights, load_detector, load_model, load_parser, load_upscaler
+from ..loader import check_weights, load_detector, load_model, load_parser, load_upscaler
 from .video import VIDEO_SUFFIXES, VideoInfo, check_video_options, probe_video, restore_video
 
 
@@ -38,14 +38,17 @@ def is_video(path: Path) -> bool:
     return path.suffix.lower() in VIDEO_SUFFIXES
 
 
-def expand_inputs(items: list[str]) -> list[Path]:
-    """The image and video files the inputs name: files, folders (not descended) and globs."""
+def expand_inputs(items: list[str], output: Path | None = None) -> tuple[list[Path], list[Path]]:
+    """The image and video files the inputs name (files, folders with their subfolders, globs), and the
+    folders named, below which results keep the files' paths. Within a folder, hidden subfolders, links
+    to folders and the output folder (where results of earlier runs are) are left out, each named."""
     suffixes = IMAGE_SUFFIXES + VIDEO_SUFFIXES
-    files = []
+    files, folders = [], []
     for item in items:
         path = Path(item)
         if path.is_dir():
-            files += sorted(p for p in path.iterdir() if p.suffix.lower() in suffixes)
+            folders.append(path)
+            files += [f for f in files_below(path, output) if f.suffix.lower() in suffixes]
         elif path.is_file():
             files.append(path)
         elif matches := sorted(glob(item, recursive=True)):
@@ -54,23 +57,52 @@ def expand_inputs(items: list[str]) -> list[Path]:
             raise FileNotFoundError(f"{item}: no such file, folder or pattern")
     if not files:
         raise ValueError("no image or video files among the inputs")
-    return files
+    return files, folders
 
 
-def plan_jobs(files: list[Path], output: Path) -> list[Job]:
+def files_below(folder: Path, output: Path | None) -> list[Path]:
+    """The files in `folder` and its subfolders, in name order, a folder's own files first."""
+    output_id = file_id(output) if output is not None and output.is_dir() else None
+    found = []
+    for top, subfolders, names in os.walk(folder):
+        found += [Path(top, name) for name in sorted(names)]
+        entered = []
+        for name in sorted(subfolders):
+            if why := skipped_folder(Path(top, name), output_id):
+                print(f"{Path(top, name)}: skipped: {why}", file=sys.stderr, flush=True)
+            else:
+                entered.append(name)
+        subfolders[:] = entered  # os.walk goes into these alone, in this order
+    return found
+
+
+def skipped_folder(path: Path, output_id: tuple[int, int] | None) -> str:
+    """Why a subfolder of an input folder is left out, or '' to go into it."""
+    if path.is_symlink():
+        return "a link to a folder (name it as an input to restore what it holds)"
+    if path.name.startswith("."):
+        return "a hidden folder"
+    if output_id is not None and file_id(path) == output_id:
+        return "the output folder (-o)"
+    return ""
+
+
+def plan_jobs(files: list[Path], output: Path, folders: list[Path] = ()) -> list[Job]:
     """Where each result goes: `output` itself for one input and a file name of its kind (image or
-    video), else under `output` at the input's path relative to the inputs' common folder. Refused,
-    before any work, when a result would land on an input or two results on one file."""
+    video), else under `output` at the input's path relative to the common folder of the inputs and
+    the input `folders`. Refused, before any work, when `output` names a file that cannot hold the
+    results, a result would land on an input or two results on one file."""
     unique: dict[tuple[int, int], Path] = {}
     for file in files:
         unique.setdefault(file_id(file), file)  # a file named twice (a folder and a glob) runs once
     files = list(unique.values())
+    check_output_name(files, output)
     kind = VIDEO_SUFFIXES if files and is_video(files[0]) else IMAGE_SUFFIXES
     if len(files) == 1 and output.suffix.lower() in kind and not output.is_dir():
         jobs = [Job(1, files[0], output)]
     else:
         absolute = [Path(os.path.abspath(f)) for f in files]
-        common = os.path.commonpath([a.parent for a in absolute])
+        common = os.path.commonpath([a.parent for a in absolute] + [os.path.abspath(f) for f in folders])
         jobs = [Job(n, f, output / a.relative_to(common)) for n, (f, a) in enumerate(zip(files, absolute), 1)]
     inputs = {file_id(job.source) for job in jobs}
     targets: dict[str, Path] = {}
@@ -81,6 +113,22 @@ def plan_jobs(files: list[Path], output: Path) -> list[Job]:
         if other != job.source:
             raise ValueError(f"{other} and {job.source} would both be written to {job.target}")
     return jobs
+
+
+def check_output_name(files: list[Path], output: Path) -> None:
+    """-o with an image or video file name is that one result: refused for several inputs, or for an
+    input of the other kind, rather than made a folder of that name."""
+    suffix = output.suffix.lower()
+    if output.is_dir() or suffix not in IMAGE_SUFFIXES + VIDEO_SUFFIXES:
+        return
+    named = "a video" if suffix in VIDEO_SUFFIXES else "an image"
+    if len(files) > 1:
+        raise ValueError(f"-o {output} names {named} file, but there are {len(files)} inputs: "
+                         "give a folder for their results")
+    if is_video(files[0]) != (suffix in VIDEO_SUFFIXES):
+        kind = "a video" if is_video(files[0]) else "an image"
+        raise ValueError(f"-o {output} names {named} file, but {files[0]} is {kind}: "
+                         f"give {kind} file name ({files[0].suffix}) or a folder")
 
 
 def file_id(path: Path) -> tuple[int, int]:
@@ -236,11 +284,7 @@ def output_scale(args) -> float:
     (read from its file, without building it), else 1."""
     if args.upscale_by != 1 or not args.upscaler:
         return args.upscale_by
-    path = resolve(args.upscaler, "upscaler", args.models_dir)
-    info = describe_weights(path)
-    if info.role != "upscaler":
-        raise CheckpointError(path, f"holds {info.arch} weights, not an upscaler (--upscaler)")
-    return info.scale
+    return check_model(find_model(args.upscaler, "upscaler", args.models_dir), "upscaler", "--upscaler").scale
 
 
 @dataclass
@@ -257,7 +301,8 @@ class Plan:
 def plan_run(args, on_ray: bool = False) -> Plan:
     """Plan `python -m gpen restore`'s jobs and admit them, refusing bad options and outputs first."""
     device = None if on_ray else resolve_device(args.device)
-    jobs = plan_jobs(expand_inputs(args.inputs + args.legacy_inputs), Path(args.output))
+    files, folders = expand_inputs(args.inputs + args.legacy_inputs, Path(args.output))
+    jobs = plan_jobs(files, Path(args.output), folders)
     detect = args.face_align and not args.aligned
     if any(is_video(job.source) for job in jobs):
         check_video_options(args.codec, args.crf, args.chunk)
@@ -287,19 +332,52 @@ def restore_here(plan: Plan, args) -> None:
             else:
                 progress = _face_progress(plan.report.prefix(job))
                 plan.report.done(job, restore_file(job, model, detector, args, faces.get(job), progress))
+        except BrokenPipeError:  # stdout's reader has gone, not the job: the CLI stops quietly
+            raise
         except (ValueError, OSError) as e:
             plan.report.fail(job, e)
 
 
 def load_models(args, device, detect: bool):
-    """The GPEN model and, unless the inputs are aligned crops, the face detector."""
-    path = resolve(args.model or f"GPEN-BFR-{args.size or 512}", "restorer", args.models_dir)
-    model = load_model(path, device=device, dtype=args.dtype)
-    if args.size and model.size != args.size:
-        raise ValueError(f"--size {args.size}, but {path.name} is a GPEN-{model.size} model")
-    detector = load_detector(resolve(args.detector, "detector", args.models_dir), device=device,
-                              detect_size=args.detect_size, rotations=args.rotations) if detect else None
+    """The GPEN model and, unless the inputs are aligned crops, the face detector. Every model the run
+    names (parsers and upscaler too) is found, downloaded when missing, then checked to be readable and
+    of its kind, before any is loaded: a missing or wrong detector costs no GPEN load."""
+    wanted = [(args.model or f"GPEN-BFR-{args.size or 512}", "restorer", "--model")]
+    wanted += [(args.detector, "detector", "--detector")] * detect
+    wanted += [(name, "parser", "--parser") for name in args.parser or ()]
+    wanted += [(args.upscaler, "upscaler", "--upscaler")] * bool(args.upscaler)
+    paths = [find_model(name, role, args.models_dir) for name, role, _ in wanted]  # all there before any is read
+    info = [check_model(path, role, flag) for path, (_, role, flag) in zip(paths, wanted)]
+    if args.size and info[0].size != args.size:
+        raise ValueError(f"--size {args.size}, but {paths[0].name} is a GPEN-{info[0].size} model")
+    model = load_model(paths[0], device=device, dtype=args.dtype)
+    detector = load_detector(paths[1], device=device, detect_size=args.detect_size,
+                             rotations=args.rotations) if detect else None
     return model, detector
+
+
+SMALL_DETECTOR = "retinaface_mobilenet0.25"
+
+
+def find_model(name: str, role: str, models_dir: str | None) -> Path:
+    """The file of a catalogue name (downloaded on first use) or a path. A detector that cannot be had
+    is answered with the small one, which is enough for most photos and quick to fetch."""
+    try:
+        return resolve(name, role, models_dir)
+    except FileNotFoundError as e:
+        small = lookup(SMALL_DETECTOR)
+        if role != "detector" or lookup(name) == small:
+            raise
+        raise FileNotFoundError(f"{str(e).rstrip('.')}; or use the {small.approx_mb} MB detector: --detector "
+                                f"{small.name} (python -m gpen download {small.name} fetches it)") from None
+
+
+def check_model(path: Path, role: str, flag: str):
+    """What the file given by `flag` holds, refused unless it is a network of `role`."""
+    try:
+        return check_weights(path, role)
+    except CheckpointError as e:
+        raise CheckpointError(e.path, f"{e.problem} ({flag})") from None
 
 
 def detect_sequence(jobs: list[Job], detector, args) -> dict:
