@@ -505,6 +505,8 @@ def restore_faces(images: torch.Tensor, model, detector, *, select: SelectOption
         with _stage(timings, "restore", info.device):
             restored = restorer.restore(crops, batch_size=face_batch, on_batch=on_batch,
                                         cancel=cancel and (lambda: check_cancel(cancel))).to(info.device)
+    # The crops are let go of unless the parser looks at them: the restored ones are a second set.
+    crops = crops if masks.parser is not None and masks.source == "original" else None
     result = paste_restored(images, restored, info, paste, masks, crops=crops, face_batch=face_batch, cancel=cancel,
                             timings=timings)
     return replace(result, images=like_given(result.images, given))
