@@ -6,15 +6,16 @@ import gc
 import math
 import weakref
 
+import pytest
 import torch
 
 import gpen
-from gpen.faces import pipeline
-from gpen.faces import paste
+from gpen.faces import paste, pipeline
 from gpen.faces.align import invert_affine, warp, warp_faces
 from gpen.faces.detect import Faces
-from gpen.faces.options import PasteOptions
+from gpen.faces.options import MaskOptions, PasteOptions
 from gpen.faces.paste import MASK_TIE, face_mask, match_color, soften
+from tests.helpers import SplitParser
 
 
 def similarity(scale: float, angle: float, x: float, y: float) -> list[list[float]]:
@@ -87,19 +88,30 @@ def test_a_large_face_is_pasted_a_band_at_a_time(monkeypatch):
 
 
 class ForgetfulRestorer:
-    """Restores nothing (hands back copies of the crops) and remembers the crops only weakly."""
+    """Restores nothing (hands back copies of the crops), remembering the crops only weakly."""
 
     size = 64
 
     def __init__(self):
         self.crops = None
+        self.seen = []  # copies of the crops it was given
 
     def restore(self, faces, batch_size=4, on_batch=None):
         self.crops = weakref.ref(faces)
+        self.seen.append(faces.clone())
         return faces.clone()
 
 
-def test_restore_faces_lets_the_crops_go_before_pasting(monkeypatch):
+def five_faces() -> Faces:
+    """Five faces side by side in a 120x400 frame, at fractional landmark positions."""
+    eyes_nose_mouth = torch.tensor([[40.0, 50], [60, 50], [50, 60], [42, 70], [58, 70]])
+    landmarks = torch.stack([eyes_nose_mouth + torch.tensor([75.3 * i, 0.37 * i]) for i in range(5)])
+    boxes = torch.stack([torch.tensor([30.0, 35, 70, 80]) + 75.3 * i * torch.tensor([1, 0, 1, 0]) for i in range(5)])
+    return Faces(boxes, torch.full((5,), 0.99), landmarks)
+
+
+@pytest.mark.parametrize("parser", [None, SplitParser(1, 17)], ids=["no parser", "parser"])
+def test_restore_faces_lets_the_crops_go_before_pasting(monkeypatch, parser):
     """The restored crops are a second set as large as the crops: only one is held while pasting."""
     restorer, held_while_pasting = ForgetfulRestorer(), []
 
@@ -109,9 +121,18 @@ def test_restore_faces_lets_the_crops_go_before_pasting(monkeypatch):
         return paste.paste_faces(*args, **kwargs)
 
     monkeypatch.setattr(pipeline, "paste_faces", paste_and_look)
-    eyes_nose_mouth = torch.tensor([[[40.0, 50], [60, 50], [50, 60], [42, 70], [58, 70]]])
-    faces = Faces(torch.tensor([[30.0, 35, 70, 80]]), torch.tensor([0.99]), eyes_nose_mouth)
 
-    result = gpen.restore_faces(torch.rand(1, 120, 100, 3), restorer, None, faces=[faces])
+    result = gpen.restore_faces(torch.rand(1, 120, 400, 3), restorer, None, faces=[five_faces()],
+                                masks=MaskOptions(parser=parser))
 
-    assert result.face_count == 1 and held_while_pasting == [False]
+    assert result.face_count == 5 and held_while_pasting == [False]
+
+
+def test_the_parser_sees_the_very_crops_the_restorer_saw_a_batch_at_a_time():
+    restorer, parser = ForgetfulRestorer(), SplitParser(1, 17)
+    image = torch.rand(1, 120, 400, 3, generator=torch.Generator().manual_seed(1))
+
+    gpen.restore_faces(image, restorer, None, faces=[five_faces()], masks=MaskOptions(parser=parser), face_batch=2)
+
+    assert [len(crops) for crops in parser.seen] == [2, 2, 1]
+    assert torch.equal(torch.cat(parser.seen), torch.cat(restorer.seen))
