@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import itertools
 import json
+import multiprocessing
 import subprocess
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import cv2
@@ -24,11 +26,13 @@ from ..archs.rrdbnet import RRDBNet
 from ..archs.srvgg import SRVGGNetCompact
 from ..devices import resolve_device, resolve_dtype
 from ..faces.align import warp
+from ..faces.options import MaskOptions
 from ..faces.pipeline import restore_faces
 from ..files.catalogue import resolve
 from ..files.images import read_image
 from ..files.weights import first_line
 from ..loader import load_detector, load_model, load_upscaler
+from .jobs import keep_freed_memory
 
 STANDARD_CONFIGS = {256: (1, 0.5), 512: (2, 1), 1024: (2, 1), 2048: (2, 1)}
 # Random weights in the released files' layouts: RealESRGAN_x4plus.pth and realesr-general-x4v3.pth.
@@ -49,7 +53,8 @@ def run(args) -> int:
             raise ValueError("bench --pipeline needs --image PHOTO: a photo with several faces")
         detector = resolve(args.detector, "detector", args.models_dir)
         if args.memory:
-            return print_table([pipeline_memory(args.image, detector, size, device) for size in sizes])
+            return print_table([row for size in sizes for row in
+                                pipeline_memory_rows(args.image, detector, size, device, args.system_allocator)])
         turned = args.rotations != ["none"]
         total = (2 + turned) * len(sizes) * len(dtypes) * len(args.rotations)  # pipeline_scenes makes 2 or 3
         rows = []
@@ -271,33 +276,91 @@ def time_pipeline(scene: str, images: torch.Tensor, size: int, device: torch.dev
                 outside_gpen=f"{100 * (1 - best.get('restore', 0) / total):.1f}%")  # (no face: no restore stage)
 
 
-class _CropsBack:
-    """A restorer that hands its crops back, so that only the pipeline around GPEN is measured."""
+class _NewCrops:
+    """A restorer that hands back new crops, copies of its own (as GPEN makes new ones), so that only the
+    pipeline around it is measured."""
 
     def __init__(self, size: int):
         self.size = size
 
     def restore(self, faces, batch_size=4, on_batch=None):
-        return faces
+        return faces.clone()
 
 
-def pipeline_memory(image_path: str, detector_path: Path, size: int, device: torch.device) -> dict:
-    """Peak resident memory of restore_faces beyond its input, on a 6000x4000 frame (Linux: VmHWM)."""
+class _EllipseParser:
+    """A face parser that finds skin (class 1) in an ellipse in the middle of each crop, as 19 logits like
+    a region parser's, so that only the pipeline around the parser is measured."""
+
+    size = 512
+
+    def logits(self, crops: torch.Tensor) -> torch.Tensor:
+        side = crops.shape[1]
+        axis = torch.linspace(-1, 1, side, device=crops.device)
+        inside = axis[:, None].square() / 0.8 ** 2 + axis[None, :].square() / 0.6 ** 2 <= 1
+        logits = torch.zeros(len(crops), 19, side, side, device=crops.device)
+        logits[:, 1] = inside.float()
+        return logits
+
+
+MEMORY_FRAMES = ((6000, 4000), (6000, 6000), (10000, 10000))  # (W, H) of the frames measured
+
+
+def pipeline_memory_rows(image_path: str, detector_path: Path, size: int, device: torch.device,
+                         system_allocator: bool) -> list[dict]:
+    """pipeline_memory for each frame of MEMORY_FRAMES, scene and parse mask, each in a process of its own
+    (spawned: memory freed by one figure's work must not count in the next)."""
+    rows = []
+    for frame_size in MEMORY_FRAMES:
+        for scene in ("group photo", "close-up"):
+            for parse in (False, True):
+                config = dict(scene=f"{frame_size[0]}x{frame_size[1]} frame, {scene}", parse_mask=parse)
+                with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as one:
+                    try:
+                        rows.append(one.submit(pipeline_memory, image_path, detector_path, size, str(device),
+                                               frame_size, scene, parse, system_allocator).result())
+                    except Exception as e:  # the row says why, as pipeline_row does
+                        rows.append(dict(config, error=f"{type(e).__name__}: {first_line(e)}"))
+    return rows
+
+
+def pipeline_memory(image_path: str, detector_path: Path, size: int, device: str, frame_size: tuple[int, int],
+                    scene: str = "group photo", parse: bool = False, system_allocator: bool = True) -> dict:
+    """Peak resident memory of restore_faces beyond its input (Linux: VmHWM), on a float32 frame of
+    `frame_size` (W, H) holding the group photo, or with "close-up" the part of it around its largest face
+    (five times that face's width), enlarged as far as the frame allows. With `parse`, a stand-in parser."""
+    if not system_allocator:
+        keep_freed_memory()  # as the CLI does for itself
     photo = read_image(image_path)[0][..., :3]
-    scale = min(6000 / photo.shape[1], 4000 / photo.shape[0])
-    frame = torch.zeros(1, 4000, 6000, 3)
-    resized = torch.from_numpy(cv2.resize(photo, None, fx=scale, fy=scale, interpolation=cv2.INTER_CUBIC))
-    frame[0, :resized.shape[0], :resized.shape[1]] = resized
-    del resized
     detector = load_detector(detector_path, device=device)
+    if scene == "close-up":
+        photo = around_largest_face(photo, detector)
+    width, height = frame_size
+    scale = min(width / photo.shape[1], height / photo.shape[0])
+    frame = torch.zeros(1, height, width, 3)
+    resized = torch.from_numpy(cv2.resize(photo, None, fx=scale, fy=scale, interpolation=cv2.INTER_CUBIC))
+    frame[0, :resized.shape[0], :resized.shape[1]] = resized.clamp_(0, 1)
+    del resized
+    masks = MaskOptions(parser=_EllipseParser()) if parse else MaskOptions()
     Path("/proc/self/clear_refs").write_text("5")  # the peak starts again from what is resident now
     before = _resident_mib("VmRSS")
-    result = restore_faces(frame, _CropsBack(size), detector)
+    result = restore_faces(frame, _NewCrops(size), detector, masks=masks)
     beyond = _resident_mib("VmHWM") - before
     frame_mib = frame.numel() * frame.element_size() / 2 ** 20
-    return dict(scene="6000x4000 frame", faces=result.face_count, crop_size=size, device=str(device),
-                frame_mib=round(frame_mib), peak_beyond_input_mib=round(beyond),
-                times_frame=round(beyond / frame_mib, 2))
+    return dict(scene=f"{width}x{height} frame, {scene}", faces=result.face_count, parse_mask=parse,
+                largest_face_px=round(max(result.output_face_px.tolist(), default=0)), crop_size=size, device=device,
+                allocator="system" if system_allocator else "heap", frame_mib=round(frame_mib),
+                peak_beyond_input_mib=round(beyond), times_frame=round(beyond / frame_mib, 2))
+
+
+def around_largest_face(photo, detector):
+    """The square of the photo (H,W,3 numpy) around its largest face, five times as wide as that face."""
+    (faces,) = detector.detect(torch.from_numpy(photo)[None])
+    if not len(faces):
+        raise ValueError("no face found in the photo to make the close-up of")
+    x0, y0, x1, y1 = faces.boxes[((faces.boxes[:, 2:] - faces.boxes[:, :2]).prod(1)).argmax()].tolist()
+    half = 2.5 * (x1 - x0)
+    left, top = max(0, int((x0 + x1) / 2 - half)), max(0, int((y0 + y1) / 2 - half))
+    return photo[top:int(top + 2 * half), left:int(left + 2 * half)]
 
 
 def _resident_mib(field: str) -> float:

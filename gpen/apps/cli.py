@@ -94,8 +94,9 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
                         help="detector rotations to time in --pipeline, a row each; other than none adds a scene, "
                              "the group photo turned 90 degrees")
     parser.add_argument("--memory", action="store_true",
-                        help="with --pipeline: peak memory of restore_faces beyond its input for a 6000x4000 frame "
-                             "made from --image (the restorer hands its crops back: the pipeline alone is measured)")
+                        help="with --pipeline: peak memory of restore_faces beyond its input on 6000x4000, 6000x6000 "
+                             "and 10000x10000 frames made from --image and from a close-up of its largest face, with "
+                             "and without a parse mask (stand-ins restore and parse: the pipeline alone is measured)")
     parser.add_argument("--upscaler", nargs="*", metavar="NAME_OR_PATH",
                         help="time upscalers instead, ours against the plain forward of the same weights: "
                              "rrdbnet (RealESRGAN_x4plus's layout), srvgg (realesr-general-x4v3's), or a file "

@@ -87,9 +87,10 @@ def crop_faces(images: torch.Tensor, landmarks: torch.Tensor, size: int, frames:
     if landmarks.ndim != 3 or landmarks.shape[1:] != (5, 2):
         raise ValueError(f"landmarks must be (N, 5, 2), got shape {tuple(landmarks.shape)}")
     frames = frames_of(images, len(landmarks), frames)
-    affines = similarity_transform(landmarks.cpu(), template_points(size, template))
+    # Cut through the float32 affines returned, so that the same crops can be cut again from them exactly.
+    affines = similarity_transform(landmarks.cpu(), template_points(size, template)).float()
     crops = warp_faces(images, affines, frames, size, device).clamp_(0, 1).permute(0, 2, 3, 1)
-    return crops, affines.float()
+    return crops, affines
 
 
 def warp_faces(images: torch.Tensor, affines: torch.Tensor, frames: torch.Tensor, size: int,

@@ -18,6 +18,7 @@ from .tensors import as_images, as_rgb, like_given, match_channels
 
 MASK_TIE = 1e-4  # weights closer than this are a tie (float rounding), and one this small changes nothing
 SMALL_FACE = 100  # px: GPEN softens restored faces smaller than this, which would look over-sharp
+PASTE_BAND = 2 ** 18  # frame pixels pasted at a time: a large face's sampling grids would outweigh the frame
 
 
 @functools.lru_cache(maxsize=8)  # the same few masks serve every face and frame; callers never modify it
@@ -88,19 +89,18 @@ def paste_faces(images: torch.Tensor, restored: torch.Tensor, affines: torch.Ten
     out, masks = target.clone(), torch.zeros(target.shape[:3], device=target.device)
     if len(restored):
         device = torch.device(device) if device is not None else restored.device
-        affines = resize_affines(affines.to(torch.float64), restored.shape[1] / (crop_size or restored.shape[1]))
-        to_target = scale_affines(affines, images.shape[1:3], target.shape[1:3])
-        crops = prepare_crops(images, restored.to(device), affines, frames, options.color_correction,
-                              options.smooth_small_faces, to_target)
         size = restored.shape[1]
+        affines = resize_affines(affines.to(torch.float64), size / (crop_size or size))
+        to_target = scale_affines(affines, images.shape[1:3], target.shape[1:3])
+        small = small_faces(size, to_target) if options.smooth_small_faces else torch.zeros(len(restored), dtype=bool)
         box = face_mask(size, options.mask_shape, options.erode, options.feather).to(device)
-        if face_masks is not None:
-            face_masks = face_masks.to(device, torch.float32)
-            if face_masks.shape[-2:] != (size, size):
-                face_masks = F.interpolate(face_masks[:, None], size=(size, size), mode="bilinear")[:, 0]
-        for i, (crop, affine, frame) in enumerate(zip(crops, to_target, frames.tolist())):
-            mask = box if face_masks is None else torch.minimum(box, face_masks[i])
-            _paste_face(out[frame], masks[frame], target[frame], crop, affine, mask, options.strength)
+        # Face by face: whatever is made for all faces at once (softened or colour-matched crops, masks) is
+        # a copy of all of them.
+        for i, frame in enumerate(frames.tolist()):
+            crop = prepare_crop(images, restored[i].to(device), affines[i], frame, options.color_correction,
+                                bool(small[i]))
+            mask = box if face_masks is None else torch.minimum(box, crop_mask(face_masks[i].to(device), size))
+            _paste_face(out[frame], masks[frame], target[frame], crop, to_target[i], mask, options.strength)
     return like_given(out, given), masks if given.batched else masks[0]
 
 
@@ -189,27 +189,37 @@ def scale_affines(affines: torch.Tensor, size: tuple[int, int], scaled: tuple[in
     return moved
 
 
-def prepare_crops(images, restored, affines, frames, color_correction, smooth_small_faces, pasted_affines=None):
-    """(N,3,S,S) float32 crops as they will be pasted: small faces softened (by their size where they are
-    pasted, `pasted_affines`, default `affines`), colours matched against `images`."""
-    size = restored.shape[1]
-    crops = restored.float().permute(0, 3, 1, 2)
-    if smooth_small_faces:
-        pasted = affines if pasted_affines is None else pasted_affines
-        face_px = size / pasted[:, :, :2].det().abs().sqrt()  # the crop's width in output pixels
-        small = (face_px * 0.5 < SMALL_FACE).nonzero().squeeze(1).to(crops.device)  # the face is ~half the crop
-        if len(small):
-            crops = crops.clone()  # the caller's crops stay as they are
-            for i in small.tolist():  # face by face: a batch at once is hundreds of MB of fresh memory
-                crops[i] = soften(crops[i:i + 1])[0]
+def small_faces(size: int, affines: torch.Tensor) -> torch.Tensor:
+    """(N,) True where the face a crop of `size` holds through `affines` (image -> crop) is under SMALL_FACE
+    pixels in the image: GPEN softens those."""
+    face_px = size / affines[:, :, :2].det().abs().sqrt()  # the crop's width in image pixels
+    return face_px * 0.5 < SMALL_FACE  # the face is ~half the crop
+
+
+def prepare_crop(images: torch.Tensor, restored: torch.Tensor, affine: torch.Tensor, frame: int,
+                 color_correction: bool, small: bool) -> torch.Tensor:
+    """A restored crop (S,S,3) as it will be pasted, (3,S,S) float32: softened if its face is `small`,
+    colours matched against the same crop of `images` (frame `frame`, through `affine`)."""
+    crop = restored.float().permute(2, 0, 1)
+    if small:
+        crop = soften(crop[None])[0]
     if color_correction:
-        crops = match_color(crops, warp_faces(images, affines, frames, size, crops.device))
-    return crops
+        original = warp_faces(images, affine[None], torch.tensor([frame]), crop.shape[-1], crop.device)
+        crop = match_color(crop[None], original)[0]
+    return crop
+
+
+def crop_mask(mask: torch.Tensor, size: int) -> torch.Tensor:
+    """A face mask (H,W) in crop coordinates at the crops' `size`, float32."""
+    mask = mask.float()
+    return mask if mask.shape == (size, size) else F.interpolate(mask[None, None], size=(size, size),
+                                                                 mode="bilinear")[0, 0]
 
 
 def _paste_face(out: torch.Tensor, masks: torch.Tensor, original: torch.Tensor, crop: torch.Tensor,
                 affine: torch.Tensor, mask: torch.Tensor, strength: float) -> None:
-    """Paste one face into its frame's `out` (H,W,C) and `masks` (H,W), only in the region it covers.
+    """Paste one face into its frame's `out` (H,W,C) and `masks` (H,W), only in the region it covers,
+    PASTE_BAND pixels at a time.
 
     Where faces overlap, a pixel takes the face whose mask is strongest there, blended with the
     original, never a blend of blends.
@@ -218,13 +228,25 @@ def _paste_face(out: torch.Tensor, masks: torch.Tensor, original: torch.Tensor, 
     if region is None:
         return
     y0, y1, x0, x1 = region
-    shift = affine.clone()
-    shift[:, 2] += affine[:, :2] @ torch.tensor([x0, y0], dtype=torch.float64)  # region px -> crop px
-    to_region = invert_affine(shift)[None]
-    back = warp(crop, to_region, y1 - y0, x1 - x0)[0].clamp(0, 1)
+    rows = max(1, PASTE_BAND // (x1 - x0))
+    for top in range(y0, y1, rows):
+        _paste_band(out, masks, original, crop, affine, mask, strength, (top, min(top + rows, y1), x0, x1))
+
+
+def _paste_band(out: torch.Tensor, masks: torch.Tensor, original: torch.Tensor, crop: torch.Tensor,
+                affine: torch.Tensor, mask: torch.Tensor, strength: float, band: tuple[int, int, int, int]) -> None:
+    """_paste_face on the rows and columns `band` (y0, y1, x0, x1) of the frame: the mask first, then the
+    face only over the columns where it wins somewhere."""
+    y0, y1, x0, x1 = band
     # The mask is warped bilinearly, as GPEN warps it: bicubic would ring past a sharp parse edge.
-    weight = warp(mask[None], to_region, y1 - y0, x1 - x0, mode="bilinear")[0, 0].clamp(0, 1) * strength
+    weight = warp(mask[None], _onto(affine, x0, y0), y1 - y0, x1 - x0, mode="bilinear")[0, 0].clamp_(0, 1) * strength
     wins = weight > masks[y0:y1, x0:x1].to(weight.device) + MASK_TIE  # a tie keeps the face already there
+    columns = wins.any(0).nonzero()
+    if not len(columns):
+        return
+    left, right = int(columns[0]), int(columns[-1]) + 1
+    x0, x1, weight, wins = x0 + left, x0 + right, weight[:, left:right], wins[:, left:right]
+    back = warp(crop, _onto(affine, x0, y0), y1 - y0, x1 - x0)[0].clamp_(0, 1)
     source = original[y0:y1, x0:x1].to(crop.device)
     base = as_rgb(source)[0]
     blended = match_channels(base + (back[:3].permute(1, 2, 0) - base) * weight[..., None], source)
@@ -233,6 +255,13 @@ def _paste_face(out: torch.Tensor, masks: torch.Tensor, original: torch.Tensor, 
     region, region_masks = out[y0:y1, x0:x1], masks[y0:y1, x0:x1]
     region.copy_(torch.where(wins[..., None], blended.to(out.device), region))
     region_masks.copy_(torch.where(wins, weight.to(masks.device), region_masks))
+
+
+def _onto(affine: torch.Tensor, x0: int, y0: int) -> torch.Tensor:
+    """(1,2,3) crop pixels -> pixels of the frame's part whose top left is (x0, y0)."""
+    shift = affine.clone()
+    shift[:, 2] += affine[:, :2] @ torch.tensor([x0, y0], dtype=torch.float64)  # part px -> crop px
+    return invert_affine(shift)[None]
 
 
 def resize_affines(affines: torch.Tensor, ratio: float) -> torch.Tensor:

@@ -508,7 +508,8 @@ def restore_faces(images: torch.Tensor, model, detector, *, select: SelectOption
         with _stage(timings, "restore", info.device):
             restored = restorer.restore(crops, batch_size=face_batch, on_batch=on_batch,
                                         cancel=cancel and (lambda: check_cancel(cancel))).to(info.device)
-    result = paste_restored(images, restored, info, paste, masks, crops=crops, face_batch=face_batch, cancel=cancel,
+    del crops  # the restored crops are a second set: a parser cuts what it looks at again, a batch at a time
+    result = paste_restored(images, restored, info, paste, masks, face_batch=face_batch, cancel=cancel,
                             timings=timings)
     return replace(result, images=like_given(result.images, given))
 
@@ -550,19 +551,22 @@ def paste_restored(images: torch.Tensor, restored: torch.Tensor, info: FaceInfo,
     restored = restored.to(info.device)
     face_masks = None
     if masks.parser is not None and len(restored):
-        if masks.source == "original" and crops is None:  # cut again from the frames, as locate_faces cut them
-            crops = warp_faces(images, info_affines, info.frames, info.crop_size, info.device)
-            crops = crops.clamp_(0, 1).permute(0, 2, 3, 1)
 
         def on_batch(done: int, total: int) -> None:
             if progress is not None:
                 progress(done, total)
             check_cancel(cancel)
 
+        def faces(part: slice) -> torch.Tensor:  # what the parser looks at
+            if masks.source == "restored":
+                return restored[part]
+            if crops is not None:
+                return crops[part]
+            return cut_again(images, info_affines[part], info.frames[part], info.crop_size, info.device)
+
         with _stage(timings, "parse", info.device):
-            face_masks = parse_faces(masks.parser, crops if masks.source == "original" else restored, masks.regions,
-                                     masks.feather, batch_size=face_batch, on_batch=on_batch,
-                                     cancel=cancel and (lambda: check_cancel(cancel)))
+            face_masks = parse_in_batches(masks, faces, len(restored), face_batch, on_batch,
+                                          cancel=cancel and (lambda: check_cancel(cancel)))
         if masks.temporal_sigma > 0:
             offsets = _face_offsets(info.faces)
             tracks = [torch.tensor([offsets[t] + i for t, i in track]) for track in face_tracks(info.faces)]
@@ -585,6 +589,27 @@ def paste_restored(images: torch.Tensor, restored: torch.Tensor, info: FaceInfo,
     left_as_was |= {k: MASKED_OUT for k in (finite & ~shown).nonzero().flatten().tolist()}
     return Restoration(like_given(pasted, given), blend, info, unrestored, masked_out, timings if timings is not None
                        else {}, restorer_size=restored.shape[1] if len(restored) else None, left_as_was=left_as_was)
+
+
+def cut_again(images: torch.Tensor, affines: torch.Tensor, frames: torch.Tensor, size: int,
+              device: torch.device) -> torch.Tensor:
+    """(N,S,S,3) crops of `images` through `affines`, as locate_faces cut them."""
+    return warp_faces(images, affines, frames, size, device).clamp_(0, 1).permute(0, 2, 3, 1)
+
+
+def parse_in_batches(masks: MaskOptions, faces: Callable[[slice], torch.Tensor], count: int, batch_size: int,
+                     on_batch: Callable[[int, int], None], cancel: Callable[[], None] | None = None) -> torch.Tensor:
+    """(N,S,S) parse masks of `count` faces, `faces(part)` giving the crops of a part of them: a batch at a
+    time, so that neither crops cut again nor the parser's logits and feathering are made for all at once."""
+    found = None
+    for start in range(0, count, batch_size):
+        part = slice(start, min(start + batch_size, count))
+        batch = parse_faces(masks.parser, faces(part), masks.regions, masks.feather, batch_size=batch_size,
+                            cancel=cancel)
+        found = batch.new_empty(count, *batch.shape[1:]) if found is None else found
+        found[part] = batch
+        on_batch(part.stop, count)
+    return found
 
 
 def face_areas(images: torch.Tensor, crops: torch.Tensor, info: FaceInfo) -> torch.Tensor:
