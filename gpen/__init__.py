@@ -13,6 +13,11 @@ The names below are imported on first use, so that `python -m gpen --help` start
 """
 
 import importlib
+import os
+
+# OpenCV reads its decoders' pixel limit once, when it is loaded, and several of our modules load it: so
+# it is set here, before any of them runs, to files/images.py's MAX_MEGAPIXELS unless the user set one.
+os.environ.setdefault("OPENCV_IO_MAX_IMAGE_PIXELS", "200000000")
 
 # Each public name and the module that defines it.
 _HOMES = {

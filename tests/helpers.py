@@ -88,3 +88,19 @@ def export_fake_scrfd(path, face_cell=(6, 9), stride=32, distances=(2.0, 2.5, 2.
     l, t, r, b = (d * stride for d in distances)
     box = torch.tensor([centre[0] - l, centre[1] - t, centre[0] + r, centre[1] + b])
     return box, centre + offsets * stride
+
+
+def mux_tone(out, sound, samples: int, until: float) -> int:
+    """Encode a 440 Hz stereo tone into the PyAV stream `sound` of `out`, from sample `samples` up to
+    `until` seconds at 48 kHz; returns the sample reached."""
+    import av
+    import numpy as np
+
+    while samples < 48000 * until:
+        n = sound.frame_size or 1024
+        wave = (0.3 * np.sin(2 * np.pi * 440 * (samples + np.arange(n)) / 48000)).astype(np.float32)
+        chunk = av.AudioFrame.from_ndarray(np.stack([wave, wave]), format="fltp", layout="stereo")
+        chunk.sample_rate, chunk.pts = 48000, samples
+        out.mux(sound.encode(chunk))
+        samples += n
+    return samples

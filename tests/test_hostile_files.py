@@ -11,6 +11,7 @@ import struct
 import subprocess
 import sys
 import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -208,6 +209,7 @@ def test_the_decoded_shape_is_checked_before_any_copy(tmp_path, monkeypatch):
 
 OPENCV_CHILD = r"""
 import os, sys
+import gpen.loader  # as the CLI and the nodes start: modules that load OpenCV before files/images.py
 import gpen.files.images as images
 print(os.environ["OPENCV_IO_MAX_IMAGE_PIXELS"])
 try:
@@ -227,11 +229,32 @@ def test_opencv_is_loaded_with_the_same_pixel_limit_unless_one_is_set(tmp_path, 
     done = subprocess.run([sys.executable, "-c", OPENCV_CHILD, str(tmp_path / "a.png")], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=120, check=True)
     if limit is None:
-        assert done.stdout == "200000000\n"  # MAX_MEGAPIXELS
+        from gpen.files.images import MAX_MEGAPIXELS
+
+        assert done.stdout == f"{int(MAX_MEGAPIXELS * 1e6)}\n"
     else:
         refusal = (f"{tmp_path / 'a.png'}: over OpenCV's own limit of 100 pixels (OPENCV_IO_MAX_IMAGE_PIXELS, "
                    "read when OpenCV is loaded: set it before starting to read larger images)")
         assert done.stdout.splitlines() == ["100", refusal]
+
+
+def png_header_only(path, width: int, height: int) -> None:
+    """A grey PNG that claims width x height and holds no pixel data: decoders read its header alone."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"")) +
+                     chunk(b"IEND", b""))
+
+
+def test_opencv_has_the_limit_whichever_module_loads_it_first(tmp_path):
+    """gpen.loader loads OpenCV (through detection and paste) before files/images.py: the limit holds."""
+    png_header_only(tmp_path / "big.png", 20000, 10001)  # 200.02 MP, under OpenCV's default limit (1073 MP)
+    env = {k: v for k, v in os.environ.items() if k != "OPENCV_IO_MAX_IMAGE_PIXELS"}
+    done = subprocess.run([sys.executable, "-c", OPENCV_CHILD, str(tmp_path / "big.png")], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=120, check=True)
+    assert "big.png: over OpenCV's own limit of 200000000 pixels" in done.stdout
 
 
 def safetensors_listing(path, tensors: int) -> None:

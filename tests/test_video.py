@@ -18,7 +18,7 @@ from gpen.apps.video import VideoReader, VideoWriter, join_segments, probe_video
 from gpen.faces.detect import Faces
 from gpen.faces.pipeline import detect_faces, select_tracks, smooth_landmarks
 from gpen.faces.stream import restore_frames, smoothing_reach
-from tests.helpers import GreyRestorer, IdentityRestorer, random_gpen
+from tests.helpers import GreyRestorer, IdentityRestorer, mux_tone, random_gpen
 
 av = pytest.importorskip("av", reason="video needs PyAV (pip install av)")
 
@@ -52,13 +52,8 @@ def make_clip(path, picture=None, frames=24, size=(320, 240), rate=24, audio="aa
                                            format="rgb24")
         frame.pts = i if pts is None else pts[i]
         out.mux(video.encode(frame))
-        while sound is not None and samples < 48000 * (frame.pts + 1) / rate:
-            n = sound.frame_size or 1024
-            wave = (0.3 * np.sin(2 * np.pi * 440 * (samples + np.arange(n)) / 48000)).astype(np.float32)
-            chunk = av.AudioFrame.from_ndarray(np.stack([wave, wave]), format="fltp", layout="stereo")
-            chunk.sample_rate, chunk.pts = 48000, samples
-            out.mux(sound.encode(chunk))
-            samples += n
+        if sound is not None:
+            samples = mux_tone(out, sound, samples, (frame.pts + 1) / rate)
     out.mux(video.encode())
     if sound is not None:
         out.mux(sound.encode())

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 from gpen.apps.video import VideoReader, join_segments, probe_video, restore_video
-from tests.helpers import IdentityRestorer
+from tests.helpers import IdentityRestorer, mux_tone
 from tests.test_video import OneFace, gpen_cli  # noqa: F401 (a fixture)
 
 av = pytest.importorskip("av", reason="video needs PyAV (pip install av)")
@@ -46,15 +46,7 @@ def make_clip(path, frames=4, size=(64, 48), rate=25, codec="libx264", audio=("a
 
     def mux_sound(until):
         for entry in sounds:
-            sound, samples = entry
-            while samples < 48000 * until:
-                n = sound.frame_size or 1024
-                wave = (0.3 * np.sin(2 * np.pi * 440 * (samples + np.arange(n)) / 48000)).astype(np.float32)
-                chunk = av.AudioFrame.from_ndarray(np.stack([wave, wave]), format="fltp", layout="stereo")
-                chunk.sample_rate, chunk.pts = 48000, samples
-                out.mux(sound.encode(chunk))
-                samples += n
-            entry[1] = samples
+            entry[1] = mux_tone(out, entry[0], entry[1], until)
 
     for i in range(frames):
         width, height = sizes[i] if sizes else size

@@ -15,18 +15,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
-MAX_MEGAPIXELS = 200.0  # a 200 MP photo is 2.4 GB as float RGB, before any processing
-OPENCV_LIMIT = "OPENCV_IO_MAX_IMAGE_PIXELS"
-# OpenCV reads its pixel limit once, when it is loaded: the same limit as ours, unless the user set one,
-# so that a file whose header we read otherwise than its decoder does is still refused by the decoder.
-os.environ.setdefault(OPENCV_LIMIT, str(int(MAX_MEGAPIXELS * 1e6)))
+import cv2
+import numpy as np
 
-import cv2  # noqa: E402  after its limit is set
-import numpy as np  # noqa: E402
-
-from .atomic import write_file_atomically  # noqa: E402
-from .metadata import (  # noqa: E402
+from .atomic import write_file_atomically
+from .metadata import (
     JPEG_EXIF_LIMIT,
     METADATA_LIMIT,
     ImageMetadata,
@@ -38,6 +31,11 @@ from .metadata import (  # noqa: E402
     upright_exif,
 )
 
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+MAX_MEGAPIXELS = 200.0  # a 200 MP photo is 2.4 GB as float RGB, before any processing
+# OpenCV's own limit, set by gpen/__init__.py to the same number before OpenCV loads, so that a file whose
+# header we read otherwise than its decoder does is still refused by the decoder.
+OPENCV_LIMIT = "OPENCV_IO_MAX_IMAGE_PIXELS"
 METADATA_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")  # OpenCV writes their metadata (see _encode)
 
 
