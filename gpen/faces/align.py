@@ -89,8 +89,14 @@ def crop_faces(images: torch.Tensor, landmarks: torch.Tensor, size: int, frames:
     frames = frames_of(images, len(landmarks), frames)
     # Cut through the float32 affines returned, so that the same crops can be cut again from them exactly.
     affines = similarity_transform(landmarks.cpu(), template_points(size, template)).float()
-    crops = warp_faces(images, affines, frames, size, device).clamp_(0, 1).permute(0, 2, 3, 1)
-    return crops, affines
+    return cut_faces(images, affines, frames, size, device), affines
+
+
+def cut_faces(images: torch.Tensor, affines: torch.Tensor, frames: torch.Tensor, size: int,
+              device: torch.device | None = None) -> torch.Tensor:
+    """(N,size,size,3) crops of `images` through `affines` (image -> crop pixels), float32 in 0..1: what
+    crop_faces cuts, and, given its affines again, the very same crops."""
+    return warp_faces(images, affines, frames, size, device).clamp_(0, 1).permute(0, 2, 3, 1)
 
 
 def warp_faces(images: torch.Tensor, affines: torch.Tensor, frames: torch.Tensor, size: int,

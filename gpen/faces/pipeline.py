@@ -17,7 +17,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from .align import crop_faces, warp_faces
+from .align import crop_faces, cut_faces, warp_faces
 from .detect import Faces, threshold_for
 from .masks import smooth_over_time
 from .options import MaskOptions, PasteOptions, SelectOptions
@@ -562,7 +562,7 @@ def paste_restored(images: torch.Tensor, restored: torch.Tensor, info: FaceInfo,
                 return restored[part]
             if crops is not None:
                 return crops[part]
-            return cut_again(images, info_affines[part], info.frames[part], info.crop_size, info.device)
+            return cut_faces(images, info_affines[part], info.frames[part], info.crop_size, info.device)
 
         with _stage(timings, "parse", info.device):
             face_masks = parse_in_batches(masks, faces, len(restored), face_batch, on_batch,
@@ -589,12 +589,6 @@ def paste_restored(images: torch.Tensor, restored: torch.Tensor, info: FaceInfo,
     left_as_was |= {k: MASKED_OUT for k in (finite & ~shown).nonzero().flatten().tolist()}
     return Restoration(like_given(pasted, given), blend, info, unrestored, masked_out, timings if timings is not None
                        else {}, restorer_size=restored.shape[1] if len(restored) else None, left_as_was=left_as_was)
-
-
-def cut_again(images: torch.Tensor, affines: torch.Tensor, frames: torch.Tensor, size: int,
-              device: torch.device) -> torch.Tensor:
-    """(N,S,S,3) crops of `images` through `affines`, as locate_faces cut them."""
-    return warp_faces(images, affines, frames, size, device).clamp_(0, 1).permute(0, 2, 3, 1)
 
 
 def parse_in_batches(masks: MaskOptions, faces: Callable[[slice], torch.Tensor], count: int, batch_size: int,
