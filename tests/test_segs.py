@@ -25,7 +25,7 @@ from gpen.faces.segs import (
     restore_segs,
 )
 from tests.helpers import GreyRestorer, IdentityRestorer, SplitParser
-from tests.test_nodes import load_models, models_dir, pack  # noqa: F401 (fixtures)
+from tests.test_nodes import load_models, models_dir, pack  # noqa: F401 (pytest fixtures, used by name)
 
 ImpactSEG = namedtuple("SEG", ["cropped_image", "cropped_mask", "confidence", "crop_region", "bbox", "label",
                                "control_net_wrapper"], defaults=[None])
@@ -124,6 +124,18 @@ def test_crop_factor_dilation_and_drop_size_behave_as_impacts():
     assert crop_region(320, 300, [100, 100, 140, 150], 1.0) == [100, 100, 140, 150]
 
 
+def test_our_boxes_keep_their_landmarks_through_copies_but_not_through_arithmetic(solvay_segs):
+    import copy
+    import pickle
+
+    box = solvay_segs[1][0].bbox
+    for kept in (copy.deepcopy(box), pickle.loads(pickle.dumps(box)), box.copy()):
+        assert isinstance(kept, FaceBox) and np.array_equal(kept.landmarks, box.landmarks)
+    assert type(box * 2) is np.ndarray  # scaled boxes are plain: the landmarks would not follow them
+    x1, y1, x2, y2 = box
+    assert x2 - x1 > 0 and int(x1) == int(box[0])
+
+
 def test_a_face_must_pass_the_detailers_threshold_and_ours(solvay, detector, solvay_segs):
     scores = sorted(float(seg.confidence) for seg in solvay_segs[1])
     strict_caller = FaceSegmentDetector(detector).detect(solvay, scores[10], 0, 3.0)
@@ -163,7 +175,7 @@ def test_with_a_parser_each_segment_mask_is_the_parsers(solvay, detector):
     boxes = FaceSegmentDetector(detector).detect(solvay, 0.5, 0, 3.0)
     parsed = FaceSegmentDetector(detector, parsers=parser).detect(solvay, 0.5, 0, 3.0)
     for box, seg in zip(boxes[1], parsed[1]):
-        h, w = seg.cropped_mask.shape
+        w = seg.cropped_mask.shape[1]
         left, right = seg.cropped_mask[:, : w // 2].sum(), seg.cropped_mask[:, w // 2:].sum()
         assert left > 5 * right and 0 < seg.cropped_mask.max() <= 1  # the face's left half, as the parser says
         assert seg.crop_region == box.crop_region
@@ -261,7 +273,7 @@ def test_impacts_filters_choose_the_faces_our_modular_nodes_restore(solvay, dete
 
 def test_our_faces_as_segs_one_per_frame(solvay, detector):
     frames = torch.cat([solvay, solvay.flip(2)])
-    crops, info = locate_faces(frames, detector, 256)
+    _, info = locate_faces(frames, detector, 256)
     segs = info_to_segs(info, SegmentOptions(), frames)
     assert [len(s[1]) for s in segs] == [29, 29] and all(s[0] == solvay.shape[1:3] for s in segs)
     assert isinstance(segs[1][1][0].bbox, FaceBox)

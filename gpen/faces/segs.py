@@ -65,6 +65,14 @@ class FaceBox(np.ndarray):
     def __array_finalize__(self, source):
         self.landmarks = getattr(source, "landmarks", None)
 
+    def __array_wrap__(self, array, context=None, return_scalar=False):
+        # Arithmetic makes another box, which the landmarks would not follow: it is a plain array.
+        array = array.view(np.ndarray)
+        return array[()] if return_scalar else array
+
+    def __reduce__(self):  # pickled (ComfyUI's caches, copies) with its landmarks
+        return FaceBox, (np.asarray(self), self.landmarks)
+
 
 def crop_region(width: int, height: int, bbox, crop_factor: float) -> list[int]:
     """The Impact Pack's crop region of a box: the box enlarged `crop_factor` times about its centre, moved (not
