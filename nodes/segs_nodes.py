@@ -72,16 +72,27 @@ class RestoreSEGS:
             **option_widgets(MaskOptions, ("mask_regions", "parse_source", "parse_feather")),
         }}
 
-    def restore(self, image, segs, gpen_model, strength, face_batch, color_correction, face_detector=None,
-                face_parser=None, mask_regions="face", parse_source="original", parse_feather=PARSE_FEATHER):
-        paste = PasteOptions(strength=strength, color_correction=color_correction)
+    INPUT_IS_LIST = True  # to pair a batch's frames with one SEGS each (Faces to SEGS gives them so)
+    OUTPUT_IS_LIST = (True, True, True, True)
+
+    def restore(self, image, segs, gpen_model, strength, face_batch, color_correction, face_detector=(None,),
+                face_parser=(None,), mask_regions=("face",), parse_source=("original",),
+                parse_feather=(PARSE_FEATHER,)):
+        paste = PasteOptions(strength=strength[0], color_correction=color_correction[0])
         progress = host.Progress()
-        with gpen_model as model, host.using_all(face_parser) as parsers:
-            masks = MaskOptions(parser=parsers, regions=mask_regions, source=parse_source, feather=parse_feather)
-            result = restore_segs(image, segs, model, face_detector, paste=paste, masks=masks, face_batch=face_batch,
-                                  progress=progress, cancel=progress.cancel)
-        logging.info("[GPEN] %s", result.summary)
-        return (result.images, result.segs, result.masks, result.summary)
+        outputs = ([], [], [], [])
+        with gpen_model[0] as model, host.using_all(face_parser[0]) as parsers:
+            masks = MaskOptions(parser=parsers, regions=mask_regions[0], source=parse_source[0],
+                                feather=parse_feather[0])
+            for frames, frame_segs in paired(image, segs):
+                result = restore_segs(frames, frame_segs, model, face_detector[0], paste=paste, masks=masks,
+                                      face_batch=face_batch[0], progress=progress, cancel=progress.cancel)
+                logging.info("[GPEN] %s", result.summary)
+                outputs[0].append(result.images)
+                outputs[1].extend(result.segs if isinstance(result.segs, list) else [result.segs])
+                outputs[2].append(result.masks)
+                outputs[3].append(result.summary)
+        return outputs
 
 
 class FacesToSEGS:
@@ -131,16 +142,34 @@ class DetectFacesInSEGS:
             **option_widgets(SelectOptions, ("template", "threshold")),
         }, "optional": {"gpen_model": ("GPEN_MODEL", {"tooltip": "Take the crop size from this model."})}}
 
-    def detect(self, image, segs, face_detector, crop_size, template, threshold, gpen_model=None):
-        select = SelectOptions(threshold=threshold, template=template)
-        size = gpen_model.model.size if gpen_model is not None else crop_size
-        with face_detector as detector:
-            crops, info, notes = locate_faces_in_segs(image, segs, detector, size, select, cancel=host.Progress.cancel)
-            masks = face_areas(image, crops, info)
-        summary = face_report(info, "; ".join([f"{len(crops)} face(s) cropped", *notes, *info.selection.notes()]),
-                              "cropped")
-        logging.info("[GPEN] %s", summary)
-        return (crops.cpu(), info, masks, summary)
+    INPUT_IS_LIST = True  # as GPEN Restore SEGS
+    OUTPUT_IS_LIST = (True, True, True, True)
+
+    def detect(self, image, segs, face_detector, crop_size, template, threshold, gpen_model=(None,)):
+        select = SelectOptions(threshold=threshold[0], template=template[0])
+        size = gpen_model[0].model.size if gpen_model[0] is not None else crop_size[0]
+        outputs = ([], [], [], [])
+        with face_detector[0] as detector:
+            for frames, frame_segs in paired(image, segs):
+                crops, info, notes = locate_faces_in_segs(frames, frame_segs, detector, size, select,
+                                                          cancel=host.Progress.cancel)
+                headline = "; ".join([f"{len(crops)} face(s) cropped", *notes, *info.selection.notes()])
+                for output, value in zip(outputs, (crops.cpu(), info, face_areas(frames, crops, info),
+                                                   face_report(info, headline, "cropped"))):
+                    output.append(value)
+                logging.info("[GPEN] %s", outputs[3][-1])
+        return outputs
+
+
+def paired(images: list, segs: list) -> list[tuple]:
+    """What a node taking lists (INPUT_IS_LIST) runs on: one image or batch with its SEGS, one per frame where
+    a list of them comes (Faces to SEGS on a batch); an image list element by element, as ComfyUI would, with
+    one SEGS for all of them or one each."""
+    if len(images) == 1:
+        return [(images[0], segs[0] if len(segs) == 1 else list(segs))]
+    if len(segs) not in (1, len(images)):
+        raise ValueError(f"{len(segs)} SEGS for a list of {len(images)} images: give one SEGS, or one per image")
+    return [(frames, segs[i if len(segs) > 1 else 0]) for i, frames in enumerate(images)]
 
 
 NODE_CLASS_MAPPINGS = {

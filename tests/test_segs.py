@@ -302,9 +302,10 @@ def test_the_nodes_in_a_graph(pack, models_dir, solvay):
     model, detector = load_models(pack)
     (bbox_detector,) = nodes["GPENFaceDetectorForFaceDetailer"]().make(detector, threshold=0.0, segment_mask="box")
     segs = bbox_detector.detect(solvay, 0.5, 10, 3.0, 10)  # as BBOX Detector (SEGS) and FaceDetailer call it
-    image, restored_segs, mask, summary = nodes["GPENRestoreSEGS"]().restore(
-        solvay, ordered_filter(segs, 5), model, strength=1.0, face_batch=4, color_correction=False,
-        face_detector=detector)
+    # They take lists (INPUT_IS_LIST), as ComfyUI gives them: [value] for a value.
+    (image,), (restored_segs,), (mask,), (summary,) = nodes["GPENRestoreSEGS"]().restore(
+        [solvay], [ordered_filter(segs, 5)], [model], strength=[1.0], face_batch=[4], color_correction=[False],
+        face_detector=[detector])
     assert summary == "restored the faces of 5 of 5 segment(s)" and image.shape == solvay.shape
     assert mask.shape == solvay.shape[:3] and (segs_paste(solvay, restored_segs) - image).abs().max() < 1e-6
     crops, info, _, _ = nodes["GPENDetectAndCropFaces"]().detect(
@@ -313,8 +314,35 @@ def test_the_nodes_in_a_graph(pack, models_dir, solvay):
     (per_frame,) = nodes["GPENFacesToSEGS"]().convert(info, crop_factor=2.0, dilation=0, drop_size=10,
                                                         segment_mask="ellipse", image=solvay)
     assert nodes["GPENFacesToSEGS"].OUTPUT_IS_LIST == (True,) and len(per_frame) == 1 and len(per_frame[0][1]) == 29
-    crops, info, face_mask, summary = nodes["GPENSEGSToFaces"]().detect(
-        solvay, ordered_filter(per_frame[0], 2), detector, crop_size=512, template="gpen", threshold=0.0,
-        gpen_model=model)
+    (crops,), (info,), (face_mask,), (summary,) = nodes["GPENSEGSToFaces"]().detect(
+        [solvay], [ordered_filter(per_frame[0], 2)], [detector], crop_size=[512], template=["gpen"], threshold=[0.0],
+        gpen_model=[model])
     assert crops.shape == (2, 64, 64, 3) and face_mask.shape == solvay.shape[:3]
     assert summary.startswith("2 face(s) cropped\nimage: 2 cropped") and "27 outside the SEGS" in summary
+
+
+def test_a_batch_with_one_segs_per_frame_restores_each_frame_with_its_own(pack, models_dir, solvay):
+    """The video graph: Detect and Crop Faces on a batch -> Faces to SEGS (one SEGS per frame) -> a SEGS filter
+    on each -> GPEN Restore SEGS on the batch, which pairs frame t with SEGS t."""
+    nodes = pack.NODE_CLASS_MAPPINGS
+    model, detector = load_models(pack)
+    frames = torch.cat([solvay, solvay.flip(2)])
+    _, info, _, _ = nodes["GPENDetectAndCropFaces"]().detect(
+        frames, detector, crop_size=256, template="gpen", threshold=0.0, min_size=0, max_faces=0, order="largest",
+        indices="", temporal_smoothing=0.0)
+    (per_frame,) = nodes["GPENFacesToSEGS"]().convert(info, crop_factor=3.0, dilation=0, drop_size=10,
+                                                        segment_mask="box")
+    chosen = [ordered_filter(per_frame[0], 1), ordered_filter(per_frame[1], 2)]
+    (image,), segs, (mask,), (summary,) = nodes["GPENRestoreSEGS"]().restore(
+        [frames], chosen, [model], strength=[1.0], face_batch=[4], color_correction=[False])
+    assert summary == "restored the faces of 3 of 3 segment(s) over 2 frames" and image.shape == frames.shape
+    assert len(segs) == 2 and [len(s[1]) for s in segs] == [1, 2]
+    assert [len(torch.as_tensor(m).nonzero()) > 0 for m in mask] == [True, True]
+    for t in range(2):
+        assert (segs_paste(frames[t:t + 1], segs[t]) - image[t:t + 1]).abs().max() < 1e-6
+    (crops,), (found,), _, _ = nodes["GPENSEGSToFaces"]().detect(
+        [frames], chosen, [detector], crop_size=[256], template=["gpen"], threshold=[0.0])
+    assert found.frames.tolist() == [0, 1, 1]
+    with pytest.raises(ValueError, match="3 SEGS for 2 frame.s.: give one SEGS for all frames, or one per frame"):
+        nodes["GPENRestoreSEGS"]().restore([frames], chosen + chosen[:1], [model], strength=[1.0], face_batch=[4],
+                                           color_correction=[False])

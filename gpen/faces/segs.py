@@ -323,6 +323,23 @@ def read_segs(segs, image_size: tuple[int, int], frames: int = 1) -> ReadSegs:
     return ReadSegs((seg_h, seg_w), segments, outside, notes, scaled)
 
 
+def frame_segs(segs, images: torch.Tensor) -> list[ReadSegs]:
+    """The segments of each frame of `images`: one SEGS shared by every frame (the same ReadSegs each time), or
+    a list of SEGS, one per frame (as Faces to SEGS gives them)."""
+    size, frames = tuple(images.shape[1:3]), len(images)
+    if not one_per_frame(segs):
+        return [read_segs(segs, size, frames)] * frames
+    if len(segs) != frames:
+        raise ValueError(f"{len(segs)} SEGS for {frames} frame(s): give one SEGS for all frames, or one per frame")
+    return [read_segs(one, size) for one in segs]
+
+
+def one_per_frame(segs) -> bool:
+    """Whether `segs` is a list of SEGS (one per frame) rather than one SEGS, whose first item is (H, W)."""
+    return isinstance(segs, list) and all(isinstance(s, (tuple, list)) and len(s) == 2 and
+                                          isinstance(s[1], (tuple, list)) for s in segs)
+
+
 def _kind(value) -> str:
     return f"a {type(value).__name__}" + (f" of {len(value)}" if isinstance(value, (tuple, list)) else "")
 
@@ -370,13 +387,13 @@ def _masks(mask, index: int, region: list[int], frames: int) -> torch.Tensor:
 
 # Finding the face of each segment.
 
-def segment_faces(images: torch.Tensor, read: ReadSegs, detector=None,
+def segment_faces(images: torch.Tensor, reads: list[ReadSegs], detector=None,
                   cancel: Callable | None = None) -> list[list[Faces]]:
-    """[frame][segment] the one face (or none) each segment holds in each frame: detected near its box (the
+    """[frame][segment] the one face (or none) each segment of the frame holds: detected near its box (the
     candidate centred in the box that overlaps it most) when a detector is given, else the landmarks our own
     detectors put in its bbox. Without either, a ValueError."""
     found = []
-    for t in range(len(images)):
+    for t, read in enumerate(reads):
         row = []
         for segment in read.segments:
             check_cancel(cancel)
@@ -417,9 +434,10 @@ def face_near(image: torch.Tensor, box: np.ndarray, detector) -> Faces:
 @dataclass
 class SegsRestoration:
     images: torch.Tensor  # like the input
-    segs: tuple  # the SEGS in the image's size, each restored segment's cropped_image its restored crop
+    segs: tuple | list  # the SEGS in the image's size (or one per frame, as given), with restored cropped_images
     masks: torch.Tensor  # (B, H, W) where restored pixels went
-    restored: int = 0  # (segment, frame) pairs restored
+    segments: int = 0  # (frame, segment) pairs looked at
+    restored: int = 0  # of those, restored
     no_face: list[tuple[int, int]] = field(default_factory=list)  # (frame, segment) where no face was found
     left_as_was: int = 0  # faces found whose restored pixels were not finite, or masked out by the parser
     notes: list[str] = field(default_factory=list)
@@ -427,9 +445,8 @@ class SegsRestoration:
 
     @property
     def summary(self) -> str:
-        count = len(self.segs[1])
         where = "" if self.frames == 1 else f" over {self.frames} frames"
-        lines = [f"restored the faces of {self.restored} of {count * self.frames} segment(s){where}"]
+        lines = [f"restored the faces of {self.restored} of {self.segments} segment(s){where}"]
         if self.no_face:
             listed = ", ".join(f"segment {k}" + (f" (frame {t})" if self.frames > 1 else "")
                                for t, k in self.no_face[:8])
@@ -445,7 +462,8 @@ def restore_segs(images, segs, model, detector=None, *, paste: PasteOptions = Pa
                  progress: Callable[[int, int], None] | None = None,
                  cancel: Callable[[], bool | None] | None = None) -> SegsRestoration:
     """Restore the face in each segment of `segs` (from any detector: ours, YOLO, a person detector's masks)
-    in each frame of `images`, and paste it back under the segment's own mask.
+    in each frame of `images`, and paste it back under the segment's own mask. `segs` is one SEGS, shared by
+    every frame, or a list of SEGS, one per frame.
 
     Each segment's face is found near its box (`detector`; without one, the landmarks our detectors leave in
     their segments), aligned, restored by `model` in batches of `face_batch`, and pasted as restore_faces
@@ -456,43 +474,45 @@ def restore_segs(images, segs, model, detector=None, *, paste: PasteOptions = Pa
     frame is passed through as given, and the summary counts it.
     """
     images, given = as_images(images)
-    read = read_segs(segs, tuple(images.shape[1:3]), len(images))
+    reads = frame_segs(segs, images)
+    shared = not one_per_frame(segs)
     restorer = as_restorer(model)
     with using(detector) as found_by:
-        faces = segment_faces(images, read, found_by, cancel)
-    flat = [(t, k, f) for t, row in enumerate(faces) for k, f in enumerate(row) if len(f)]
-    device = torch.device(getattr(found_by, "device", images.device) if detector is not None else images.device)
-    result = SegsRestoration(images, (tuple(images.shape[1:3]), list(read.given)), torch.zeros(images.shape[:3]),
-                             notes=read.notes, frames=len(images))
-    result.no_face = [(t, read.segments[k].index) for t, row in enumerate(faces) for k, f in enumerate(row)
+        faces = segment_faces(images, reads, found_by, cancel)
+    notes = list(dict.fromkeys(note for read in reads for note in read.notes))
+    result = SegsRestoration(images, segs, torch.zeros(images.shape[:3]), notes=notes, frames=len(images),
+                             segments=sum(len(read.given) for read in reads))
+    result.no_face = [(t, reads[t].segments[k].index) for t, row in enumerate(faces) for k, f in enumerate(row)
                       if not len(f)]
-    if not flat:
-        result.images = like_given(images, given)
-        return result
-    frames = torch.tensor([t for t, _, _ in flat])
-    landmarks = torch.cat([f.landmarks for _, _, f in flat])
-    crops, affines = crop_faces(images, landmarks, restorer.size, frames, template=template, device=device)
-    restored = restorer.restore(crops, batch_size=face_batch, on_batch=progress,
-                                cancel=cancel and (lambda: check_cancel(cancel))).to(device)
-    out, blend = images.clone(), result.masks
+    flat = [(t, k, f) for t, row in enumerate(faces) for k, f in enumerate(row) if len(f)]
     pasted = {}  # (frame, segment) -> (h, w, 3) restored crop region
-    for i, (t, k, face) in enumerate(flat):
-        check_cancel(cancel)
-        segment = read.segments[k]
-        crop_region, weight, kept = paste_in_region(images[t:t + 1], restored[i:i + 1], crops[i:i + 1], affines[i],
-                                                    face, restorer.size, segment.region, paste, masks)
-        result.left_as_was += not kept
-        if not kept:
-            continue
-        x0, y0, x1, y1 = segment.region
-        mask = segment.masks[t if len(segment.masks) > 1 else 0]
-        here = out[t, y0:y1, x0:x1]
-        here += (match_to(crop_region, here) - here) * mask[..., None].to(here)
-        blend[t, y0:y1, x0:x1] = torch.maximum(blend[t, y0:y1, x0:x1], weight.cpu() * mask)
-        pasted[t, k] = crop_region
-        result.restored += 1
+    out = images
+    if flat:
+        device = torch.device(getattr(found_by, "device", images.device))
+        crops, affines = crop_faces(images, torch.cat([f.landmarks for _, _, f in flat]), restorer.size,
+                                    torch.tensor([t for t, _, _ in flat]), template=template, device=device)
+        restored = restorer.restore(crops, batch_size=face_batch, on_batch=progress,
+                                    cancel=cancel and (lambda: check_cancel(cancel))).to(device)
+        out = images.clone()
+        for i, (t, k, face) in enumerate(flat):
+            check_cancel(cancel)
+            segment = reads[t].segments[k]
+            region, weight, kept = paste_in_region(images[t:t + 1], restored[i:i + 1], crops[i:i + 1], affines[i],
+                                                   face, restorer.size, segment.region, paste, masks)
+            result.left_as_was += not kept
+            if kept:
+                x0, y0, x1, y1 = segment.region
+                mask = segment.masks[t if len(segment.masks) > 1 else 0]
+                here = out[t, y0:y1, x0:x1]
+                here += (match_to(region, here) - here) * mask[..., None].to(here)
+                result.masks[t, y0:y1, x0:x1] = torch.maximum(result.masks[t, y0:y1, x0:x1], weight.cpu() * mask)
+                pasted[t, k] = region
+    result.restored = len(pasted)
     result.images = like_given(out, given)
-    result.segs = (result.segs[0], with_restored_crops(read, images, pasted))
+    size = tuple(images.shape[1:3])
+    result.segs = (size, with_restored_crops(reads[0], images, pasted)) if shared else \
+        [(size, with_restored_crops(read, images[t:t + 1], {(0, k): v for (u, k), v in pasted.items() if u == t}))
+         for t, read in enumerate(reads)]
     return result
 
 
@@ -552,23 +572,24 @@ def locate_faces_in_segs(images: torch.Tensor, segs, detector, crop_size: int,
                          options: SelectOptions = SelectOptions(), *,
                          cancel: Callable[[], bool | None] | None = None) -> tuple[torch.Tensor, FaceInfo, list[str]]:
     """Aligned crops and their FaceInfo (see pipeline.locate_faces), and notes on the SEGS, of the faces
-    `detector` finds whose box centre lies on a segment of `segs` (inside its crop region, where its mask is over 0), listed frame by
-    frame in the segments' order: Impact's SEGS filters choose the faces our modular nodes restore. Faces
-    outside every segment are counted in the summary."""
+    `detector` finds whose box centre lies on a segment of `segs` (inside its crop region, where its mask is
+    over 0), listed frame by frame in the segments' order; `segs` is one SEGS for every frame, or a list of
+    one per frame. Impact's SEGS filters so choose the faces our modular nodes restore. Faces outside every
+    segment are counted in the summary."""
     images = as_images(images)[0]
-    read = read_segs(segs, tuple(images.shape[1:3]), len(images))
+    reads = frame_segs(segs, images)
     selection = Selection()
     found = detect_faces(images, detector, replace(options, max_faces=0, indices=""), selection=selection,
                          cancel=cancel)
     kept = []
     for t, faces in enumerate(found):
-        owner = segment_of(faces, read.segments, t)
+        owner = segment_of(faces, reads[t].segments, t)
         selection.skip(faces[owner < 0], OUTSIDE_SEGS, t)
         order = sorted((int(owner[i]), i) for i in range(len(faces)) if owner[i] >= 0)
         kept.append(faces[torch.tensor([i for _, i in order], dtype=torch.long)])
     crops, info = locate_faces(images, detector, crop_size, options, faces=kept, cancel=cancel)
     info.selection = selection
-    return crops, info, read.notes
+    return crops, info, list(dict.fromkeys(note for read in reads for note in read.notes))
 
 
 def segment_of(faces: Faces, segments: list[Segment], frame: int) -> torch.Tensor:
