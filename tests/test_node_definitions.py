@@ -1,7 +1,7 @@
 """Saved workflows keep loading: every node's id, inputs, widget order and outputs, against a frozen copy.
 
 tests/data/node_definitions_v1.json is what the eight nodes declared before the package was
-reorganised. A workflow saved then names node ids, links inputs and outputs by name and position, and
+reorganised; tests/data/node_definitions_segs.json what the four SEGS nodes declared when they came (issue 24). A workflow saved then names node ids, links inputs and outputs by name and position, and
 stores widget values in widget order; so nothing may be renamed, retyped, reordered or removed, a
 default may not change (but for the deliberate changes in CHANGED_DEFAULTS), and a range may only widen.
 New inputs go at the end, new outputs last.
@@ -15,7 +15,8 @@ import pytest
 
 from tests.test_nodes import load_pack
 
-FROZEN = json.loads((Path(__file__).parent / "data" / "node_definitions_v1.json").read_text())
+FROZEN = {**json.loads((Path(__file__).parent / "data" / "node_definitions_v1.json").read_text()),
+          **json.loads((Path(__file__).parent / "data" / "node_definitions_segs.json").read_text())}
 # Defaults changed on purpose, with the reason. A saved workflow stores its own value, so it loads as it was.
 CHANGED_DEFAULTS = {
     # Issue 22: 0.5 passed a cat, a pearl, a painting; 0 now asks for the detector's own measured default
