@@ -64,6 +64,7 @@ class RestoreSEGS:
             "face_batch": ("INT", {"default": 4, "min": 1, "max": 64,
                                    "tooltip": "Faces per GPEN pass; halved automatically on out-of-memory."}),
             **option_widgets(PasteOptions, ("color_correction",)),
+            **option_widgets(SegmentOptions, ("feather",)),
         }, "optional": {
             "face_detector": ("FACE_DETECTOR", {"tooltip": "Finds each segment's face and its landmarks near the "
                                                            "segment's box. Needed unless the segments come from "
@@ -75,8 +76,8 @@ class RestoreSEGS:
     INPUT_IS_LIST = True  # to pair a batch's frames with one SEGS each (Faces to SEGS gives them so)
     OUTPUT_IS_LIST = (True, True, True, True)
 
-    def restore(self, image, segs, gpen_model, strength, face_batch, color_correction, face_detector=(None,),
-                face_parser=(None,), mask_regions=("face",), parse_source=("original",),
+    def restore(self, image, segs, gpen_model, strength, face_batch, color_correction, feather,
+                face_detector=(None,), face_parser=(None,), mask_regions=("face",), parse_source=("original",),
                 parse_feather=(PARSE_FEATHER,)):
         paste = PasteOptions(strength=strength[0], color_correction=color_correction[0])
         progress = host.Progress()
@@ -86,7 +87,8 @@ class RestoreSEGS:
                                 feather=parse_feather[0])
             for frames, frame_segs in paired(image, segs):
                 result = restore_segs(frames, frame_segs, model, face_detector[0], paste=paste, masks=masks,
-                                      face_batch=face_batch[0], progress=progress, cancel=progress.cancel)
+                                      feather=feather[0], face_batch=face_batch[0], progress=progress,
+                                      cancel=progress.cancel)
                 logging.info("[GPEN] %s", result.summary)
                 outputs[0].append(result.images)
                 outputs[1].extend(result.segs if isinstance(result.segs, list) else [result.segs])

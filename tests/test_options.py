@@ -60,6 +60,7 @@ NOT_THERE = {
     ("GPENPasteFacesBack", "max_megapixels"): "its image input takes the larger frames: nothing is enlarged",
     ("GPENFaceParsingMask", "source"): "it parses the crops it is given",
     ("GPENFaceParsingMask", "temporal_sigma"): "crops from any pack carry no tracks",
+    ("GPENFacesToSEGS", "feather"): "softening is the paste's: GPEN Restore SEGS and Impact's SEGSPaste take it",
 }
 
 

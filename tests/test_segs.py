@@ -182,7 +182,7 @@ def test_with_a_parser_each_segment_mask_is_the_parsers(solvay, detector):
 
 
 def test_restore_segs_pastes_under_each_mask_and_gives_segs_segspaste_pastes_the_same(solvay, detector, solvay_segs):
-    result = restore_segs(solvay, solvay_segs, GreyRestorer(512), detector)
+    result = restore_segs(solvay, solvay_segs, GreyRestorer(512), detector, feather=0)
     assert result.restored == 29 and result.summary == "restored the faces of 29 of 29 segment(s)"
     outside = combined_mask(solvay_segs) == 0
     assert torch.equal(result.images[0][outside], solvay[0][outside])  # bit-identical outside the segments
@@ -192,6 +192,20 @@ def test_restore_segs_pastes_under_each_mask_and_gives_segs_segspaste_pastes_the
         assert (restored.confidence, restored.label, restored.crop_region) == (given.confidence, given.label,
                                                                               given.crop_region)
     assert (segs_paste(solvay, result.segs) - result.images).abs().max() < 1e-6
+
+
+def test_feather_fades_the_face_out_inside_a_hard_segment_mask(solvay, detector, solvay_segs):
+    """A box mask cuts GPEN's blend where it is near full (about 0.98 at its edge on these faces): a seam.
+    feather softens the mask inside itself, as SEGSPaste's does, so the weight reaches 0 at its edge."""
+    seg = solvay_segs[1][0]
+    x1, y1, x2, y2 = seg.crop_region
+    box = torch.as_tensor(seg.cropped_mask) > 0
+    inner = -torch.nn.functional.max_pool2d(-box[None, None].float(), 3, 1, 1)[0, 0] > 0
+    edge = box & ~inner  # the mask's outermost pixels
+    hard = restore_segs(solvay, (solvay_segs[0], [seg]), GreyRestorer(512), feather=0).masks[0, y1:y2, x1:x2]
+    soft = restore_segs(solvay, (solvay_segs[0], [seg]), GreyRestorer(512), feather=5).masks[0, y1:y2, x1:x2]
+    assert hard[edge].mean() > 0.9 and soft[edge].max() < 0.01
+    assert (soft[~box] == 0).all() and soft[box].max() > 0.9  # nothing outside the mask; the face itself whole
 
 
 def test_segments_of_another_detector_are_restored_with_a_detector_for_landmarks(solvay, detector, solvay_segs):
@@ -253,7 +267,7 @@ def test_a_batch_shares_its_segments_and_3d_masks_give_each_frame_its_own(solvay
     seg = solvay_segs[1][0]
     x1, y1, x2, y2 = seg.crop_region
     per_frame = seg._replace(cropped_mask=np.stack([seg.cropped_mask, np.zeros_like(seg.cropped_mask)]))
-    result = restore_segs(frames, (solvay_segs[0], [per_frame]), GreyRestorer(512), detector)
+    result = restore_segs(frames, (solvay_segs[0], [per_frame]), GreyRestorer(512), detector, feather=0)
     assert result.restored == 2 and result.segs[1][0].cropped_image.shape == (2, y2 - y1, x2 - x1, 3)
     assert (result.images[0] - frames[0]).abs().amax() > 0.3 and torch.equal(result.images[1], frames[1])
     assert (segs_paste(frames, result.segs) - result.images).abs().max() < 1e-6
@@ -291,7 +305,7 @@ def test_inside_a_whole_mask_a_face_is_pasted_as_restore_faces_pastes_it(solvay,
     whole = seg._replace(cropped_mask=np.ones((y2 - y1, x2 - x1), np.float32))
     faces = Faces(torch.as_tensor(np.asarray(seg.bbox))[None], torch.ones(1), torch.as_tensor(seg.bbox.landmarks)[None])
     expected = gpen.restore_faces(solvay, GreyRestorer(512), detector, faces=[faces]).images
-    result = restore_segs(solvay, (solvay_segs[0], [whole]), GreyRestorer(512))  # the landmarks the SEG carries
+    result = restore_segs(solvay, (solvay_segs[0], [whole]), GreyRestorer(512), feather=0)  # the SEG's landmarks
     assert (result.images - expected).abs().max() < 1e-5 and (expected - solvay).abs().amax() > 0.3
 
 
@@ -305,7 +319,7 @@ def test_the_nodes_in_a_graph(pack, models_dir, solvay):
     # They take lists (INPUT_IS_LIST), as ComfyUI gives them: [value] for a value.
     (image,), (restored_segs,), (mask,), (summary,) = nodes["GPENRestoreSEGS"]().restore(
         [solvay], [ordered_filter(segs, 5)], [model], strength=[1.0], face_batch=[4], color_correction=[False],
-        face_detector=[detector])
+        feather=[0], face_detector=[detector])
     assert summary == "restored the faces of 5 of 5 segment(s)" and image.shape == solvay.shape
     assert mask.shape == solvay.shape[:3] and (segs_paste(solvay, restored_segs) - image).abs().max() < 1e-6
     crops, info, _, _ = nodes["GPENDetectAndCropFaces"]().detect(
@@ -334,7 +348,7 @@ def test_a_batch_with_one_segs_per_frame_restores_each_frame_with_its_own(pack, 
                                                         segment_mask="box")
     chosen = [ordered_filter(per_frame[0], 1), ordered_filter(per_frame[1], 2)]
     (image,), segs, (mask,), (summary,) = nodes["GPENRestoreSEGS"]().restore(
-        [frames], chosen, [model], strength=[1.0], face_batch=[4], color_correction=[False])
+        [frames], chosen, [model], strength=[1.0], face_batch=[4], color_correction=[False], feather=[0])
     assert summary == "restored the faces of 3 of 3 segment(s) over 2 frames" and image.shape == frames.shape
     assert len(segs) == 2 and [len(s[1]) for s in segs] == [1, 2]
     assert [len(torch.as_tensor(m).nonzero()) > 0 for m in mask] == [True, True]
@@ -345,4 +359,4 @@ def test_a_batch_with_one_segs_per_frame_restores_each_frame_with_its_own(pack, 
     assert found.frames.tolist() == [0, 1, 1]
     with pytest.raises(ValueError, match="3 SEGS for 2 frame.s.: give one SEGS for all frames, or one per frame"):
         nodes["GPENRestoreSEGS"]().restore([frames], chosen + chosen[:1], [model], strength=[1.0], face_batch=[4],
-                                           color_correction=[False])
+                                           color_correction=[False], feather=[5])

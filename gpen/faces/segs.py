@@ -29,6 +29,7 @@ import torch.nn.functional as F
 
 from .align import crop_faces, cut_faces, invert_affine, warp
 from .detect import Faces, box_iou, threshold_for
+from .masks import feather_inside
 from .options import MaskOptions, PasteOptions, SegmentOptions, SelectOptions
 from .parse import parse_faces
 from .pipeline import (
@@ -458,7 +459,8 @@ class SegsRestoration:
 
 
 def restore_segs(images, segs, model, detector=None, *, paste: PasteOptions = PasteOptions(),
-                 masks: MaskOptions = MaskOptions(), template: str = "gpen", face_batch: int = 4,
+                 masks: MaskOptions = MaskOptions(), feather: int = SegmentOptions().feather,
+                 template: str = "gpen", face_batch: int = 4,
                  progress: Callable[[int, int], None] | None = None,
                  cancel: Callable[[], bool | None] | None = None) -> SegsRestoration:
     """Restore the face in each segment of `segs` (from any detector: ours, YOLO, a person detector's masks)
@@ -467,12 +469,14 @@ def restore_segs(images, segs, model, detector=None, *, paste: PasteOptions = Pa
 
     Each segment's face is found near its box (`detector`; without one, the landmarks our detectors leave in
     their segments), aligned, restored by `model` in batches of `face_batch`, and pasted as restore_faces
-    pastes (`paste`, `masks`: a face parser's regions), then limited to the segment's `cropped_mask`.
+    pastes (`paste`, `masks`: a face parser's regions), then limited to the segment's `cropped_mask`, its edge
+    softened over `feather` pixels inside it (0: as given).
     Segments are pasted in their order, each over what is there, as the Impact Pack's SEGSPaste does with
     feather 0. The result's `segs` are the segments in the image's size with `cropped_image` (frames, h, w, 3)
     the restored crop region, for SEGSPaste and Impact's other SEGS nodes; a segment without a face in any
     frame is passed through as given, and the summary counts it.
     """
+    SegmentOptions(feather=feather)
     images, given = as_images(images)
     reads = frame_segs(segs, images)
     shared = not one_per_frame(segs)
@@ -502,7 +506,7 @@ def restore_segs(images, segs, model, detector=None, *, paste: PasteOptions = Pa
             result.left_as_was += not kept
             if kept:
                 x0, y0, x1, y1 = segment.region
-                mask = segment.masks[t if len(segment.masks) > 1 else 0]
+                mask = soften_inside(segment.masks[t if len(segment.masks) > 1 else 0], feather)
                 here = out[t, y0:y1, x0:x1]
                 here += (match_to(region, here) - here) * mask[..., None].to(here)
                 result.masks[t, y0:y1, x0:x1] = torch.maximum(result.masks[t, y0:y1, x0:x1], weight.cpu() * mask)
@@ -514,6 +518,15 @@ def restore_segs(images, segs, model, detector=None, *, paste: PasteOptions = Pa
         [(size, with_restored_crops(read, images[t:t + 1], {(0, k): v for (u, k), v in pasted.items() if u == t}))
          for t, read in enumerate(reads)]
     return result
+
+
+def soften_inside(mask: torch.Tensor, pixels: int) -> torch.Tensor:
+    """A segment's mask (h, w) with its edge made soft over `pixels` inside it: where it was 0 it stays 0, and
+    the crop region's border counts as an edge too, so the pasted face fades out before it."""
+    if pixels <= 0:
+        return mask
+    padded = F.pad(mask[None], (pixels,) * 4)
+    return feather_inside(padded, pixels / 3 / padded.shape[-1])[0, pixels:-pixels, pixels:-pixels]
 
 
 def paste_in_region(image: torch.Tensor, restored: torch.Tensor, crop: torch.Tensor, affine: torch.Tensor,
