@@ -14,7 +14,9 @@ say what each workflow does, not how good the result looks. Two pictures contain
 on the picture: the face swap in the ReActor workflow is another face of the photo pasted with the
 pack's own paste-back, and the occlusion-aware workflow's "parse mask" is drawn geometrically (an
 ellipse minus a drawn occluder), not a face parser's output. The restore-and-upscale picture's 4x image
-is the pack's Lanczos enlargement (upscale_by), standing in for an upscale model, and says so.
+is the pack's Lanczos enlargement (upscale_by), standing in for an upscale model, and says so. The
+FaceDetailer picture's crop regions and paste areas are the pack's own BBOX_DETECTOR's segments and
+GPEN Restore SEGS's paste masks; FaceDetailer itself is not run, and the picture says so.
 
 Needs only the pack (torch, numpy, opencv-python) and two files, by default from ../shared (the
 project's shared data): images/solvay_1927.png and models/retinaface_mobilenet0.25.pth
@@ -161,6 +163,15 @@ class Scene:
         b = self.faces.boxes
         keep = (b[:, 0] >= x0) & (b[:, 1] >= y0) & (b[:, 2] <= x1) & (b[:, 3] <= y1)
         return self.faces[keep]
+
+
+class Unchanged:
+    """A restorer that gives the aligned crops back as they came: GPEN Restore SEGS's masks without GPEN."""
+
+    size = 128
+
+    def restore(self, faces, batch_size=4, on_batch=None):
+        return faces
 
 
 # ------------------------------------------------------------------------------------------ pictures
@@ -392,6 +403,35 @@ def restore_and_upscale(s: Scene) -> np.ndarray:
                    "faces found in the original, pasted into the 4x image (Lanczos here)")
 
 
+def inside_facedetailer(s: Scene) -> np.ndarray:
+    img = canvas()
+    graph(img, ["FaceDetailer", "BBOX Detector (SEGS)", "GPEN Restore SEGS"], 10, 10, gap=22)
+    text(img, "both find the faces with GPEN Face Detector for FaceDetailer", (10, 62), 0.45, (200, 200, 160))
+    # the segments as FaceDetailer asks for them (bbox_threshold 0.5, dilation 10, crop_factor 3, drop_size 10)
+    segs = gpen.FaceSegmentDetector(s.detector).detect(s.image, 0.5, 10, 3.0, 10)
+    pasted = gpen.restore_segs(s.image, segs, Unchanged()).masks[0].numpy()
+    x0, y0, w, h, top = 645, 108, 300, 214, 76  # four sitters of the middle rows
+    scale = SIZE / w
+    zoom = fit(s.rgb[y0:y0 + h, x0:x0 + w], SIZE, round(h * scale), cv2.INTER_CUBIC)
+    zoom = tint(zoom, fit(pasted[y0:y0 + h, x0:x0 + w], SIZE, round(h * scale), cv2.INTER_LINEAR), alpha=0.4)
+
+    def on_zoom(x, y):
+        return round((x - x0) * scale), round((y - y0) * scale)
+
+    for seg in segs[1]:
+        bx0, by0, bx1, by1 = (float(v) for v in seg.bbox)
+        if bx0 >= x0 and by0 >= y0 and bx1 <= x0 + w and by1 <= y0 + h:  # crop regions of the whole faces only
+            cx0, cy0, cx1, cy1 = seg.crop_region
+            cv2.rectangle(zoom, on_zoom(cx0, cy0), on_zoom(cx1 - 1, cy1 - 1), (255, 255, 255), 1, cv2.LINE_AA)
+        cv2.rectangle(zoom, on_zoom(bx0, by0), on_zoom(bx1, by1), BOX, 2, cv2.LINE_AA)
+    bottom = SIZE - CAPTION
+    paste(img, zoom[:bottom - top], 0, top)
+    label(img, "amber: the faces found", (8, bottom - 54), 0.4)
+    label(img, "white: their crop regions at crop_factor 3, which FaceDetailer re-draws", (8, bottom - 32), 0.4)
+    label(img, "blue: where GPEN Restore SEGS pastes (the segments' masks)", (8, bottom - 10), 0.4)
+    return caption(img, "GPEN inside FaceDetailer", "needs the Impact Pack and SD 1.5; FaceDetailer not run here")
+
+
 PICTURES = {
     "gpen_restore_photo": restore_photo,
     "gpen_modular_detect_restore_paste": modular,
@@ -401,6 +441,7 @@ PICTURES = {
     "gpen_after_txt2img": after_txt2img,
     "gpen_occlusion_aware": occlusion,
     "gpen_restore_and_upscale": restore_and_upscale,
+    "gpen_inside_facedetailer": inside_facedetailer,
 }
 
 

@@ -12,11 +12,21 @@ import torch
 
 from gpen.archs.retinaface import SPEC as RETINAFACE
 from gpen.faces.paste import resize_frames
+from gpen.faces.segs import segs_mask
 from tests.helpers import random_gpen
 from tests.test_nodes import load_pack
 
 WORKFLOWS = sorted((Path(__file__).resolve().parents[1] / "workflows").glob("*.json"))
 WIDGET_KINDS = ("INT", "FLOAT", "STRING", "BOOLEAN")
+# The Impact Pack's FaceDetailer widgets in the order it saves them: "seed" saves two values (the seed and its
+# control_after_generate, "fixed" or "randomize"); tiled_encode and tiled_decode are V8's, after the rest.
+FACE_DETAILER_WIDGETS = (
+    "guide_size", "guide_size_for", "max_size", "seed", "control_after_generate", "steps", "cfg", "sampler_name",
+    "scheduler", "denoise", "feather", "noise_mask", "force_inpaint", "bbox_threshold", "bbox_dilation",
+    "bbox_crop_factor", "sam_detection_hint", "sam_dilation", "sam_threshold", "sam_bbox_expansion",
+    "sam_mask_hint_threshold", "sam_mask_hint_use_negative", "drop_size", "wildcard", "cycle", "inpaint_model",
+    "noise_mask_feather", "tiled_encode", "tiled_decode")
+BBOX_DETECTOR_SEGS_WIDGETS = ("threshold", "dilation", "crop_factor", "drop_size", "labels")
 # ComfyUI core nodes and listed third-party ones the workflows use: inputs, outputs, widget count.
 KNOWN = {
     "Note": ({}, [], 1),  # the frontend's own note (no server class; not sent to the server)
@@ -40,6 +50,14 @@ KNOWN = {
     # Gourieff/ComfyUI-ReActor
     "ReActorFaceSwap": ({"input_image": "IMAGE", "source_image": "IMAGE", "face_model": "FACE_MODEL",
                          "face_boost": "FACE_BOOST"}, ["IMAGE", "FACE_MODEL", "IMAGE"], 11),
+    # ltdrdata/ComfyUI-Impact-Pack
+    "FaceDetailer": ({"image": "IMAGE", "model": "MODEL", "clip": "CLIP", "vae": "VAE", "positive": "CONDITIONING",
+                      "negative": "CONDITIONING", "bbox_detector": "BBOX_DETECTOR", "sam_model_opt": "SAM_MODEL",
+                      "segm_detector_opt": "SEGM_DETECTOR", "detailer_hook": "DETAILER_HOOK",
+                      "scheduler_func_opt": "SCHEDULER_FUNC"},
+                     ["IMAGE", "IMAGE", "IMAGE", "MASK", "DETAILER_PIPE", "IMAGE"], len(FACE_DETAILER_WIDGETS)),
+    "BboxDetectorSEGS": ({"bbox_detector": "BBOX_DETECTOR", "image": "IMAGE", "detailer_hook": "DETAILER_HOOK"},
+                         ["SEGS"], len(BBOX_DETECTOR_SEGS_WIDGETS)),
 }
 REAL_FILES = {"model_name": ("GPEN-BFR-256.pth", "GPEN-BFR-512.pth", "GPEN-BFR-1024.pth", "GPEN-BFR-2048.pth",
                              "GPEN-BFR-512.onnx"),  # the last: what ReActor downloads
@@ -99,9 +117,9 @@ def test_workflow_is_valid(path):
     assert {"GPENLoadModel", "GPENLoadFaceDetector"} <= ours
 
 
-def test_the_eight_example_workflows_are_there():
+def test_the_nine_example_workflows_are_there():
     assert [p.stem for p in WORKFLOWS] == [
-        "gpen_after_reactor_swap", "gpen_after_txt2img", "gpen_large_portrait_2048",
+        "gpen_after_reactor_swap", "gpen_after_txt2img", "gpen_inside_facedetailer", "gpen_large_portrait_2048",
         "gpen_modular_detect_restore_paste", "gpen_occlusion_aware", "gpen_restore_and_upscale",
         "gpen_restore_photo", "gpen_video_temporal_smoothing"]
 
@@ -124,6 +142,33 @@ def test_after_reactor_restores_only_the_faces_the_swap_changed():
     swap_input = links[next(s["link"] for s in swap["inputs"] if s["name"] == "input_image")]
     original = links[next(s["link"] for s in restore["inputs"] if s["name"] == "original_image")]
     assert original[1:3] == swap_input[1:3]  # the same image ReActor swapped into
+
+
+def feeding(flow, node, name):
+    """(the node, its output slot) feeding `node`'s input of that name."""
+    link_id = next(s["link"] for s in node["inputs"] if s["name"] == name)
+    _, src, slot, *_ = next(link for link in flow["links"] if link[0] == link_id)
+    return next(n for n in flow["nodes"] if n["id"] == src), slot
+
+
+def test_inside_facedetailer_finds_faces_with_our_detector_and_restores_what_facedetailer_drew():
+    flow = workflow("gpen_inside_facedetailer")
+    (detailer,) = [n for n in flow["nodes"] if n["type"] == "FaceDetailer"]
+    (segs_detector,) = [n for n in flow["nodes"] if n["type"] == "BboxDetectorSEGS"]
+    (restore,) = [n for n in flow["nodes"] if n["type"] == "GPENRestoreSEGS"]
+    ours, _ = feeding(flow, detailer, "bbox_detector")
+    assert ours["type"] == "GPENFaceDetectorForFaceDetailer"
+    assert feeding(flow, ours, "face_detector")[0]["widgets_values"][0] == "detection_Resnet50_Final.pth"
+    assert feeding(flow, segs_detector, "bbox_detector") == (ours, 0)  # the same faces found again
+    assert feeding(flow, segs_detector, "image") == (detailer, 0) == feeding(flow, restore, "image")
+    assert feeding(flow, restore, "segs") == (segs_detector, 0)
+    assert feeding(flow, restore, "gpen_model")[0]["widgets_values"][0] == "GPEN-BFR-512.pth"
+    assert feeding(flow, detailer, "image")[0]["type"] == "LoadImage"
+    widgets = dict(zip(FACE_DETAILER_WIDGETS, detailer["widgets_values"]))
+    assert widgets["control_after_generate"] in ("fixed", "increment", "decrement", "randomize")
+    assert widgets["guide_size"] == 512 and 0.3 <= widgets["denoise"] <= 0.5 and widgets["bbox_crop_factor"] == 3
+    (note,) = [n["widgets_values"][0] for n in flow["nodes"] if n["type"] == "Note"]
+    assert "ComfyUI-Impact-Pack" in note and "SD 1.5" in note
 
 
 def test_occlusion_aware_workflow_restores_through_a_parser_and_shows_its_mask():
@@ -154,6 +199,9 @@ MIN_HEIGHT = {"LoadImage": 326, "SaveImage": 58, "PreviewImage": 26, "MaskToImag
               "VAEDecode": 46, "GetVideoComponents": 66, "CreateVideo": 78, "ReActorFaceSwap": 358,
               "UpscaleModelLoader": 58, "ImageUpscaleWithModel": 46,  # by the rule above (one widget; two inputs)
               "PreviewAny": 88,  # one input row and its text box, at least 50 px tall (as Note's)
+              # by the rule above, a multiline text box (wildcard, labels) 30 px taller than a widget row (as
+              # CLIPTextEncode's): 11 input rows and 29 widgets; 3 input rows and 5 widgets
+              "FaceDetailer": 11 * 20 + 29 * 24 + 30 + 8 + 6, "BboxDetectorSEGS": 3 * 20 + 5 * 24 + 30 + 8 + 6,
               "LoadVideo": lambda width: 86 + width * 3 / 4, "SaveVideo": lambda width: 110 + width * 3 / 4}
 # The saved view (extra.ds: screen = (graph + offset) * scale, in canvas pixels) in the smallest window
 # we design for, a 1280x720 browser viewport: the canvas is 1240x680 (a 40 px side bar on the left,
@@ -253,7 +301,9 @@ def test_every_workflow_shows_what_its_gpen_node_did_in_a_preview_any(path):
     nodes = {n["id"]: n for n in flow["nodes"]}
     shown = {(nodes[src]["type"], nodes[src]["outputs"][slot]["name"])
              for _, src, slot, dst, _, _ in flow["links"] if nodes[dst]["type"] == "PreviewAny"}
-    last = "GPENPasteFacesBack" if "GPENPasteFacesBack" in {n["type"] for n in nodes.values()} else "GPENFaceRestore"
+    # the node that makes the picture: the modular chain's last, else the one restoring node
+    last = next(t for t in ("GPENPasteFacesBack", "GPENRestoreSEGS", "GPENFaceRestore")
+                if t in {n["type"] for n in nodes.values()})
     assert shown == {(last, "summary")}
 
 
@@ -303,12 +353,14 @@ def run_workflow(flow, pack, core):
 
 @pytest.fixture
 def user_models(tmp_path, monkeypatch, shared):
-    """The files the restore-and-upscale note names, where it says, as small stand-ins: a random GPEN-64
-    as GPEN-BFR-2048.pth and the mobilenet RetinaFace as detection_Resnet50_Final.pth (each file is
-    recognised from its tensors, not its name)."""
+    """The files the restore-and-upscale and FaceDetailer notes name, where they say, as small stand-ins: a
+    random GPEN-64 as GPEN-BFR-2048.pth and GPEN-BFR-512.pth and the mobilenet RetinaFace as
+    detection_Resnet50_Final.pth (each file is recognised from its tensors, not its name)."""
     monkeypatch.setattr(sys.modules[load_pack().__name__ + ".nodes.host"], "PACK_MODELS", tmp_path)
     (tmp_path / "facerestore_models").mkdir()
-    torch.save(random_gpen(64, 1, 0.125).state_dict(), tmp_path / "facerestore_models" / "GPEN-BFR-2048.pth")
+    gpen = random_gpen(64, 1, 0.125).state_dict()
+    for name in ("GPEN-BFR-2048.pth", "GPEN-BFR-512.pth"):
+        torch.save(gpen, tmp_path / "facerestore_models" / name)
     (tmp_path / "facedetection").mkdir()
     shutil.copy(shared / "models" / "retinaface_mobilenet0.25.pth",
                 tmp_path / "facedetection" / "detection_Resnet50_Final.pth")
@@ -338,3 +390,53 @@ def test_restore_and_upscale_runs_as_saved_and_gives_the_upscaled_picture_with_r
     outside = mask == 0
     assert torch.equal(image[outside], background[outside])  # the upscaler's pixels, bit for bit
     assert saved["summary"].startswith("restored ") and "\nimage: " in saved["summary"]  # the faces, listed
+
+
+def test_inside_facedetailer_runs_as_saved_and_restores_the_faces_facedetailer_redrew(user_models, solvay):
+    original = solvay[:, 110:330, 560:880]  # 320x220, a few sitters
+    saved, detailed = {}, {}
+
+    # The Impact Pack's nodes as they call a BBOX_DETECTOR (FaceDetailer.enhance_face, BboxDetectorForEach.doit);
+    # the re-drawing stand-in softens each segment's crop region under its mask, as a low denoise might.
+    def face_detailer(inputs, widgets):
+        options = dict(zip(FACE_DETAILER_WIDGETS, widgets))
+        detector, image = inputs["bbox_detector"], inputs["image"]
+        detector.setAux("face")
+        segs = detector.detect(image, options["bbox_threshold"], options["bbox_dilation"],
+                               options["bbox_crop_factor"], options["drop_size"])
+        detector.setAux(None)
+        redrawn = image.clone()
+        for seg in segs[1]:
+            x0, y0, x1, y1 = seg.crop_region
+            crop = redrawn[0, y0:y1, x0:x1]
+            mask = torch.as_tensor(seg.cropped_mask)[..., None]
+            crop += (resize_frames(resize_frames(crop[None], (crop.shape[0] // 2, crop.shape[1] // 2)),
+                                   crop.shape[:2])[0] - crop) * mask
+        detailed.update(segs=segs, image=redrawn)
+        return redrawn, [], [], segs_mask(segs)[None], None, []
+
+    def bbox_detector_segs(inputs, widgets):
+        options = dict(zip(BBOX_DETECTOR_SEGS_WIDGETS, widgets))
+        assert options["labels"] == "all"  # Impact's label filter keeps every segment as it is
+        return (inputs["bbox_detector"].detect(inputs["image"], options["threshold"], options["dilation"],
+                                               options["crop_factor"], options["drop_size"]),)
+
+    core = {"LoadImage": lambda inputs, widgets: (original, None),
+            "CheckpointLoaderSimple": lambda inputs, widgets: ("model", "clip", "vae"),
+            "CLIPTextEncode": lambda inputs, widgets: (widgets[0],),
+            "FaceDetailer": face_detailer, "BboxDetectorSEGS": bbox_detector_segs,
+            "PreviewImage": lambda inputs, widgets: None,
+            "SaveImage": lambda inputs, widgets: saved.setdefault("images", inputs["images"]),
+            "PreviewAny": lambda inputs, widgets: saved.setdefault("summary", inputs["source"])}
+    flow = workflow("gpen_inside_facedetailer")
+    outputs = run_workflow(flow, load_pack(), core)
+    ids = {n["type"]: n["id"] for n in flow["nodes"]}
+    image, segs, mask, summary = outputs[ids["GPENRestoreSEGS"]]
+    faces = len(detailed["segs"][1])
+    assert faces >= 2 and len(outputs[ids["BboxDetectorSEGS"]][0][1]) == faces  # found again after re-drawing
+    assert summary.startswith(f"restored the faces of {faces} of {faces} segment(s)") and saved["summary"] == summary
+    assert saved["images"] is image and image.shape == original.shape
+    where = segs_mask(segs)[None] > 0
+    assert mask[~where].eq(0).all() and (mask > 0.5).sum() > 0.5 * where.sum()  # GPEN pasted under the segments
+    assert torch.equal(image[~where], detailed["image"][~where])  # FaceDetailer's pixels elsewhere, bit for bit
+    assert not torch.equal(detailed["image"], original)  # (the stand-in did re-draw)
