@@ -4,7 +4,8 @@ Not part of CI (CI has no ComfyUI). Run it before calling workflow work done:
 
     python scripts/check_workflows_in_browser.py --comfyui ~/ComfyUI --python ~/ComfyUI/venv/bin/python \\
         --image photo.png --video clip.mp4 --input-file large_portrait.png=portrait_2048.png \\
-        --known-missing ReActorFaceSwap --no-queue txt2img
+        --known-missing ReActorFaceSwap --known-missing FaceDetailer --known-missing BboxDetectorSEGS \\
+        --no-queue txt2img --no-queue facedetailer
 
 One-time setup (this script installs nothing):
 

@@ -332,21 +332,33 @@ def test_restore_and_upscale_finds_faces_in_the_original_and_pastes_them_into_th
 
 def run_workflow(flow, pack, core):
     """Run a UI workflow in-process, as ComfyUI would run its API form: each node called with its widget
-    values by name and its linked inputs, in dependency order. `core` stands in for ComfyUI's own nodes:
-    node type -> function(inputs, widget values) -> outputs. Returns every node's outputs by id."""
+    values by name and its linked inputs, in dependency order; a node taking lists (INPUT_IS_LIST) gets each
+    input as a list, and a list output (OUTPUT_IS_LIST) of one value reaches other nodes as that value.
+    `core` stands in for ComfyUI's own nodes: node type -> function(inputs, widget values) -> outputs.
+    Returns every node's outputs by id, list outputs as lists."""
     links = {link[0]: link for link in flow["links"]}
     todo = {n["id"]: n for n in flow["nodes"] if n["type"] != "Note"}
-    done = {}
+    done, listed = {}, set()  # listed: (node id, output slot) of list outputs
     while todo:
         ready = [n for n in todo.values() if all(links[s["link"]][1] in done for s in n["inputs"] if s["link"])]
         for node in ready:
-            linked = {s["name"]: done[links[s["link"]][1]][links[s["link"]][2]] for s in node["inputs"] if s["link"]}
+            cls = pack.NODE_CLASS_MAPPINGS.get(node["type"])
+            takes_lists = getattr(cls, "INPUT_IS_LIST", False)
+            linked = {}
+            for slot in (s for s in node["inputs"] if s["link"]):
+                _, source, output, *_ = links[slot["link"]]
+                value, is_list = done[source][output], (source, output) in listed
+                if is_list and not takes_lists:
+                    assert len(value) == 1, "a list of several values would run the node once each: not modelled"
+                    value = value[0]
+                linked[slot["name"]] = value if is_list or not takes_lists else [value]
             if node["type"] in core:
                 done[node["id"]] = core[node["type"]](linked, node["widgets_values"])
             else:
-                cls = pack.NODE_CLASS_MAPPINGS[node["type"]]
                 widgets = [name for name, *_ in node_spec(pack, node["type"])[2]]
-                done[node["id"]] = getattr(cls(), cls.FUNCTION)(**dict(zip(widgets, node["widgets_values"])), **linked)
+                values = [[v] if takes_lists else v for v in node["widgets_values"]]
+                done[node["id"]] = getattr(cls(), cls.FUNCTION)(**dict(zip(widgets, values)), **linked)
+                listed |= {(node["id"], k) for k, is_list in enumerate(getattr(cls, "OUTPUT_IS_LIST", ())) if is_list}
             del todo[node["id"]]
     return done
 
@@ -431,7 +443,7 @@ def test_inside_facedetailer_runs_as_saved_and_restores_the_faces_facedetailer_r
     flow = workflow("gpen_inside_facedetailer")
     outputs = run_workflow(flow, load_pack(), core)
     ids = {n["type"]: n["id"] for n in flow["nodes"]}
-    image, segs, mask, summary = outputs[ids["GPENRestoreSEGS"]]
+    (image,), (segs,), (mask,), (summary,) = outputs[ids["GPENRestoreSEGS"]]  # list outputs (OUTPUT_IS_LIST)
     faces = len(detailed["segs"][1])
     assert faces >= 2 and len(outputs[ids["BboxDetectorSEGS"]][0][1]) == faces  # found again after re-drawing
     assert summary.startswith(f"restored the faces of {faces} of {faces} segment(s)") and saved["summary"] == summary
