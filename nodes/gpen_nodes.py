@@ -45,13 +45,13 @@ MASK_WIDGETS = ("mask_regions", "parse_source", "parse_feather")
 WIDGET_TYPES = {bool: "BOOLEAN", str: "STRING", int: "INT", float: "FLOAT"}
 
 
-def _widgets(options: type, names: tuple[str, ...]) -> dict:
+def option_widgets(options: type, names: tuple[str, ...]) -> dict:
     """ComfyUI inputs for these options, as faces/options.py declares them."""
     fields = {surface_name(f): f for f in declared(options)}
-    return {name: _widget(fields[name]) for name in names}
+    return {name: option_widget(fields[name]) for name in names}
 
 
-def _widget(field) -> tuple:
+def option_widget(field) -> tuple:
     spec = spec_of(field)
     widget_type = spec.widget or WIDGET_TYPES[type(field.default)]
     default = int(field.default) if widget_type == "INT" else \
@@ -193,7 +193,7 @@ class DetectAndCropFaces:
             "face_detector": ("FACE_DETECTOR", {"tooltip": "From Load Face Detector."}),
             "crop_size": ("INT", {"default": 512, "min": 64, "max": 2048, "step": 64,
                                   "tooltip": "Size of the crops (ignored when a GPEN model is connected: its size is used)."}),
-            **_widgets(SelectOptions, ("template", *SELECT_WIDGETS)),
+            **option_widgets(SelectOptions, ("template", *SELECT_WIDGETS)),
         }
         return {"required": required,
                 "optional": {"gpen_model": ("GPEN_MODEL", {"tooltip": "Take the crop size from this model."}),
@@ -255,8 +255,8 @@ class PasteFacesBack:
             "restored": ("IMAGE", {"tooltip": "Restored crops, in the order Detect and Crop Faces gave them."}),
             "face_info": ("FACE_INFO", {"tooltip": "From Detect and Crop Faces."}),
         }
-        return {"required": {**required, **_widgets(PasteOptions, PASTE_WIDGETS)},
-                "optional": {"face_parser": FACE_PARSER, **_widgets(MaskOptions, MASK_WIDGETS)}}
+        return {"required": {**required, **option_widgets(PasteOptions, PASTE_WIDGETS)},
+                "optional": {"face_parser": FACE_PARSER, **option_widgets(MaskOptions, MASK_WIDGETS)}}
 
     def paste(self, image, restored, face_info, strength, mask_shape, feather, erode, color_correction,
               face_parser=None, mask_regions="face", parse_source="original", parse_feather=PARSE_FEATHER):
@@ -288,11 +288,11 @@ class GPENFaceRestore:
             "face_batch": ("INT", {"default": 4, "min": 1, "max": 64,
                                    "tooltip": "Faces per GPEN pass, across frames; halved automatically on out-of-memory."}),
         }
-        options = {**_widgets(SelectOptions, SELECT_WIDGETS), **_widgets(PasteOptions, PASTE_WIDGETS)}
+        options = {**option_widgets(SelectOptions, SELECT_WIDGETS), **option_widgets(PasteOptions, PASTE_WIDGETS)}
         return {"required": {**required, **options},
                 "optional": {"original_image": ORIGINAL_IMAGE, "face_parser": FACE_PARSER,
-                             **_widgets(MaskOptions, MASK_WIDGETS), "background": BACKGROUND,
-                             **_widgets(PasteOptions, ("upscale_by",))}}
+                             **option_widgets(MaskOptions, MASK_WIDGETS), "background": BACKGROUND,
+                             **option_widgets(PasteOptions, ("upscale_by",))}}
 
     def restore(self, image, gpen_model, face_detector, face_batch, threshold, min_size, max_faces, order, indices,
                 temporal_smoothing, strength, mask_shape, feather, erode, color_correction, original_image=None,
@@ -326,7 +326,7 @@ class FaceParsingMask:
         return {"required": {
             "crops": ("IMAGE", {"tooltip": "Aligned face crops (from Detect and Crop Faces or another pack), any size."}),
             "face_parser": ("FACE_PARSER", {"tooltip": "From Load Face Parser."}),
-            **_widgets(MaskOptions, ("mask_regions", "parse_feather")),
+            **option_widgets(MaskOptions, ("mask_regions", "parse_feather")),
         }}
 
     def parse(self, crops, face_parser, mask_regions, parse_feather):

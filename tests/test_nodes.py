@@ -62,10 +62,12 @@ def half_face_parser(pack):
     return parser, (host.Loaded(parser, torch.device("cpu")),)
 
 
-def test_the_pack_exposes_eight_nodes_under_one_menu(pack):
+def test_the_pack_exposes_twelve_nodes_under_one_menu(pack):
     assert set(pack.NODE_CLASS_MAPPINGS) == set(pack.NODE_DISPLAY_NAME_MAPPINGS) == {
         "GPENLoadModel", "GPENLoadFaceDetector", "GPENLoadFaceParser", "GPENDetectAndCropFaces", "GPENRestoreFaces",
-        "GPENPasteFacesBack", "GPENFaceRestore", "GPENFaceParsingMask"}
+        "GPENPasteFacesBack", "GPENFaceRestore", "GPENFaceParsingMask",
+        # the Impact Pack's SEGS world (tests/test_segs.py)
+        "GPENFaceDetectorForFaceDetailer", "GPENRestoreSEGS", "GPENFacesToSEGS", "GPENSEGSToFaces"}
     assert {cls.CATEGORY for cls in pack.NODE_CLASS_MAPPINGS.values()} == {"GPEN"}
 
 

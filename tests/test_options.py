@@ -18,7 +18,7 @@ import torch
 import gpen
 from gpen import MaskOptions, PasteOptions, SelectOptions
 from gpen.apps import cli, jobs
-from gpen.faces.options import declared, spec_of, surface_name
+from gpen.faces.options import SegmentOptions, declared, spec_of, surface_name
 from gpen.files.images import read_image, write_image
 from tests import test_cli
 from tests.test_nodes import load_pack
@@ -33,6 +33,7 @@ NODE_GROUPS = {
     "GPENDetectAndCropFaces": (SelectOptions,),
     "GPENPasteFacesBack": (PasteOptions, MaskOptions),
     "GPENFaceParsingMask": (MaskOptions,),
+    "GPENFacesToSEGS": (SegmentOptions,),
 }
 # Options that are not widgets but inputs (nodes) or flags of another form (CLI).
 NODE_INPUTS = {"changed_from": "original_image", "parser": "face_parser", "background": "background"}

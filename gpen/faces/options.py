@@ -21,6 +21,7 @@ from ..files.images import MAX_MEGAPIXELS
 ORDERS = ("largest", "left-right", "top-bottom", "confidence")
 TEMPLATES = ("gpen", "ffhq")  # align.TEMPLATE_POINTS holds their landmarks
 MASK_SHAPES = ("box", "ellipse")
+SEGMENT_MASKS = ("box", "ellipse")  # a SEGS segment's own mask around the face box (a face parser's replaces it)
 PARSE_SOURCES = ("original", "restored")
 # GPEN's paste mask at 512: a box 26 px in from the edge, blurred twice with sigma 4.
 GPEN_ERODE = 26 / 512
@@ -256,6 +257,22 @@ class MaskOptions(Checked):
     def __post_init__(self) -> None:
         super().__post_init__()
         region_classes(self.regions)
+
+
+@dataclass(frozen=True)
+class SegmentOptions(Checked):
+    """How faces become the Impact Pack's SEGS: each segment's crop region and mask, as Impact's detectors make them."""
+
+    crop_factor: float = option(3.0, "Each segment's crop region: the face box enlarged this many times about its "
+                                     "centre, kept inside the image (the Impact Pack's crop_factor).", low=1,
+                                high=100, slider=(1.0, 100.0, 0.1))
+    dilation: int = option(10, "Grow (or, below 0, shrink) each segment's mask by this many pixels.", low=-512,
+                           high=512, slider=(-512, 512, 1))
+    drop_size: int = option(10, "Leave out faces whose box is not wider and taller than this (pixels).", low=1,
+                            high=8192, slider=(1, 8192, 1))
+    segment_mask: str = option("box", "Each segment's mask: the face box, or an ellipse inside it; with a face "
+                                      "parser connected, the parser's mask of mask_regions instead.",
+                               choices=SEGMENT_MASKS)
 
 
 def from_values(options: type, values: dict, **more) -> Any:

@@ -42,7 +42,8 @@ class Cancelled(Exception):
 # Why a face found was not restored, as the report says it (Selection.skipped_counts' keys).
 BELOW_THRESHOLD, TOO_SMALL, NOT_SELECTED, NOT_CHANGED = "below threshold", "too small", "not selected", "not changed"
 NOT_FINITE, MASKED_OUT = "left unrestored", "masked out"
-REASONS = (BELOW_THRESHOLD, TOO_SMALL, NOT_SELECTED, NOT_CHANGED, NOT_FINITE, MASKED_OUT)  # in the pipeline's order
+OUTSIDE_SEGS = "outside the SEGS"  # faces no segment of the given SEGS holds (segs.locate_faces_in_segs)
+REASONS = (BELOW_THRESHOLD, TOO_SMALL, NOT_SELECTED, NOT_CHANGED, OUTSIDE_SEGS, NOT_FINITE, MASKED_OUT)  # in order
 BELOW_THRESHOLD_FLOOR = 0.3  # detections from here up to the threshold are reported as below it
 MAX_RECORDS = 256  # skipped faces a Selection keeps the details of (all are counted)
 

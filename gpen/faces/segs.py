@@ -1,0 +1,579 @@
+"""The Impact Pack's SEGS, without the Impact Pack: our faces as segments, segments as our faces' selection,
+and GPEN restoring the faces of any detector's segments.
+
+A SEGS value is a plain tuple `((H, W), [SEG, ...])` describing one image (or, with 3-D masks, the frames of a
+clip that share the segments). `SEG` is declared here exactly as the Impact Pack declares it, as other packs do,
+so its nodes take our segments and ours take theirs. In a SEG, `crop_region` is `[x1, y1, x2, y2]` in ints,
+`bbox` the detector's box in image pixels (floats allowed), `cropped_mask` a float mask of the crop region's
+size (2-D, or 3-D one per frame) and `cropped_image` a (frames, h, w, 3) crop or None. Impact's consumers cut
+`crop_region` from the image themselves, and SEGSPaste pastes `cropped_image[i]` under `cropped_mask` into
+frame i.
+
+Our segments' boxes are `FaceBox`es: arrays like any bbox that also carry the face's five landmarks, so GPEN
+Restore SEGS can align a face we found without a detector, through any of Impact's filters.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections import namedtuple
+from contextlib import ExitStack, contextmanager, nullcontext
+from dataclasses import dataclass, field, replace
+from typing import Callable
+
+import cv2
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .align import crop_faces, cut_faces, invert_affine, warp
+from .detect import Faces, box_iou, threshold_for
+from .options import MaskOptions, PasteOptions, SegmentOptions, SelectOptions
+from .parse import parse_faces
+from .pipeline import (
+    OUTSIDE_SEGS,
+    FaceInfo,
+    Selection,
+    check_cancel,
+    detect_faces,
+    locate_faces,
+    paste_restored,
+)
+from .restore import as_restorer
+from .tensors import as_images, as_rgb, like_given
+
+SEG = namedtuple("SEG", ["cropped_image", "cropped_mask", "confidence", "crop_region", "bbox", "label",
+                         "control_net_wrapper"], defaults=[None])
+FACE_LABEL = "face"
+SAME_ASPECT = 0.02  # SEGS of another size are scaled to the image when their aspects differ less than this
+# The detector only has to place the face a segment already says is there; faces of a diffusion model or a
+# swap score lower than photographs, so the bar is the detector libraries' usual one, not RetinaFace's 0.95.
+REDETECT_THRESHOLD = 0.5
+REDETECT_CONTEXT = 2.0  # a segment's face is looked for in its box enlarged this much (detectors need context)
+log = logging.getLogger("gpen")
+
+
+class FaceBox(np.ndarray):
+    """A segment's bbox [x1, y1, x2, y2] (float32) that also holds its face's landmarks (5, 2) in image pixels."""
+
+    def __new__(cls, box, landmarks):
+        array = np.asarray(box, dtype=np.float32).reshape(4).view(cls)
+        array.landmarks = np.asarray(landmarks, dtype=np.float32).reshape(5, 2)
+        return array
+
+    def __array_finalize__(self, source):
+        self.landmarks = getattr(source, "landmarks", None)
+
+
+def crop_region(width: int, height: int, bbox, crop_factor: float) -> list[int]:
+    """The Impact Pack's crop region of a box: the box enlarged `crop_factor` times about its centre, moved (not
+    cut) to lie inside the image where it fits, as ints [x1, y1, x2, y2]."""
+    x1, y1, x2, y2 = (float(v) for v in bbox)
+    crop_w, crop_h = (x2 - x1) * crop_factor, (y2 - y1) * crop_factor
+    left, right = _inside(width, int((x1 + x2) / 2 - crop_w / 2), crop_w)
+    top, bottom = _inside(height, int((y1 + y2) / 2 - crop_h / 2), crop_h)
+    return [left, top, right, bottom]
+
+
+def _inside(limit: int, start: int, size: float) -> tuple[int, int]:
+    if start < 0:
+        return 0, int(min(limit, size))
+    if start + size > limit:
+        return int(max(0, limit - size)), limit
+    return start, int(min(limit, start + size))
+
+
+def dilate(mask: np.ndarray, pixels: int) -> np.ndarray:
+    """`mask` (h, w) grown by a square of `pixels` (shrunk where negative), as the Impact Pack dilates."""
+    if pixels == 0:
+        return mask
+    kernel = np.ones((abs(pixels), abs(pixels)), np.uint8)
+    return (cv2.dilate if pixels > 0 else cv2.erode)(mask, kernel)
+
+
+def shape_mask(region: list[int], box, shape: str) -> np.ndarray:
+    """(h, w) float32 in the crop region's pixels: 1 over the face box, or the ellipse inscribed in it."""
+    x0, y0, x1, y1 = region
+    mask = np.zeros((y1 - y0, x1 - x0), np.float32)
+    left, top, right, bottom = (float(v) for v in box)
+    if shape == "box":
+        mask[max(round(top) - y0, 0):max(round(bottom) - y0, 0), max(round(left) - x0, 0):max(round(right) - x0, 0)] = 1
+    else:  # pixels whose centres lie inside the ellipse: never outside the box
+        ys, xs = np.mgrid[y0:y1, x0:x1] + 0.5
+        a, b = max((right - left) / 2, 0.5), max((bottom - top) / 2, 0.5)
+        mask[((xs - (left + right) / 2) / a) ** 2 + ((ys - (top + bottom) / 2) / b) ** 2 <= 1] = 1
+    return mask
+
+
+def region_mask(face_mask: torch.Tensor, affine: torch.Tensor, region: list[int]) -> np.ndarray:
+    """A mask in aligned-crop coordinates (S, S), with its crop's affine (image -> crop), in the crop region's
+    pixels (h, w) float32."""
+    x0, y0, x1, y1 = region
+    crop_to_region = invert_affine(affine[None].double().cpu())
+    crop_to_region[:, :, 2] -= torch.tensor([x0, y0], dtype=torch.float64)
+    mask = warp(face_mask.float()[None].cpu(), crop_to_region, y1 - y0, x1 - x0, mode="bilinear")
+    return mask[0, 0].clamp(0, 1).numpy()
+
+
+def faces_to_segs(faces: Faces, image_size: tuple[int, int], options: SegmentOptions = SegmentOptions(), *,
+                  image: torch.Tensor | None = None, face_masks: torch.Tensor | None = None,
+                  affines: torch.Tensor | None = None, label: str = FACE_LABEL,
+                  post_crop_region: Callable | None = None) -> tuple:
+    """The SEGS of one image's faces: each face wider and taller than `options.drop_size` is a segment with its
+    crop region (`options.crop_factor`), its mask (box or ellipse, or `face_masks` (N, S, S) in aligned-crop
+    coordinates through `affines`, a face parser's), grown by `options.dilation`, its score and `label`;
+    `image` (H, W, C), when given, fills each `cropped_image`. `post_crop_region(w, h, bbox, region)` is an
+    Impact detailer hook's, which may move a region."""
+    height, width = image_size
+    segments = []
+    for i in range(len(faces)):
+        box = faces.boxes[i].tolist()
+        if not (box[2] - box[0] > options.drop_size and box[3] - box[1] > options.drop_size):
+            continue
+        bbox = FaceBox(box, faces.landmarks[i].cpu().numpy())
+        region = crop_region(width, height, bbox, options.crop_factor)
+        if post_crop_region is not None:
+            region = [int(v) for v in post_crop_region(width, height, bbox, region)]
+        if face_masks is not None:
+            mask = region_mask(face_masks[i], affines[i], region)
+        else:
+            mask = shape_mask(region, bbox, options.segment_mask)
+        x0, y0, x1, y1 = region
+        crop = None if image is None else as_rgb(image[y0:y1, x0:x1].cpu())
+        segments.append(SEG(crop, dilate(mask, options.dilation), np.float32(faces.scores[i]), region, bbox, label))
+    return (height, width), segments
+
+
+def info_to_segs(info: FaceInfo, options: SegmentOptions = SegmentOptions(), images: torch.Tensor | None = None,
+                 parsers=None, masks: MaskOptions = MaskOptions()) -> list[tuple]:
+    """One SEGS per frame of the faces Detect and Crop Faces located (`info`): see faces_to_segs. `images`, the
+    frames they were found in, fill each segment's cropped_image; with `parsers`, whose masks need them, the
+    segments' masks are the parsers' (`masks.regions`, `masks.feather`)."""
+    if images is not None:
+        images = as_images(images)[0]
+        if tuple(images.shape[:3]) != (len(info.faces), *info.image_size):
+            raise ValueError(f"image is {len(images)} frame(s) of {images.shape[2]}x{images.shape[1]}, but the faces "
+                             f"were found in {len(info.faces)} of {info.image_size[1]}x{info.image_size[0]}: "
+                             "connect the image Detect and Crop Faces was given")
+    face_masks = None
+    if parsers is not None:
+        if images is None:
+            raise ValueError("a face parser looks at the faces: connect the image the faces were found in")
+        with using_all(parsers) as models:
+            crops = cut_faces(images, info.affines, info.frames, info.crop_size, info.device)
+            face_masks = parse_faces(models, crops, masks.regions, masks.feather).cpu()
+    segs, start = [], 0
+    for t, faces in enumerate(info.faces):
+        part = slice(start, start + len(faces))
+        start += len(faces)
+        segs.append(faces_to_segs(faces, info.image_size, options, image=None if images is None else images[t],
+                                  face_masks=None if face_masks is None else face_masks[part],
+                                  affines=info.affines[part]))
+    return segs
+
+
+def segs_mask(segs) -> torch.Tensor:
+    """(H, W) float32: every segment's mask where it lies (the strongest where they overlap), as the Impact
+    Pack's detect_combined gives it."""
+    (height, width), segments = segs
+    combined = torch.zeros(height, width)
+    for seg in segments:
+        x0, y0, x1, y1 = seg.crop_region
+        mask = torch.as_tensor(np.asarray(seg.cropped_mask, np.float32))
+        mask = mask.amax(0) if mask.ndim == 3 else mask
+        combined[y0:y1, x0:x1] = torch.maximum(combined[y0:y1, x0:x1], mask)
+    return combined
+
+
+def using(thing):
+    """A node's loaded model enters (moving to its device for the run); a plain detector or parser is itself."""
+    return thing if hasattr(thing, "__enter__") else nullcontext(thing)
+
+
+class FaceSegmentDetector:
+    """The Impact Pack's BBOX_DETECTOR over our face detectors: FaceDetailer, Detailer (SEGS) and every SEGS
+    node take it. A face must pass both the caller's threshold and ours (`threshold`; 0 is the detector's own
+    default); crop_factor, dilation and drop_size are the caller's, as Impact's detectors take them. With
+    `parsers`, each segment's mask is their mask of `regions`, else the `segment_mask` shape."""
+
+    def __init__(self, detector, threshold: float = 0.0, segment_mask: str = "box", parsers=None,
+                 regions: str = "face", parse_size: int = 512):
+        SelectOptions(threshold=threshold)
+        SegmentOptions(segment_mask=segment_mask)
+        MaskOptions(regions=regions)
+        self.detector, self.threshold, self.segment_mask = detector, threshold, segment_mask
+        self.parsers, self.regions, self.parse_size = parsers, regions, parse_size
+        self.aux = None  # FaceDetailer says what it looks for ("face") through setAux; we find faces only
+
+    def detect(self, image: torch.Tensor, threshold: float, dilation: int, crop_factor: float, drop_size: int = 1,
+               detailer_hook=None) -> tuple:
+        images = one_image(image)
+        options = SegmentOptions(crop_factor=crop_factor, dilation=int(dilation), drop_size=max(int(drop_size), 1),
+                                 segment_mask=self.segment_mask)
+        with using(self.detector) as detector:
+            floor = threshold_for(detector, self.threshold)
+            faces = detector.detect(images, threshold=max(SelectOptions(threshold=threshold).threshold, floor))[0]
+        face_masks = affines = None
+        if self.parsers is not None and len(faces):
+            crops, affines = crop_faces(images, faces.landmarks, self.parse_size)
+            with using_all(self.parsers) as parsers:
+                face_masks = parse_faces(parsers, crops, self.regions)
+        hook = getattr(detailer_hook, "post_crop_region", None)
+        segs = faces_to_segs(faces, tuple(images.shape[1:3]), options, image=images[0], face_masks=face_masks,
+                             affines=affines, post_crop_region=hook)
+        if hasattr(detailer_hook, "post_detection"):
+            segs = detailer_hook.post_detection(segs)
+        return segs
+
+    def detect_combined(self, image: torch.Tensor, threshold: float, dilation: int) -> torch.Tensor:
+        return segs_mask(self.detect(image, threshold, dilation, 1.0))
+
+    def setAux(self, x) -> None:  # the Impact Pack's name
+        self.aux = x
+
+
+@contextmanager
+def using_all(things):
+    """Enter each of one or several parsers (see `using`); yields their models as a list."""
+    with ExitStack() as stack:
+        yield [stack.enter_context(using(t)) for t in (things if isinstance(things, (list, tuple)) else [things])]
+
+
+def one_image(image) -> torch.Tensor:
+    images = as_images(image, "image")[0]
+    if len(images) != 1:
+        raise ValueError(f"SEGS describe one image, and this is a batch of {len(images)}: split it into single "
+                         "images first (the Impact Pack's Image Batch to Image List), as its detailers ask")
+    return images
+
+
+# Reading SEGS from any detector: checked, scaled to the image and clamped to it.
+
+@dataclass
+class Segment:
+    """One SEG as the image sees it: its crop region clamped to the image, its masks (frames, h, w) there."""
+
+    index: int  # in the SEGS
+    region: list[int]  # [x1, y1, x2, y2] ints inside the image
+    box: np.ndarray  # (4,) float32 in image pixels
+    masks: torch.Tensor  # (1 or frames, h, w) float32 0..1
+    landmarks: np.ndarray | None  # (5, 2) from one of our detectors, in image pixels
+    seg: SEG = field(repr=False)  # as given, scaled to the image
+
+
+@dataclass
+class ReadSegs:
+    size: tuple[int, int]  # (H, W) the SEGS were made for
+    segments: list[Segment]
+    outside: list[int]  # indices of segments whose crop region lies outside the image
+    notes: list[str]
+    given: list = field(repr=False, default_factory=list)  # every SEG, scaled to the image
+
+
+def read_segs(segs, image_size: tuple[int, int], frames: int = 1) -> ReadSegs:
+    """SEGS from any pack, as segments of an image of `image_size` with `frames` frames. SEGS of another size
+    with the same aspect are scaled to it (as Impact's SEGSPaste does); float regions are rounded; regions are
+    clamped to the image (one wholly outside is left out, and listed); a mask that is None, of another size
+    than its region, or not finite is made whole, resized, or zeroed there. Anything else is a ValueError
+    naming what is wrong."""
+    if not isinstance(segs, (tuple, list)) or len(segs) != 2 or not isinstance(segs[1], (list, tuple)):
+        raise ValueError(f"segs must be the Impact Pack's SEGS, ((height, width), [SEG, ...]); got {_kind(segs)}")
+    size, given = segs
+    try:
+        seg_h, seg_w = int(size[0]), int(size[1])
+    except (TypeError, ValueError, IndexError):
+        raise ValueError(f"segs' first item must be the (height, width) they were made for; got {size!r}") from None
+    height, width = image_size
+    notes = []
+    scale = (1.0, 1.0)
+    if (seg_h, seg_w) != (height, width) and seg_h > 0 and seg_w > 0 and given:
+        if abs(math.log(width / height) - math.log(seg_w / seg_h)) > SAME_ASPECT:
+            raise ValueError(f"the SEGS were made for a {seg_w}x{seg_h} image but the image is {width}x{height}, "
+                             "another shape: connect the image the segments were detected in")
+        scale = (height / seg_h, width / seg_w)
+        notes.append(f"SEGS made for {seg_w}x{seg_h}, scaled to the image's {width}x{height}")
+    segments, outside, scaled = [], [], []
+    for index, seg in enumerate(given):
+        if not hasattr(seg, "crop_region") or not hasattr(seg, "cropped_mask"):
+            raise ValueError(f"segment {index} of segs is a {type(seg).__name__}, not a SEG")
+        seg, region, box = _scaled(seg, index, scale)
+        scaled.append(seg)
+        clamped = [min(max(region[0], 0), width), min(max(region[1], 0), height),
+                   min(max(region[2], 0), width), min(max(region[3], 0), height)]
+        if clamped[2] <= clamped[0] or clamped[3] <= clamped[1]:
+            outside.append(index)
+            continue
+        masks = _masks(seg.cropped_mask, index, region, frames)[:, clamped[1] - region[1]:clamped[3] - region[1],
+                                                                clamped[0] - region[0]:clamped[2] - region[0]]
+        landmarks = getattr(seg.bbox, "landmarks", None)
+        if landmarks is not None and scale != (1.0, 1.0):
+            landmarks = landmarks * np.array([scale[1], scale[0]], np.float32)
+        segments.append(Segment(index, clamped, box, masks, landmarks, seg))
+    if outside:
+        notes.append(f"{len(outside)} segment(s) outside the image left as they were")
+    return ReadSegs((seg_h, seg_w), segments, outside, notes, scaled)
+
+
+def _kind(value) -> str:
+    return f"a {type(value).__name__}" + (f" of {len(value)}" if isinstance(value, (tuple, list)) else "")
+
+
+def _scaled(seg: SEG, index: int, scale: tuple[float, float]) -> tuple[SEG, list[int], np.ndarray]:
+    """The SEG with its region and box in the image's pixels (region rounded to ints), and those two."""
+    try:
+        region = [float(v) for v in seg.crop_region]
+        box = np.asarray(seg.bbox if seg.bbox is not None else region, np.float32).reshape(4)
+    except (TypeError, ValueError):
+        raise ValueError(f"segment {index}: crop_region and bbox must be [x1, y1, x2, y2]; got "
+                         f"{seg.crop_region!r} and {seg.bbox!r}") from None
+    if len(region) != 4 or not np.isfinite(region).all() or not np.isfinite(box).all():
+        raise ValueError(f"segment {index}: crop_region and bbox must be four finite numbers [x1, y1, x2, y2]; "
+                         f"got {seg.crop_region!r} and {seg.bbox!r}")
+    sy, sx = scale
+    region = [round(region[0] * sx), round(region[1] * sy), round(region[2] * sx), round(region[3] * sy)]
+    box = box * np.array([sx, sy, sx, sy], np.float32)
+    if isinstance(seg.bbox, FaceBox):
+        box = FaceBox(box, seg.bbox.landmarks * np.array([sx, sy], np.float32))
+    if scale == (1.0, 1.0) and all(isinstance(v, (int, np.integer)) for v in seg.crop_region):
+        return seg, region, box  # passed on as it came, where nothing is restored in it
+    return seg._replace(crop_region=region, bbox=box), region, box
+
+
+def _masks(mask, index: int, region: list[int], frames: int) -> torch.Tensor:
+    """(1 or frames, h, w) float32 0..1 of a SEG's cropped_mask, at its region's size."""
+    h, w = region[3] - region[1], region[2] - region[0]
+    if mask is None:
+        return torch.ones(1, h, w)
+    try:
+        mask = torch.as_tensor(np.asarray(mask.cpu() if isinstance(mask, torch.Tensor) else mask, np.float32))
+    except (TypeError, ValueError):
+        raise ValueError(f"segment {index}: cropped_mask must be a float mask, not {type(mask).__name__}") from None
+    if mask.ndim == 2:
+        mask = mask[None]
+    if mask.ndim != 3 or 0 in mask.shape:
+        raise ValueError(f"segment {index}: cropped_mask must be (h, w) or (frames, h, w); got {tuple(mask.shape)}")
+    if len(mask) not in (1, frames):
+        raise ValueError(f"segment {index}: cropped_mask holds {len(mask)} frames for an image of {frames}")
+    if tuple(mask.shape[1:]) != (h, w):
+        mask = F.interpolate(mask[None], size=(h, w), mode="bilinear", align_corners=False)[0]
+    return torch.nan_to_num(mask, nan=0.0, posinf=1.0, neginf=0.0).clamp_(0, 1)
+
+
+# Finding the face of each segment.
+
+def segment_faces(images: torch.Tensor, read: ReadSegs, detector=None,
+                  cancel: Callable | None = None) -> list[list[Faces]]:
+    """[frame][segment] the one face (or none) each segment holds in each frame: detected near its box (the
+    candidate centred in the box that overlaps it most) when a detector is given, else the landmarks our own
+    detectors put in its bbox. Without either, a ValueError."""
+    found = []
+    for t in range(len(images)):
+        row = []
+        for segment in read.segments:
+            check_cancel(cancel)
+            if detector is not None:
+                row.append(face_near(images[t:t + 1], segment.box, detector))
+            elif segment.landmarks is not None:
+                lm = torch.as_tensor(segment.landmarks, dtype=torch.float32)[None]
+                row.append(Faces(torch.as_tensor(np.asarray(segment.box, np.float32))[None], torch.ones(1), lm))
+            else:
+                raise ValueError(f"segment {segment.index} comes from a detector without face landmarks: connect "
+                                 "a face detector (Load Face Detector) to find the faces in the segments")
+        found.append(row)
+    return found
+
+
+def face_near(image: torch.Tensor, box: np.ndarray, detector) -> Faces:
+    """The face a segment with this box holds in `image` (1, H, W, C): detected in the box enlarged
+    REDETECT_CONTEXT times (whatever the segment's crop region, so that its landmarks do not depend on the
+    crop_factor); of the faces whose centre lies in the box, the one overlapping it most. Empty when none."""
+    height, width = image.shape[1:3]
+    x0, y0, x1, y1 = crop_region(width, height, box, REDETECT_CONTEXT)
+    faces = detector.detect(image[:, y0:y1, x0:x1], threshold=REDETECT_THRESHOLD)[0]
+    if not len(faces):
+        return faces
+    shift = torch.tensor([x0, y0], dtype=faces.boxes.dtype)
+    faces = Faces(faces.boxes + shift.repeat(2), faces.scores, faces.landmarks + shift)
+    centres = (faces.boxes[:, :2] + faces.boxes[:, 2:]) / 2
+    target = torch.as_tensor(np.asarray(box, np.float32))
+    inside = (centres >= target[:2]).all(1) & (centres <= target[2:]).all(1)
+    if not inside.any():
+        return faces[:0]
+    overlap = box_iou(faces.boxes.float(), target[None]).squeeze(1).where(inside, torch.tensor(-1.0))
+    return faces[overlap.argmax()[None]]
+
+
+# GPEN on segments.
+
+@dataclass
+class SegsRestoration:
+    images: torch.Tensor  # like the input
+    segs: tuple  # the SEGS in the image's size, each restored segment's cropped_image its restored crop
+    masks: torch.Tensor  # (B, H, W) where restored pixels went
+    restored: int = 0  # (segment, frame) pairs restored
+    no_face: list[tuple[int, int]] = field(default_factory=list)  # (frame, segment) where no face was found
+    left_as_was: int = 0  # faces found whose restored pixels were not finite, or masked out by the parser
+    notes: list[str] = field(default_factory=list)
+    frames: int = 1
+
+    @property
+    def summary(self) -> str:
+        count = len(self.segs[1])
+        where = "" if self.frames == 1 else f" over {self.frames} frames"
+        lines = [f"restored the faces of {self.restored} of {count * self.frames} segment(s){where}"]
+        if self.no_face:
+            listed = ", ".join(f"segment {k}" + (f" (frame {t})" if self.frames > 1 else "")
+                               for t, k in self.no_face[:8])
+            more = f", ... and {len(self.no_face) - 8} more" if len(self.no_face) > 8 else ""
+            lines.append(f"{len(self.no_face)} without a face, passed through: {listed}{more}")
+        if self.left_as_was:
+            lines.append(f"{self.left_as_was} face(s) left as they were (not finite, or the parser found no face)")
+        return "; ".join(lines[:1] + self.notes) + "".join(f"\n{line}" for line in lines[1:])
+
+
+def restore_segs(images, segs, model, detector=None, *, paste: PasteOptions = PasteOptions(),
+                 masks: MaskOptions = MaskOptions(), template: str = "gpen", face_batch: int = 4,
+                 progress: Callable[[int, int], None] | None = None,
+                 cancel: Callable[[], bool | None] | None = None) -> SegsRestoration:
+    """Restore the face in each segment of `segs` (from any detector: ours, YOLO, a person detector's masks)
+    in each frame of `images`, and paste it back under the segment's own mask.
+
+    Each segment's face is found near its box (`detector`; without one, the landmarks our detectors leave in
+    their segments), aligned, restored by `model` in batches of `face_batch`, and pasted as restore_faces
+    pastes (`paste`, `masks`: a face parser's regions), then limited to the segment's `cropped_mask`.
+    Segments are pasted in their order, each over what is there, as the Impact Pack's SEGSPaste does with
+    feather 0. The result's `segs` are the segments in the image's size with `cropped_image` (frames, h, w, 3)
+    the restored crop region, for SEGSPaste and Impact's other SEGS nodes; a segment without a face in any
+    frame is passed through as given, and the summary counts it.
+    """
+    images, given = as_images(images)
+    read = read_segs(segs, tuple(images.shape[1:3]), len(images))
+    restorer = as_restorer(model)
+    with using(detector) as found_by:
+        faces = segment_faces(images, read, found_by, cancel)
+    flat = [(t, k, f) for t, row in enumerate(faces) for k, f in enumerate(row) if len(f)]
+    device = torch.device(getattr(found_by, "device", images.device) if detector is not None else images.device)
+    result = SegsRestoration(images, (tuple(images.shape[1:3]), list(read.given)), torch.zeros(images.shape[:3]),
+                             notes=read.notes, frames=len(images))
+    result.no_face = [(t, read.segments[k].index) for t, row in enumerate(faces) for k, f in enumerate(row)
+                      if not len(f)]
+    if not flat:
+        result.images = like_given(images, given)
+        return result
+    frames = torch.tensor([t for t, _, _ in flat])
+    landmarks = torch.cat([f.landmarks for _, _, f in flat])
+    crops, affines = crop_faces(images, landmarks, restorer.size, frames, template=template, device=device)
+    restored = restorer.restore(crops, batch_size=face_batch, on_batch=progress,
+                                cancel=cancel and (lambda: check_cancel(cancel))).to(device)
+    out, blend = images.clone(), result.masks
+    pasted = {}  # (frame, segment) -> (h, w, 3) restored crop region
+    for i, (t, k, face) in enumerate(flat):
+        check_cancel(cancel)
+        segment = read.segments[k]
+        crop_region, weight, kept = paste_in_region(images[t:t + 1], restored[i:i + 1], crops[i:i + 1], affines[i],
+                                                    face, restorer.size, segment.region, paste, masks)
+        result.left_as_was += not kept
+        if not kept:
+            continue
+        x0, y0, x1, y1 = segment.region
+        mask = segment.masks[t if len(segment.masks) > 1 else 0]
+        here = out[t, y0:y1, x0:x1]
+        here += (match_to(crop_region, here) - here) * mask[..., None].to(here)
+        blend[t, y0:y1, x0:x1] = torch.maximum(blend[t, y0:y1, x0:x1], weight.cpu() * mask)
+        pasted[t, k] = crop_region
+        result.restored += 1
+    result.images = like_given(out, given)
+    result.segs = (result.segs[0], with_restored_crops(read, images, pasted))
+    return result
+
+
+def paste_in_region(image: torch.Tensor, restored: torch.Tensor, crop: torch.Tensor, affine: torch.Tensor,
+                    face: Faces, size: int, region: list[int], paste: PasteOptions,
+                    masks: MaskOptions) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """One restored face pasted into its frame (1, H, W, C) as restore_faces pastes it, cut to `region`: the
+    crop region's RGB (h, w, 3), the blend weight there (h, w), and whether it was pasted at all. Only the
+    window holding the region and the face's crop is worked on: the whole frame's pixels, to float rounding."""
+    height, width = image.shape[1:3]
+    corners = torch.tensor([[0, 0, 1], [size, 0, 1], [0, size, 1], [size, size, 1]], dtype=torch.float64)
+    around = corners @ invert_affine(affine[None].double())[0].T
+    wx0 = max(min(int(around[:, 0].min()) - 2, region[0]), 0)
+    wy0 = max(min(int(around[:, 1].min()) - 2, region[1]), 0)
+    wx1 = min(max(int(around[:, 0].max()) + 3, region[2]), width)
+    wy1 = min(max(int(around[:, 1].max()) + 3, region[3]), height)
+    local = affine.double().clone()
+    local[:, 2] += local[:, :2] @ torch.tensor([wx0, wy0], dtype=torch.float64)
+    shift = torch.tensor([wx0, wy0], dtype=face.boxes.dtype)
+    window = image[:, wy0:wy1, wx0:wx1]
+    info = FaceInfo([Faces(face.boxes - shift.repeat(2), face.scores, face.landmarks - shift)], local.float()[None],
+                    torch.zeros(1, dtype=torch.long), size, (wy1 - wy0, wx1 - wx0), restored.device, Selection())
+    done = paste_restored(window, restored, info, replace(paste, background=None, upscale_by=1.0, upscaler=None),
+                          masks, crops=crop)
+    x0, y0, x1, y1 = region[0] - wx0, region[1] - wy0, region[2] - wx0, region[3] - wy0
+    return as_rgb(done.images[:, y0:y1, x0:x1])[0], done.masks[0, y0:y1, x0:x1], not done.left_as_was
+
+
+def match_to(rgb: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """An RGB crop (h, w, 3) in the channels of `like` (h, w, C)."""
+    if like.shape[-1] == 3:
+        return rgb.to(like)
+    if like.shape[-1] == 1:
+        return (rgb * torch.tensor([0.299, 0.587, 0.114])).sum(-1, keepdim=True).to(like)
+    return torch.cat([rgb, like[..., 3:]], -1).to(like)
+
+
+def with_restored_crops(read: ReadSegs, images: torch.Tensor, pasted: dict) -> list:
+    """The SEGS' segments (in the image's size) with each restored one's cropped_image (frames, h, w, 3): its
+    restored crop region in the frames where its face was found, the frame's own pixels in the others."""
+    segments = list(read.given)
+    for k, segment in enumerate(read.segments):
+        if not any((t, k) in pasted for t in range(len(images))):
+            continue
+        x0, y0, x1, y1 = segment.region
+        crops = torch.stack([pasted.get((t, k), as_rgb(images[t:t + 1, y0:y1, x0:x1])[0]).cpu()
+                             for t in range(len(images))])
+        mask = segment.masks.numpy()
+        segments[segment.index] = segment.seg._replace(cropped_image=crops, crop_region=list(segment.region),
+                                                       cropped_mask=mask[0] if len(mask) == 1 else mask)
+    return segments
+
+
+# SEGS as the selection of our pipeline.
+
+def locate_faces_in_segs(images: torch.Tensor, segs, detector, crop_size: int,
+                         options: SelectOptions = SelectOptions(), *,
+                         cancel: Callable[[], bool | None] | None = None) -> tuple[torch.Tensor, FaceInfo, list[str]]:
+    """Aligned crops and their FaceInfo (see pipeline.locate_faces), and notes on the SEGS, of the faces
+    `detector` finds whose box centre lies on a segment of `segs` (inside its crop region, where its mask is over 0), listed frame by
+    frame in the segments' order: Impact's SEGS filters choose the faces our modular nodes restore. Faces
+    outside every segment are counted in the summary."""
+    images = as_images(images)[0]
+    read = read_segs(segs, tuple(images.shape[1:3]), len(images))
+    selection = Selection()
+    found = detect_faces(images, detector, replace(options, max_faces=0, indices=""), selection=selection,
+                         cancel=cancel)
+    kept = []
+    for t, faces in enumerate(found):
+        owner = segment_of(faces, read.segments, t)
+        selection.skip(faces[owner < 0], OUTSIDE_SEGS, t)
+        order = sorted((int(owner[i]), i) for i in range(len(faces)) if owner[i] >= 0)
+        kept.append(faces[torch.tensor([i for _, i in order], dtype=torch.long)])
+    crops, info = locate_faces(images, detector, crop_size, options, faces=kept, cancel=cancel)
+    info.selection = selection
+    return crops, info, read.notes
+
+
+def segment_of(faces: Faces, segments: list[Segment], frame: int) -> torch.Tensor:
+    """(N,) the first segment on whose mask each face's box centre lies (its position in `segments`), or -1."""
+    owner = torch.full((len(faces),), -1, dtype=torch.long)
+    centres = ((faces.boxes[:, :2] + faces.boxes[:, 2:]) / 2).tolist()
+    for i, (x, y) in enumerate(centres):
+        for k, segment in enumerate(segments):
+            x0, y0, x1, y1 = segment.region
+            if x0 <= x < x1 and y0 <= y < y1:
+                mask = segment.masks[frame if len(segment.masks) > 1 else 0]
+                if mask[int(y) - y0, int(x) - x0] > 0:
+                    owner[i] = k
+                    break
+    return owner
+

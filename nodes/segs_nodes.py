@@ -1,0 +1,157 @@
+"""The nodes that join the Impact Pack's SEGS world (FaceDetailer, Detailer (SEGS), SEGSPaste, the SEGS filters)
+without importing it: SEGS and BBOX_DETECTOR are plain values both packs agree on (gpen/faces/segs.py)."""
+
+from __future__ import annotations
+
+import logging
+
+from ..gpen.faces.options import MaskOptions, PasteOptions, SegmentOptions, SelectOptions
+from ..gpen.faces.pipeline import face_areas, face_report
+from ..gpen.faces.segs import FaceSegmentDetector, info_to_segs, locate_faces_in_segs, restore_segs
+from . import host
+from .gpen_nodes import CATEGORY, FACE_PARSER, PARSE_FEATHER, SUMMARY_TOOLTIP, option_widgets
+
+SEGMENT_WIDGETS = ("crop_factor", "dilation", "drop_size", "segment_mask")
+SEGS_TOOLTIP = "The Impact Pack's segments of one image (from BBOX Detector (SEGS), a SEGS filter or our nodes)."
+FACE_DETECTOR = ("FACE_DETECTOR", {"tooltip": "From Load Face Detector (GPEN)."})
+
+
+class FaceDetectorForFaceDetailer:
+    DESCRIPTION = ("Our face detector (RetinaFace or SCRFD, with its detect_size and rotations) as the Impact Pack's "
+                   "BBOX_DETECTOR: for FaceDetailer, BBOX Detector (SEGS) and every SEGS node. Its segments carry "
+                   "the faces' landmarks, so GPEN Restore SEGS aligns them exactly.")
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("BBOX_DETECTOR",)
+    RETURN_NAMES = ("bbox_detector",)
+    OUTPUT_TOOLTIPS = ("For FaceDetailer's bbox_detector or BBOX Detector (SEGS). crop_factor, dilation and "
+                       "drop_size are the detailer's, as with Impact's own detectors.",)
+    FUNCTION = "make"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        threshold = option_widgets(SelectOptions, ("threshold",))["threshold"]
+        threshold = (threshold[0], {**threshold[1], "tooltip": threshold[1]["tooltip"] + " A face must pass both "
+                                    "this and the detailer's bbox_threshold."})
+        return {"required": {"face_detector": FACE_DETECTOR, "threshold": threshold,
+                             **option_widgets(SegmentOptions, ("segment_mask",))},
+                "optional": {"face_parser": FACE_PARSER, **option_widgets(MaskOptions, ("mask_regions",))}}
+
+    def make(self, face_detector, threshold, segment_mask, face_parser=None, mask_regions="face"):
+        return (FaceSegmentDetector(face_detector, threshold, segment_mask, parsers=face_parser, regions=mask_regions),)
+
+
+class RestoreSEGS:
+    DESCRIPTION = ("Restores the face in each segment of a SEGS (from any detector: YOLO, ours, after Impact's "
+                   "filters) with GPEN and pastes it under the segment's mask. Also gives the SEGS with each "
+                   "segment's cropped_image restored, for SEGSPaste and Impact's other SEGS nodes. A segment "
+                   "without a face is passed through and counted.")
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("IMAGE", "SEGS", "MASK", "STRING")
+    RETURN_NAMES = ("image", "segs", "mask", "summary")
+    OUTPUT_TOOLTIPS = ("The image with the segments' faces restored.",
+                       "The same segments, each restored one's cropped_image its restored crop region.",
+                       "Where restored pixels went, each frame.", SUMMARY_TOOLTIP)
+    FUNCTION = "restore"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "image": ("IMAGE", {"tooltip": "The image the segments were found in (or it scaled: the segments are "
+                                           "scaled with it); a batch of frames shares the segments."}),
+            "segs": ("SEGS", {"tooltip": SEGS_TOOLTIP}),
+            "gpen_model": ("GPEN_MODEL", {"tooltip": "From Load GPEN Model."}),
+            **option_widgets(PasteOptions, ("strength",)),
+            "face_batch": ("INT", {"default": 4, "min": 1, "max": 64,
+                                   "tooltip": "Faces per GPEN pass; halved automatically on out-of-memory."}),
+            **option_widgets(PasteOptions, ("color_correction",)),
+        }, "optional": {
+            "face_detector": ("FACE_DETECTOR", {"tooltip": "Finds each segment's face and its landmarks near the "
+                                                           "segment's box. Needed unless the segments come from "
+                                                           "our detector, which leaves the landmarks in them."}),
+            "face_parser": FACE_PARSER,
+            **option_widgets(MaskOptions, ("mask_regions", "parse_source", "parse_feather")),
+        }}
+
+    def restore(self, image, segs, gpen_model, strength, face_batch, color_correction, face_detector=None,
+                face_parser=None, mask_regions="face", parse_source="original", parse_feather=PARSE_FEATHER):
+        paste = PasteOptions(strength=strength, color_correction=color_correction)
+        progress = host.Progress()
+        with gpen_model as model, host.using_all(face_parser) as parsers:
+            masks = MaskOptions(parser=parsers, regions=mask_regions, source=parse_source, feather=parse_feather)
+            result = restore_segs(image, segs, model, face_detector, paste=paste, masks=masks, face_batch=face_batch,
+                                  progress=progress, cancel=progress.cancel)
+        logging.info("[GPEN] %s", result.summary)
+        return (result.images, result.segs, result.masks, result.summary)
+
+
+class FacesToSEGS:
+    DESCRIPTION = ("The faces Detect and Crop Faces found, as the Impact Pack's SEGS: one per frame, each face a "
+                   "segment with its crop region, mask, score and landmarks, for SEGSPaste, Detailer (SEGS) and "
+                   "Impact's SEGS filters.")
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("SEGS",)
+    RETURN_NAMES = ("segs",)
+    OUTPUT_IS_LIST = (True,)
+    OUTPUT_TOOLTIPS = ("One SEGS per frame (a list: nodes after it run once per frame; one image gives one).",)
+    FUNCTION = "convert"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"face_info": ("FACE_INFO", {"tooltip": "From Detect and Crop Faces (GPEN)."}),
+                             **option_widgets(SegmentOptions, SEGMENT_WIDGETS)},
+                "optional": {"image": ("IMAGE", {"tooltip": "The image the faces were found in: fills each "
+                                                            "segment's cropped_image, and lets a face parser look."}),
+                             "face_parser": FACE_PARSER, **option_widgets(MaskOptions, ("mask_regions",))}}
+
+    def convert(self, face_info, crop_factor, dilation, drop_size, segment_mask, image=None, face_parser=None,
+                mask_regions="face"):
+        options = SegmentOptions(crop_factor=crop_factor, dilation=dilation, drop_size=drop_size,
+                                 segment_mask=segment_mask)
+        return (info_to_segs(face_info, options, image, face_parser, MaskOptions(regions=mask_regions)),)
+
+
+class DetectFacesInSEGS:
+    DESCRIPTION = ("Detect and Crop Faces, restricted to the faces inside a SEGS's segments: Impact's SEGS filters "
+                   "(by label, order, size, range) choose which faces our modular nodes restore.")
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("IMAGE", "FACE_INFO", "MASK", "STRING")
+    RETURN_NAMES = ("crops", "face_info", "face_mask", "summary")
+    OUTPUT_TOOLTIPS = ("Aligned face crops, in the segments' order.", "Where each crop came from, for Paste Faces "
+                       "Back.", "The area of each frame the faces cover.", SUMMARY_TOOLTIP)
+    FUNCTION = "detect"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "image": ("IMAGE", {"tooltip": "The image the segments were found in; a batch of frames shares them."}),
+            "segs": ("SEGS", {"tooltip": SEGS_TOOLTIP + " A face is taken when its box centre lies on a segment."}),
+            "face_detector": FACE_DETECTOR,
+            "crop_size": ("INT", {"default": 512, "min": 64, "max": 2048, "step": 64,
+                                  "tooltip": "Size of the crops (ignored when a GPEN model is connected: its size is used)."}),
+            **option_widgets(SelectOptions, ("template", "threshold")),
+        }, "optional": {"gpen_model": ("GPEN_MODEL", {"tooltip": "Take the crop size from this model."})}}
+
+    def detect(self, image, segs, face_detector, crop_size, template, threshold, gpen_model=None):
+        select = SelectOptions(threshold=threshold, template=template)
+        size = gpen_model.model.size if gpen_model is not None else crop_size
+        with face_detector as detector:
+            crops, info, notes = locate_faces_in_segs(image, segs, detector, size, select, cancel=host.Progress.cancel)
+            masks = face_areas(image, crops, info)
+        summary = face_report(info, "; ".join([f"{len(crops)} face(s) cropped", *notes, *info.selection.notes()]),
+                              "cropped")
+        logging.info("[GPEN] %s", summary)
+        return (crops.cpu(), info, masks, summary)
+
+
+NODE_CLASS_MAPPINGS = {
+    "GPENFaceDetectorForFaceDetailer": FaceDetectorForFaceDetailer,
+    "GPENRestoreSEGS": RestoreSEGS,
+    "GPENFacesToSEGS": FacesToSEGS,
+    "GPENSEGSToFaces": DetectFacesInSEGS,
+}
+NODE_DISPLAY_NAME_MAPPINGS = {
+    "GPENFaceDetectorForFaceDetailer": "GPEN Face Detector for FaceDetailer",
+    "GPENRestoreSEGS": "GPEN Restore SEGS",
+    "GPENFacesToSEGS": "Faces to SEGS (GPEN)",
+    "GPENSEGSToFaces": "Detect Faces in SEGS (GPEN)",
+}
