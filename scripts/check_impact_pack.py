@@ -281,6 +281,9 @@ class Server:
         self.url = f"http://127.0.0.1:{args.port or free_port()}"
         cmd = [args.python, str(args.comfyui / "main.py"), "--cpu", "--listen", "127.0.0.1",
                "--port", self.url.rsplit(":", 1)[1], "--base-directory", str(base), "--disable-auto-launch"]
+        if "--database-url" in (args.comfyui / "comfy" / "cli_args.py").read_text():
+            # ComfyUI keeps its database in <comfyui>/user, whatever the base directory: here it goes in the base
+            cmd += ["--database-url", f"sqlite:///{base / 'user' / 'comfyui.db'}"]
         # bytecode into the base too: nothing is written into ComfyUI, the Impact Pack or this checkout
         env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPYCACHEPREFIX=str(base / "pycache"), PYTHONPATH=pythonpath)
         self.log_path = out / "server.log"
@@ -382,6 +385,8 @@ def facedetailer_prompt(files: dict) -> dict:
             "force_inpaint": True, "bbox_threshold": 0.5, "bbox_dilation": 10, "bbox_crop_factor": 3.0,
             "drop_size": 10, "wildcard": "", "cycle": 1, "noise_mask_feather": 0}),
         "save": ("SaveImage", {"images": ("detailer", 0), "filename_prefix": "facedetailer"}),
+        "refined_save": ("SaveImage", {"images": ("detailer", 1), "filename_prefix": "facedetailer_refined"}),
+        **bbox_segs("image"), **count("found", ("segs", 0)),  # what FaceDetailer's own detection gives it
         **mask_image("detailer_mask", ("detailer", 3)),
     }
 
@@ -497,7 +502,7 @@ class Result:
         saved = self.outputs[node]["images"][0]
         path = self.base / "output" / saved["subfolder"] / saved["filename"]
         shutil.copyfile(path, self.out / f"{self.check}_{node}.png")
-        return np.asarray(Image.open(path).convert("RGB"), dtype=np.float32) / 255
+        return np.asarray(Image.open(path).convert("RGB"), dtype=np.int16)
 
     def text(self, node: str) -> str:
         return self.outputs[node]["text"][0]
@@ -507,25 +512,26 @@ class Result:
 
 
 def input_image(base: Path, name: str) -> np.ndarray:
-    return np.asarray(Image.open(base / "input" / name).convert("RGB"), dtype=np.float32) / 255
+    return np.asarray(Image.open(base / "input" / name).convert("RGB"), dtype=np.int16)
 
 
 def faces_in(summary: str) -> int:
-    """The face count in a summary's headline ("restored 3 face(s) in 1 image(s)", "29 face(s) cropped")."""
-    found = re.search(r"(\d+) face\(s\)", summary.splitlines()[0] if summary else "")
-    return int(found.group(1)) if found else -1
+    """The face count in a summary's headline: "restored 3 face(s) in 1 image(s)", "29 face(s) cropped",
+    "restored the faces of 29 of 29 segment(s)"."""
+    found = re.search(r"(\d+) face\(s\)|the faces of (\d+) of", summary.splitlines()[0] if summary else "")
+    return int(found.group(1) or found.group(2)) if found else -1
 
 
 def changed_only_inside(before: np.ndarray, after: np.ndarray, mask: np.ndarray) -> tuple[bool, str]:
-    """Whether `after` differs from `before` only where `mask` (a saved grey image) is on, and by how much."""
+    """Whether `after` differs from `before` only where `mask` (a saved grey image) is on, and by how much.
+    Outside, 1/255 is allowed: a soft mask's edge below half a step saves as 0 yet can round a pixel."""
     difference = np.abs(after - before).max(axis=-1)
     inside = mask[..., 0] > 0
-    outside_max = float(difference[~inside].max()) if (~inside).any() else 0.0
+    outside_max = int(difference[~inside].max()) if (~inside).any() else 0
     inside_mean = float(difference[inside].mean()) if inside.any() else 0.0
-    covered = float(inside.mean())
-    return (outside_max <= 1 / 255 and inside_mean > 0,
-            f"mask covers {covered:.1%}; mean change inside {inside_mean * 255:.1f}/255, largest outside "
-            + f"{outside_max * 255:.0f}/255")
+    return (outside_max <= 1 and inside_mean > 0,
+            f"mask covers {float(inside.mean()):.1%}; mean change inside {inside_mean:.1f}/255, largest outside "
+            + f"{outside_max}/255")
 
 
 # ------------------------------------------------------------------------------------------ checks
@@ -533,10 +539,10 @@ def changed_only_inside(before: np.ndarray, after: np.ndarray, mask: np.ndarray)
 
 def check_impact_baseline(r: Result, base: Path, faces: int | None) -> list:
     tiles, mask = r.number("found_show"), r.image("segs_mask_save")
-    largest = float(np.abs(r.image("save") - input_image(base, "photo.png")).max())
+    largest = int(np.abs(r.image("save") - input_image(base, "photo.png")).max())
     covered = float((mask[..., 0] > 0).mean())
     return [(tiles > 0 and mask.min() > 0, f"Make Tile SEGS made {tiles} tile(s), SEGS to MASK covers {covered:.1%}"),
-            (largest <= 1 / 255, f"SEGSPaste of image-less tiles leaves the image: largest change {largest * 255:.0f}/255")]
+            (largest == 0, f"SEGSPaste of image-less tiles leaves the image: largest change {largest}/255")]
 
 
 def check_facedetailer(r: Result, base: Path, faces: int | None) -> list:
@@ -544,31 +550,35 @@ def check_facedetailer(r: Result, base: Path, faces: int | None) -> list:
     after = r.image("save")
     inside, measured = changed_only_inside(before, after, r.image("detailer_mask_save"))
     sizes = f"saved {after.shape[1]}x{after.shape[0]}, input {before.shape[1]}x{before.shape[0]}"
+    found, refined = r.number("found_show"), len(r.outputs["refined_save"]["images"])
     return [(after.shape == before.shape, sizes),
+            (refined == found > 0,
+             f"detailed {refined} face(s) (cropped_refined); BBOX Detector (SEGS) with the same settings finds "
+             + f"{found} in the {SMALL_WIDTH} px copy"),
             (inside, f"changed only inside FaceDetailer's mask: {measured}")]
 
 
 def check_segs_paste(r: Result, base: Path, faces: int | None) -> list:
     found, restored = r.number("found_show"), faces_in(r.text("summary"))
     before = input_image(base, "photo.png")
-    inside, measured = changed_only_inside(before, r.image("save"), r.image("segs_mask_save"))
-    restored_image = r.image("restored_save")
+    pasted, restored_image = r.image("save"), r.image("restored_save")
+    same = int(np.abs(pasted - restored_image).max()) if pasted.shape == restored_image.shape else -1
+    inside, measured = changed_only_inside(before, pasted, r.image("segs_mask_save"))
     return [(faces is None or found == faces, f"BBOX Detector (SEGS) found {found} segment(s)"
                                               + (f", the photo has {faces}" if faces else "")),
             (restored == found, f"GPEN Restore SEGS restored {restored}: {r.text('summary').splitlines()[0]}"),
             (inside, f"SEGSPaste changed the image only inside the segments: {measured}"),
-            (restored_image.shape == before.shape,
-             f"GPEN Restore SEGS image {restored_image.shape[1]}x{restored_image.shape[0]}")]
+            (same == 0, f"SEGSPaste of GPEN Restore SEGS's segs gives its image: largest difference {same}/255")]
 
 
 def check_faces_to_segs(r: Result, base: Path, faces: int | None) -> list:
     cropped, segments = faces_in(r.text("summary")), r.number("found_show")
     before, after = input_image(base, "photo.png"), r.image("save")
     mask = r.image("segs_mask_save")
-    largest = float(np.abs(after - before).max())
+    largest = int(np.abs(after - before).max())
     return [(segments == cropped and (faces is None or cropped == faces),
              f"Detect and Crop Faces cropped {cropped}, Faces to SEGS made {segments} segment(s)"),
-            (largest <= 1 / 255, f"SEGSPaste of them gives the image back: largest change {largest * 255:.0f}/255"),
+            (largest == 0, f"SEGSPaste of them gives the image back: largest change {largest}/255"),
             (mask.max() > 0, f"SEGS to MASK covers {float((mask[..., 0] > 0).mean()):.1%} of the image")]
 
 
