@@ -10,6 +10,9 @@ Python (--python) with ComfyUI's requirements, this pack's and the Impact Pack's
 
     python -m venv --system-site-packages ~/impact-venv
     ~/impact-venv/bin/pip install -r ~/ComfyUI-Impact-Pack/requirements.txt
+    ~/impact-venv/bin/pip install --no-deps spandrel kornia kornia_rs   # a CPU-only torch: keep it
+
+(The Impact Pack pins numpy<2: keep it out of the Python the tests run on.)
 
 What it does:
 1. Makes, once, and keeps in the temp folder (comfyui-gpen-impact-check-cache): a random-weight SD1.5
@@ -19,7 +22,8 @@ What it does:
    input/ gets the image (and a 768 px wide copy for FaceDetailer), custom_nodes/ComfyUI-GPEN links to
    this checkout, and custom_nodes/ComfyUI-Impact-Pack is a copy of --impact-pack (without .git): the
    Impact Pack writes its settings into its own folder, and a placeholder Subpack may have to go there.
-   Nothing is written to your ComfyUI folders, your Impact Pack or this checkout.
+   Nothing is written to your ComfyUI folders, your Impact Pack or this checkout (bytecode and ComfyUI's
+   database go into the base too).
    - The Impact Pack imports its Subpack (ComfyUI-Impact-Subpack, in impact_subpack/) unconditionally; the
      Subpack needs ultralytics. Where the copy has no Subpack, or --python cannot import ultralytics, the
      copy gets an empty placeholder Subpack (no nodes), and the script says so.
@@ -31,13 +35,17 @@ What it does:
 3. Starts ComfyUI (<comfyui>/main.py --cpu) on 127.0.0.1 at a free port; its log goes to out/server.log.
    Waits for /object_info and checks that this pack's nodes and the Impact Pack's used here are registered.
 4. Queues the prompts of the PROMPTS table and waits for each on /history; the images they save are copied
-   into --out. The checks, one line each (PASS/FAIL and what was measured):
+   into --out, the histories written there. The checks, each a line per measure (PASS/FAIL, what was measured),
+   the first saying whether the prompt ran:
+   - impact_baseline: the Impact Pack alone (Make Tile SEGS -> SEGSPaste, SEGS to MASK), so that a broken
+     Impact install is told apart from a broken node of ours;
    - facedetailer: Impact's FaceDetailer with GPEN Face Detector for FaceDetailer on the random SD1.5
-     (1 step, guide_size 128, max_size 256): runs, and saves an image of the input's size that differs
-     from the input only inside FaceDetailer's mask;
+     (1 step, cfg 1, guide_size 128, max_size 256, feather 0) on a 768 px wide copy: an image of the
+     input's size, as many faces detailed as BBOX Detector (SEGS) finds with the same settings, and pixels
+     changed only inside FaceDetailer's mask;
    - segs_paste: BBOX Detector (SEGS) with our detector finds the photo's faces (29 in the 1927 Solvay
-     photo), GPEN Restore SEGS restores as many, and Impact's SEGSPaste of its segments changes the image
-     only inside them (SEGS to MASK);
+     photo), GPEN Restore SEGS restores as many, Impact's SEGSPaste of its segments changes the image only
+     inside them (SEGS to MASK) and gives exactly GPEN Restore SEGS's own image;
    - faces_to_segs: Detect and Crop Faces -> Faces to SEGS gives a segment per face, and SEGSPaste of them
      (their cropped_image is the image itself) gives the image back unchanged;
    - filters: Impact's label, range and ordered filters (take 3) between BBOX Detector (SEGS) and GPEN
@@ -195,7 +203,8 @@ def cached(name: str, build) -> Path:
 
 
 def run_python(args, code: str, cwd: Path, *argv: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([args.python, "-c", code, *argv], cwd=cwd, env=env, capture_output=True, text=True, check=False)
+    return subprocess.run([args.python, "-c", code, *argv], cwd=cwd, env=env, capture_output=True, text=True,
+                          check=False)
 
 
 def build_with(args, code: str, cwd: Path, env: dict):
@@ -208,7 +217,8 @@ def build_with(args, code: str, cwd: Path, env: dict):
 
 def server_pythonpath(args, base: Path) -> tuple[str, list[str]]:
     """The server's PYTHONPATH, and notes on what stands in for what could not be imported."""
-    paths = [str(p) for p in args.extra_pythonpath] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    paths = [str(p) for p in args.extra_pythonpath]
+    paths += [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
     probe = run_python(args, "import torchvision.transforms.functional", args.comfyui,
                        env=dict(os.environ, PYTHONPATH=os.pathsep.join(paths)))
     if probe.returncode == 0:
@@ -586,7 +596,8 @@ def filter_counts(r: Result, faces: int | None) -> list:
     found, labelled, in_range, taken = (r.number(f"{n}_show") for n in ("found", "labelled", "in_range", "taken"))
     return [(faces is None or found == faces, f"BBOX Detector (SEGS) found {found}"),
             (labelled == found and in_range == found and taken == min(TAKE, found),
-             f"SEGS Filter (label: face) kept {labelled}, (range: any area) {in_range}, (ordered: take {TAKE}) {taken}")]
+             f"SEGS Filter (label: face) kept {labelled}, (range: any area) {in_range}, "
+             + f"(ordered: take {TAKE}) {taken}")]
 
 
 def check_filters(r: Result, base: Path, faces: int | None) -> list:
