@@ -699,7 +699,7 @@ def main() -> int:
     args = parse_args()
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
-    for old in out.glob("*.png"):
+    for old in (path for check in PROMPTS for path in out.glob(f"{check}_*.png")):  # an earlier run's, only
         old.unlink()
     base, notes = make_base(args, out)
     pythonpath, stand_ins = server_pythonpath(args, base)
