@@ -52,6 +52,8 @@ What it does:
      Restore SEGS: each filter's count, and 3 faces restored;
    - segs_to_faces: the same filtered segments into Detect Faces in SEGS (GPEN) -> GPEN Restore Faces ->
      Paste Faces Back (GPEN): 3 faces, changed only inside Paste Faces Back's mask.
+   - frames: a batch of 2 frames -> Detect and Crop Faces -> Faces to SEGS (one SEGS a frame, a list) ->
+     the ordered filter (run by ComfyUI once a frame) -> GPEN Restore SEGS on the batch: 3 faces a frame.
 5. Exit status 0 only when every check passed.
 
 Options: --detector (default ../shared/models/retinaface_mobilenet0.25.pth), --gpen (a GPEN file instead of
@@ -88,6 +90,7 @@ SMALL_WIDTH = 768  # FaceDetailer runs SD on every face: a smaller copy keeps th
 SD15_FILE = "sd15_random_fp16.safetensors"
 GPEN_FILE = "GPEN-BFR-512-random.pth"
 TAKE = 3  # faces the ordered filter keeps
+FRAMES = 2  # the frames check's batch
 
 GPEN_NODES = ("GPENLoadModel", "GPENLoadFaceDetector", "GPENDetectAndCropFaces", "GPENRestoreFaces",
               "GPENPasteFacesBack", "GPENFaceDetectorForFaceDetailer", "GPENRestoreSEGS", "GPENFacesToSEGS",
@@ -405,8 +408,9 @@ def segs_paste_prompt(files: dict) -> dict:
     return {
         "image": ("LoadImage", {"image": "photo.png"}),
         **detector_nodes(files), **bbox_segs("image"), **gpen_nodes(files), **count("found", ("segs", 0)),
+        # feather 0 in both, so that SEGSPaste of the restored segs must give GPEN Restore SEGS's image exactly
         "restore": ("GPENRestoreSEGS", {"image": ("image", 0), "segs": ("segs", 0), "gpen_model": ("gpen", 0),
-                                        "face_detector": ("detector", 0)}),
+                                        "face_detector": ("detector", 0), "feather": 0}),
         "summary": ("PreviewAny", {"source": ("restore", 3)}),
         "paste": ("SEGSPaste", {"image": ("image", 0), "segs": ("restore", 1), "feather": 0, "alpha": 255}),
         "save": ("SaveImage", {"images": ("paste", 0), "filename_prefix": "segs_paste"}),
@@ -472,6 +476,25 @@ def segs_to_faces_prompt(files: dict) -> dict:
     }
 
 
+def frames_prompt(files: dict) -> dict:
+    """Video frames: a batch of FRAMES copies of the photo -> Detect and Crop Faces -> Faces to SEGS (a list,
+    one SEGS per frame) -> Impact's ordered filter, which ComfyUI runs once per frame -> GPEN Restore SEGS on
+    the batch, pairing frame t with SEGS t."""
+    return {
+        "image": ("LoadImage", {"image": "photo.png"}),
+        "frames": ("RepeatImageBatch", {"image": ("image", 0), "amount": FRAMES}),
+        "detector": ("GPENLoadFaceDetector", {"detector_name": files["detector"], "device": "cpu"}),
+        **gpen_nodes(files),
+        "faces": ("GPENDetectAndCropFaces", {"image": ("frames", 0), "face_detector": ("detector", 0)}),
+        "to_segs": ("GPENFacesToSEGS", {"face_info": ("faces", 1), "image": ("frames", 0)}),
+        "by_order": ("ImpactSEGSOrderedFilter", {"segs": ("to_segs", 0), "target": "area(=w*h)", "order": True,
+                                                 "take_start": 0, "take_count": TAKE}),
+        "restore": ("GPENRestoreSEGS", {"image": ("frames", 0), "segs": ("by_order", 0), "gpen_model": ("gpen", 0)}),
+        "summary": ("PreviewAny", {"source": ("restore", 3)}),
+        "save": ("SaveImage", {"images": ("restore", 0), "filename_prefix": "frames_restore_segs"}),
+    }
+
+
 def api_prompt(graph: dict, info: dict) -> dict:
     """The API form: links as [node, output]; every required widget not given takes its default."""
     prompt = {}
@@ -508,10 +531,10 @@ class Result:
                         f"{message.get('exception_message', '').strip()}")
         return self.status.get("status_str", "no status")
 
-    def image(self, node: str) -> np.ndarray:
-        saved = self.outputs[node]["images"][0]
+    def image(self, node: str, index: int = 0) -> np.ndarray:
+        saved = self.outputs[node]["images"][index]
         path = self.base / "output" / saved["subfolder"] / saved["filename"]
-        shutil.copyfile(path, self.out / f"{self.check}_{node}.png")
+        shutil.copyfile(path, self.out / f"{self.check}_{node}{f'_{index}' if index else ''}.png")
         return np.asarray(Image.open(path).convert("RGB"), dtype=np.int16)
 
     def text(self, node: str) -> str:
@@ -527,9 +550,9 @@ def input_image(base: Path, name: str) -> np.ndarray:
 
 def faces_in(summary: str) -> int:
     """The face count in a summary's headline: "restored 3 face(s) in 1 image(s)", "29 face(s) cropped",
-    "restored the faces of 29 of 29 segment(s)"."""
-    found = re.search(r"(\d+) face\(s\)|the faces of (\d+) of", summary.splitlines()[0] if summary else "")
-    return int(found.group(1) or found.group(2)) if found else -1
+    "restored 29 face(s) in 29 segment(s) of 1 image"."""
+    found = re.search(r"(\d+) face\(s\)", summary.splitlines()[0] if summary else "")
+    return int(found.group(1)) if found else -1
 
 
 def changed_only_inside(before: np.ndarray, after: np.ndarray, mask: np.ndarray) -> tuple[bool, str]:
@@ -620,6 +643,16 @@ def check_segs_to_faces(r: Result, base: Path, faces: int | None) -> list:
             (inside, f"changed only inside Paste Faces Back's mask: {measured}")]
 
 
+def check_frames(r: Result, base: Path, faces: int | None) -> list:
+    summary = r.text("summary")
+    restored, saved = faces_in(summary), len(r.outputs["save"]["images"])
+    before = input_image(base, "photo.png")
+    changed = [int(np.abs(r.image("save", k) - before).max()) for k in range(saved)]
+    return [(restored == TAKE * FRAMES and f"of {FRAMES} frames" in summary,
+             f"GPEN Restore SEGS restored {restored} with one SEGS a frame: {summary.splitlines()[0]}"),
+            (saved == FRAMES and all(changed), f"{saved} frames saved, each restored: largest change {changed}/255")]
+
+
 PROMPTS = {  # check name -> (prompt, measures)
     "impact_baseline": (impact_baseline_prompt, check_impact_baseline),
     "facedetailer": (facedetailer_prompt, check_facedetailer),
@@ -627,6 +660,7 @@ PROMPTS = {  # check name -> (prompt, measures)
     "faces_to_segs": (faces_to_segs_prompt, check_faces_to_segs),
     "filters": (filters_prompt, check_filters),
     "segs_to_faces": (segs_to_faces_prompt, check_segs_to_faces),
+    "frames": (frames_prompt, check_frames),
 }
 
 

@@ -183,7 +183,8 @@ def test_with_a_parser_each_segment_mask_is_the_parsers(solvay, detector):
 
 def test_restore_segs_pastes_under_each_mask_and_gives_segs_segspaste_pastes_the_same(solvay, detector, solvay_segs):
     result = restore_segs(solvay, solvay_segs, GreyRestorer(512), detector, feather=0)
-    assert result.restored == 29 and result.summary == "restored the faces of 29 of 29 segment(s)"
+    assert result.restored == 29 and result.summary.startswith(
+        "restored 29 face(s) in 29 segment(s) of 1 image\nimage: 29 restored: segment 0 face 0.99")
     outside = combined_mask(solvay_segs) == 0
     assert torch.equal(result.images[0][outside], solvay[0][outside])  # bit-identical outside the segments
     assert (result.images - solvay).abs().amax() > 0.3 and result.masks.shape == solvay.shape[:3]
@@ -226,7 +227,9 @@ def test_a_segment_without_a_face_is_passed_through_and_counted(solvay, detector
     segs = (solvay_segs[0], [*solvay_segs[1][:2], wall])
     result = restore_segs(solvay, segs, GreyRestorer(512), detector)
     assert result.restored == 2 and result.segs[1][2] is wall
-    assert result.summary == "restored the faces of 2 of 3 segment(s)\n1 without a face, passed through: segment 2"
+    assert result.summary.endswith("; 1 without a face (passed through): segment 2 (person 0.90)")
+    assert result.summary.startswith("restored 2 face(s) in 3 segment(s) of 1 image; 1 without a face (passed "
+                                     "through)\nimage: 2 restored: segment 0 face ")
     assert torch.equal(result.images[0, 400:460, 1200:1260], solvay[0, 400:460, 1200:1260])
 
 
@@ -320,7 +323,7 @@ def test_the_nodes_in_a_graph(pack, models_dir, solvay):
     (image,), (restored_segs,), (mask,), (summary,) = nodes["GPENRestoreSEGS"]().restore(
         [solvay], [ordered_filter(segs, 5)], [model], strength=[1.0], face_batch=[4], color_correction=[False],
         feather=[0], face_detector=[detector])
-    assert summary == "restored the faces of 5 of 5 segment(s)" and image.shape == solvay.shape
+    assert summary.startswith("restored 5 face(s) in 5 segment(s) of 1 image\n") and image.shape == solvay.shape
     assert mask.shape == solvay.shape[:3] and (segs_paste(solvay, restored_segs) - image).abs().max() < 1e-6
     crops, info, _, _ = nodes["GPENDetectAndCropFaces"]().detect(
         solvay, detector, crop_size=256, template="gpen", threshold=0.0, min_size=0, max_faces=0, order="largest",
@@ -349,7 +352,8 @@ def test_a_batch_with_one_segs_per_frame_restores_each_frame_with_its_own(pack, 
     chosen = [ordered_filter(per_frame[0], 1), ordered_filter(per_frame[1], 2)]
     (image,), segs, (mask,), (summary,) = nodes["GPENRestoreSEGS"]().restore(
         [frames], chosen, [model], strength=[1.0], face_batch=[4], color_correction=[False], feather=[0])
-    assert summary == "restored the faces of 3 of 3 segment(s) over 2 frames" and image.shape == frames.shape
+    assert summary.startswith("restored 3 face(s) in 3 segment(s) of 2 frames\nframe 0: 1 restored: segment 0 ")
+    assert "\nframe 1: 2 restored: segment 0 face" in summary and image.shape == frames.shape
     assert len(segs) == 2 and [len(s[1]) for s in segs] == [1, 2]
     assert [len(torch.as_tensor(m).nonzero()) > 0 for m in mask] == [True, True]
     for t in range(2):

@@ -446,7 +446,7 @@ def test_inside_facedetailer_runs_as_saved_and_restores_the_faces_facedetailer_r
     (image,), (segs,), (mask,), (summary,) = outputs[ids["GPENRestoreSEGS"]]  # list outputs (OUTPUT_IS_LIST)
     faces = len(detailed["segs"][1])
     assert faces >= 2 and len(outputs[ids["BboxDetectorSEGS"]][0][1]) == faces  # found again after re-drawing
-    assert summary.startswith(f"restored the faces of {faces} of {faces} segment(s)") and saved["summary"] == summary
+    assert summary.startswith(f"restored {faces} face(s) in {faces} segment(s)") and saved["summary"] == summary
     assert saved["images"] is image and image.shape == original.shape
     where = segs_mask(segs)[None] > 0
     assert mask[~where].eq(0).all() and (mask > 0.5).sum() > 0.5 * where.sum()  # GPEN pasted under the segments

@@ -231,14 +231,15 @@ def face_report(info: FaceInfo, headline: str, verb: str = "restored",
         lines.append(f"{len(info.faces)} frames: " + ", ".join(f"{counts[g]} {text(g)}" for g in order if g in counts))
     frames = sorted(groups)
     for t in frames[:MAX_FRAME_LINES]:
-        listed = [f"{len(groups[t][g])} {text(g)}: {_listed(groups[t][g])}" for g in order if g in groups[t]]
-        lines.append(("image: " if len(info.faces) == 1 else f"frame {t}: ") + "; ".join(listed))
+        kinds = [f"{len(groups[t][g])} {text(g)}: {listed(groups[t][g])}" for g in order if g in groups[t]]
+        lines.append(("image: " if len(info.faces) == 1 else f"frame {t}: ") + "; ".join(kinds))
     if len(frames) > MAX_FRAME_LINES:
         lines.append(f"... and {len(frames) - MAX_FRAME_LINES} more frame(s) with faces")
     return "\n".join(lines)
 
 
-def _listed(items: list[str]) -> str:
+def listed(items: list[str]) -> str:
+    """Items of a report line: the first MAX_LISTED, and how many more."""
     more = len(items) - MAX_LISTED
     return ", ".join(items[:MAX_LISTED]) + (f", ... and {more} more" if more > 0 else "")
 

@@ -15,7 +15,6 @@ Restore SEGS can align a face we found without a detector, through any of Impact
 
 from __future__ import annotations
 
-import logging
 import math
 from collections import namedtuple
 from contextlib import ExitStack, contextmanager, nullcontext
@@ -33,11 +32,14 @@ from .masks import feather_inside
 from .options import MaskOptions, PasteOptions, SegmentOptions, SelectOptions
 from .parse import parse_faces
 from .pipeline import (
+    MAX_FRAME_LINES,
     OUTSIDE_SEGS,
     FaceInfo,
     Selection,
+    box_sides,
     check_cancel,
     detect_faces,
+    listed,
     locate_faces,
     paste_restored,
 )
@@ -52,7 +54,6 @@ SAME_ASPECT = 0.02  # SEGS of another size are scaled to the image when their as
 # swap score lower than photographs, so the bar is the detector libraries' usual one, not RetinaFace's 0.95.
 REDETECT_THRESHOLD = 0.5
 REDETECT_CONTEXT = 2.0  # a segment's face is looked for in its box enlarged this much (detectors need context)
-log = logging.getLogger("gpen")
 
 
 class FaceBox(np.ndarray):
@@ -438,24 +439,36 @@ class SegsRestoration:
     segs: tuple | list  # the SEGS in the image's size (or one per frame, as given), with restored cropped_images
     masks: torch.Tensor  # (B, H, W) where restored pixels went
     segments: int = 0  # (frame, segment) pairs looked at
-    restored: int = 0  # of those, restored
-    no_face: list[tuple[int, int]] = field(default_factory=list)  # (frame, segment) where no face was found
-    left_as_was: int = 0  # faces found whose restored pixels were not finite, or masked out by the parser
+    records: list[tuple[int, str, str]] = field(default_factory=list)  # (frame, outcome, "segment 3 face 0.99 40px")
     notes: list[str] = field(default_factory=list)
     frames: int = 1
 
     @property
+    def restored(self) -> int:
+        return sum(outcome == RESTORED for _, outcome, _ in self.records)
+
+    def count(self, outcome: str) -> int:
+        return sum(o == outcome for _, o, _ in self.records)
+
+    @property
     def summary(self) -> str:
-        where = "" if self.frames == 1 else f" over {self.frames} frames"
-        lines = [f"restored the faces of {self.restored} of {self.segments} segment(s){where}"]
-        if self.no_face:
-            listed = ", ".join(f"segment {k}" + (f" (frame {t})" if self.frames > 1 else "")
-                               for t, k in self.no_face[:8])
-            more = f", ... and {len(self.no_face) - 8} more" if len(self.no_face) > 8 else ""
-            lines.append(f"{len(self.no_face)} without a face, passed through: {listed}{more}")
-        if self.left_as_was:
-            lines.append(f"{self.left_as_was} face(s) left as they were (not finite, or the parser found no face)")
-        return "; ".join(lines[:1] + self.notes) + "".join(f"\n{line}" for line in lines[1:])
+        """As the other nodes' summaries: a headline, then a line a frame (the first MAX_FRAME_LINES) with each
+        segment restored (its face's detector score and box side) and each passed through, with why."""
+        where = "1 image" if self.frames == 1 else f"{self.frames} frames"
+        headline = f"restored {self.restored} face(s) in {self.segments} segment(s) of {where}"
+        lines = ["; ".join([headline, *(f"{self.count(o)} {o}" for o in OUTCOMES[1:] if self.count(o)), *self.notes])]
+        frames = sorted({t for t, _, _ in self.records})
+        for t in frames[:MAX_FRAME_LINES]:
+            groups = [(o, [text for u, oo, text in self.records if u == t and oo == o]) for o in OUTCOMES]
+            lines.append(("image: " if self.frames == 1 else f"frame {t}: ") +
+                         "; ".join(f"{len(items)} {o}: {listed(items)}" for o, items in groups if items))
+        if len(frames) > MAX_FRAME_LINES:
+            lines.append(f"... and {len(frames) - MAX_FRAME_LINES} more frame(s) with segments")
+        return "\n".join(lines)
+
+
+RESTORED, NO_FACE, LEFT = "restored", "without a face (passed through)", "left as they were (not finite, or masked out)"
+OUTCOMES = (RESTORED, NO_FACE, LEFT)
 
 
 def restore_segs(images, segs, model, detector=None, *, paste: PasteOptions = PasteOptions(),
@@ -486,8 +499,8 @@ def restore_segs(images, segs, model, detector=None, *, paste: PasteOptions = Pa
     notes = list(dict.fromkeys(note for read in reads for note in read.notes))
     result = SegsRestoration(images, segs, torch.zeros(images.shape[:3]), notes=notes, frames=len(images),
                              segments=sum(len(read.given) for read in reads))
-    result.no_face = [(t, reads[t].segments[k].index) for t, row in enumerate(faces) for k, f in enumerate(row)
-                      if not len(f)]
+    result.records = [(t, NO_FACE, describe(reads[t].segments[k])) for t, row in enumerate(faces)
+                      for k, f in enumerate(row) if not len(f)]
     flat = [(t, k, f) for t, row in enumerate(faces) for k, f in enumerate(row) if len(f)]
     pasted = {}  # (frame, segment) -> (h, w, 3) restored crop region
     out = images
@@ -503,7 +516,7 @@ def restore_segs(images, segs, model, detector=None, *, paste: PasteOptions = Pa
             segment = reads[t].segments[k]
             region, weight, kept = paste_in_region(images[t:t + 1], restored[i:i + 1], crops[i:i + 1], affines[i],
                                                    face, restorer.size, segment.region, paste, masks)
-            result.left_as_was += not kept
+            result.records.append((t, RESTORED if kept else LEFT, describe(segment, face)))
             if kept:
                 x0, y0, x1, y1 = segment.region
                 mask = soften_inside(segment.masks[t if len(segment.masks) > 1 else 0], feather)
@@ -511,13 +524,22 @@ def restore_segs(images, segs, model, detector=None, *, paste: PasteOptions = Pa
                 here += (match_to(region, here) - here) * mask[..., None].to(here)
                 result.masks[t, y0:y1, x0:x1] = torch.maximum(result.masks[t, y0:y1, x0:x1], weight.cpu() * mask)
                 pasted[t, k] = region
-    result.restored = len(pasted)
+    result.records.sort(key=lambda record: record[0])
     result.images = like_given(out, given)
     size = tuple(images.shape[1:3])
     result.segs = (size, with_restored_crops(reads[0], images, pasted)) if shared else \
         [(size, with_restored_crops(read, images[t:t + 1], {(0, k): v for (u, k), v in pasted.items() if u == t}))
          for t, read in enumerate(reads)]
     return result
+
+
+def describe(segment: Segment, face: Faces | None = None) -> str:
+    """A segment as the summary lists it: "segment 3 face 0.998 40px" (its face's score and box side), or for
+    one without a face its label and confidence: "segment 5 (person 0.90)"."""
+    if face is None:
+        return f"segment {segment.index} ({segment.seg.label} {float(segment.seg.confidence):.2f})"
+    side = float(box_sides(face)[0])
+    return f"segment {segment.index} face {float(face.scores[0]):.3f} {side:.0f}px"
 
 
 def soften_inside(mask: torch.Tensor, pixels: int) -> torch.Tensor:
