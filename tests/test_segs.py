@@ -247,6 +247,7 @@ def test_hostile_segs_are_handled_or_refused_by_name(solvay, detector, solvay_se
         restore_segs(solvay, ((600, 600), two[1]), IdentityRestorer(512), detector)
     empty = restore_segs(solvay, (solvay.shape[1:3], []), IdentityRestorer(512), detector)
     assert torch.equal(empty.images, solvay) and empty.restored == 0
+    assert empty.summary == "restored 0 face(s) in 0 segment(s) of 1 image: images returned unchanged"
     # A region partly outside is clamped; one wholly outside is left as it was, and said.
     x1, y1, x2, y2 = two[1][0].crop_region
     spill = two[1][0]._replace(crop_region=[x1 - 2000, y1, x2, y2], cropped_mask=np.pad(two[1][0].cropped_mask,

@@ -456,6 +456,8 @@ class SegsRestoration:
         segment restored (its face's detector score and box side) and each passed through, with why."""
         where = "1 image" if self.frames == 1 else f"{self.frames} frames"
         headline = f"restored {self.restored} face(s) in {self.segments} segment(s) of {where}"
+        if not self.restored:
+            headline += ": images returned unchanged"
         lines = ["; ".join([headline, *(f"{self.count(o)} {o}" for o in OUTCOMES[1:] if self.count(o)), *self.notes])]
         frames = sorted({t for t, _, _ in self.records})
         for t in frames[:MAX_FRAME_LINES]:
