@@ -14,6 +14,7 @@ from gpen.archs import register
 from gpen.archs.spec import ArchSpec, Convention
 from gpen.devices import resolve_dtype
 from gpen.faces.restore import as_restorer, restore_crops
+from gpen.faces.segs import faces_to_segs, restore_segs
 from tests.helpers import random_gpen
 from tests.test_summary import PlantedDetector
 
@@ -174,8 +175,31 @@ def test_restore_frames_and_video_summaries_count_the_faces_rerun(fragile_file):
     results = list(gpen.restore_frames(iter([two_faces()[0]] * 3), model, PlantedDetector(FACES), chunk=2))
     assert [r.rerun_fp32 for r in results] == [2, 1]  # two chunks: 2 frames, then 1
     summary = VideoSummary("in.mp4", "out.mp4", frames=2, faces=4, rerun_fp32=2)
-    summary.add(VideoSummary("in.mp4", "out.mp4", frames=1, faces=2, rerun_fp32=1))
+    summary.add(VideoSummary("in.mp4", "out.mp4", frames=1, faces=2, rerun_fp32=1))  # a Ray segment's
     assert "3 face(s) re-run in fp32: half precision (fp16/bf16) overflowed" in str(summary)
+
+
+def test_restore_video_counts_the_faces_rerun(fragile_file, tmp_path):
+    pytest.importorskip("av")
+    from tests.test_video import make_clip
+
+    picture = (two_faces()[0, ::4, ::4] * 255).round().to(torch.uint8).numpy()  # 256x128, a face on each half
+    make_clip(tmp_path / "clip.mp4", picture, frames=3, size=(256, 128), audio=None, step=0)
+    faces = [(x / 4, y / 4, side / 4, score) for x, y, side, score in FACES]
+    summary = gpen.restore_video(tmp_path / "clip.mp4", tmp_path / "out.mp4",
+                                 gpen.load_model(fragile_file, device="cpu", dtype="fp16"),
+                                 PlantedDetector(faces), progress=False)
+    assert (summary.frames, summary.faces, summary.rerun_fp32) == (3, 6, 3)  # the bright face of each frame
+    assert "3 face(s) re-run in fp32" in str(summary)
+
+
+def test_restore_segs_says_how_many_faces_were_rerun(fragile_file):
+    image = two_faces()
+    segs = faces_to_segs(PlantedDetector(FACES).detect(image)[0], tuple(image.shape[1:3]))
+    result = restore_segs(image, segs, gpen.load_model(fragile_file, device="cpu", dtype="fp16"))
+    assert result.restored == 2
+    assert result.summary.startswith("restored 2 face(s) in 2 segment(s) of 1 image; "
+                                     "1 face(s) re-run in fp32: half precision (fp16/bf16) overflowed")
 
 
 def test_a_callers_own_restorer_is_called_as_before():
