@@ -38,8 +38,9 @@ def check_cuda(device: torch.device) -> None:
 
 
 def resolve_dtype(dtype: torch.dtype | str | None, device: torch.device | None = None) -> torch.dtype:
-    """A torch dtype from a name; None is float32, and "auto" is float16 on a GPU (the fastest there that
-    matches float32: BENCHMARKS.md), float32 elsewhere. bfloat16 on a CUDA `device` without it is refused."""
+    """A torch dtype from a name; None is float32, and "auto" is float16 on a GPU (a restorer re-runs in float32
+    the faces it overflows: faces/restore.py), float32 elsewhere. bfloat16 on a CUDA `device` without it is
+    refused."""
     if dtype == "auto":
         return torch.float16 if device is not None and device.type == "cuda" else torch.float32
     if dtype is None:
