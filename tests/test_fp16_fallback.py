@@ -119,6 +119,22 @@ def test_a_cancel_during_the_fp32_rerun_leaves_the_weights_in_half_precision(fra
     assert torch.float32 in seen and model.dtype == torch.float16
 
 
+def test_faces_whose_fp32_rerun_runs_out_of_memory_are_left_unrestored(fragile_file, monkeypatch):
+    model = gpen.load_model(fragile_file, device="cpu", dtype="fp16")
+    forward = model.network.forward
+
+    def on_a_small_gpu(x):
+        if x.dtype == torch.float32:
+            raise torch.OutOfMemoryError("CUDA out of memory (as raised on a GPU)")
+        return forward(x)
+
+    monkeypatch.setattr(model.network, "forward", on_a_small_gpu)
+    counted = []
+    restored = model.restore(flat_faces(BRIGHT, MID), on_rerun=counted.append)
+    assert restored[0].isnan().all() and restored[1].isfinite().all() and counted == []
+    assert model.dtype == torch.float16
+
+
 def test_a_gpen_whose_fp16_overflows_gives_the_fp32_result_and_its_weights_back():
     network = random_gpen(SIZE)
     with torch.no_grad():

@@ -58,8 +58,8 @@ class RestorerHandle(NetworkHandle):
 
         A torch network in float16 or bfloat16 whose output for a face is not finite (GPEN's modulated
         convolutions can pass fp16's 65504) runs that face again with its weights in float32, and
-        `on_rerun(count)` is told how many faces were; a face not finite in float32 either stays NaN.
-        ONNX runners keep their file's dtype and re-run nothing."""
+        `on_rerun(count)` is told how many faces were; a face not finite in float32 either (or out of
+        memory there even one at a time) stays NaN. ONNX runners keep their file's dtype and re-run nothing."""
         device = self.device
         if self.spec.convention.batch == "one-on-cpu" and device.type == "cpu":
             batch_size = 1
@@ -74,9 +74,14 @@ class RestorerHandle(NetworkHandle):
             broken = (~finite_faces(restored)).nonzero().flatten()
             if not len(broken) or not self.is_torch or self.dtype == torch.float32:
                 return restored
-            with in_float32(self.network):
-                asked = cancel and (lambda done, total: cancel())  # progress has counted these faces already
-                restored[broken] = run(faces[broken], torch.float32, asked)
+            try:
+                with in_float32(self.network):
+                    asked = cancel and (lambda done, total: cancel())  # progress has counted these faces already
+                    restored[broken] = run(faces[broken], torch.float32, asked)
+            except torch.OutOfMemoryError:  # float32 weights and activations take twice the memory
+                _empty_cache(device)
+                log.warning("%d face(s) not re-run in fp32, out of memory: left unrestored", len(broken))
+                return restored
         log.info("%s", rerun_note(len(broken)))
         if on_rerun is not None:
             on_rerun(len(broken))
@@ -195,9 +200,9 @@ def in_float32(network: torch.nn.Module):
     kept. The network is changed in place, so nothing else may run it meanwhile."""
     tensors = [t for t in chain(network.parameters(), network.buffers()) if t.is_floating_point()]
     dtypes = [t.dtype for t in tensors]
-    for t in tensors:
-        t.data = t.data.float()
-    try:
+    try:  # also when memory runs out half way through
+        for t in tensors:
+            t.data = t.data.float()
         yield
     finally:
         for t, dtype in zip(tensors, dtypes):
