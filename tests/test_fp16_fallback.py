@@ -2,6 +2,8 @@
 by the restorer handle, counted, and said in the summaries; only a face not finite in float32 either is
 left as it was. Run on the CPU, whose float16 and bfloat16 kernels torch has for the ops used here."""
 
+import dataclasses
+import json
 import logging
 
 import pytest
@@ -9,6 +11,7 @@ import torch
 from torch import nn
 
 import gpen
+from gpen.apps.segments import read_summary
 from gpen.apps.video import VideoSummary
 from gpen.archs import register
 from gpen.archs.spec import ArchSpec, Convention
@@ -193,6 +196,8 @@ def test_restore_frames_and_video_summaries_count_the_faces_rerun(fragile_file):
     summary = VideoSummary("in.mp4", "out.mp4", frames=2, faces=4, rerun_fp32=2)
     summary.add(VideoSummary("in.mp4", "out.mp4", frames=1, faces=2, rerun_fp32=1))  # a Ray segment's
     assert "3 face(s) re-run in fp32: half precision (fp16/bf16) overflowed" in str(summary)
+    record = json.loads(json.dumps(dataclasses.asdict(summary), default=str))  # as a Ray segment records it
+    assert read_summary(record).rerun_fp32 == 3
 
 
 def test_restore_video_counts_the_faces_rerun(fragile_file, tmp_path):
