@@ -38,13 +38,27 @@ def check_cuda(device: torch.device) -> None:
 
 
 def resolve_dtype(dtype: torch.dtype | str | None, device: torch.device | None = None) -> torch.dtype:
-    """A torch dtype from a name; None is float32, and "auto" is float16 on a GPU, float32 elsewhere."""
+    """A torch dtype from a name; None is float32, and "auto" is float16 on a GPU (a restorer re-runs in float32
+    the faces it overflows: faces/restore.py), float32 elsewhere. bfloat16 on a CUDA `device` without it is
+    refused."""
     if dtype == "auto":
         return torch.float16 if device is not None and device.type == "cuda" else torch.float32
     if dtype is None:
         return torch.float32
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-    return DTYPES[dtype]
+    if not isinstance(dtype, torch.dtype):
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+        dtype = DTYPES[dtype]
+    if dtype == torch.bfloat16 and device is not None and device.type == "cuda":
+        check_bf16(device)
+    return dtype
+
+
+def check_bf16(device: torch.device) -> None:
+    """Refuses a GPU without native bfloat16 (before Ampere, compute capability 8.0): there torch at best
+    emulates it, which gains nothing over fp16."""
+    with torch.cuda.device(device.index if device.index is not None else -1):  # -1: the current device
+        supported = torch.cuda.is_bf16_supported(including_emulation=False)
+    if not supported:
+        raise ValueError(f"bf16 asked for, but {device} has no native bfloat16 (it needs a GPU of compute "
+                         "capability 8.0, Ampere, or newer): use fp16 or fp32")

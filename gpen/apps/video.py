@@ -31,6 +31,7 @@ import torch
 from ..faces.options import MaskOptions, PasteOptions, SelectOptions
 from ..faces.paste import check_output_size, output_size
 from ..faces.pipeline import Selection, model_fit
+from ..faces.restore import rerun_note
 from ..faces.stream import restore_frames, stream_reach
 from ..files.atomic import atomic_file
 from ..files.images import MAX_MEGAPIXELS
@@ -73,6 +74,7 @@ class VideoSummary:
     frames: int = 0
     faces: int = 0  # faces restored, all frames
     unrestored: int = 0  # faces left as they were: the restorer's output was not finite
+    rerun_fp32: int = 0  # faces run again in float32: not finite in fp16 or bf16
     seconds: float = 0.0
     selection: Selection = field(default_factory=Selection)
     notes: list[str] = field(default_factory=list)  # codec fallbacks, streams not copied
@@ -81,6 +83,8 @@ class VideoSummary:
 
     def __str__(self) -> str:
         notes = self.selection.notes() + self.notes
+        if self.rerun_fp32:
+            notes.append(rerun_note(self.rerun_fp32))
         if self.unrestored:
             notes.append(f"{self.unrestored} face(s) left unrestored: the restorer's output was not finite")
         if self.restorer_size and (fit := model_fit(self.face_px, self.restorer_size)):
@@ -94,6 +98,7 @@ class VideoSummary:
         self.frames += part.frames
         self.faces += part.faces
         self.unrestored += part.unrestored
+        self.rerun_fp32 += part.rerun_fp32
         self.face_px += part.face_px
         self.restorer_size = self.restorer_size or part.restorer_size
         self.selection.add(part.selection)
@@ -739,6 +744,7 @@ def restore_video(src: str | os.PathLike, dst: str | os.PathLike, model, detecto
                     summary.face_px += result.output_face_px.tolist()
                     summary.restorer_size = summary.restorer_size or result.restorer_size
                     summary.unrestored += result.unrestored
+                    summary.rerun_fp32 += result.rerun_fp32
                     if bar is not None:
                         bar.update(len(pixels))
                 summary.notes += writer.finish()

@@ -23,7 +23,7 @@ from .masks import smooth_over_time
 from .options import MaskOptions, PasteOptions, SelectOptions
 from .parse import parse_faces
 from .paste import check_background, check_output_size, not_larger, paste_faces, paste_target, scale_affines
-from .restore import as_restorer, finite_faces
+from .restore import as_restorer, finite_faces, rerun_note
 from .tensors import as_images, as_rgb, check_finite, like_given
 from .tracks import choose_tracks, face_tracks, selects_tracks
 
@@ -161,6 +161,7 @@ class Restoration:
     timings: dict[str, float] = field(default_factory=dict)  # seconds each stage took
     restorer_size: int | None = None  # the restored crops' side
     left_as_was: dict[int, str] = field(default_factory=dict)  # crop -> why it was not pasted (NOT_FINITE, MASKED_OUT)
+    rerun_fp32: int = 0  # faces the restorer ran again in float32: not finite in fp16 or bf16
 
     @property
     def output_face_px(self) -> torch.Tensor:
@@ -183,6 +184,8 @@ class Restoration:
             return "no images"
         notes = self.info.selection.notes()
         lead, notes = (notes[:1], notes[1:]) if self.info.selection.compared is not None else ([], notes)  # "3 of 29 faces changed"
+        if self.rerun_fp32:
+            notes.append(rerun_note(self.rerun_fp32))
         if self.unrestored:
             notes.append(f"{self.unrestored} face(s) left unrestored: the restorer's output was not finite (NaN or Inf)")
         if self.masked_out:
@@ -505,15 +508,16 @@ def restore_faces(images: torch.Tensor, model, detector, *, select: SelectOption
             progress(done, total)
         check_cancel(cancel)
 
-    restored = crops
+    restored, reruns = crops, []
     if len(crops):
         with _stage(timings, "restore", info.device):
             restored = restorer.restore(crops, batch_size=face_batch, on_batch=on_batch,
-                                        cancel=cancel and (lambda: check_cancel(cancel))).to(info.device)
+                                        cancel=cancel and (lambda: check_cancel(cancel)),
+                                        on_rerun=reruns.append).to(info.device)
     del crops  # the restored crops are a second set: a parser cuts what it looks at again, a batch at a time
     result = paste_restored(images, restored, info, paste, masks, face_batch=face_batch, cancel=cancel,
                             timings=timings)
-    return replace(result, images=like_given(result.images, given))
+    return replace(result, images=like_given(result.images, given), rerun_fp32=sum(reruns))
 
 
 def paste_restored(images: torch.Tensor, restored: torch.Tensor, info: FaceInfo, paste: PasteOptions = PasteOptions(),

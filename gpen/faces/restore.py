@@ -1,12 +1,14 @@
 """Restorers: what the pipeline asks of one (`Restorer`), the handle that runs a network on face crops
 (`RestorerHandle`: normalisation, resizing, batching, device, dtype, cancel, OOM back-off, the finite
-check), and `as_restorer`, which makes a restorer of whatever the caller gave."""
+check and the float32 re-run of faces half precision broke), and `as_restorer`, which makes a restorer of
+whatever the caller gave."""
 
 from __future__ import annotations
 
 import logging
 import time
 from contextlib import contextmanager
+from itertools import chain
 from typing import Callable, Protocol, runtime_checkable
 
 import torch
@@ -19,17 +21,20 @@ from .tensors import as_rgb, match_channels
 
 Forward = Callable[[torch.Tensor], torch.Tensor]
 CANCEL_CHECK_SECONDS = 0.5  # on the CPU, how often a running forward asks the caller whether to go on
+log = logging.getLogger("gpen")
 
 
 @runtime_checkable
 class Restorer(Protocol):
     """Restores aligned face crops: (B,S,S,3) RGB float in 0..1 -> the same. A face whose output is not
-    finite comes back as NaN; `cancel()` raises to stop, also in the middle of a batch."""
+    finite comes back as NaN; `cancel()` raises to stop, also in the middle of a batch; `on_rerun(n)` hears
+    of faces run again in float32 (see RestorerHandle.restore)."""
 
     size: int
 
     def restore(self, faces: torch.Tensor, batch_size: int = 4, on_batch: Callable[[int, int], None] | None = None,
-                cancel: Callable[[], None] | None = None) -> torch.Tensor: ...
+                cancel: Callable[[], None] | None = None,
+                on_rerun: Callable[[int], None] | None = None) -> torch.Tensor: ...
 
 
 class RestorerHandle(NetworkHandle):
@@ -46,16 +51,41 @@ class RestorerHandle(NetworkHandle):
         return self.spec.convention.template
 
     def restore(self, faces: torch.Tensor, batch_size: int = 4, on_batch: Callable[[int, int], None] | None = None,
-                cancel: Callable[[], None] | None = None) -> torch.Tensor:
+                cancel: Callable[[], None] | None = None,
+                on_rerun: Callable[[int], None] | None = None) -> torch.Tensor:
         """Restore aligned face crops, (B,S,S,3) float 0..1 -> the same; see restore_crops. A network
-        whose convention is "one-on-cpu" (GPEN's) takes faces one at a time there, whatever `batch_size`."""
+        whose convention is "one-on-cpu" (GPEN's) takes faces one at a time there, whatever `batch_size`.
+
+        A torch network in float16 or bfloat16 whose output for a face is not finite (GPEN's modulated
+        convolutions can pass fp16's 65504) runs that face again with its weights in float32, and
+        `on_rerun(count)` is told how many faces were; a face not finite in float32 either (or out of
+        memory there even one at a time) stays NaN. ONNX runners keep their file's dtype and re-run nothing."""
         device = self.device
         if self.spec.convention.batch == "one-on-cpu" and device.type == "cpu":
             batch_size = 1
-        with interruptible(self.network, cancel):
-            return restore_crops(lambda x: self.spec.forward(self.network, x), self.size, faces,
-                                 convention=self.spec.convention, device=device, dtype=self.dtype,
+
+        def run(crops: torch.Tensor, dtype: torch.dtype, on_batch) -> torch.Tensor:
+            return restore_crops(lambda x: self.spec.forward(self.network, x), self.size, crops,
+                                 convention=self.spec.convention, device=device, dtype=dtype,
                                  batch_size=batch_size, on_batch=on_batch)
+
+        with interruptible(self.network, cancel):
+            restored = run(faces, self.dtype, on_batch)
+            broken = (~finite_faces(restored)).nonzero().flatten()
+            if not len(broken) or not self.is_torch or self.dtype == torch.float32:
+                return restored
+            try:
+                with in_float32(self.network):
+                    asked = cancel and (lambda done, total: cancel())  # progress has counted these faces already
+                    restored[broken] = run(faces[broken], torch.float32, asked)
+            except torch.OutOfMemoryError:  # float32 weights and activations take twice the memory
+                _empty_cache(device)
+                log.warning("%d face(s) not re-run in fp32, out of memory: left unrestored", len(broken))
+                return restored
+        log.info("%s", rerun_note(len(broken)))
+        if on_rerun is not None:
+            on_rerun(len(broken))
+        return restored
 
     def __repr__(self) -> str:
         return f"<{self.info or self.spec.name} restorer on {self.device}>"
@@ -69,8 +99,9 @@ class CallerRestorer:
         self.restorer, self.size = restorer, restorer.size
 
     def restore(self, faces: torch.Tensor, batch_size: int = 4, on_batch: Callable[[int, int], None] | None = None,
-                cancel: Callable[[], None] | None = None) -> torch.Tensor:
-        return self.restorer.restore(faces, batch_size=batch_size, on_batch=on_batch)
+                cancel: Callable[[], None] | None = None,
+                on_rerun: Callable[[int], None] | None = None) -> torch.Tensor:
+        return self.restorer.restore(faces, batch_size=batch_size, on_batch=on_batch)  # it re-runs nothing of ours
 
 
 def as_restorer(model) -> Restorer:
@@ -155,6 +186,27 @@ def restore_aligned(model, crops: torch.Tensor, strength: float = 1.0, batch_siz
 def finite_faces(faces: torch.Tensor) -> torch.Tensor:
     """(N,) True where a face holds no NaN or Inf; a per-face sum spots either without copying the faces."""
     return faces.sum(dim=tuple(range(1, faces.ndim)), dtype=torch.float32).isfinite()
+
+
+def rerun_note(count: int) -> str:
+    """What summaries say of faces re-run in float32 (RestorerHandle.restore)."""
+    return f"{count} face(s) re-run in fp32: half precision (fp16/bf16) overflowed"
+
+
+@contextmanager
+def in_float32(network: torch.nn.Module):
+    """The network's floating-point weights and buffers in float32 for a while, then each back in its own
+    dtype: exact both ways (every float16 and bfloat16 is a float32), with no second copy of the weights
+    kept. The network is changed in place, so nothing else may run it meanwhile."""
+    tensors = [t for t in chain(network.parameters(), network.buffers()) if t.is_floating_point()]
+    dtypes = [t.dtype for t in tensors]
+    try:  # also when memory runs out half way through
+        for t in tensors:
+            t.data = t.data.float()
+        yield
+    finally:
+        for t, dtype in zip(tensors, dtypes):
+            t.data = t.data.to(dtype)
 
 
 def check_strength(strength: float) -> None:

@@ -43,7 +43,7 @@ from .pipeline import (
     locate_faces,
     paste_restored,
 )
-from .restore import as_restorer
+from .restore import as_restorer, rerun_note
 from .tensors import as_images, as_rgb, like_given
 
 SEG = namedtuple("SEG", ["cropped_image", "cropped_mask", "confidence", "crop_region", "bbox", "label",
@@ -511,7 +511,8 @@ def restore_segs(images, segs, model, detector=None, *, paste: PasteOptions = Pa
         crops, affines = crop_faces(images, torch.cat([f.landmarks for _, _, f in flat]), restorer.size,
                                     torch.tensor([t for t, _, _ in flat]), template=template, device=device)
         restored = restorer.restore(crops, batch_size=face_batch, on_batch=progress,
-                                    cancel=cancel and (lambda: check_cancel(cancel))).to(device)
+                                    cancel=cancel and (lambda: check_cancel(cancel)),
+                                    on_rerun=lambda count: result.notes.append(rerun_note(count))).to(device)
         out = images.clone()
         for i, (t, k, face) in enumerate(flat):
             check_cancel(cancel)
