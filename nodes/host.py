@@ -158,6 +158,7 @@ class GPENPackNetwork(torch.nn.Module):
     def __init__(self, handle):
         super().__init__()
         self.handle = handle  # a handle, not an nn.Module: held, not registered as a layer
+        self.device = None  # ModelPatcher sets it: the offload device, where handles are loaded
 
     def to(self, device):
         self.handle.to(device)
