@@ -143,7 +143,7 @@ def offload_device() -> torch.device:
     return model_management.unet_offload_device() if model_management is not None else torch.device("cpu")
 
 
-def load_handle(load, path: str, target: torch.device, **options) -> "Loaded":
+def load_handle(load, path: str, target: torch.device, **options) -> Loaded:
     """`load(path, device=..., **options)` as a node's model for `target`: torch networks are loaded onto
     the offload device and go to `target` on their first run (see Loaded); onnxruntime sessions are made on
     `target` and stay there."""

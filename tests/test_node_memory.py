@@ -25,8 +25,9 @@ class FakeComfy:
     models of that device, other than keep_loaded, until the device has the memory asked for: first a layer
     at a time, then the whole model), unload_all_models (free_memory of everything on ComfyUI's device),
     current_loaded_models, the interrupt flag. Memory is counted, not measured: `total` bytes per device,
-    less what the loaded models hold (the real one also keeps room for inference free). The real LoadedModel keeps weak references and a finalizer (a model
-    no one holds leaves the list); here the tests hold every model."""
+    less what the loaded models hold (the real one also keeps room for inference free). The real LoadedModel
+    keeps weak references and a finalizer (a model no one holds leaves the list); here the tests hold every
+    model."""
 
     def __init__(self, models_dir: Path, device: torch.device = CPU, total: float = 1e12):
         self.device, self.total = device, total
@@ -119,9 +120,9 @@ class LoadedModel:
 
     def model_unload(self, memory_to_free=None) -> bool:
         """False when unloading layers freed enough and the rest stays loaded."""
-        if memory_to_free is not None and memory_to_free < self.model.loaded_size():
-            if self.model.partially_unload(self.model.offload_device, memory_to_free) >= memory_to_free:
-                return False
+        if memory_to_free is not None and memory_to_free < self.model.loaded_size() and \
+                self.model.partially_unload(self.model.offload_device, memory_to_free) >= memory_to_free:
+            return False
         self.model.detach()
         return True
 
