@@ -69,18 +69,17 @@ import json
 import os
 import re
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+sys.dont_write_bytecode = True  # leave no __pycache__ in the checkout (scripts/comfyui_server.py)
+from comfyui_server import Server, logger
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
@@ -187,8 +186,7 @@ NODE_DISPLAY_NAME_MAPPINGS = {}
 '''
 
 
-def log(msg: str) -> None:
-    print(f"[impact-check {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+log = logger("impact-check")
 
 
 # ------------------------------------------------------------------------------------------ files
@@ -273,71 +271,14 @@ def link_models(base: Path, models: dict[str, Path]) -> None:
 
 # ------------------------------------------------------------------------------------------ server
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def http_json(url: str, data: dict | None = None, timeout: float = 30):
-    body = None if data is None else json.dumps(data).encode()
-    req = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"} if body else {})
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as r:
-            return json.loads(r.read())
-    except urllib.error.HTTPError as e:
-        raise RuntimeError(f"{url}: HTTP {e.code}: {e.read()[:2000].decode(errors='replace')}") from None
-
-
-class Server:
-    def __init__(self, args, base: Path, out: Path, pythonpath: str):
-        self.url = f"http://127.0.0.1:{args.port or free_port()}"
-        cmd = [args.python, str(args.comfyui / "main.py"), "--cpu", "--listen", "127.0.0.1",
-               "--port", self.url.rsplit(":", 1)[1], "--base-directory", str(base), "--disable-auto-launch"]
-        if "--database-url" in (args.comfyui / "comfy" / "cli_args.py").read_text():
-            # ComfyUI keeps its database in <comfyui>/user, whatever the base directory: here it goes in the base
-            cmd += ["--database-url", f"sqlite:///{base / 'user' / 'comfyui.db'}"]
-        # bytecode into the base too: nothing is written into ComfyUI, the Impact Pack or this checkout
-        env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPYCACHEPREFIX=str(base / "pycache"), PYTHONPATH=pythonpath)
-        self.log_path = out / "server.log"
-        self.log_file = open(self.log_path, "w")  # noqa: SIM115 (closed in stop())
-        log(f"starting ComfyUI: {' '.join(cmd)}")
-        self.proc = subprocess.Popen(cmd, cwd=args.comfyui, env=env, stdout=self.log_file, stderr=subprocess.STDOUT,
-                                     start_new_session=True)
-
-    def object_info(self, timeout: float) -> dict:
-        end = time.time() + timeout
-        while time.time() < end:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"ComfyUI exited with {self.proc.returncode}; see {self.log_path}")
-            try:
-                return http_json(self.url + "/object_info", timeout=30)
-            except (OSError, RuntimeError):
-                time.sleep(2)
-        raise RuntimeError(f"ComfyUI did not answer within {timeout:.0f} s; see {self.log_path}")
-
-    def run(self, prompt: dict, timeout: float) -> dict:
-        """Queue an API prompt and wait for it: its /history entry."""
-        prompt_id = http_json(self.url + "/prompt", {"prompt": prompt})["prompt_id"]
-        end = time.time() + timeout
-        while time.time() < end:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"ComfyUI exited with {self.proc.returncode}; see {self.log_path}")
-            history = http_json(f"{self.url}/history/{prompt_id}")
-            if prompt_id in history:
-                return history[prompt_id]
-            time.sleep(2)
-        raise RuntimeError(f"no result within {timeout:.0f} s")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.log_file.close()
+def start_server(args, base: Path, out: Path, pythonpath: str) -> Server:
+    """ComfyUI with this base, the server's PYTHONPATH, and its database in the base where ComfyUI has
+    --database-url (else it keeps it in <comfyui>/user, whatever the base directory)."""
+    database = []
+    if "--database-url" in (args.comfyui / "comfy" / "cli_args.py").read_text():
+        database = ["--database-url", f"sqlite:///{base / 'user' / 'comfyui.db'}"]
+    return Server(args.comfyui, args.python, base, out / "server.log", log=log, port=args.port,
+                  extra_args=database, env={"PYTHONPATH": pythonpath})
 
 
 # ------------------------------------------------------------------------------------------ prompts
@@ -680,7 +621,7 @@ def run_check(server: Server, info: dict, check: str, files: dict, args, base: P
     began = time.time()
     try:
         result = Result(server.run(api_prompt(graph, info), args.timeout), base, out, check)
-    except RuntimeError as e:
+    except (TimeoutError, RuntimeError) as e:
         return report(False, check, str(e))
     (out / f"{check}.history.json").write_text(json.dumps({"status": result.status, "outputs": result.outputs},
                                                           indent=1))
@@ -744,10 +685,10 @@ def main() -> int:
     gpen_file = args.gpen or cached(GPEN_FILE, build_with(args, GPEN_BUILDER, ROOT, build_env))
     link_models(base, {"checkpoints": sd15, "facerestore_models": gpen_file, "facedetection": args.detector})
     files = {"sd15": sd15.name, "gpen": gpen_file.name, "detector": args.detector.name}
-    server = Server(args, base, out, pythonpath)
+    server = start_server(args, base, out, pythonpath)
     results = []
     try:
-        info = server.object_info(args.ready_timeout)
+        info = server.wait_ready("/object_info", args.ready_timeout)
         for group, ids in (("ComfyUI-GPEN", GPEN_NODES), ("Impact Pack", IMPACT_NODES)):
             missing = [i for i in ids if i not in info]
             results.append(report(not missing, "registered", f"{group}: " + (f"missing {', '.join(missing)}"

@@ -56,87 +56,23 @@ import argparse
 import json
 import os
 import shutil
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
+
+sys.dont_write_bytecode = True  # leave no __pycache__ in the checkout (scripts/comfyui_server.py)
+from comfyui_server import Server, http, http_json, logger
 
 ROOT = Path(__file__).resolve().parents[1]
 MEDIA_NODES = {"LoadImage": "image", "LoadVideo": "video"}  # node type -> which file (--image, --video) it gets
 LOCAL = ("http://127.0.0.1", "http://localhost")
 
 
-def log(msg: str) -> None:
-    print(f"[browser-check {time.strftime('%H:%M:%S')}] {msg}", flush=True)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def http(url: str, data: dict | None = None, timeout: float = 30):
-    """(status, headers, body bytes) of a GET, or a POST of JSON when data is given."""
-    body = None if data is None else json.dumps(data).encode()
-    req = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"} if body else {})
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as r:
-            return r.status, dict(r.headers), r.read()
-    except urllib.error.HTTPError as e:
-        return e.code, dict(e.headers), e.read()
-
-
-def http_json(url: str, data: dict | None = None, timeout: float = 30):
-    status, _, body = http(url, data, timeout)
-    if status != 200:
-        raise RuntimeError(f"{url}: HTTP {status}: {body[:300]!r}")
-    return json.loads(body)
+log = logger("browser-check")
 
 
 # ------------------------------------------------------------------------------------------ server
-
-class Server:
-    def __init__(self, args, base: Path, out: Path):
-        self.url = f"http://127.0.0.1:{args.port or free_port()}"
-        port = self.url.rsplit(":", 1)[1]
-        cmd = [args.python, str(args.comfyui / "main.py"), "--base-directory", str(base), "--listen", "127.0.0.1",
-               "--port", port, "--cpu", "--disable-auto-launch", *args.server_arg]
-        env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPYCACHEPREFIX=str(base / "pycache"))
-        self.log_path = out / "server.log"
-        self.log_file = open(self.log_path, "w")  # noqa: SIM115 (closed in stop())
-        log(f"starting ComfyUI: {' '.join(cmd)}")
-        self.proc = subprocess.Popen(cmd, cwd=args.comfyui, env=env, stdout=self.log_file, stderr=subprocess.STDOUT,
-                                     start_new_session=True)
-
-    def wait_ready(self, timeout: float) -> None:
-        end = time.time() + timeout
-        while time.time() < end:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"ComfyUI exited with {self.proc.returncode}; see {self.log_path}")
-            try:
-                if http(self.url + "/system_stats", timeout=5)[0] == 200:
-                    return
-            except OSError:
-                pass
-            time.sleep(1)
-        raise RuntimeError(f"ComfyUI did not answer within {timeout:.0f} s; see {self.log_path}")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.log_file.close()
-
 
 def make_base(args, out: Path) -> Path:
     base = out / "comfyui-base"
@@ -369,20 +305,6 @@ def open_templates(driver, module: str, out: Path, window: tuple[int, int]) -> d
     return result
 
 
-def wait_history(server: Server, prompt_id: str, timeout: float) -> dict:
-    end = time.time() + timeout
-    while time.time() < end:
-        history = http_json(f"{server.url}/history/{prompt_id}")
-        if prompt_id in history and history[prompt_id].get("status", {}).get("completed") is not None:
-            status = history[prompt_id]["status"]
-            if status.get("status_str") in ("success", "error"):
-                return history[prompt_id]
-        if server.proc.poll() is not None:
-            raise RuntimeError("ComfyUI exited while running the prompt")
-        time.sleep(2)
-    raise TimeoutError(f"prompt {prompt_id} not finished within {timeout:.0f} s")
-
-
 def check_workflow(driver, server: Server, path: Path, args, out: Path) -> dict:
     name = path.stem
     graph = json.loads(path.read_text())
@@ -467,7 +389,7 @@ def check_workflow(driver, server: Server, path: Path, args, out: Path) -> dict:
     prompt_id = queued["response"]["prompt_id"]
     r["queued"] = prompt_id
     try:
-        entry = wait_history(server, prompt_id, args.timeout)
+        entry = server.wait_for_history(prompt_id, args.timeout)
     except (TimeoutError, RuntimeError) as e:
         r["problems"].append(str(e))
         r["history"] = "none"
@@ -556,12 +478,12 @@ def main() -> int:
         return 2
     base = make_base(args, out)
     report = {"comfyui": str(args.comfyui), "pack": str(ROOT), "window": args.window, "workflows": []}
-    server = Server(args, base, out)
+    server = Server(args.comfyui, args.python, base, out / "server.log", log=log, port=args.port,
+                    extra_args=args.server_arg)
     driver = None
     try:
-        server.wait_ready(args.ready_timeout)
+        stats = server.wait_ready("/system_stats", args.ready_timeout)["system"]
         report["url"] = server.url
-        stats = http_json(server.url + "/system_stats")["system"]
         report["versions"] = {"comfyui": stats.get("comfyui_version"), "python": stats.get("python_version"),
                               "pytorch": stats.get("pytorch_version")}
         log(f"ComfyUI {stats.get('comfyui_version')} up at {server.url}")
