@@ -26,14 +26,15 @@ from ..gpen.loader import load_parser
 from . import host
 
 CATEGORY = "GPEN"
-_CACHE: OrderedDict = OrderedDict()  # (path, mtime, dtype) -> loaded object, the last few kept
+_CACHE: OrderedDict = OrderedDict()  # (path, mtime, device, options) -> host.Loaded, the last few kept
 
 
 def _cached(key, load):
+    """One loaded model per file, device and options, shared by every node that loads it."""
     if key not in _CACHE:
         _CACHE[key] = load()
         while len(_CACHE) > 4:  # a GPEN model, a detector and a parser or two
-            _CACHE.popitem(last=False)
+            _CACHE.popitem(last=False)[1].release()  # off the GPU: ComfyUI no longer sees it
     _CACHE.move_to_end(key)
     return _CACHE[key]
 
@@ -103,9 +104,8 @@ class LoadGPENModel:
         path = host.find_gpen_file(model_name)
         target = host.torch_device(device)
         dtype = resolve_dtype(precision, target)
-        key = (path, os.path.getmtime(path), dtype, target.type == "cpu")
-        model = _cached(key, lambda: host.load_handle(gpen.load_model, path, target, dtype=dtype))
-        return (host.Loaded(model, target),)
+        key = (path, os.path.getmtime(path), target, dtype)
+        return (_cached(key, lambda: host.load_handle(gpen.load_model, path, target, dtype=dtype)),)
 
 
 class LoadFaceDetector:
@@ -133,10 +133,9 @@ class LoadFaceDetector:
         path = host.find_detector_file(detector_name)
         target = host.torch_device(device)
         detect_size = detect_size.strip() or "auto"
-        key = (path, os.path.getmtime(path), target.type, detect_size, rotations)
-        detector = _cached(key, lambda: host.load_handle(gpen.load_detector, path, target, detect_size=detect_size,
-                                                         rotations=rotations))
-        return (host.Loaded(detector, target),)
+        key = (path, os.path.getmtime(path), target, detect_size, rotations)
+        return (_cached(key, lambda: host.load_handle(gpen.load_detector, path, target, detect_size=detect_size,
+                                                      rotations=rotations)),)
 
 
 class LoadFaceParser:
@@ -166,9 +165,9 @@ class LoadFaceParser:
         path = host.find_parser_file(parser_name)
         target = host.torch_device(device)
         dtype = resolve_dtype(precision, target)
-        key = (path, os.path.getmtime(path), dtype, target.type)
+        key = (path, os.path.getmtime(path), target, dtype)
         parser = _cached(key, lambda: host.load_handle(load_parser, path, target, dtype=dtype))
-        return ((*(and_parser or ()), host.Loaded(parser, target)),)
+        return ((*(and_parser or ()), parser),)
 
 
 SUMMARY_TOOLTIP = ("What was done: each face (index, detector score, size) and each one skipped, with why. "
@@ -204,9 +203,9 @@ class DetectAndCropFaces:
         select = _select(threshold, min_size, max_faces, order, indices, temporal_smoothing, template=template,
                          changed_from=original_image)
         size = gpen_model.model.size if gpen_model is not None else crop_size
-        with face_detector as detector:
-            crops, info = locate_faces(image, detector, size, select, cancel=host.Progress.cancel)
-            masks = face_areas(image, crops, info)
+        (detector,) = host.on_device(face_detector)
+        crops, info = locate_faces(image, detector, size, select, cancel=host.Progress.cancel)
+        masks = face_areas(image, crops, info)
         summary = face_report(info, "; ".join([f"{len(crops)} face(s) cropped", *info.selection.notes()]), "cropped")
         logging.info("[GPEN] %s", summary)
         return (crops.cpu(), info, masks, summary)
@@ -233,9 +232,9 @@ class GPENRestoreFaces:
 
     def restore(self, gpen_model, crops, strength, face_batch):
         progress = host.Progress()
-        with gpen_model as model:
-            return (restore_aligned(model, crops, strength, batch_size=face_batch, on_batch=progress.step,
-                                    cancel=progress.cancel),)
+        (model,) = host.on_device(gpen_model)
+        return (restore_aligned(model, crops, strength, batch_size=face_batch, on_batch=progress.step,
+                                cancel=progress.cancel),)
 
 
 class PasteFacesBack:
@@ -262,9 +261,9 @@ class PasteFacesBack:
               face_parser=None, mask_regions="face", parse_source="original", parse_feather=PARSE_FEATHER):
         paste = _paste(strength, mask_shape, feather, erode, color_correction)
         progress = host.Progress()
-        with host.using_all(face_parser) as parsers:
-            masks = MaskOptions(parser=parsers, regions=mask_regions, source=parse_source, feather=parse_feather)
-            result = paste_restored(image, restored, face_info, paste, masks, progress=progress, cancel=progress.cancel)
+        parsers = host.on_device(*(face_parser or ()))
+        masks = MaskOptions(parser=parsers or None, regions=mask_regions, source=parse_source, feather=parse_feather)
+        result = paste_restored(image, restored, face_info, paste, masks, progress=progress, cancel=progress.cancel)
         logging.info("[GPEN] %s", result.report)
         return (result.images, result.masks, result.report)
 
@@ -303,11 +302,11 @@ class GPENFaceRestore:
         paste = _paste(strength, mask_shape, feather, erode, color_correction, background=background,
                        upscale_by=upscale_by)
         progress = host.Progress()
-        with gpen_model as model, face_detector as detector, host.using_all(face_parser) as parsers:
-            masks = MaskOptions(parser=parsers, regions=mask_regions, source=parse_source, feather=parse_feather,
-                                temporal_sigma=temporal_smoothing)
-            result = gpen.restore_faces(image, model, detector, select=select, paste=paste, masks=masks,
-                                        face_batch=face_batch, progress=progress, cancel=progress.cancel)
+        model, detector, *parsers = host.on_device(gpen_model, face_detector, *(face_parser or ()))
+        masks = MaskOptions(parser=parsers or None, regions=mask_regions, source=parse_source, feather=parse_feather,
+                            temporal_sigma=temporal_smoothing)
+        result = gpen.restore_faces(image, model, detector, select=select, paste=paste, masks=masks,
+                                    face_batch=face_batch, progress=progress, cancel=progress.cancel)
         logging.info("[GPEN] %s", result.report)
         return (result.images, result.masks, result.report)
 
@@ -331,9 +330,9 @@ class FaceParsingMask:
 
     def parse(self, crops, face_parser, mask_regions, parse_feather):
         masks = MaskOptions(regions=mask_regions, feather=parse_feather)
-        with host.using_all(face_parser) as parsers:
-            return (parse_faces(parsers, as_rgb(crops), masks.regions, masks.feather,
-                                on_batch=host.Progress().step, cancel=host.Progress.cancel).cpu(),)
+        parsers = host.on_device(*face_parser)
+        return (parse_faces(parsers, as_rgb(crops), masks.regions, masks.feather,
+                            on_batch=host.Progress().step, cancel=host.Progress.cancel).cpu(),)
 
 
 NODE_CLASS_MAPPINGS = {

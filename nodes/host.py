@@ -4,8 +4,7 @@ stand-ins when the modules are imported outside ComfyUI (tests, scripts)."""
 from __future__ import annotations
 
 import os
-from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -16,6 +15,7 @@ from ..gpen.files.catalogue import MODEL_FOLDERS
 
 try:  # inside ComfyUI
     import comfy.model_management as model_management
+    import comfy.model_patcher
     import comfy.utils
     import folder_paths
 except ImportError:  # outside ComfyUI: the pack's own models/ folder, no progress bar, no interrupt
@@ -143,48 +143,80 @@ def offload_device() -> torch.device:
     return model_management.unet_offload_device() if model_management is not None else torch.device("cpu")
 
 
-def load_handle(load, path: str, target: torch.device, **options):
-    """`load(path, device=..., **options)`: torch networks are loaded onto the offload device and visit
-    `target` per run (see Loaded); onnxruntime sessions are made on `target` and stay there."""
-    return load(path, device=target if registry.is_onnx(path) else offload_device(), **options)
+def load_handle(load, path: str, target: torch.device, **options) -> Loaded:
+    """`load(path, device=..., **options)` as a node's model for `target`: torch networks are loaded onto
+    the offload device and go to `target` on their first run (see Loaded); onnxruntime sessions are made on
+    `target` and stay there."""
+    return Loaded(load(path, device=target if registry.is_onnx(path) else offload_device(), **options), target)
 
 
-@dataclass
+class GPENPackNetwork(torch.nn.Module):
+    """A handle as ComfyUI's memory manager sees a model. It holds no tensors of its own, so ComfyUI never
+    moves its layers one at a time (lowvram): ours run whole on one device, so it loads and unloads it
+    whole, through `.to`, which moves the handle and so keeps where the handle says it runs true."""
+
+    def __init__(self, handle):
+        super().__init__()
+        self.handle = handle  # a handle, not an nn.Module: held, not registered as a layer
+        self.device = None  # ModelPatcher sets it: the offload device, where handles are loaded
+
+    def to(self, device):
+        self.handle.to(device)
+        return self
+
+
+@dataclass(eq=False)
 class Loaded:
-    """A GPEN model, detector or face parser and where it runs; it waits on the offload device between runs."""
+    """A GPEN model, detector or face parser and where it runs. A torch one stays there between runs: inside
+    ComfyUI its memory manager holds it (`patcher`) like its own models, moving it to the offload device
+    when another model needs the room, on an out-of-memory error or when the user frees memory, and back on
+    its next run. onnxruntime's stay where their session runs (ComfyUI does not see them)."""
 
     model: object
     device: torch.device
+    patcher: object = field(init=False, default=None)
+
+    def __post_init__(self):
+        if model_management is not None and self.size_bytes:
+            self.patcher = comfy.model_patcher.ModelPatcher(GPENPackNetwork(self.model), load_device=self.device,
+                                                            offload_device=offload_device(), size=self.size_bytes)
 
     @property
     def size_bytes(self) -> int:
-        """What its weights take where it runs (0 for onnxruntime's, which ComfyUI does not manage)."""
+        """What its weights take where it runs (0 for onnxruntime's)."""
         return getattr(self.model, "memory_bytes", 0)
 
-    def __enter__(self):
-        if hasattr(self.model, "to") and self.device.type != "cpu":  # onnxruntime models stay put
-            if model_management is not None:
-                model_management.free_memory(self.size_bytes * 2, self.device)
-            self.model.to(self.device)
-        return self.model
+    def __enter__(self):  # for the library, which enters what a node gives it (faces/segs.py)
+        return on_device(self)[0]
 
     def __exit__(self, *exc):
-        if hasattr(self.model, "to") and self.device.type != "cpu":
-            self.model.to(offload_device())
-            if model_management is not None:
-                model_management.soft_empty_cache()
         return False
 
+    def release(self) -> None:
+        """Off the device, as ComfyUI unloads a model: for one the nodes' cache lets go of (a node output
+        that still holds it brings it back on its next run)."""
+        if self.patcher is None:
+            if self.size_bytes:
+                self.model.to(offload_device())
+            return
+        for i, entry in enumerate(model_management.current_loaded_models):
+            if entry.model is self.patcher:
+                model_management.current_loaded_models.pop(i).model_unload()  # as free_memory unloads one
+                return
 
-@contextmanager
-def using_all(chain: tuple[Loaded, ...] | None):
-    """Enter each Loaded of a chain (a FACE_PARSER: a parser and what was chained to it) for the length of
-    a run; yields their models as a list, or None when nothing is connected."""
-    if chain is None:
-        yield None
-        return
-    with ExitStack() as stack:
-        yield [stack.enter_context(loaded) for loaded in chain]
+
+def on_device(*chain: Loaded | None) -> list:
+    """The models of one node run (None for an input not connected), each on its device. Inside ComfyUI
+    they are asked for in one request, as its samplers ask for a model and its control nets, so that making
+    room for one never unloads another of the same run."""
+    connected = [loaded for loaded in chain if loaded is not None]
+    patchers = [loaded.patcher for loaded in connected if loaded.patcher is not None]
+    if patchers:
+        model_management.load_models_gpu(patchers, force_full_load=True)
+    for loaded in connected:
+        if loaded.size_bytes and (loaded.patcher is None or not loaded.patcher.loaded_size()):
+            loaded.model.to(loaded.device)  # outside ComfyUI; and under --novram, where ComfyUI loads no weights
+    return [loaded and loaded.model for loaded in chain]
 
 
 class Progress:

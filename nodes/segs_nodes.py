@@ -82,18 +82,17 @@ class RestoreSEGS:
         paste = PasteOptions(strength=strength[0], color_correction=color_correction[0])
         progress = host.Progress()
         outputs = ([], [], [], [])
-        with gpen_model[0] as model, host.using_all(face_parser[0]) as parsers:
-            masks = MaskOptions(parser=parsers, regions=mask_regions[0], source=parse_source[0],
-                                feather=parse_feather[0])
-            for frames, frame_segs in paired(image, segs):
-                result = restore_segs(frames, frame_segs, model, face_detector[0], paste=paste, masks=masks,
-                                      feather=feather[0], face_batch=face_batch[0], progress=progress,
-                                      cancel=progress.cancel)
-                logging.info("[GPEN] %s", result.summary)
-                outputs[0].append(result.images)
-                outputs[1].extend(result.segs if isinstance(result.segs, list) else [result.segs])
-                outputs[2].append(result.masks)
-                outputs[3].append(result.summary)
+        model, detector, *parsers = host.on_device(gpen_model[0], face_detector[0], *(face_parser[0] or ()))
+        masks = MaskOptions(parser=parsers or None, regions=mask_regions[0], source=parse_source[0],
+                            feather=parse_feather[0])
+        for frames, frame_segs in paired(image, segs):
+            result = restore_segs(frames, frame_segs, model, detector, paste=paste, masks=masks, feather=feather[0],
+                                  face_batch=face_batch[0], progress=progress, cancel=progress.cancel)
+            logging.info("[GPEN] %s", result.summary)
+            outputs[0].append(result.images)
+            outputs[1].extend(result.segs if isinstance(result.segs, list) else [result.segs])
+            outputs[2].append(result.masks)
+            outputs[3].append(result.summary)
         return outputs
 
 
@@ -151,15 +150,15 @@ class DetectFacesInSEGS:
         select = SelectOptions(threshold=threshold[0], template=template[0])
         size = gpen_model[0].model.size if gpen_model[0] is not None else crop_size[0]
         outputs = ([], [], [], [])
-        with face_detector[0] as detector:
-            for frames, frame_segs in paired(image, segs):
-                crops, info, notes = locate_faces_in_segs(frames, frame_segs, detector, size, select,
-                                                          cancel=host.Progress.cancel)
-                headline = "; ".join([f"{len(crops)} face(s) cropped", *notes, *info.selection.notes()])
-                for output, value in zip(outputs, (crops.cpu(), info, face_areas(frames, crops, info),
-                                                   face_report(info, headline, "cropped"))):
-                    output.append(value)
-                logging.info("[GPEN] %s", outputs[3][-1])
+        (detector,) = host.on_device(face_detector[0])
+        for frames, frame_segs in paired(image, segs):
+            crops, info, notes = locate_faces_in_segs(frames, frame_segs, detector, size, select,
+                                                      cancel=host.Progress.cancel)
+            headline = "; ".join([f"{len(crops)} face(s) cropped", *notes, *info.selection.notes()])
+            for output, value in zip(outputs, (crops.cpu(), info, face_areas(frames, crops, info),
+                                               face_report(info, headline, "cropped"))):
+                output.append(value)
+            logging.info("[GPEN] %s", outputs[3][-1])
         return outputs
 
 

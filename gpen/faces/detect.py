@@ -218,6 +218,11 @@ class RetinaFaceDetector:
     def name(self) -> str:
         return f"RetinaFace {self.net.backbone}"
 
+    @property
+    def memory_bytes(self) -> int:
+        """What its weights take on its device, as a restorer's (the nodes tell ComfyUI's memory manager)."""
+        return sum(t.numel() * t.element_size() for t in (*self.net.parameters(), *self.net.buffers()))
+
     def to(self, device: torch.device | str) -> "RetinaFaceDetector":
         self.device = torch.device(device)
         self.net.to(self.device)
