@@ -111,10 +111,11 @@ def test_on_a_gpu_the_batch_forced_past_the_memory_halves_and_completes(monkeypa
 
     monkeypatch.setattr(acceptance.GPEN, "forward", forward)
     monkeypatch.setattr(Context, "on_gpu", property(lambda self: True))
-    for name, stand_in in {"synchronize": lambda: None, "empty_cache": lambda: None,
-                           "memory_allocated": lambda: memory["allocated"], "reset_peak_memory_stats": lambda: None,
-                           "max_memory_allocated": lambda: memory["peak"], "set_per_process_memory_fraction": set_fraction,
-                           "get_device_properties": lambda device: type("Properties", (), {"total_memory": 10_000})}.items():
+    stand_ins = {"synchronize": lambda: None, "empty_cache": lambda: None, "reset_peak_memory_stats": lambda: None,
+                 "memory_allocated": lambda: memory["allocated"], "max_memory_allocated": lambda: memory["peak"],
+                 "set_per_process_memory_fraction": set_fraction,
+                 "get_device_properties": lambda device: type("Properties", (), {"total_memory": 10_000})}
+    for name, stand_in in stand_ins.items():
         monkeypatch.setattr(torch.cuda, name, stand_in)
     outcome = acceptance.oom_back_off(Context(torch.device("cpu"), QUICK), 16)
     assert outcome.ok, outcome.result

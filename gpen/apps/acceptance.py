@@ -148,7 +148,8 @@ class Context:
             shared = SHARED / "models" / f"{name}.pth"
             if shared.is_file():
                 return shared
-            raise Skip(f"no face detector file for {name} (python -m gpen download {name}, or --detector PATH)") from None
+            raise Skip(f"no face detector file for {name} (python -m gpen download {name}, "
+                       "or --detector PATH)") from None
 
     @cached_property
     def close_up(self) -> torch.Tensor:
@@ -364,11 +365,11 @@ def gpen_speed(context: Context, size: int, dtype: str) -> Outcome:
     model, faces = device_gpen(context, size, dtype)
     per_face = {}
     for batch in plan.batches:
-        x = faces[:batch]
-        per_face[batch] = time_ms(lambda: model(x), context.device, plan.warmup, plan.repeat) / batch
+        per_face[batch] = time_ms(lambda x=faces[:batch]: model(x), context.device, plan.warmup, plan.repeat) / batch
         context.figures["ms", size, dtype, batch] = per_face[batch]
     text = ", ".join(f"batch {batch} {ms:.2f}" for batch, ms in per_face.items())
-    return Outcome(f"ms per face: {text}", figures={f"ms_per_face_batch_{b}": round(ms, 3) for b, ms in per_face.items()})
+    figures = {f"ms_per_face_batch_{batch}": round(ms, 3) for batch, ms in per_face.items()}
+    return Outcome(f"ms per face: {text}", figures=figures)
 
 
 def compiled_speed(context: Context, size: int) -> Outcome:
@@ -436,8 +437,8 @@ def peak_memory(context: Context, size: int) -> Outcome:
             context.figures["peak", size, batch] = peaks[batch]
     what = "max_memory_allocated" if context.on_gpu else "process peak RSS (cpu)"
     text = ", ".join(f"batch {batch} {mib:.0f}" for batch, mib in peaks.items())
-    return Outcome(f"MiB ({what}): {text}; weights {weights:.0f}",
-                   figures={"weights_mib": round(weights), **{f"peak_mib_batch_{b}": round(m) for b, m in peaks.items()}})
+    figures = {"weights_mib": round(weights), **{f"peak_mib_batch_{b}": round(mib) for b, mib in peaks.items()}}
+    return Outcome(f"MiB ({what}): {text}; weights {weights:.0f}", figures=figures)
 
 
 def oom_back_off(context: Context, size: int) -> Outcome:
@@ -467,7 +468,8 @@ def oom_back_off(context: Context, size: int) -> Outcome:
     if context.on_gpu:
         budget = before + 1.25 * (torch.cuda.max_memory_allocated() - before)
         torch.cuda.empty_cache()
-        torch.cuda.set_per_process_memory_fraction(budget / torch.cuda.get_device_properties(context.device).total_memory)
+        total = torch.cuda.get_device_properties(context.device).total_memory
+        torch.cuda.set_per_process_memory_fraction(budget / total)
     try:
         restored = restore(OOM_FACES)
     finally:

@@ -111,7 +111,7 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
                              "actor on the GPU, and the goals; one table, and acceptance-<device>.json and .md in "
                              "--out (--image and --detector name the pipeline's photo and detector file)")
     parser.add_argument("--quick", action="store_true",
-                        help="with --acceptance: the same checks at tiny sizes (--device cpu --quick runs without a GPU)")
+                        help="with --acceptance: the same checks at tiny sizes (--device cpu --quick: without a GPU)")
     parser.add_argument("--out", help="with --acceptance: folder for its JSON and markdown (default: here)")
     parser.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--forward", choices=("plain", "ours"), default="ours", help=argparse.SUPPRESS)
