@@ -290,7 +290,7 @@ def network_parity(context: Context, network: nn.Module, side: int, dtypes: tupl
         fp32 = outputs(on_device(x.to(context.device)))
         errors = {"fp32": relative_error(fp32, reference)}
         del on_device
-        for dtype in dtypes[1:]:
+        for dtype in usable_dtypes(context, dtypes)[1:]:
             half = copy.deepcopy(network).to(context.device, DTYPES[dtype])
             errors[dtype] = relative_error(outputs(half(x.to(context.device, DTYPES[dtype]))), fp32)
             del half
@@ -299,6 +299,12 @@ def network_parity(context: Context, network: nn.Module, side: int, dtypes: tupl
     against = "fp32 vs the CPU's" + (", halves vs the device's fp32" if len(dtypes) > 1 else "")
     return Outcome(f"{text}; {against}; {origin} weights, {side} px, batch 2", within,
                    {f"{dtype}_relative_error": error for dtype, error in errors.items()})
+
+
+def usable_dtypes(context: Context, dtypes: tuple[str, ...]) -> tuple[str, ...]:
+    """bfloat16 only where the GPU has it (Ampere and later)."""
+    bf16 = not context.on_gpu or torch.cuda.is_bf16_supported()
+    return tuple(dtype for dtype in dtypes if dtype != "bf16" or bf16)
 
 
 def outputs(y) -> list[torch.Tensor]:
@@ -361,6 +367,8 @@ def time_ms(run: Callable[[], object], device: torch.device, warmup: int, repeat
 
 
 def gpen_speed(context: Context, size: int, dtype: str) -> Outcome:
+    if dtype not in usable_dtypes(context, DTYPE_NAMES):
+        raise Skip(f"this GPU has no {dtype}")
     plan = context.plan
     model, faces = device_gpen(context, size, dtype)
     per_face = {}
@@ -422,17 +430,20 @@ def memory_checks(context: Context) -> list[Check]:
 
 
 def peak_memory(context: Context, size: int) -> Outcome:
-    """Peak memory of one forward by batch: torch.cuda.max_memory_allocated (the weights included); on the
-    CPU the process's peak resident memory, which only grows (a smoke figure)."""
+    """Peak memory of one forward by batch: torch.cuda.max_memory_allocated (the weights and that batch's
+    input included); on the CPU the process's peak resident memory, which only grows (a smoke figure)."""
     model, faces = device_gpen(context, size, "fp16")
+    faces = faces.cpu()  # only the batch measured is on the device
     weights = sum(p.numel() * p.element_size() for p in model.parameters()) / 2 ** 20
     peaks = {}
     with torch.inference_mode():
         for batch in context.plan.batches:
+            x = faces[:batch].to(context.device)
             if context.on_gpu:
                 torch.cuda.synchronize()
                 torch.cuda.reset_peak_memory_stats()
-            model(faces[:batch])
+            model(x)
+            del x
             peaks[batch] = peak_mib(context.device)
             context.figures["peak", size, batch] = peaks[batch]
     what = "max_memory_allocated" if context.on_gpu else "process peak RSS (cpu)"
@@ -690,7 +701,7 @@ def title(context: Context) -> str:
 
 
 def print_rows(rows: list[dict]) -> None:
-    width = max(len(row["check"]) for row in rows)
+    width = max((len(row["check"]) for row in rows), default=0)
     for row in rows:
         goal = f"  [goal {row['goal']}: {row['met']}]" if row["goal"] else ""
         print(f"{row['section']:<8} {row['check']:<{width}} {row['status']:<4} {row['result']}{goal}")
