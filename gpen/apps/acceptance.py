@@ -13,7 +13,7 @@ A check that raises is one FAIL row (its exception's first line) and the others 
 
 Networks have random weights in the released files' layouts (no download), a GPEN-BFR file in the
 models folder is used when there is one; the pipeline needs a face detector file and a group photo (by
-default the project's ../shared ones). `--quick` runs the same code at tiny sizes: `--device cpu --quick`
+default the project's shared/ ones, beside the checkout or in it). `--quick` runs the same code at tiny sizes: `--device cpu --quick`
 finishes in under a minute, and the test suite runs it so that the check cannot rot between GPU runs.
 Prints one table and writes acceptance-<device>.json and .md (rows for BENCHMARKS.md) into --out.
 """
@@ -68,7 +68,8 @@ from .video import probe_video, restore_video
 BOUNDS = {"fp32": 1e-4, "fp16": 2e-2, "bf16": 5e-2}
 DTYPE_NAMES = tuple(BOUNDS)
 EVERY_REGION = tuple(range(len(CLASSES)))  # random parsers: every class shows the face, so every face is pasted
-SHARED = PACK.parent / "shared"  # the project's test data, when this is a checkout beside it
+# The project's test data: beside the checkout, or inside it (as a GPU machine's copy of the tree has it).
+SHARED_FOLDERS = (PACK.parent / "shared", PACK / "shared")
 OOM_FACES = 8  # faces of the out-of-memory check, asked for in one batch
 
 
@@ -139,7 +140,7 @@ class Context:
 
     @cached_property
     def photo_path(self) -> Path:
-        path = Path(self.image) if self.image else SHARED / "images" / "solvay_1927.png"
+        path = Path(self.image) if self.image else shared_file("images", "solvay_1927.png")
         if not path.is_file():
             raise Skip(f"no group photo: {path} is missing (--image PHOTO)")
         return path
@@ -150,7 +151,7 @@ class Context:
         try:
             return resolve(name, "detector", self.models_dir, fetch=False)
         except FileNotFoundError:
-            shared = SHARED / "models" / f"{name}.pth"
+            shared = shared_file("models", f"{name}.pth")
             if shared.is_file():
                 return shared
             raise Skip(f"no face detector file for {name} (python -m gpen download {name}, "
@@ -181,6 +182,12 @@ class Context:
         if self.plan.quick:
             return ParserHandle(stir(small_parsenet()).to(self.device), parsenet.SPEC, name="ParseNet (random)")
         return ParserHandle(stir(BiSeNet(19)).to(self.device), bisenet.SPEC, name="BiSeNet (random)")
+
+
+def shared_file(*parts: str) -> Path:
+    """The first of SHARED_FOLDERS that has the file, else the file in the first (missing)."""
+    paths = [folder.joinpath(*parts) for folder in SHARED_FOLDERS]
+    return next((path for path in paths if path.is_file()), paths[0])
 
 
 def stir(module: nn.Module, seed: int = 0) -> nn.Module:
