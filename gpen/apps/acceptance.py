@@ -13,8 +13,9 @@ A check that raises is one FAIL row (its exception's first line) and the others 
 
 Networks have random weights in the released files' layouts (no download), a GPEN-BFR file in the
 models folder is used when there is one; the pipeline needs a face detector file and a group photo (by
-default the project's shared/ ones, beside the checkout or in it). `--quick` runs the same code at tiny sizes: `--device cpu --quick`
-finishes in under a minute, and the test suite runs it so that the check cannot rot between GPU runs.
+default the project's shared/ ones, beside the checkout or in it). `--quick` runs the same code at tiny
+sizes: `--device cpu --quick` finishes in under a minute, and the test suite runs it so that the check
+cannot rot between GPU runs.
 Prints one table and writes acceptance-<device>.json and .md (rows for BENCHMARKS.md) into --out.
 """
 
