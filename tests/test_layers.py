@@ -19,6 +19,7 @@ FACADE = {"gpen", "gpen.__main__"}  # the package's face: it may show anything
 # Imports of gpen modules inside functions, each with the reason it is not at the top.
 LAZY = {
     ("gpen.apps.cli", "gpen.apps.bench"): "python -m gpen --help does not import torch",
+    ("gpen.apps.cli", "gpen.apps.acceptance"): "python -m gpen --help does not import torch",
     ("gpen.apps.cli", "gpen.apps.jobs"): "python -m gpen --help does not import torch",
     ("gpen.apps.cli", "gpen.apps.distributed"): "python -m gpen --help does not import torch",
     ("gpen.apps.cli", "gpen.files.catalogue"): "python -m gpen --help does not import torch",

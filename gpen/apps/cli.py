@@ -105,6 +105,14 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
                         help="with --upscaler: input tile sides, in pixels (default: 256)")
     parser.add_argument("--rounds", type=int, default=3,
                         help="with --upscaler: rounds of ours and the plain forward, each in its own process")
+    parser.add_argument("--acceptance", action="store_true",
+                        help="the GPU acceptance check, in one command: parity of every network against the CPU and "
+                             "in fp16/bf16, speed, memory, the OOM back-off, the face pipeline, a video and a Ray "
+                             "actor on the GPU, and the goals; one table, and acceptance-<device>.json and .md in "
+                             "--out (--image and --detector name the pipeline's photo and detector file)")
+    parser.add_argument("--quick", action="store_true",
+                        help="with --acceptance: the same checks at tiny sizes (--device cpu --quick: without a GPU)")
+    parser.add_argument("--out", help="with --acceptance: folder for its JSON and markdown (default: here)")
     parser.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--forward", choices=("plain", "ours"), default="ours", help=argparse.SUPPRESS)
 
@@ -241,6 +249,10 @@ def run_restore(args) -> int:
 
 
 def run_bench(args) -> int:
+    if args.acceptance:
+        from . import acceptance
+
+        return acceptance.run(args)
     from . import bench
 
     return bench.run(args)

@@ -1,0 +1,739 @@
+"""`python -m gpen bench --acceptance`: the GPU acceptance check (issue 25) in one command.
+
+Sections (SECTIONS), each a list of checks, each check a row of the table:
+  parity    every network on the device in float32 against the CPU's float32 forward of the same weights,
+            and in float16 and bfloat16 against the device's float32
+  speed     ms per face of GPEN-512 and GPEN-2048 by dtype and batch (CUDA events, warm-up, medians),
+            torch.compile tried, and the reference's computation (plain_gpen.py) on the same device
+  memory    peak GPU memory by size and batch; a batch forced past the memory halves and completes
+  pipeline  restore_faces on a 4K frame of many faces and a batch of 1080p frames, every stage on the device
+  video     restore_video on a short clip; one Ray actor
+  goals     the issue's goals, each with its figure and whether it is met
+A check that raises is one FAIL row (its exception's first line) and the others still run.
+
+Networks have random weights in the released files' layouts (no download), a GPEN-BFR file in the
+models folder is used when there is one; the pipeline needs a face detector file and a group photo (by
+default the project's shared/ ones, beside the checkout or in it). `--quick` runs the same code at tiny
+sizes: `--device cpu --quick` finishes in under a minute, and the test suite runs it so that the check
+cannot rot between GPU runs.
+Prints one table and writes acceptance-<device>.json and .md (rows for BENCHMARKS.md) into --out.
+"""
+
+from __future__ import annotations
+
+import copy
+import gc
+import importlib.util
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from functools import cached_property
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from ..archs import bisenet, parsenet
+from ..archs.bisenet import BiSeNet
+from ..archs.gpen.network import GPEN
+from ..archs.parsenet import ParseNet
+from ..archs.retinaface import RetinaFace
+from ..archs.rrdbnet import RRDBNet
+from ..archs.srvgg import SRVGGNetCompact
+from ..devices import DTYPES, resolve_device
+from ..faces.options import CLASSES, MaskOptions
+from ..faces.parse import ParserHandle
+from ..faces.pipeline import restore_faces
+from ..faces.restore import as_restorer, finite_faces, restore_crops
+from ..files.catalogue import PACK, resolve
+from ..files.images import read_image
+from ..files.weights import first_line
+from ..loader import load_detector
+from .bench import STANDARD_UPSCALERS, bench_model, device_name, median, peak_mib, pipeline_scenes
+from .plain_gpen import plain_forward
+from .video import probe_video, restore_video
+
+# Largest difference allowed, as a fraction of the reference output's range. float32 on another device
+# differs only in the order of its sums (~1e-6 on the CPU against the reference). float16 keeps 11
+# significant bits (rounding ~5e-4 a step), bfloat16 8 (~4e-3), and the errors add up over the layers:
+# GPEN-256 measured 1.5e-3 and 1.4e-2 of the range on the CPU; the bounds leave room for GPEN-2048's
+# deeper decoder and for a GPU's other order of sums.
+BOUNDS = {"fp32": 1e-4, "fp16": 2e-2, "bf16": 5e-2}
+DTYPE_NAMES = tuple(BOUNDS)
+EVERY_REGION = tuple(range(len(CLASSES)))  # random parsers: every class shows the face, so every face is pasted
+# The project's test data: beside the checkout, or inside it (as a GPU machine's copy of the tree has it).
+SHARED_FOLDERS = (PACK.parent / "shared", PACK / "shared")
+OOM_FACES = 8  # faces of the out-of-memory check, asked for in one batch
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What is run: FULL on a GPU (about 6 minutes), QUICK the same code paths at tiny sizes."""
+
+    gpen_sizes: tuple[int, ...]  # parity
+    speed_sizes: tuple[int, ...]  # speed and memory
+    batches: tuple[int, ...]
+    goal_batch: int
+    warmup: int
+    repeat: int
+    sides: dict[str, int]  # input side of each kind of network in the parity check
+    group_frame: tuple[int, int]  # (W, H): the group photo tiled
+    close_up: tuple[int, int, int]  # (W, H, frames): one face a frame
+    video_frames: int
+    pipeline_size: int  # GPEN size in the pipeline and the video
+    face_batch: int
+    quick: bool
+
+
+FULL = Plan(gpen_sizes=(256, 512, 1024, 2048), speed_sizes=(512, 2048), batches=(1, 4, 8), goal_batch=4, warmup=3,
+            repeat=10, sides={"detector": 640, "parser": 512, "upscaler": 128}, group_frame=(3840, 2160),
+            close_up=(1920, 1080, 60), video_frames=24, pipeline_size=512, face_batch=8, quick=False)
+QUICK = Plan(gpen_sizes=(16, 32), speed_sizes=(16, 32), batches=(1, 4), goal_batch=4, warmup=1, repeat=1,
+             sides={"detector": 64, "parser": 64, "upscaler": 32}, group_frame=(320, 240), close_up=(256, 144, 3),
+             video_frames=3, pipeline_size=32, face_batch=4, quick=True)
+
+
+class Skip(Exception):
+    """A check that cannot run here (no Ray, no detector file): a row saying why, not a failure."""
+
+
+@dataclass
+class Outcome:
+    result: str
+    ok: bool = True
+    figures: dict = field(default_factory=dict)
+    goal: str = ""
+    met: str = ""
+
+
+Check = tuple[str, Callable[[], Outcome]]
+
+
+class Context:
+    """What the checks share: the device, the plan, the inputs found, and the figures the goals read."""
+
+    def __init__(self, device: torch.device, plan: Plan, image: str | None = None, detector: str | None = None,
+                 models_dir: str | None = None):
+        self.device, self.plan, self.models_dir = device, plan, models_dir
+        self.image, self.detector = image, detector
+        self.figures: dict[tuple, float] = {}
+
+    @cached_property
+    def tmp(self) -> Path:
+        """A folder for the clips and files the checks write, removed by `run` at the end."""
+        return Path(tempfile.mkdtemp(prefix="gpen-acceptance-"))
+
+    @property
+    def on_gpu(self) -> bool:
+        return self.device.type == "cuda"
+
+    @property
+    def pipeline_dtype(self) -> str:
+        return "fp16" if self.on_gpu else "fp32"
+
+    @cached_property
+    def photo_path(self) -> Path:
+        path = Path(self.image) if self.image else shared_file("images", "solvay_1927.png")
+        if not path.is_file():
+            raise Skip(f"no group photo: {path} is missing (--image PHOTO)")
+        return path
+
+    @cached_property
+    def detector_path(self) -> Path:
+        name = self.detector or "retinaface_mobilenet0.25"
+        try:
+            return resolve(name, "detector", self.models_dir, fetch=False)
+        except FileNotFoundError:
+            shared = shared_file("models", f"{name}.pth")
+            if shared.is_file():
+                return shared
+            raise Skip(f"no face detector file for {name} (python -m gpen download {name}, "
+                       "or --detector PATH)") from None
+
+    @cached_property
+    def close_up(self) -> torch.Tensor:
+        """(H,W,3) float: the photo's largest face alone, about 400 px wide in 1080p (bench's scene), resized
+        to the plan's frame."""
+        (_, frames), *_ = pipeline_scenes(str(self.photo_path), self.detector_path, 1)
+        width, height, _ = self.plan.close_up
+        frame = frames[0, ..., :3].permute(2, 0, 1)[None]
+        return F.interpolate(frame, (height, width), mode="area")[0].permute(1, 2, 0).contiguous()
+
+    def gpen(self, size: int) -> tuple[GPEN, str]:
+        """A CPU float32 GPEN of `size`: the GPEN-BFR file in the models folder, else random weights in its
+        layout (QUICK: a narrow one), with its origin."""
+        if self.plan.quick:
+            return stir(GPEN(size, channel_multiplier=1, narrow=0.125)), "random, narrow"
+        try:
+            path = resolve(f"GPEN-BFR-{size}", "restorer", self.models_dir, fetch=False)
+            return bench_model(size, torch.device("cpu"), "fp32", str(path)), path.name
+        except FileNotFoundError:
+            return stir(bench_model(size, torch.device("cpu"), "fp32", None)), "random"
+
+    def parser(self) -> ParserHandle:
+        """A face parser with random weights: BiSeNet(19) as released, QUICK a small ParseNet."""
+        if self.plan.quick:
+            return ParserHandle(stir(small_parsenet()).to(self.device), parsenet.SPEC, name="ParseNet (random)")
+        return ParserHandle(stir(BiSeNet(19)).to(self.device), bisenet.SPEC, name="BiSeNet (random)")
+
+
+def shared_file(*parts: str) -> Path:
+    """The first of SHARED_FOLDERS that has the file, else the file in the first (missing)."""
+    paths = [folder.joinpath(*parts) for folder in SHARED_FOLDERS]
+    return next((path for path in paths if path.is_file()), paths[0])
+
+
+def stir(module: nn.Module, seed: int = 0) -> nn.Module:
+    """Biases and GPEN's noise strengths, zero in a fresh network, moved by N(0, 0.1), so that they count."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if name.endswith(("bias", "noise.weight")):
+                p.add_(torch.randn(p.shape, generator=generator) * 0.1)
+    return module.eval().requires_grad_(False)
+
+
+def small_parsenet() -> ParseNet:
+    return ParseNet(in_size=64, out_size=64, min_feat_size=16, base_ch=8, res_depth=2, ch_range=(8, 32))
+
+
+# ---------------------------------------------------------------------------------------------- running
+
+
+def run(args) -> int:
+    """The command: on CUDA unless --device says otherwise; refused without a GPU unless --quick."""
+    device = resolve_device(args.device)
+    if device.type != "cuda" and not args.quick:
+        raise ValueError("bench --acceptance checks a GPU and torch finds none here; --device cpu --quick runs its "
+                         "quick CPU mode (the same code at tiny sizes)")
+    if args.quick and device.type == "cpu":
+        # Tiny networks: one thread beats threads waiting on each other on a shared machine (3x here).
+        torch.set_num_threads(1)
+    context = Context(device, QUICK if args.quick else FULL, args.image, args.detector, args.models_dir)
+    try:
+        rows = run_sections(context)
+    finally:
+        if "tmp" in vars(context):  # made on first use
+            shutil.rmtree(context.tmp, ignore_errors=True)
+    print_rows(rows)
+    for path in write_reports(rows, context, Path(args.out or ".")):
+        print(f"wrote {path}")
+    return 0 if all(row["status"] != "FAIL" for row in rows) else 1
+
+
+def run_sections(context: Context, sections: dict | None = None) -> list[dict]:
+    """Every check of every section, in order, each on its own: a section or check that raises is one
+    FAIL row, a Skip a row saying why."""
+    rows = []
+    for section, checks_of in (sections or SECTIONS).items():
+        try:
+            checks = checks_of(context)
+        except Exception as e:
+            rows.append(failed_row(section, "(the section's checks)", e))
+            continue
+        for label, check in checks:
+            print(f"[{section}] {label}", file=sys.stderr, flush=True)
+            rows.append(run_check(section, label, check, context.device))
+    return rows
+
+
+def run_check(section: str, label: str, check: Callable[[], Outcome], device: torch.device) -> dict:
+    started = time.perf_counter()
+    try:
+        outcome = check()
+        row = dict(section=section, check=label, status="ok" if outcome.ok else "FAIL", result=outcome.result,
+                   goal=outcome.goal, met=outcome.met, figures=outcome.figures)
+    except Skip as e:
+        row = dict(section=section, check=label, status="skip", result=str(e), goal="", met="", figures={})
+    except Exception as e:  # one clear row; the other checks still run
+        row = failed_row(section, label, e)
+    finally:
+        gc.collect()  # the check's networks and tensors, before the next one measures memory
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    row["seconds"] = round(time.perf_counter() - started, 1)
+    return row
+
+
+def failed_row(section: str, label: str, error: Exception) -> dict:
+    return dict(section=section, check=label, status="FAIL", result=f"{type(error).__name__}: {first_line(error)}",
+                goal="", met="", figures={})
+
+
+# ----------------------------------------------------------------------------------------------- parity
+
+
+def parity_checks(context: Context) -> list[Check]:
+    plan, side = context.plan, context.plan.sides
+    checks = [(f"GPEN-{size}", lambda size=size: gpen_parity(context, size)) for size in plan.gpen_sizes]
+    # Detectors stay in float32 (the loader keeps them so): only their float32 is checked.
+    networks = [("RetinaFace mobilenet0.25", lambda: RetinaFace("mobilenet0.25"), side["detector"], ("fp32",)),
+                ("RetinaFace resnet50", lambda: RetinaFace("resnet50"), side["detector"], ("fp32",)),
+                ("ParseNet", small_parsenet if plan.quick else ParseNet, side["parser"], DTYPE_NAMES),
+                ("BiSeNet", lambda: BiSeNet(19), side["parser"], DTYPE_NAMES)]
+    upscalers = {"rrdbnet": lambda: RRDBNet(3, 3, scale=4, num_feat=16, num_block=1, num_grow_ch=8),
+                 "srvgg": lambda: SRVGGNetCompact(3, 3, num_feat=16, num_conv=4, upscale=4)} if plan.quick \
+        else STANDARD_UPSCALERS
+    networks += [(f"upscaler {name}", build, side["upscaler"], DTYPE_NAMES) for name, build in upscalers.items()]
+    checks += [(name, lambda build=build, s=s, d=d: network_parity(context, stir(build()), s, d, "random"))
+               for name, build, s, d in networks]
+    return checks
+
+
+def gpen_parity(context: Context, size: int) -> Outcome:
+    model, origin = context.gpen(size)
+    return network_parity(context, model, size, DTYPE_NAMES, origin, low=-1)
+
+
+def network_parity(context: Context, network: nn.Module, side: int, dtypes: tuple[str, ...], origin: str,
+                   low: float = 0) -> Outcome:
+    """A batch of 2 (the batched path on a GPU) through the CPU float32 network and its copies on the device."""
+    x = torch.rand(2, 3, side, side, generator=torch.Generator().manual_seed(0)) * (1 - low) + low
+    with torch.inference_mode():
+        reference = outputs(network(x))
+        on_device = copy.deepcopy(network).to(context.device)
+        fp32 = outputs(on_device(x.to(context.device)))
+        errors = {"fp32": relative_error(fp32, reference)}
+        del on_device
+        for dtype in usable_dtypes(context, dtypes)[1:]:
+            half = copy.deepcopy(network).to(context.device, DTYPES[dtype])
+            errors[dtype] = relative_error(outputs(half(x.to(context.device, DTYPES[dtype]))), fp32)
+            del half
+    within = all(errors[dtype] <= BOUNDS[dtype] for dtype in errors)
+    text = ", ".join(f"{dtype} {error:.1e} (<= {BOUNDS[dtype]:.0e})" for dtype, error in errors.items())
+    against = "fp32 vs the CPU's" + (", halves vs the device's fp32" if len(dtypes) > 1 else "")
+    return Outcome(f"{text}; {against}; {origin} weights, {side} px, batch 2", within,
+                   {f"{dtype}_relative_error": error for dtype, error in errors.items()})
+
+
+def usable_dtypes(context: Context, dtypes: tuple[str, ...]) -> tuple[str, ...]:
+    """bfloat16 only where the GPU has it (Ampere and later)."""
+    bf16 = not context.on_gpu or torch.cuda.is_bf16_supported()
+    return tuple(dtype for dtype in dtypes if dtype != "bf16" or bf16)
+
+
+def outputs(y) -> list[torch.Tensor]:
+    return [t.float() for t in (y if isinstance(y, (tuple, list)) else [y])]
+
+
+def relative_error(values: list[torch.Tensor], reference: list[torch.Tensor]) -> float:
+    """The largest difference over the outputs, each as a fraction of its reference's range (inf if not finite)."""
+    worst = 0.0
+    for value, ref in zip(values, reference):
+        ref = ref.to(value.device)
+        error = float((value - ref).abs().max() / (ref.max() - ref.min()).clamp_min(1e-12))
+        worst = max(worst, error if np.isfinite(error) else float("inf"))
+    return worst
+
+
+# ------------------------------------------------------------------------------------------------ speed
+
+
+def speed_checks(context: Context) -> list[Check]:
+    checks = []
+    for size in context.plan.speed_sizes:
+        checks += [(f"GPEN-{size} {dtype}", lambda size=size, dtype=dtype: gpen_speed(context, size, dtype))
+                   for dtype in DTYPE_NAMES]
+        checks.append((f"GPEN-{size} fp16 torch.compile", lambda size=size: compiled_speed(context, size)))
+        checks.append((f"GPEN-{size} reference computation fp32", lambda size=size: plain_speed(context, size)))
+    checks.append(("channels_last", lambda: Outcome("the network's own layout on every device (network.py keeps "
+                                                    "its maps and weights channels_last): no other path to compare")))
+    return checks
+
+
+def device_gpen(context: Context, size: int, dtype: str) -> tuple[GPEN, torch.Tensor]:
+    """GPEN-`size` on the device in `dtype`, and a batch of faces in [-1, 1] (as many as the largest batch)."""
+    model, _ = context.gpen(size)
+    model = model.to(context.device, DTYPES[dtype])
+    faces = torch.rand(max(context.plan.batches), 3, model.size, model.size, device=context.device,
+                       generator=torch.Generator(context.device).manual_seed(0)) * 2 - 1
+    return model, faces
+
+
+def time_ms(run: Callable[[], object], device: torch.device, warmup: int, repeat: int) -> float:
+    """The median of `repeat` runs after `warmup`, in ms: CUDA events on a GPU, the wall clock elsewhere."""
+    with torch.inference_mode():
+        for _ in range(warmup):
+            run()
+        times = []
+        for _ in range(repeat):
+            if device.type == "cuda":
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                run()
+                end.record()
+                end.synchronize()
+                times.append(start.elapsed_time(end))
+            else:
+                began = time.perf_counter()
+                run()
+                times.append((time.perf_counter() - began) * 1e3)
+    return median(times)
+
+
+def gpen_speed(context: Context, size: int, dtype: str) -> Outcome:
+    if dtype not in usable_dtypes(context, DTYPE_NAMES):
+        raise Skip(f"this GPU has no {dtype}")
+    plan = context.plan
+    model, faces = device_gpen(context, size, dtype)
+    per_face = {}
+    for batch in plan.batches:
+        per_face[batch] = time_ms(lambda x=faces[:batch]: model(x), context.device, plan.warmup, plan.repeat) / batch
+        context.figures["ms", size, dtype, batch] = per_face[batch]
+    text = ", ".join(f"batch {batch} {ms:.2f}" for batch, ms in per_face.items())
+    figures = {f"ms_per_face_batch_{batch}": round(ms, 3) for batch, ms in per_face.items()}
+    return Outcome(f"ms per face: {text}", figures=figures)
+
+
+def compiled_speed(context: Context, size: int) -> Outcome:
+    """torch.compile (inductor on a GPU; the eager backend on the CPU, where inductor would compile C++ for
+    minutes) against the eager network, fp16 at the goal batch: kept if faster and within fp16's bound."""
+    plan = context.plan
+    model, faces = device_gpen(context, size, "fp16")
+    x = faces[:plan.goal_batch]
+    backend = "inductor" if context.on_gpu else "eager"
+    compiled = torch.compile(model, backend=backend, dynamic=False)
+    began = time.perf_counter()
+    with torch.inference_mode():
+        out = compiled(x)
+        error = relative_error(outputs(out), outputs(model(x)))
+    compile_s = time.perf_counter() - began
+    eager = time_ms(lambda: model(x), context.device, plan.warmup, plan.repeat) / len(x)
+    fast = time_ms(lambda: compiled(x), context.device, plan.warmup, plan.repeat) / len(x)
+    kept = fast < eager and error <= BOUNDS["fp16"]
+    if kept:
+        context.figures["compiled", size] = fast
+    return Outcome(f"batch {len(x)}: {fast:.2f} ms per face compiled, {eager:.2f} eager; {error:.1e} from eager; "
+                   f"{backend} backend, first call {compile_s:.0f} s; {'kept' if kept else 'not kept'}",
+                   figures=dict(compiled_ms_per_face=round(fast, 3), eager_ms_per_face=round(eager, 3),
+                                relative_error=error, compile_seconds=round(compile_s, 1), kept=kept))
+
+
+def plain_speed(context: Context, size: int) -> Outcome:
+    """The reference's computation (plain_gpen.py) at batch 1 in float32, as the reference runs, beside ours."""
+    plan = context.plan
+    model, faces = device_gpen(context, size, "fp32")
+    x = faces[:1]
+    with torch.inference_mode():
+        error = relative_error(outputs(plain_forward(model, x)), outputs(model(x)))
+    plain = time_ms(lambda: plain_forward(model, x), context.device, plan.warmup, plan.repeat)
+    ours = time_ms(lambda: model(x), context.device, plan.warmup, plan.repeat)
+    context.figures["plain", size] = plain
+    return Outcome(f"batch 1: {plain:.2f} ms per face, ours {ours:.2f} ({plain / ours:.1f}x); ours within "
+                   f"{error:.1e} of it (<= {BOUNDS['fp32']:.0e})", error <= BOUNDS["fp32"],
+                   dict(plain_ms_per_face=round(plain, 3), ours_ms_per_face=round(ours, 3), relative_error=error))
+
+
+# ----------------------------------------------------------------------------------------------- memory
+
+
+def memory_checks(context: Context) -> list[Check]:
+    size = max(context.plan.speed_sizes)
+    checks = [(f"GPEN-{s} fp16 peak", lambda s=s: peak_memory(context, s)) for s in context.plan.speed_sizes]
+    checks.append((f"out of memory: GPEN-{size}, {OOM_FACES} faces in one batch", lambda: oom_back_off(context, size)))
+    return checks
+
+
+def peak_memory(context: Context, size: int) -> Outcome:
+    """Peak memory of one forward by batch: torch.cuda.max_memory_allocated (the weights and that batch's
+    input included); on the CPU the process's peak resident memory, which only grows (a smoke figure)."""
+    model, faces = device_gpen(context, size, "fp16")
+    faces = faces.cpu()  # only the batch measured is on the device
+    weights = sum(p.numel() * p.element_size() for p in model.parameters()) / 2 ** 20
+    peaks = {}
+    with torch.inference_mode():
+        for batch in context.plan.batches:
+            x = faces[:batch].to(context.device)
+            if context.on_gpu:
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+            model(x)
+            del x
+            peaks[batch] = peak_mib(context.device)
+            context.figures["peak", size, batch] = peaks[batch]
+    what = "max_memory_allocated" if context.on_gpu else "process peak RSS (cpu)"
+    text = ", ".join(f"batch {batch} {mib:.0f}" for batch, mib in peaks.items())
+    figures = {"weights_mib": round(weights), **{f"peak_mib_batch_{b}": round(mib) for b, mib in peaks.items()}}
+    return Outcome(f"MiB ({what}): {text}; weights {weights:.0f}", figures=figures)
+
+
+def oom_back_off(context: Context, size: int) -> Outcome:
+    """restore_crops asked for OOM_FACES faces in one batch where only 2 fit: on a GPU the allocator is held
+    to what a batch of 2 took, plus a quarter; on the CPU the forward raises torch.OutOfMemoryError above 2.
+    The batches must halve, every face come back finite, and the faces match those restored 2 at a time."""
+    model, _ = device_gpen(context, size, "fp16")
+    crops = torch.rand(OOM_FACES, size, size, 3, device=context.device,
+                       generator=torch.Generator(context.device).manual_seed(1))
+    seen = []
+
+    def forward(x):
+        seen.append(len(x))
+        if not context.on_gpu and len(x) > 2:
+            raise torch.OutOfMemoryError("out of memory (simulated above 2 faces)")
+        return model(x)
+
+    def restore(batch_size: int) -> torch.Tensor:
+        return restore_crops(forward, size, crops, device=context.device, dtype=torch.float16, batch_size=batch_size)
+
+    if context.on_gpu:
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+    in_pairs = restore(2).cpu()  # off the GPU: the budget is what a batch of 2 takes beyond what was there
+    seen.clear()
+    if context.on_gpu:
+        budget = before + 1.25 * (torch.cuda.max_memory_allocated() - before)
+        torch.cuda.empty_cache()
+        total = torch.cuda.get_device_properties(context.device).total_memory
+        torch.cuda.set_per_process_memory_fraction(budget / total)
+    try:
+        restored = restore(OOM_FACES)
+    finally:
+        if context.on_gpu:
+            torch.cuda.set_per_process_memory_fraction(1.0)
+    error = relative_error([restored], [in_pairs])
+    halved = seen[:2] == [OOM_FACES, OOM_FACES // 2] and len(restored) == OOM_FACES
+    finite = bool(finite_faces(restored).all())
+    ok = halved and finite and error <= BOUNDS["fp16"]
+    return Outcome(f"batches tried {seen}; {'all' if finite else 'NOT all'} finite; {error:.1e} from 2 at a time",
+                   ok, dict(batches=seen, relative_error=error))
+
+
+# --------------------------------------------------------------------------------------------- pipeline
+
+
+def pipeline_checks(context: Context) -> list[Check]:
+    width, height = context.plan.group_frame
+    w, h, frames = context.plan.close_up
+    return [(f"{width}x{height} frame, the group photo tiled", lambda: group_frame_check(context)),
+            (f"{frames} frames of {w}x{h}, one face each", lambda: close_up_check(context))]
+
+
+def tiled(photo: torch.Tensor, width: int, height: int) -> torch.Tensor:
+    """(H,W,3) the photo repeated to fill width x height, cut there."""
+    rows, cols = -(-height // photo.shape[0]), -(-width // photo.shape[1])
+    return photo.repeat(rows, cols, 1)[:height, :width].contiguous()
+
+
+def group_frame_check(context: Context) -> Outcome:
+    photo = torch.from_numpy(read_image(str(context.photo_path))[0][..., :3]).float()
+    frame = tiled(photo, *context.plan.group_frame)[None]
+    outcome = pipeline_outcome(context, frame)
+    faces, copies = outcome.figures["faces"], outcome.figures.get("device_to_host_copies")
+    if copies is not None:  # many faces in one frame: copies made per face would number at least the faces
+        outcome.ok = outcome.ok and copies < faces
+        outcome.result += f"; {copies} device-to-host copies for {faces} faces ({'not ' * (copies < faces)}per face)"
+    return outcome
+
+
+def close_up_check(context: Context) -> Outcome:
+    frames = context.close_up[None].expand(context.plan.close_up[2], -1, -1, -1).contiguous()
+    outcome = pipeline_outcome(context, frames)
+    context.figures["overhead",] = outcome.figures["share_outside_networks"]
+    return outcome
+
+
+def pipeline_outcome(context: Context, frames: torch.Tensor) -> Outcome:
+    """restore_faces with a face parser on frames already on the device: the best of the plan's repeats after
+    a warm-up, each stage's ms, the share outside GPEN (and the parser), and where each part ran."""
+    device, plan = context.device, context.plan
+    frames = frames.to(device)
+    model, _ = context.gpen(plan.pipeline_size)
+    restorer = as_restorer(model.to(device, DTYPES[context.pipeline_dtype]))
+    detector = load_detector(context.detector_path, device=device)
+    masks = MaskOptions(parser=context.parser(), regions=EVERY_REGION)
+
+    def restore():
+        return restore_faces(frames, restorer, detector, masks=masks, face_batch=plan.face_batch)
+
+    result = restore()  # warm-up
+    best = min((restore().timings for _ in range(max(1, plan.repeat // 5))), key=lambda t: sum(t.values()))
+    total = sum(best.values())
+    networks = best.get("restore", 0) + best.get("parse", 0)
+    where = {"detection and alignment": result.info.device, "output": result.images.device,
+             "masks": result.masks.device, "restorer": restorer.device, "parser": masks.parser.device}
+    elsewhere = [part for part, at in where.items() if at.type != device.type]
+    figures = dict(frames=len(frames), faces=result.face_count, ms_per_frame=round(total * 1e3 / len(frames), 2),
+                   share_outside_gpen=round(1 - best.get("restore", 0) / total, 4),
+                   share_outside_networks=round(1 - networks / total, 4),
+                   stage_ms={stage: round(s * 1e3, 1) for stage, s in best.items()})
+    if context.on_gpu:
+        figures["device_to_host_copies"] = device_to_host_copies(restore)
+    stages = ", ".join(f"{stage} {ms:.0f}" for stage, ms in figures["stage_ms"].items())
+    text = (f"{figures['faces']} faces: {figures['ms_per_frame']:.1f} ms per frame, "
+            f"{100 * figures['share_outside_gpen']:.0f}% outside GPEN, {100 * figures['share_outside_networks']:.0f}% "
+            f"outside GPEN and the parser; ms: {stages}; "
+            + (f"not on {device.type}: {', '.join(elsewhere)}" if elsewhere else f"every part on {device.type}"))
+    return Outcome(text, not elsewhere and result.face_count > 0, figures)
+
+
+def device_to_host_copies(run: Callable[[], object]) -> int:
+    """The CUDA device-to-host copies one run makes (each one a wait for the GPU)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as profile:
+        run()
+    return sum(event.count for event in profile.key_averages() if "DtoH" in event.key)
+
+
+# ------------------------------------------------------------------------------------------------ video
+
+
+def video_checks(context: Context) -> list[Check]:
+    return [(f"restore_video, {context.plan.video_frames} frames", lambda: video_check(context)),
+            ("python -m gpen restore --ray local, one actor", lambda: ray_check(context))]
+
+
+def clip(context: Context) -> Path:
+    """A short H.264 clip of the close-up (one face a frame), written with PyAV."""
+    import av  # optional (pip install av): only the video checks need it
+
+    path = context.tmp / "clip.mp4"
+    if path.is_file():
+        return path
+    picture = (context.close_up.clamp(0, 1) * 255).round().to(torch.uint8).numpy()
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream("libx264", rate=24)
+        stream.width, stream.height, stream.pix_fmt = picture.shape[1], picture.shape[0], "yuv420p"
+        for i in range(context.plan.video_frames):
+            frame = av.VideoFrame.from_ndarray(picture, format="rgb24")
+            frame.pts = i
+            out.mux(stream.encode(frame))
+        out.mux(stream.encode())
+    return path
+
+
+def video_check(context: Context) -> Outcome:
+    source, target = clip(context), context.tmp / "restored.mp4"
+    model, _ = context.gpen(context.plan.pipeline_size)
+    restorer = as_restorer(model.to(context.device, DTYPES[context.pipeline_dtype]))
+    detector = load_detector(context.detector_path, device=context.device)
+    masks = MaskOptions(parser=context.parser(), regions=EVERY_REGION)
+    summary = restore_video(source, target, restorer, detector, masks=masks, face_batch=context.plan.face_batch,
+                            progress=False)
+    written = probe_video(target).frames
+    ok = written == context.plan.video_frames and summary.faces == written
+    return Outcome(f"{summary}; {written} frames written; {summary.seconds * 1e3 / max(1, written):.0f} ms per frame",
+                   ok, dict(frames=written, faces=summary.faces, seconds=round(summary.seconds, 2)))
+
+
+def ray_check(context: Context) -> Outcome:
+    """The CLI's Ray path in a process of its own: a local Ray, one actor (with a GPU where there is one)."""
+    if importlib.util.find_spec("ray") is None:
+        raise Skip("Ray is not installed (pip install .[cluster])")
+    model, _ = context.gpen(context.plan.pipeline_size)
+    weights, target = context.tmp / "gpen.pth", context.tmp / "ray.mp4"
+    torch.save(model.state_dict(), weights)
+    command = [sys.executable, "-m", "gpen", "restore", str(clip(context)), "-o", str(target), "--ray", "local",
+               "--ray-actors", "1", "--model", str(weights), "--detector", str(context.detector_path),
+               "--device", str(context.device), "--dtype", context.pipeline_dtype, "--overwrite"]
+    began = time.perf_counter()
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=PACK)  # gpen from this checkout
+    seconds = time.perf_counter() - began
+    if done.returncode:
+        lines = (done.stderr.strip() or done.stdout.strip() or "no output").splitlines()
+        return Outcome(f"exit {done.returncode}: {lines[-1]}", False)
+    written = probe_video(target).frames
+    actor = "a GPU actor" if context.on_gpu else "a CPU actor (no GPU here)"
+    return Outcome(f"{actor}: {written} frames written in {seconds:.0f} s (Ray's start included)",
+                   written == context.plan.video_frames, dict(frames=written, seconds=round(seconds, 1)))
+
+
+# ------------------------------------------------------------------------------------------------ goals
+
+
+def goal_checks(context: Context) -> list[Check]:
+    size, batch = max(context.plan.speed_sizes), context.plan.goal_batch
+    return [(f"GPEN-{size} fp16 batch {batch}, ms per face", lambda: goal_speed(context, size, batch)),
+            (f"GPEN-{size} against the reference's computation", lambda: goal_ratio(context, size, batch)),
+            (f"GPEN-{size} fp16 batch 1, peak memory", lambda: goal_memory(context, size)),
+            ("pipeline overhead, one face a 1080p frame", lambda: goal_overhead(context))]
+
+
+def figure(context: Context, key: tuple, section: str) -> float:
+    if key not in context.figures:
+        raise LookupError(f"not measured: the {section} row it comes from failed")
+    return context.figures[key]
+
+
+def judged(context: Context, met: bool) -> str:
+    """Whether a goal is met: the goals are a GPU's, so on the CPU the figure is shown but not judged."""
+    return ("yes" if met else "NO") if context.on_gpu and not context.plan.quick else "not judged (not a full GPU run)"
+
+
+def best_fp16(context: Context, size: int, batch: int) -> float:
+    eager = figure(context, ("ms", size, "fp16", batch), "speed")
+    return min(eager, context.figures.get(("compiled", size), eager))
+
+
+def goal_speed(context: Context, size: int, batch: int) -> Outcome:
+    ms = best_fp16(context, size, batch)
+    return Outcome(f"{ms:.2f} ms per face (torch.compile's where kept)", goal="<= 15 ms (H100/H200 class)",
+                   met=judged(context, ms <= 15), figures=dict(ms_per_face=ms))
+
+
+def goal_ratio(context: Context, size: int, batch: int) -> Outcome:
+    plain, ours = figure(context, ("plain", size), "speed"), best_fp16(context, size, batch)
+    return Outcome(f"{plain / ours:.1f}x: ours fp16 batch {batch} {ours:.2f} ms per face, the reference's fp32 "
+                   f"batch 1 {plain:.2f}", goal=">= 10x on the same GPU", met=judged(context, plain / ours >= 10),
+                   figures=dict(ratio=plain / ours))
+
+
+def goal_memory(context: Context, size: int) -> Outcome:
+    mib = figure(context, ("peak", size, 1), "memory")
+    return Outcome(f"{mib / 1024:.2f} GiB", goal="<= 3 GB", met=judged(context, mib * 2 ** 20 <= 3e9),
+                   figures=dict(peak_mib=mib))
+
+
+def goal_overhead(context: Context) -> Outcome:
+    share = figure(context, ("overhead",), "pipeline")
+    return Outcome(f"{100 * share:.1f}% of the frame's time outside GPEN and the parser",
+                   goal="<= 15%", met=judged(context, share <= 0.15), figures=dict(share=share))
+
+
+SECTIONS: dict[str, Callable[[Context], list[Check]]] = {
+    "parity": parity_checks, "speed": speed_checks, "memory": memory_checks, "pipeline": pipeline_checks,
+    "video": video_checks, "goals": goal_checks}
+
+
+# ----------------------------------------------------------------------------------------------- output
+
+
+COLUMNS = ("section", "check", "status", "result", "goal", "met")
+
+
+def title(context: Context) -> str:
+    cuda = f"CUDA {torch.version.cuda}" if torch.version.cuda else "no CUDA"
+    return f"{device_name(context.device)}, torch {torch.__version__}, {cuda}" + ", quick mode" * context.plan.quick
+
+
+def print_rows(rows: list[dict]) -> None:
+    width = max((len(row["check"]) for row in rows), default=0)
+    for row in rows:
+        goal = f"  [goal {row['goal']}: {row['met']}]" if row["goal"] else ""
+        print(f"{row['section']:<8} {row['check']:<{width}} {row['status']:<4} {row['result']}{goal}")
+    failed = sum(row["status"] == "FAIL" for row in rows)
+    print(f"{len(rows)} checks: {failed} failed, {sum(row['status'] == 'skip' for row in rows)} skipped")
+
+
+def write_reports(rows: list[dict], context: Context, out: Path) -> list[Path]:
+    """acceptance-<device>.json (every figure) and .md (the table's rows, for BENCHMARKS.md's GPU section)."""
+    out.mkdir(parents=True, exist_ok=True)
+    when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    stem = out / f"acceptance-{context.device.type}"
+    report = dict(title=title(context), date=when, device=str(context.device), torch=torch.__version__,
+                  cuda=torch.version.cuda, quick=context.plan.quick, rows=rows)
+    json_path, md_path = stem.with_suffix(".json"), stem.with_suffix(".md")
+    json_path.write_text(json.dumps(report, indent=1, default=str) + "\n")
+    flags = " --device cpu --quick" if context.plan.quick else ""
+    lines = [f"### Acceptance: {title(context)}", "", f"`python -m gpen bench --acceptance{flags}`, {when}", "",
+             "| " + " | ".join(COLUMNS[:-1]) + " | met? |", "|" + "---|" * len(COLUMNS)]
+    lines += ["| " + " | ".join(str(row[c]).replace("|", "/") for c in COLUMNS) + " |" for row in rows]
+    md_path.write_text("\n".join(lines) + "\n")
+    return [json_path, md_path]
