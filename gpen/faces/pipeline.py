@@ -508,16 +508,30 @@ def restore_faces(images: torch.Tensor, model, detector, *, select: SelectOption
             progress(done, total)
         check_cancel(cancel)
 
-    restored, reruns = crops, []
-    if len(crops):
-        with _stage(timings, "restore", info.device):
-            restored = restorer.restore(crops, batch_size=face_batch, on_batch=on_batch,
-                                        cancel=cancel and (lambda: check_cancel(cancel)),
-                                        on_rerun=reruns.append).to(info.device)
-    del crops  # the restored crops are a second set: a parser cuts what it looks at again, a batch at a time
+    reruns = []
+    with _stage(timings, "restore", info.device):
+        restored = restore_over(restorer, crops, face_batch, on_batch, cancel and (lambda: check_cancel(cancel)),
+                                reruns.append)
+    del crops  # written over: a parser cuts what it looks at again, a batch at a time
     result = paste_restored(images, restored, info, paste, masks, face_batch=face_batch, cancel=cancel,
                             timings=timings)
     return replace(result, images=like_given(result.images, given), rerun_fp32=sum(reruns))
+
+
+def restore_over(restorer, crops: torch.Tensor, face_batch: int, on_batch: Callable[[int, int], None],
+                 cancel: Callable[[], None] | None, on_rerun: Callable[[int], None]) -> torch.Tensor:
+    """The restored crops, a face batch at a time, each batch written over the crops it came from (no longer
+    needed): a second set of N crops never sits beside the first on the device (GPEN-2048 on 29 faces: 1.46 GB
+    each). A caller's restorer that gives another size gets a buffer of its own."""
+    restored = crops
+    for start in range(0, len(crops), face_batch):
+        part = slice(start, start + face_batch)
+        batch = restorer.restore(crops[part], batch_size=face_batch, cancel=cancel, on_rerun=on_rerun,
+                                 on_batch=lambda done, total: on_batch(start + done, len(crops)))
+        if batch.shape[1:] != restored.shape[1:]:
+            restored = batch.new_empty((len(crops), *batch.shape[1:]), device=crops.device)
+        restored[part] = batch.to(crops.device)
+    return restored
 
 
 def paste_restored(images: torch.Tensor, restored: torch.Tensor, info: FaceInfo, paste: PasteOptions = PasteOptions(),
