@@ -568,7 +568,7 @@ def paste_restored(images: torch.Tensor, restored: torch.Tensor, info: FaceInfo,
         raise ValueError(f"{len(restored)} restored crops for {len(info)} detected faces")
     if restored.shape[-1] != 3:  # crops from other packs may be grey or RGBA
         restored = as_rgb(restored)
-    restored = restored.to(info.device)
+    # Left where they are (Paste Faces Back's come from the CPU): paste_faces moves them a face at a time.
     face_masks = None
     if masks.parser is not None and len(restored):
 
