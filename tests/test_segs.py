@@ -204,7 +204,7 @@ def test_feather_fades_the_face_out_inside_a_hard_segment_mask(solvay, detector,
     inner = -torch.nn.functional.max_pool2d(-box[None, None].float(), 3, 1, 1)[0, 0] > 0
     edge = box & ~inner  # the mask's outermost pixels
     hard = restore_segs(solvay, (solvay_segs[0], [seg]), GreyRestorer(512), feather=0).masks[0, y1:y2, x1:x2]
-    soft = restore_segs(solvay, (solvay_segs[0], [seg]), GreyRestorer(512), feather=5).masks[0, y1:y2, x1:x2]
+    soft = restore_segs(solvay, (solvay_segs[0], [seg]), GreyRestorer(512), feather=0.1).masks[0, y1:y2, x1:x2]
     assert hard[edge].mean() > 0.9 and soft[edge].max() < 0.01
     assert (soft[~box] == 0).all() and soft[box].max() > 0.9  # nothing outside the mask; the face itself whole
 
@@ -364,4 +364,4 @@ def test_a_batch_with_one_segs_per_frame_restores_each_frame_with_its_own(pack, 
     assert found.frames.tolist() == [0, 1, 1]
     with pytest.raises(ValueError, match="3 SEGS for 2 frame.s.: give one SEGS for all frames, or one per frame"):
         nodes["GPENRestoreSEGS"]().restore([frames], chosen + chosen[:1], [model], strength=[1.0], face_batch=[4],
-                                           color_correction=[False], feather=[5])
+                                           color_correction=[False], feather=[0.1])

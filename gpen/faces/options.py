@@ -273,10 +273,10 @@ class SegmentOptions(Checked):
     segment_mask: str = option("box", "Each segment's mask: the face box, or an ellipse inside it; with a face "
                                       "parser connected, the parser's mask of mask_regions instead.",
                                choices=SEGMENT_MASKS)
-    feather: int = option(5, "Softness of each segment mask's edge when pasting, in pixels, inside the mask and "
-                             "its crop region (the Impact Pack's SEGSPaste feather): a hard box edge would cut "
-                             "GPEN's blend where it is near full. 0: the masks as they are.", low=0, high=256,
-                          slider=(0, 256, 1))
+    feather: float = option(0.1, "Softness of each segment mask's edge when pasting, as a fraction of the mask's "
+                                 "shorter side, inside the mask and its crop region: a box mask's hard edge would "
+                                 "cut GPEN's blend where it is near full, a seam. 0: the masks as they are.", low=0,
+                            high=0.5, slider=(0.0, 0.5, 0.01))
 
 
 def from_values(options: type, values: dict, **more) -> Any:

@@ -474,7 +474,7 @@ OUTCOMES = (RESTORED, NO_FACE, LEFT)
 
 
 def restore_segs(images, segs, model, detector=None, *, paste: PasteOptions = PasteOptions(),
-                 masks: MaskOptions = MaskOptions(), feather: int = SegmentOptions().feather,
+                 masks: MaskOptions = MaskOptions(), feather: float = SegmentOptions().feather,
                  template: str = "gpen", face_batch: int = 4,
                  progress: Callable[[int, int], None] | None = None,
                  cancel: Callable[[], bool | None] | None = None) -> SegsRestoration:
@@ -485,7 +485,7 @@ def restore_segs(images, segs, model, detector=None, *, paste: PasteOptions = Pa
     Each segment's face is found near its box (`detector`; without one, the landmarks our detectors leave in
     their segments), aligned, restored by `model` in batches of `face_batch`, and pasted as restore_faces
     pastes (`paste`, `masks`: a face parser's regions), then limited to the segment's `cropped_mask`, its edge
-    softened over `feather` pixels inside it (0: as given).
+    softened inside it over `feather` times the mask's shorter side (0: as given).
     Segments are pasted in their order, each over what is there, as the Impact Pack's SEGSPaste does with
     feather 0. The result's `segs` are the segments in the image's size with `cropped_image` (frames, h, w, 3)
     the restored crop region, for SEGSPaste and Impact's other SEGS nodes; a segment without a face in any
@@ -545,10 +545,15 @@ def describe(segment: Segment, face: Faces | None = None) -> str:
     return f"segment {segment.index} face {float(face.scores[0]):.3f} {side:.0f}px"
 
 
-def soften_inside(mask: torch.Tensor, pixels: int) -> torch.Tensor:
-    """A segment's mask (h, w) with its edge made soft over `pixels` inside it: where it was 0 it stays 0, and
+def soften_inside(mask: torch.Tensor, feather: float) -> torch.Tensor:
+    """A segment's mask (h, w) with its edge made soft inside it, over `feather` times the shorter side of what it
+    covers (so a close-up's face fades over as much of itself as a small one's): where it was 0 it stays 0, and
     the crop region's border counts as an edge too, so the pasted face fades out before it."""
-    if pixels <= 0:
+    rows, columns = mask.amax(1).nonzero(), mask.amax(0).nonzero()
+    if feather <= 0 or not len(rows):
+        return mask
+    pixels = round(feather * min(int(rows[-1] - rows[0]) + 1, int(columns[-1] - columns[0]) + 1))
+    if pixels < 1:
         return mask
     padded = F.pad(mask[None], (pixels,) * 4)
     return feather_inside(padded, pixels / 3 / padded.shape[-1])[0, pixels:-pixels, pixels:-pixels]
