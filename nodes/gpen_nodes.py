@@ -174,6 +174,19 @@ SUMMARY_TOOLTIP = ("What was done: each face (index, detector score, size) and e
                    "Connect a Preview Any node to see it.")
 
 
+CROP_SIZE = ("INT", {"default": 512, "min": 64, "max": 2048, "step": 64,
+                     "tooltip": "Size of the crops (ignored when a GPEN model is connected: its size is used)."})
+CROP_SIZE_FROM = ("GPEN_MODEL", {"tooltip": "Take the crop size from this model."})
+
+
+def cropped(image, crops, info, notes: list[str] = ()) -> tuple:
+    """What the nodes that cut faces out give: crops (on the CPU), face info, the frames' face areas, summary."""
+    summary = face_report(info, "; ".join([f"{len(crops)} face(s) cropped", *notes, *info.selection.notes()]),
+                          "cropped")
+    logging.info("[GPEN] %s", summary)
+    return crops.cpu(), info, face_areas(image, crops, info), summary
+
+
 class DetectAndCropFaces:
     DESCRIPTION = "Finds faces in each frame and cuts them out aligned to GPEN's template, for any face restorer."
     CATEGORY = CATEGORY
@@ -190,13 +203,10 @@ class DetectAndCropFaces:
         required = {
             "image": ("IMAGE", {"tooltip": "One image or a batch of video frames."}),
             "face_detector": ("FACE_DETECTOR", {"tooltip": "From Load Face Detector."}),
-            "crop_size": ("INT", {"default": 512, "min": 64, "max": 2048, "step": 64,
-                                  "tooltip": "Size of the crops (ignored when a GPEN model is connected: its size is used)."}),
+            "crop_size": CROP_SIZE,
             **option_widgets(SelectOptions, ("template", *SELECT_WIDGETS)),
         }
-        return {"required": required,
-                "optional": {"gpen_model": ("GPEN_MODEL", {"tooltip": "Take the crop size from this model."}),
-                             "original_image": ORIGINAL_IMAGE}}
+        return {"required": required, "optional": {"gpen_model": CROP_SIZE_FROM, "original_image": ORIGINAL_IMAGE}}
 
     def detect(self, image, face_detector, crop_size, template, threshold, min_size, max_faces, order, indices,
                temporal_smoothing, gpen_model=None, original_image=None):
@@ -205,10 +215,7 @@ class DetectAndCropFaces:
         size = gpen_model.model.size if gpen_model is not None else crop_size
         (detector,) = host.on_device(face_detector)
         crops, info = locate_faces(image, detector, size, select, cancel=host.Progress.cancel)
-        masks = face_areas(image, crops, info)
-        summary = face_report(info, "; ".join([f"{len(crops)} face(s) cropped", *info.selection.notes()]), "cropped")
-        logging.info("[GPEN] %s", summary)
-        return (crops.cpu(), info, masks, summary)
+        return cropped(image, crops, info)
 
 
 class GPENRestoreFaces:

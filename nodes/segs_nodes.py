@@ -6,10 +6,18 @@ from __future__ import annotations
 import logging
 
 from ..gpen.faces.options import MaskOptions, PasteOptions, SegmentOptions, SelectOptions
-from ..gpen.faces.pipeline import face_areas, face_report
 from ..gpen.faces.segs import FaceSegmentDetector, info_to_segs, locate_faces_in_segs, restore_segs
 from . import host
-from .gpen_nodes import CATEGORY, FACE_PARSER, PARSE_FEATHER, SUMMARY_TOOLTIP, option_widgets
+from .gpen_nodes import (
+    CATEGORY,
+    CROP_SIZE,
+    CROP_SIZE_FROM,
+    FACE_PARSER,
+    PARSE_FEATHER,
+    SUMMARY_TOOLTIP,
+    cropped,
+    option_widgets,
+)
 
 SEGMENT_WIDGETS = ("crop_factor", "dilation", "drop_size", "segment_mask")
 SEGS_TOOLTIP = "The Impact Pack's segments of one image (from BBOX Detector (SEGS), a SEGS filter or our nodes)."
@@ -138,10 +146,9 @@ class DetectFacesInSEGS:
             "image": ("IMAGE", {"tooltip": "The image the segments were found in; a batch of frames shares them."}),
             "segs": ("SEGS", {"tooltip": SEGS_TOOLTIP + " A face is taken when its box centre lies on a segment."}),
             "face_detector": FACE_DETECTOR,
-            "crop_size": ("INT", {"default": 512, "min": 64, "max": 2048, "step": 64,
-                                  "tooltip": "Size of the crops (ignored when a GPEN model is connected: its size is used)."}),
+            "crop_size": CROP_SIZE,
             **option_widgets(SelectOptions, ("template", "threshold")),
-        }, "optional": {"gpen_model": ("GPEN_MODEL", {"tooltip": "Take the crop size from this model."})}}
+        }, "optional": {"gpen_model": CROP_SIZE_FROM}}
 
     INPUT_IS_LIST = True  # as GPEN Restore SEGS
     OUTPUT_IS_LIST = (True, True, True, True)
@@ -154,11 +161,8 @@ class DetectFacesInSEGS:
         for frames, frame_segs in paired(image, segs):
             crops, info, notes = locate_faces_in_segs(frames, frame_segs, detector, size, select,
                                                       cancel=host.Progress.cancel)
-            headline = "; ".join([f"{len(crops)} face(s) cropped", *notes, *info.selection.notes()])
-            for output, value in zip(outputs, (crops.cpu(), info, face_areas(frames, crops, info),
-                                               face_report(info, headline, "cropped"))):
+            for output, value in zip(outputs, cropped(frames, crops, info, notes)):
                 output.append(value)
-            logging.info("[GPEN] %s", outputs[3][-1])
         return outputs
 
 
