@@ -221,9 +221,10 @@ class DetectAndCropFaces:
 class GPENRestoreFaces:
     DESCRIPTION = "Restores aligned face crops with GPEN (crops from Detect and Crop Faces or from other packs)."
     CATEGORY = CATEGORY
-    RETURN_TYPES = ("IMAGE",)
-    RETURN_NAMES = ("restored",)
-    OUTPUT_TOOLTIPS = ("The restored crops, same size as the input crops.",)
+    RETURN_TYPES = ("IMAGE", "STRING")
+    RETURN_NAMES = ("restored", "summary")
+    OUTPUT_TOOLTIPS = ("The restored crops, same size as the input crops.",
+                       "How many crops GPEN ran on, faces re-run in fp32 and faces left as they were, with why.")
     FUNCTION = "restore"
 
     @classmethod
@@ -240,8 +241,12 @@ class GPENRestoreFaces:
     def restore(self, gpen_model, crops, strength, face_batch):
         progress = host.Progress()
         (model,) = host.on_device(gpen_model)
-        return (restore_aligned(model, crops, strength, batch_size=face_batch, on_batch=progress.step,
-                                cancel=progress.cancel),)
+        notes = []
+        restored = restore_aligned(model, crops, strength, batch_size=face_batch, on_batch=progress.step,
+                                   cancel=progress.cancel, notes=notes)
+        summary = "; ".join([f"GPEN ran on {len(crops)} crop(s)", *notes])
+        logging.info("[GPEN] %s", summary)
+        return restored, summary
 
 
 class PasteFacesBack:

@@ -5,20 +5,23 @@ left as it was. Run on the CPU, whose float16 and bfloat16 kernels torch has for
 import dataclasses
 import json
 import logging
+import sys
 
 import pytest
 import torch
 from torch import nn
 
 import gpen
+from gpen.apps import cli, jobs
 from gpen.apps.segments import read_summary
 from gpen.apps.video import VideoSummary
-from gpen.archs import register
-from gpen.archs.spec import ArchSpec, Convention
+from gpen.archs.spec import ArchSpec
 from gpen.devices import resolve_dtype
-from gpen.faces.restore import as_restorer, restore_crops
+from gpen.faces.restore import as_restorer, restore_aligned, restore_crops
 from gpen.faces.segs import faces_to_segs, restore_segs
+from gpen.files.images import write_image
 from tests.helpers import random_gpen
+from tests.test_nodes import load_pack
 from tests.test_summary import PlantedDetector
 
 SIZE = 32
@@ -48,13 +51,19 @@ class Fragile(nn.Module):
         return loud * (x.abs() / kept)
 
 
+def fragile_spec(archs) -> ArchSpec:
+    """Fragile as a restorer `archs` (gpen.archs, or the ComfyUI pack's copy of it) recognises by its keys."""
+    spec = archs.spec  # the module
+    return archs.register(spec.ArchSpec("Fragile restorer", "restorer", lambda state: "fragile_gain" in state,
+                                        lambda state: {"size": len(state["fragile_face_size"])}, Fragile,
+                                        convention=spec.Convention(input="-1..1", output="image", template="gpen"),
+                                        face_size=lambda net: net.size))
+
+
 @pytest.fixture
 def fragile_file(tmp_path):
     """A saved Fragile network, recognised by its keys as a registered restorer."""
-    spec = register(ArchSpec("Fragile restorer", "restorer", lambda state: "fragile_gain" in state,
-                             lambda state: {"size": len(state["fragile_face_size"])}, Fragile,
-                             convention=Convention(input="-1..1", output="image", template="gpen"),
-                             face_size=lambda net: net.size))
+    spec = fragile_spec(gpen.archs)
     path = tmp_path / "fragile.pth"
     torch.save(Fragile().state_dict(), path)
     yield path
@@ -221,6 +230,36 @@ def test_restore_segs_says_how_many_faces_were_rerun(fragile_file):
     assert result.restored == 2
     assert result.summary.startswith("restored 2 face(s) in 2 segment(s) of 1 image; "
                                      "1 face(s) re-run in fp32: half precision (fp16/bf16) overflowed")
+
+
+def test_aligned_crops_say_how_many_faces_were_rerun_and_which_were_left(fragile_file):
+    notes = []
+    crops = flat_faces(BRIGHT, MID, GREY)
+    restored = restore_aligned(gpen.load_model(fragile_file, device="cpu", dtype="fp16"), crops, notes=notes)
+    assert notes == ["2 face(s) re-run in fp32: half precision (fp16/bf16) overflowed",
+                     "1 face(s) left unrestored: the restorer's output was not finite (NaN or Inf)"]
+    assert restored[:2].isfinite().all() and torch.equal(restored[2], crops[2])  # the grey one as it was
+
+
+def test_the_restore_faces_node_says_so_in_its_summary(fragile_file):
+    pack = load_pack()
+    archs = sys.modules[pack.__name__ + ".gpen.archs"]  # the pack's own copy of the library, as ComfyUI loads it
+    spec = fragile_spec(archs)
+    try:
+        handle = sys.modules[pack.__name__ + ".gpen"].load_model(fragile_file, device="cpu", dtype="fp16")
+    finally:
+        archs.SPECS.remove(spec)
+    model = pack.nodes.host.Loaded(handle, torch.device("cpu"))
+    _, summary = pack.NODE_CLASS_MAPPINGS["GPENRestoreFaces"]().restore(model, flat_faces(BRIGHT, MID), 1.0, 4)
+    assert summary == "GPEN ran on 2 crop(s); 1 face(s) re-run in fp32: half precision (fp16/bf16) overflowed"
+
+
+def test_the_cli_on_an_aligned_crop_says_so(fragile_file, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(jobs, "keep_freed_memory", lambda: None)  # the test process keeps its own allocator
+    write_image(tmp_path / "face.png", flat_faces(BRIGHT)[0].numpy())
+    assert cli.main(["restore", str(tmp_path / "face.png"), "-o", str(tmp_path / "out.png"), "--aligned",
+                     "--model", str(fragile_file), "--device", "cpu", "--dtype", "fp16"]) == 0
+    assert "restored as one aligned face; 1 face(s) re-run in fp32" in capsys.readouterr().out
 
 
 def test_a_callers_own_restorer_is_called_as_before():

@@ -139,8 +139,8 @@ def test_modular_chain_detect_restore_paste(pack, models_dir, solvay):
         order="left-right", indices="", temporal_smoothing=0.0, gpen_model=model)
     assert crops.shape == (4, 64, 64, 3) and info.frames.tolist() == [0, 0, 1, 1] and info.crop_size == 64
     assert face_mask.shape == frames.shape[:3] and face_mask.amax() > 0.9
-    (restored,) = nodes["GPENRestoreFaces"]().restore(model, crops, strength=0.5, face_batch=3)
-    assert restored.shape == crops.shape
+    restored, summary = nodes["GPENRestoreFaces"]().restore(model, crops, strength=0.5, face_batch=3)
+    assert restored.shape == crops.shape and summary == "GPEN ran on 4 crop(s)"
     image, mask, _ = nodes["GPENPasteFacesBack"]().paste(frames, restored, info, strength=1.0, mask_shape="box",
                                                       feather=0.011, erode=0.05, color_correction=False)
     assert image.shape == frames.shape and (mask - face_mask).abs().max() < 0.05
@@ -148,7 +148,7 @@ def test_modular_chain_detect_restore_paste(pack, models_dir, solvay):
 
 def test_restore_node_accepts_crops_of_other_packs_at_any_size(pack, models_dir):
     model, _ = load_models(pack)
-    (restored,) = pack.NODE_CLASS_MAPPINGS["GPENRestoreFaces"]().restore(model, torch.rand(2, 512, 512, 3), 1.0, 4)
+    restored, _ = pack.NODE_CLASS_MAPPINGS["GPENRestoreFaces"]().restore(model, torch.rand(2, 512, 512, 3), 1.0, 4)
     assert restored.shape == (2, 512, 512, 3)
 
 
@@ -249,7 +249,7 @@ def test_paste_node_with_a_parser_parses_the_crops_asked_for(pack, models_dir, s
     model, detector = load_models(pack)
     crops, info, *_ = nodes["GPENDetectAndCropFaces"]().detect(solvay, detector, 256, "gpen", 0.5, 0, 2, "largest", "",
                                                                0.0, gpen_model=model)
-    (restored,) = nodes["GPENRestoreFaces"]().restore(model, crops, strength=1.0, face_batch=4)
+    restored, _ = nodes["GPENRestoreFaces"]().restore(model, crops, strength=1.0, face_batch=4)
     paste = nodes["GPENPasteFacesBack"]().paste
     _, plain, _ = paste(solvay, restored, info, 1.0, "box", 0.011, 0.05, False)
     parser, chain = half_face_parser(pack)

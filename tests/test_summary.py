@@ -130,8 +130,9 @@ def pack():
     return load_pack()
 
 
-@pytest.mark.parametrize("node_id", ["GPENFaceRestore", "GPENDetectAndCropFaces", "GPENPasteFacesBack"])
-def test_three_nodes_give_the_summary_as_their_last_output(pack, node_id):
+@pytest.mark.parametrize("node_id", ["GPENFaceRestore", "GPENDetectAndCropFaces", "GPENRestoreFaces",
+                                     "GPENPasteFacesBack"])
+def test_the_restoring_nodes_give_the_summary_as_their_last_output(pack, node_id):
     cls = pack.NODE_CLASS_MAPPINGS[node_id]
     assert cls.RETURN_TYPES[-1] == "STRING" and cls.RETURN_NAMES[-1] == "summary"
 

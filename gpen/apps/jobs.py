@@ -399,7 +399,9 @@ def restore_file(job: Job, model, detector, args, faces=None, progress=None) -> 
     pixels, fmt = read_image(job.source, args.max_megapixels)
     image = torch.from_numpy(pixels)[None]
     if detector is None:
-        restored, summary = restore_aligned(model, image, args.strength, batch_size=1), "restored as one aligned face"
+        notes = []
+        restored = restore_aligned(model, image, args.strength, batch_size=1, notes=notes)
+        summary = "; ".join(["restored as one aligned face", *notes])
     else:
         before = changed_from_file(job, args)
         before = None if before is None else torch.from_numpy(read_image(before, args.max_megapixels)[0])[None]

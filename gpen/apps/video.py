@@ -31,7 +31,7 @@ import torch
 from ..faces.options import MaskOptions, PasteOptions, SelectOptions
 from ..faces.paste import check_output_size, output_size
 from ..faces.pipeline import Selection, model_fit
-from ..faces.restore import rerun_note
+from ..faces.restore import rerun_note, unrestored_note
 from ..faces.stream import restore_frames, stream_reach
 from ..files.atomic import atomic_file
 from ..files.images import MAX_MEGAPIXELS
@@ -86,7 +86,7 @@ class VideoSummary:
         if self.rerun_fp32:
             notes.append(rerun_note(self.rerun_fp32))
         if self.unrestored:
-            notes.append(f"{self.unrestored} face(s) left unrestored: the restorer's output was not finite")
+            notes.append(unrestored_note(self.unrestored))
         if self.restorer_size and (fit := model_fit(self.face_px, self.restorer_size)):
             notes.append(fit)
         if not self.faces and not self.selection.found:

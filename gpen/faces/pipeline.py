@@ -23,7 +23,7 @@ from .masks import smooth_over_time
 from .options import MaskOptions, PasteOptions, SelectOptions
 from .parse import parse_faces
 from .paste import check_background, check_output_size, not_larger, paste_faces, paste_target, scale_affines
-from .restore import as_restorer, finite_faces, rerun_note
+from .restore import as_restorer, finite_faces, rerun_note, unrestored_note
 from .tensors import as_images, as_rgb, check_finite, like_given
 from .tracks import choose_tracks, face_tracks, selects_tracks
 
@@ -187,7 +187,7 @@ class Restoration:
         if self.rerun_fp32:
             notes.append(rerun_note(self.rerun_fp32))
         if self.unrestored:
-            notes.append(f"{self.unrestored} face(s) left unrestored: the restorer's output was not finite (NaN or Inf)")
+            notes.append(unrestored_note(self.unrestored))
         if self.masked_out:
             notes.append(f"{self.masked_out} face(s) left as they were: the face parser found none of mask_regions in them")
         if not self.face_count:
@@ -594,7 +594,7 @@ def paste_restored(images: torch.Tensor, restored: torch.Tensor, info: FaceInfo,
     finite = finite_faces(restored)
     unrestored = int((~finite).sum())
     if unrestored:
-        log.warning("%d face(s) left unrestored: the restorer's output was not finite (NaN or Inf)", unrestored)
+        log.warning("%s", unrestored_note(unrestored))
     shown = finite if face_masks is None else finite & (face_masks.flatten(1).amax(1) > 0).to(finite.device)
     if not shown.all():
         restored, affines, frames = restored[shown], info_affines[shown.cpu()], info.frames[shown.cpu()]

@@ -169,16 +169,19 @@ def image_output(y: torch.Tensor, convention: Convention) -> torch.Tensor:
 
 def restore_aligned(model, crops: torch.Tensor, strength: float = 1.0, batch_size: int = 4,
                     on_batch: Callable[[int, int], None] | None = None,
-                    cancel: Callable[[], None] | None = None) -> torch.Tensor:
+                    cancel: Callable[[], None] | None = None, notes: list[str] | None = None) -> torch.Tensor:
     """Aligned crops (N,S,S,C) restored by `model`, blended with the input by `strength` (GPEN's alpha),
-    in the input's channels."""
+    in the input's channels. `notes`, when given, gets what a summary should say: faces re-run in float32,
+    faces left as they were (not finite even so)."""
     check_strength(strength)
     rgb = as_rgb(crops)
-    restored = as_restorer(model).restore(rgb, batch_size=batch_size, on_batch=on_batch, cancel=cancel).to(rgb)
+    said = notes if notes is not None else []
+    restored = as_restorer(model).restore(rgb, batch_size=batch_size, on_batch=on_batch, cancel=cancel,
+                                          on_rerun=lambda count: said.append(rerun_note(count))).to(rgb)
     broken = ~finite_faces(restored)
     if broken.any():
-        logging.getLogger("gpen").warning("%d face(s) left unrestored: the restorer's output was not finite "
-                                          "(NaN or Inf)", int(broken.sum()))
+        said.append(unrestored_note(int(broken.sum())))
+        logging.getLogger("gpen").warning("%s", said[-1])
         restored[broken] = rgb[broken]
     return match_channels(torch.lerp(rgb, restored, strength), crops)
 
@@ -191,6 +194,11 @@ def finite_faces(faces: torch.Tensor) -> torch.Tensor:
 def rerun_note(count: int) -> str:
     """What summaries say of faces re-run in float32 (RestorerHandle.restore)."""
     return f"{count} face(s) re-run in fp32: half precision (fp16/bf16) overflowed"
+
+
+def unrestored_note(count: int) -> str:
+    """What summaries and logs say of faces left as they were because the restorer's output was not finite."""
+    return f"{count} face(s) left unrestored: the restorer's output was not finite (NaN or Inf)"
 
 
 @contextmanager
