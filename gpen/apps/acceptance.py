@@ -724,16 +724,21 @@ def ray_check(context: Context) -> Outcome:
     command = [sys.executable, "-m", "gpen", "restore", str(clip(context)), "-o", str(target), "--ray", "local",
                "--ray-actors", "1", "--model", str(weights), "--detector", str(context.detector_path),
                "--device", str(context.device), "--dtype", context.pipeline_dtype, "--overwrite"]
+    # gpen from this checkout, whatever the folder's name, even where Python leaves the working folder off its path
+    path = os.pathsep.join(p for p in (str(PACK), os.environ.get("PYTHONPATH", "")) if p)
     began = time.perf_counter()
-    done = subprocess.run(command, capture_output=True, text=True, timeout=RAY_TIMEOUT_S, cwd=PACK)  # gpen from here
+    done = subprocess.run(command, capture_output=True, text=True, timeout=RAY_TIMEOUT_S, cwd=PACK,
+                          env={**os.environ, "PYTHONPATH": path})
     seconds = time.perf_counter() - began
     if done.returncode:
         lines = (done.stderr.strip() or done.stdout.strip() or "no output").splitlines()
         return Outcome(f"exit {done.returncode}: {lines[-1]}", False)
     written = probe_video(target).frames
-    actor = "a GPU actor" if context.on_gpu else "a CPU actor (no GPU here)"
-    return Outcome(f"{actor}: {written} frames written in {seconds:.0f} s (Ray's start included)",
-                   written == context.plan.video_frames, dict(frames=written, seconds=round(seconds, 1)))
+    pool = next((line for line in done.stderr.splitlines() if line.startswith("ray: ")), "ray: no pool line")
+    on_gpu = pool.endswith(" GPU")  # "ray: 1 actor(s), each 1 GPU" (distributed.pool_label)
+    return Outcome(f"{pool}: {written} frames written in {seconds:.0f} s (Ray's start included)",
+                   written == context.plan.video_frames and on_gpu == context.on_gpu,
+                   dict(frames=written, seconds=round(seconds, 1), gpu_actor=on_gpu))
 
 
 # ---------------------------------------------------------------------------------------------- compile
