@@ -49,21 +49,27 @@ def test_the_quick_mode_runs_every_section_and_writes_its_rows(shared, tmp_path)
     assert "[compile] GPEN-32 fp16 torch.compile\n  ok in " in done.stderr  # each check's seconds, as it goes
 
 
-def test_past_the_time_budget_a_check_is_a_skip_row_and_the_goals_still_run(tmp_path):
+def test_past_the_budget_a_check_is_a_skip_row_the_goals_run_and_the_reports_keep_every_row(tmp_path):
     now = [0.0]
     context = Context(torch.device("cpu"), QUICK, budget=60, clock=lambda: now[0])
     json_path, md_path = acceptance.report_paths(context, tmp_path)
-    progress_seen = []
+    progress_seen, goals_seen = [], []
+
+    def fast():
+        context.figures["overhead",] = 0.1
+        return Outcome("took 0 s")
 
     def slow():
-        progress_seen.append(json.loads(json_path.read_text())["progress"])  # the first row is in already
+        report = json.loads(json_path.read_text())  # the first row is in already, and the goals so far
+        progress_seen.append(report["progress"])
+        goals_seen.extend((row["check"], row["result"]) for row in report["goals_so_far"])
         now[0] += 61
         return Outcome("took 61 s")
 
     def never():
         pytest.fail("a check past the budget was run")
 
-    sections = {"speed": lambda c: [("fast", lambda: Outcome("took 0 s")), ("slow", slow), ("late", never)],
+    sections = {"speed": lambda c: [("fast", fast), ("slow", slow), ("late", never)],
                 "memory": lambda c: [("later", never)], "goals": acceptance.goal_checks}
     rows = acceptance.run_sections(context, sections,
                                    report=lambda rows, planned: acceptance.write_reports(rows, planned, context,
@@ -71,14 +77,21 @@ def test_past_the_time_budget_a_check_is_a_skip_row_and_the_goals_still_run(tmp_
     assert [(row["check"], row["status"]) for row in rows[:4]] == [
         ("fast", "ok"), ("slow", "ok"), ("late", "skip"), ("later", "skip")]
     assert rows[2]["result"] == "not run: past the time budget of 60 s (--budget)"
-    assert [row["section"] for row in rows[4:]] == ["goals"] * 4  # run, and their figures were never measured:
-    assert {row["status"] for row in rows[4:]} == {"skip"}
+    assert [(row["section"], row["status"]) for row in rows[4:]] == [("goals", "skip")] * 3 + [("goals", "ok")]
     assert rows[4]["result"] == ("not measured: the speed row it comes from failed or was not run (past the time "
                                  "budget)")
+    assert rows[7]["result"] == "10.0% of the frame's time outside GPEN and the parser"  # measured before it
     assert progress_seen == ["partial: 1 of 8 checks"]
+    assert goals_seen == [("GPEN-32 fp16 batch 4, ms per face", "not measured yet"),
+                          ("GPEN-32 against the reference's computation", "not measured yet"),
+                          ("GPEN-32 fp16 batch 1, peak memory", "not measured yet"),
+                          ("pipeline overhead, one face a 1080p frame",
+                           "10.0% of the frame's time outside GPEN and the parser")]
     report = json.loads(json_path.read_text())
     assert (report["progress"], report["checks_done"], report["budget_s"]) == ("complete: 8 checks", 8, 60)
-    assert md_path.read_text().splitlines()[0].endswith("(complete: 8 checks)")
+    assert report["goals_so_far"] == []  # the goals' own rows are in
+    markdown = md_path.read_text()
+    assert markdown.splitlines()[0].endswith("(complete: 8 checks)") and "so far" not in markdown
     assert sorted(path.name for path in tmp_path.iterdir()) == ["acceptance-cpu.json", "acceptance-cpu.md"]
 
 

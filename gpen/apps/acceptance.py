@@ -869,22 +869,45 @@ def report_paths(context: Context, out: Path) -> tuple[Path, Path]:
 
 def write_reports(rows: list[dict], planned: int, context: Context, out: Path) -> tuple[Path, Path]:
     """acceptance-<device>.json (every figure) and .md (the table's rows, for BENCHMARKS.md's GPU section),
-    both saying how far the run got: rewritten after every row, so that a run cut short keeps its rows."""
+    both saying how far the run got: rewritten after every row, so that a run cut short keeps its rows and,
+    until the goals section runs, the goals as the figures measured so far give them."""
     out.mkdir(parents=True, exist_ok=True)
     when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     done = progress(len(rows), planned)
+    before_goals = len(rows) < planned and all(row["section"] != "goals" for row in rows)
+    so_far = goals_so_far(context) if before_goals else []
     report = dict(title=title(context), progress=done, complete=len(rows) >= planned, checks_done=len(rows),
                   checks_planned=planned, seconds=round(sum(row["seconds"] for row in rows), 1),
                   budget_s=context.budget, date=when, device=str(context.device), torch=torch.__version__,
-                  cuda=torch.version.cuda, quick=context.plan.quick, rows=rows)
+                  cuda=torch.version.cuda, quick=context.plan.quick, rows=rows, goals_so_far=so_far)
     json_path, md_path = report_paths(context, out)
     replace_text(json_path, json.dumps(report, indent=1, default=str) + "\n")
     flags = " --device cpu --quick" if context.plan.quick else ""
     lines = [f"### Acceptance: {title(context)} ({done})", "", f"`python -m gpen bench --acceptance{flags}`, {when}",
-             "", "| " + " | ".join(COLUMNS[:-1]) + " | met? |", "|" + "---|" * len(COLUMNS)]
-    lines += ["| " + " | ".join(str(row[c]).replace("|", "/") for c in COLUMNS) + " |" for row in rows]
+             "", *table(rows)]
+    if so_far:
+        lines += ["", "The goals from the figures measured so far (the run has not reached its goals section):", "",
+                  *table(so_far)]
     replace_text(md_path, "\n".join(lines) + "\n")
     return json_path, md_path
+
+
+def table(rows: list[dict]) -> list[str]:
+    lines = ["| " + " | ".join(COLUMNS[:-1]) + " | met? |", "|" + "---|" * len(COLUMNS)]
+    return lines + ["| " + " | ".join(str(row[c]).replace("|", "/") for c in COLUMNS) + " |" for row in rows]
+
+
+def goals_so_far(context: Context) -> list[dict]:
+    """The goal rows as the figures measured so far give them (a goal whose figure is not there yet says so)."""
+    rows = []
+    for label, check in goal_checks(context):
+        try:
+            outcome = check()
+            rows.append(dict(section="goals", check=label, status="ok" if outcome.ok else "FAIL",
+                             result=outcome.result, goal=outcome.goal, met=outcome.met, figures=outcome.figures))
+        except Exception:  # whatever a goal raises, the report is written
+            rows.append(skipped_row("goals", label, "not measured yet"))
+    return rows
 
 
 def replace_text(path: Path, text: str) -> None:
