@@ -260,3 +260,13 @@ def test_on_a_gpu_the_batch_forced_past_the_memory_halves_and_completes(monkeypa
 def test_without_a_gpu_the_full_check_is_refused_and_the_quick_mode_named(capsys):
     assert main(["bench", "--acceptance", "--device", "cpu"]) == 1
     assert "--device cpu --quick" in capsys.readouterr().err
+
+
+@pytest.mark.filterwarnings("ignore:CUDA is not available, disabling CUDA profiling")
+def test_a_profiler_that_cannot_see_the_gpu_leaves_the_pipeline_row_its_timings(shared, monkeypatch):
+    """The GPU branch of the group-frame check on the CPU: torch's profiler has no CUDA to trace here."""
+    monkeypatch.setattr(Context, "on_gpu", property(lambda self: True))
+    outcome = acceptance.group_frame_check(Context(torch.device("cpu"), QUICK))
+    assert outcome.ok and outcome.figures["ms_per_frame"] > 0
+    assert outcome.figures["device_to_host_copies"].startswith("not counted: ")
+    assert "; device-to-host copies not counted: " in outcome.result
