@@ -38,11 +38,10 @@ def check_cuda(device: torch.device) -> None:
 
 
 def resolve_dtype(dtype: torch.dtype | str | None, device: torch.device | None = None) -> torch.dtype:
-    """A torch dtype from a name; None is float32, and "auto" is float16 on a GPU (a restorer re-runs in float32
-    the faces it overflows: faces/restore.py), float32 elsewhere. bfloat16 on a CUDA `device` without it is
-    refused."""
+    """A torch dtype from a name; None is float32, and "auto" the fastest that keeps the output (auto_dtype).
+    bfloat16 on a CUDA `device` without it is refused."""
     if dtype == "auto":
-        return torch.float16 if device is not None and device.type == "cuda" else torch.float32
+        return auto_dtype(device)
     if dtype is None:
         return torch.float32
     if not isinstance(dtype, torch.dtype):
@@ -54,11 +53,30 @@ def resolve_dtype(dtype: torch.dtype | str | None, device: torch.device | None =
     return dtype
 
 
-def check_bf16(device: torch.device) -> None:
-    """Refuses a GPU without native bfloat16 (before Ampere, compute capability 8.0): there torch at best
-    emulates it, which gains nothing over fp16."""
+def auto_dtype(device: torch.device | None) -> torch.dtype:
+    """float16 on a GPU with tensor cores, float32 elsewhere (a restorer re-runs in float32 the faces float16
+    overflows: faces/restore.py; `bench --acceptance` checks on a GPU that this is the fastest that passed).
+
+    NVIDIA: tensor cores from compute capability 7.0 (Volta) make fp16 2-16x fp32; before, Pascal's consumer
+    cards run fp16 at 1/64 of fp32 (the P100, 6.0, is fast at fp16 without tensor cores, but one rule is
+    kept). ROCm reports its gfx version as the capability (gfx906: 9.0), not NVIDIA's scale: every GPU of
+    a ROCm build runs fp16 at least at fp32's rate (packed, double rate, since Vega), so fp16 there."""
+    if device is None or device.type != "cuda":
+        return torch.float32
+    if torch.version.hip is not None:
+        return torch.float16
+    major, _ = torch.cuda.get_device_capability(device)
+    return torch.float16 if major >= 7 else torch.float32
+
+
+def has_native_bf16(device: torch.device) -> bool:
+    """Whether a CUDA `device` computes in bfloat16 itself (Ampere, compute capability 8.0, and later)."""
     with torch.cuda.device(device.index if device.index is not None else -1):  # -1: the current device
-        supported = torch.cuda.is_bf16_supported(including_emulation=False)
-    if not supported:
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+
+
+def check_bf16(device: torch.device) -> None:
+    """Refuses a GPU without native bfloat16: there torch at best emulates it, which gains nothing over fp16."""
+    if not has_native_bf16(device):
         raise ValueError(f"bf16 asked for, but {device} has no native bfloat16 (it needs a GPU of compute "
                          "capability 8.0, Ampere, or newer): use fp16 or fp32")

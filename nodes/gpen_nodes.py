@@ -26,6 +26,8 @@ from ..gpen.loader import load_parser
 from . import host
 
 CATEGORY = "GPEN"
+PRECISION_HELP = ("auto: fp16 on a GPU with tensor cores (NVIDIA from 2017's Volta, AMD), fp32 on older GPUs and the "
+                  "CPU. ONNX files keep their own.")
 _CACHE: OrderedDict = OrderedDict()  # (path, mtime, device, options) -> host.Loaded, the last few kept
 
 
@@ -96,7 +98,7 @@ class LoadGPENModel:
         return {"required": {
             "model_name": (host.gpen_model_files(), {"tooltip": "A GPEN file from models/facerestore_models or models/gpen."}),
             "precision": (["auto", "fp32", "fp16", "bf16"], {"default": "auto",
-                          "tooltip": "auto: fp16 on a GPU, fp32 on the CPU. ONNX files keep their own."}),
+                          "tooltip": PRECISION_HELP}),
             "device": (["auto", "cpu", "gpu"], {"default": "auto", "tooltip": "Where the model runs; auto follows ComfyUI."}),
         }}
 
@@ -154,7 +156,7 @@ class LoadFaceParser:
             "parser_name": (host.parser_files(), {"tooltip": "A parser or occluder from models/facedetection or "
                                                              "models/face_parsing (.pth, .safetensors or .onnx)."}),
             "precision": (["auto", "fp32", "fp16", "bf16"], {"default": "auto",
-                          "tooltip": "auto: fp16 on a GPU, fp32 on the CPU. ONNX files keep their own."}),
+                          "tooltip": PRECISION_HELP}),
             "device": (["auto", "cpu", "gpu"], {"default": "auto", "tooltip": "Where the parser runs; auto follows ComfyUI."}),
         }, "optional": {
             "and_parser": ("FACE_PARSER", {"tooltip": "Another Load Face Parser (e.g. an occluder): both are used, "

@@ -4,13 +4,15 @@ cannot rot between GPU runs, and the parts of it that decide what a GPU run repo
 import json
 import subprocess
 import sys
+from collections import namedtuple
 from pathlib import Path
 
+import pytest
 import torch
 from torch import nn
 
 from gpen.apps import acceptance
-from gpen.apps.acceptance import FULL, QUICK, SECTIONS, Context, Outcome, Skip
+from gpen.apps.acceptance import DTYPE_NAMES, FULL, QUICK, SECTIONS, Context, Outcome, Skip
 from gpen.apps.cli import main
 from gpen.apps.plain_gpen import plain_forward
 from gpen.loader import load_model
@@ -28,14 +30,146 @@ def test_the_quick_mode_runs_every_section_and_writes_its_rows(shared, tmp_path)
     assert [row for row in rows if row["status"] == "FAIL"] == []
     skipped = [row for row in rows if row["status"] == "skip"]
     assert all("Ray is not installed" in row["result"] for row in skipped), skipped
+    ray = next(row for row in rows if "--ray local" in row["check"])
+    assert ray in skipped or ray["result"].startswith("ray: 1 actor(s), each 1 CPU slot(s)")
     by_check = {row["check"]: row for row in rows}
     assert by_check["out of memory: GPEN-32, 8 faces in one batch"]["figures"]["batches"] == [8, 4, 2, 2, 2, 2]
     assert "every part on cpu" in by_check["320x240 frame, the group photo tiled"]["result"]
     assert by_check["GPEN-32 reference computation fp32"]["figures"]["relative_error"] < 1e-4
+    auto = by_check["GPEN-32 default dtype (auto)"]  # tiny CPU timings are noise: shown, not judged
+    assert auto["status"] == "ok" and auto["met"] == "not judged (not a full GPU run)"
+    assert auto["figures"]["auto"] == "fp32" and set(auto["figures"]["ms_per_face"]) == set(DTYPE_NAMES)
+    assert [row["section"] for row in rows][-6:] == ["compile"] * 2 + ["goals"] * 4  # torch.compile last
+    assert report["progress"] == f"complete: {len(rows)} checks" and report["complete"]
     markdown = (tmp_path / "acceptance-cpu.md").read_text().splitlines()
     assert markdown[0].startswith("### Acceptance: cpu") and "quick mode" in markdown[0]
+    assert markdown[0].endswith(f"(complete: {len(rows)} checks)")
     assert len([line for line in markdown if line.startswith("| ")]) == len(rows) + 1  # the header, a line a row
-    assert "30 checks: 0 failed" in done.stdout
+    assert f"{len(rows)} checks in" in done.stdout and ": 0 failed" in done.stdout
+    assert "[compile] GPEN-32 fp16 torch.compile\n  ok in " in done.stderr  # each check's seconds, as it goes
+
+
+def test_past_the_budget_a_check_is_a_skip_row_the_goals_run_and_the_reports_keep_every_row(tmp_path):
+    now = [0.0]
+    context = Context(torch.device("cpu"), QUICK, budget=60, clock=lambda: now[0])
+    json_path, md_path = acceptance.report_paths(context, tmp_path)
+    progress_seen, goals_seen = [], []
+
+    def fast():
+        context.figures["overhead",] = 0.1
+        return Outcome("took 0 s")
+
+    def slow():
+        report = json.loads(json_path.read_text())  # the first row is in already, and the goals so far
+        progress_seen.append(report["progress"])
+        goals_seen.extend((row["check"], row["result"]) for row in report["goals_so_far"])
+        now[0] += 61
+        return Outcome("took 61 s")
+
+    def never():
+        pytest.fail("a check past the budget was run")
+
+    sections = {"speed": lambda c: [("fast", fast), ("slow", slow), ("late", never)],
+                "memory": lambda c: [("later", never)], "goals": acceptance.goal_checks}
+    rows = acceptance.run_sections(context, sections,
+                                   report=lambda rows, planned: acceptance.write_reports(rows, planned, context,
+                                                                                         tmp_path))
+    assert [(row["check"], row["status"]) for row in rows[:4]] == [
+        ("fast", "ok"), ("slow", "ok"), ("late", "skip"), ("later", "skip")]
+    assert rows[2]["result"] == "not run: past the time budget of 60 s (--budget)"
+    assert [(row["section"], row["status"]) for row in rows[4:]] == [("goals", "skip")] * 3 + [("goals", "ok")]
+    assert rows[4]["result"] == ("not measured: the speed row it comes from failed or was not run (past the time "
+                                 "budget)")
+    assert rows[7]["result"] == "10.0% of the frame's time outside GPEN and the parser"  # measured before it
+    assert progress_seen == ["partial: 1 of 8 checks"]
+    assert goals_seen == [("GPEN-32 fp16 batch 4, ms per face", "not measured yet"),
+                          ("GPEN-32 against the reference's computation", "not measured yet"),
+                          ("GPEN-32 fp16 batch 1, peak memory", "not measured yet"),
+                          ("pipeline overhead, one face a 1080p frame",
+                           "10.0% of the frame's time outside GPEN and the parser")]
+    report = json.loads(json_path.read_text())
+    assert (report["progress"], report["checks_done"], report["budget_s"]) == ("complete: 8 checks", 8, 60)
+    assert report["goals_so_far"] == []  # the goals' own rows are in
+    markdown = md_path.read_text()
+    assert markdown.splitlines()[0].endswith("(complete: 8 checks)") and "so far" not in markdown
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["acceptance-cpu.json", "acceptance-cpu.md"]
+
+
+def test_a_budget_of_zero_runs_nothing_but_the_goals(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "gpen", "bench", "--acceptance", "--device", "cpu", "--quick",
+                           "--budget", "0", "--out", str(tmp_path)], capture_output=True, text=True, cwd=ROOT,
+                          timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    rows = json.loads((tmp_path / "acceptance-cpu.json").read_text())["rows"]
+    assert {row["status"] for row in rows} == {"skip"}
+    assert {row["section"] for row in rows if "past the time budget of 0 s" in row["result"]} == set(SECTIONS) - {
+        "goals"}
+    assert "a budget of 0 s (--budget)" in done.stderr
+
+
+@pytest.fixture
+def h200(monkeypatch):
+    """A Context of the full plan on "cuda", with a GPU of compute capability 9.0 answering: precision auto
+    is fp16 there. No GPU is touched: the checks given it only read figures."""
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    return Context(torch.device("cuda"), FULL)
+
+
+def only(context: Context, check) -> dict:
+    """The row of one check run as the acceptance run runs it."""
+    return acceptance.run_sections(context, {"speed": lambda c: [("the check", lambda: check(c))]})[0]
+
+
+def test_precision_auto_is_judged_against_the_fastest_dtype_that_passed_parity(h200):
+    def row(fp16_ms: float, bf16_ms: float, fp16_error: float = 2e-3) -> dict:
+        h200.figures = {("parity", 2048, "fp32"): 1e-6, ("parity", 2048, "fp16"): fp16_error,
+                        ("parity", 2048, "bf16"): 1e-2, ("ms", 2048, "fp32", 4): 40.0,
+                        ("ms", 2048, "fp16", 4): fp16_ms, ("ms", 2048, "bf16", 4): bf16_ms}
+        return only(h200, lambda context: acceptance.default_dtype(context, 2048))
+
+    fastest = row(fp16_ms=10.0, bf16_ms=10.3)
+    assert (fastest["status"], fastest["met"]) == ("ok", "yes")
+    assert row(fp16_ms=10.4, bf16_ms=10.0)["met"] == "yes"  # within 5% of the fastest
+    slower = row(fp16_ms=12.0, bf16_ms=10.0)
+    assert (slower["status"], slower["met"]) == ("FAIL", "NO")
+    assert slower["result"].startswith("auto is fp16; fastest that passed parity: bf16")
+    garbage = row(fp16_ms=8.0, bf16_ms=10.0, fp16_error=0.5)  # the fastest, but its faces are not GPEN's
+    assert garbage["status"] == "FAIL" and "fp16 failed parity (5.0e-01)" in garbage["result"]
+    h200.figures = {}
+    missing = only(h200, lambda context: acceptance.default_dtype(context, 2048))
+    assert (missing["status"], missing["result"]) == (
+        "FAIL", "LookupError: not measured: the parity and speed rows of GPEN-2048 it comes from failed")
+
+
+def test_bf16_is_measured_only_on_a_gpu_that_computes_in_it(h200, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
+    assert acceptance.usable_dtypes(h200, DTYPE_NAMES) == ("fp32", "fp16")  # torch would only emulate it
+    row = only(h200, lambda context: acceptance.gpen_speed(context, 2048, "bf16"))
+    assert (row["status"], row["result"]) == ("skip", "this GPU has no bf16")
+
+
+def test_fp32_parity_is_computed_without_tf32_and_torchs_setting_is_given_back():
+    flags = []
+
+    class Records(nn.Module):
+        def forward(self, x):
+            flags.append((torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32))
+            return x * 2
+
+    before = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    outcome = acceptance.network_parity(Context(torch.device("cpu"), QUICK), Records(), 8, ("fp32",), "test")
+    assert outcome.ok and flags == [(False, False)] * 2  # the CPU's reference and the device's copy
+    assert (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32) == before
+
+
+def test_the_device_to_host_copies_are_the_gpus_and_a_profile_without_gpu_events_is_no_count():
+    event = namedtuple("Event", "name device_type")
+    gpu, cpu = torch.autograd.DeviceType.CUDA, torch.autograd.DeviceType.CPU
+    events = [event("Memcpy DtoH (Device -> Pageable)", gpu), event("Memcpy HtoD (Pageable -> Device)", gpu),
+              event("cudaMemcpyAsync", cpu), event("Memcpy DtoH (Device -> Pinned)", gpu)]
+    assert acceptance.count_copies(events) == 2
+    with pytest.raises(RuntimeError, match="no GPU activity"):  # CUPTI could not trace: not "0 copies"
+        acceptance.count_copies([event("aten::conv2d", cpu)])
 
 
 def test_a_section_or_check_that_raises_is_one_failed_row_and_the_rest_still_run():
@@ -126,3 +260,13 @@ def test_on_a_gpu_the_batch_forced_past_the_memory_halves_and_completes(monkeypa
 def test_without_a_gpu_the_full_check_is_refused_and_the_quick_mode_named(capsys):
     assert main(["bench", "--acceptance", "--device", "cpu"]) == 1
     assert "--device cpu --quick" in capsys.readouterr().err
+
+
+@pytest.mark.filterwarnings("ignore:CUDA is not available, disabling CUDA profiling")
+def test_a_profiler_that_cannot_see_the_gpu_leaves_the_pipeline_row_its_timings(shared, monkeypatch):
+    """The GPU branch of the group-frame check on the CPU: torch's profiler has no CUDA to trace here."""
+    monkeypatch.setattr(Context, "on_gpu", property(lambda self: True))
+    outcome = acceptance.group_frame_check(Context(torch.device("cpu"), QUICK))
+    assert outcome.ok and outcome.figures["ms_per_frame"] > 0
+    assert outcome.figures["device_to_host_copies"].startswith("not counted: ")
+    assert "; device-to-host copies not counted: " in outcome.result

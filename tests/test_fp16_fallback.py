@@ -280,4 +280,19 @@ def test_bf16_is_refused_on_a_cuda_device_without_it(monkeypatch):
     with pytest.raises(ValueError, match="cuda has no native bfloat16 .* use fp16 or fp32"):
         resolve_dtype("bf16", torch.device("cuda"))
     assert resolve_dtype("bf16", torch.device("cpu")) == torch.bfloat16  # the CPU has it
-    assert resolve_dtype("auto", torch.device("cuda")) == torch.float16
+
+
+@pytest.mark.parametrize("capability, hip, expected", [
+    ((9, 0), None, torch.float16),  # H100/H200
+    ((7, 0), None, torch.float16),  # V100: the first tensor cores
+    ((6, 1), None, torch.float32),  # GTX 1080: fp16 at 1/64 of fp32
+    ((6, 0), None, torch.float32),  # P100: fast fp16 but no tensor cores, one rule
+    ((6, 0), "6.2", torch.float16),  # ROCm: its capability is a gfx version, and every such GPU has fp16
+])
+def test_auto_precision_is_fp16_on_a_gpu_with_tensor_cores_and_fp32_before(monkeypatch, capability, hip, expected):
+    asked = []
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: asked.append(device) or capability)
+    monkeypatch.setattr(torch.version, "hip", hip)
+    assert resolve_dtype("auto", torch.device("cuda:1")) == expected
+    assert asked == ([] if hip else [torch.device("cuda:1")])  # the device asked about, not the current one
+    assert resolve_dtype("auto", torch.device("cpu")) == resolve_dtype("auto") == torch.float32

@@ -3,20 +3,25 @@
 Sections (SECTIONS), each a list of checks, each check a row of the table:
   parity    every network on the device in float32 against the CPU's float32 forward of the same weights,
             and in float16 and bfloat16 against the device's float32
-  speed     ms per face of GPEN-512 and GPEN-2048 by dtype and batch (CUDA events, warm-up, medians),
-            torch.compile tried, and the reference's computation (plain_gpen.py) on the same device
+  speed     ms per face of GPEN-512 and GPEN-2048 by dtype and batch (CUDA events, warm-up, medians), whether
+            precision "auto" is the fastest dtype that passed parity, and the reference's computation
+            (plain_gpen.py) on the same device
   memory    peak GPU memory by size and batch; a batch forced past the memory halves and completes
   pipeline  restore_faces on a 4K frame of many faces and a batch of 1080p frames, every stage on the device
   video     restore_video on a short clip; one Ray actor
+  compile   torch.compile tried on GPEN (last but the goals: inductor's first call is the one unknown cost)
   goals     the issue's goals, each with its figure and whether it is met
-A check that raises is one FAIL row (its exception's first line) and the others still run.
+A check that raises is one FAIL row (its exception's first line) and the others still run. A check that
+would start after the time budget (--budget, FULL's 6 minutes by default) is a skip row; the goals run
+always. The reports are rewritten after every row, so a run cut short keeps what it measured.
 
 Networks have random weights in the released files' layouts (no download), a GPEN-BFR file in the
 models folder is used when there is one; the pipeline needs a face detector file and a group photo (by
 default the project's shared/ ones, beside the checkout or in it). `--quick` runs the same code at tiny
 sizes: `--device cpu --quick` finishes in under a minute, and the test suite runs it so that the check
 cannot rot between GPU runs.
-Prints one table and writes acceptance-<device>.json and .md (rows for BENCHMARKS.md) into --out.
+Prints one table; acceptance-<device>.json and .md (rows for BENCHMARKS.md) in --out say how far the
+run got ("partial: 17 of 40 checks", then "complete: 40 checks"), and stderr each check's seconds.
 """
 
 from __future__ import annotations
@@ -25,11 +30,13 @@ import copy
 import gc
 import importlib.util
 import json
+import os
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from functools import cached_property
@@ -48,7 +55,7 @@ from ..archs.parsenet import ParseNet
 from ..archs.retinaface import RetinaFace
 from ..archs.rrdbnet import RRDBNet
 from ..archs.srvgg import SRVGGNetCompact
-from ..devices import DTYPES, resolve_device
+from ..devices import DTYPES, has_native_bf16, resolve_device, resolve_dtype
 from ..faces.options import CLASSES, MaskOptions
 from ..faces.parse import ParserHandle
 from ..faces.pipeline import restore_faces
@@ -72,6 +79,9 @@ EVERY_REGION = tuple(range(len(CLASSES)))  # random parsers: every class shows t
 # The project's test data: beside the checkout, or inside it (as a GPU machine's copy of the tree has it).
 SHARED_FOLDERS = (PACK.parent / "shared", PACK / "shared")
 OOM_FACES = 8  # faces of the out-of-memory check, asked for in one batch
+AUTO_SLACK = 1.05  # precision "auto" may be this much slower than the fastest dtype that passed parity
+ALWAYS_RUN = ("goals",)  # sections run past the time budget: they only read the figures measured before them
+RAY_TIMEOUT_S = 120  # the Ray check's process: Ray's start and a short clip take well under a minute
 
 
 @dataclass(frozen=True)
@@ -90,15 +100,16 @@ class Plan:
     video_frames: int
     pipeline_size: int  # GPEN size in the pipeline and the video
     face_batch: int
+    budget_s: float | None  # --budget's default
     quick: bool
 
 
 FULL = Plan(gpen_sizes=(256, 512, 1024, 2048), speed_sizes=(512, 2048), batches=(1, 4, 8), goal_batch=4, warmup=3,
             repeat=10, sides={"detector": 640, "parser": 512, "upscaler": 128}, group_frame=(3840, 2160),
-            close_up=(1920, 1080, 60), video_frames=24, pipeline_size=512, face_batch=8, quick=False)
+            close_up=(1920, 1080, 60), video_frames=24, pipeline_size=512, face_batch=8, budget_s=360, quick=False)
 QUICK = Plan(gpen_sizes=(16, 32), speed_sizes=(16, 32), batches=(1, 4), goal_batch=4, warmup=1, repeat=1,
              sides={"detector": 64, "parser": 64, "upscaler": 32}, group_frame=(320, 240), close_up=(256, 144, 3),
-             video_frames=3, pipeline_size=32, face_batch=4, quick=True)
+             video_frames=3, pipeline_size=32, face_batch=4, budget_s=None, quick=True)
 
 
 class Skip(Exception):
@@ -118,12 +129,16 @@ Check = tuple[str, Callable[[], Outcome]]
 
 
 class Context:
-    """What the checks share: the device, the plan, the inputs found, and the figures the goals read."""
+    """What the checks share: the device, the plan, the inputs found, the figures the goals read, and the
+    time budget (seconds from the first check; None: no budget) on `clock`."""
 
     def __init__(self, device: torch.device, plan: Plan, image: str | None = None, detector: str | None = None,
-                 models_dir: str | None = None):
+                 models_dir: str | None = None, budget: float | None = None,
+                 clock: Callable[[], float] = time.monotonic):
         self.device, self.plan, self.models_dir = device, plan, models_dir
         self.image, self.detector = image, detector
+        self.budget, self.clock = budget, clock
+        self.out_of_time = False  # set when a check was not run for the budget
         self.figures: dict[tuple, float] = {}
 
     @cached_property
@@ -137,7 +152,8 @@ class Context:
 
     @property
     def pipeline_dtype(self) -> str:
-        return "fp16" if self.on_gpu else "fp32"
+        """Precision "auto" on this device, as the nodes run it."""
+        return dtype_name(resolve_dtype("auto", self.device))
 
     @cached_property
     def photo_path(self) -> Path:
@@ -205,6 +221,15 @@ def small_parsenet() -> ParseNet:
     return ParseNet(in_size=64, out_size=64, min_feat_size=16, base_ch=8, res_depth=2, ch_range=(8, 32))
 
 
+def dtype_name(dtype: torch.dtype) -> str:
+    return next(name for name in DTYPE_NAMES if DTYPES[name] == dtype)
+
+
+def uniform(*shape: int, seed: int, device: torch.device) -> torch.Tensor:
+    """Values in [0, 1) drawn on the CPU, so the same on every device and run, then moved to `device`."""
+    return torch.rand(shape, generator=torch.Generator().manual_seed(seed)).to(device)
+
+
 # ---------------------------------------------------------------------------------------------- running
 
 
@@ -217,55 +242,88 @@ def run(args) -> int:
     if args.quick and device.type == "cpu":
         # Tiny networks: one thread beats threads waiting on each other on a shared machine (3x here).
         torch.set_num_threads(1)
-    context = Context(device, QUICK if args.quick else FULL, args.image, args.detector, args.models_dir)
+    if device.type == "cuda" and device.index is not None:
+        torch.cuda.set_device(device)  # CUDA events, peaks and the OOM check's limit use the current device
+    plan = QUICK if args.quick else FULL
+    budget = plan.budget_s if args.budget is None else args.budget
+    context = Context(device, plan, args.image, args.detector, args.models_dir, budget)
+    out = Path(args.out or ".")
+    paths = report_paths(context, out)
+    print(f"rewriting {' and '.join(map(str, paths))} after every check"
+          + (f"; a budget of {budget:g} s (--budget)" if budget is not None else ""), file=sys.stderr, flush=True)
     try:
-        rows = run_sections(context)
+        rows = run_sections(context, report=lambda rows, planned: write_reports(rows, planned, context, out))
     finally:
         if "tmp" in vars(context):  # made on first use
             shutil.rmtree(context.tmp, ignore_errors=True)
     print_rows(rows)
-    for path in write_reports(rows, context, Path(args.out or ".")):
+    for path in paths:
         print(f"wrote {path}")
     return 0 if all(row["status"] != "FAIL" for row in rows) else 1
 
 
-def run_sections(context: Context, sections: dict | None = None) -> list[dict]:
+def run_sections(context: Context, sections: dict | None = None,
+                 report: Callable[[list[dict], int], object] = lambda rows, planned: None) -> list[dict]:
     """Every check of every section, in order, each on its own: a section or check that raises is one
-    FAIL row, a Skip a row saying why."""
-    rows = []
-    for section, checks_of in (sections or SECTIONS).items():
-        try:
-            checks = checks_of(context)
-        except Exception as e:
-            rows.append(failed_row(section, "(the section's checks)", e))
-            continue
-        for label, check in checks:
-            print(f"[{section}] {label}", file=sys.stderr, flush=True)
-            rows.append(run_check(section, label, check, context.device))
+    FAIL row, a Skip a row saying why, a check that would start past the budget a skip row. `report(rows,
+    planned)` is called after every row, with the rows so far and the number of checks planned."""
+    planned = planned_checks(context, sections or SECTIONS)
+    started, rows = context.clock(), []
+    for section, label, check in planned:
+        print(f"[{section}] {label}", file=sys.stderr, flush=True)
+        if isinstance(check, Exception):  # the section could not list its checks
+            row = dict(failed_row(section, label, check), seconds=0.0)
+        elif context.budget is not None and context.clock() - started >= context.budget \
+                and section not in ALWAYS_RUN:
+            context.out_of_time = True
+            row = dict(skipped_row(section, label, f"not run: past the time budget of {context.budget:g} s "
+                                                   "(--budget)"), seconds=0.0)
+        else:
+            row = run_check(section, label, check, context)
+        rows.append(row)
+        print(f"  {row['status']} in {row['seconds']:.1f} s; {context.clock() - started:.1f} s since the start",
+              file=sys.stderr, flush=True)
+        report(rows, len(planned))
     return rows
 
 
-def run_check(section: str, label: str, check: Callable[[], Outcome], device: torch.device) -> dict:
-    started = time.perf_counter()
+def planned_checks(context: Context, sections: dict) -> list[tuple[str, str, Callable[[], Outcome] | Exception]]:
+    """(section, label, check) for every check, listed before any runs so that the reports can say how far
+    the run got; a section that cannot list its checks is one entry holding its exception."""
+    planned = []
+    for section, checks_of in sections.items():
+        try:
+            planned += [(section, label, check) for label, check in checks_of(context)]
+        except Exception as e:
+            planned.append((section, "(the section's checks)", e))
+    return planned
+
+
+def run_check(section: str, label: str, check: Callable[[], Outcome], context: Context) -> dict:
+    started = context.clock()
     try:
         outcome = check()
         row = dict(section=section, check=label, status="ok" if outcome.ok else "FAIL", result=outcome.result,
                    goal=outcome.goal, met=outcome.met, figures=outcome.figures)
     except Skip as e:
-        row = dict(section=section, check=label, status="skip", result=str(e), goal="", met="", figures={})
+        row = skipped_row(section, label, str(e))
     except Exception as e:  # one clear row; the other checks still run
         row = failed_row(section, label, e)
     finally:
         gc.collect()  # the check's networks and tensors, before the next one measures memory
-        if device.type == "cuda":
+        if context.on_gpu:
             torch.cuda.empty_cache()
-    row["seconds"] = round(time.perf_counter() - started, 1)
+    row["seconds"] = round(context.clock() - started, 1)
     return row
 
 
 def failed_row(section: str, label: str, error: Exception) -> dict:
     return dict(section=section, check=label, status="FAIL", result=f"{type(error).__name__}: {first_line(error)}",
                 goal="", met="", figures={})
+
+
+def skipped_row(section: str, label: str, why: str) -> dict:
+    return dict(section=section, check=label, status="skip", result=why, goal="", met="", figures={})
 
 
 # ----------------------------------------------------------------------------------------------- parity
@@ -290,14 +348,18 @@ def parity_checks(context: Context) -> list[Check]:
 
 def gpen_parity(context: Context, size: int) -> Outcome:
     model, origin = context.gpen(size)
-    return network_parity(context, model, size, DTYPE_NAMES, origin, low=-1)
+    outcome = network_parity(context, model, size, DTYPE_NAMES, origin, low=-1)
+    for dtype in DTYPE_NAMES:  # for the speed section's "default dtype" rows
+        if f"{dtype}_relative_error" in outcome.figures:
+            context.figures["parity", size, dtype] = outcome.figures[f"{dtype}_relative_error"]
+    return outcome
 
 
 def network_parity(context: Context, network: nn.Module, side: int, dtypes: tuple[str, ...], origin: str,
                    low: float = 0) -> Outcome:
     """A batch of 2 (the batched path on a GPU) through the CPU float32 network and its copies on the device."""
-    x = torch.rand(2, 3, side, side, generator=torch.Generator().manual_seed(0)) * (1 - low) + low
-    with torch.inference_mode():
+    x = uniform(2, 3, side, side, seed=0, device=torch.device("cpu")) * (1 - low) + low
+    with torch.inference_mode(), exact_fp32():
         reference = outputs(network(x))
         on_device = copy.deepcopy(network).to(context.device)
         fp32 = outputs(on_device(x.to(context.device)))
@@ -314,9 +376,23 @@ def network_parity(context: Context, network: nn.Module, side: int, dtypes: tupl
                    {f"{dtype}_relative_error": error for dtype, error in errors.items()})
 
 
+@contextmanager
+def exact_fp32():
+    """float32 computed in float32 on a GPU: by default torch lets cuDNN's convolutions round their inputs to
+    TF32 (10-bit significands, ~1e-3 of the range over GPEN) from Ampere on, which the fp32 bound is not about.
+    The timings keep torch's default, as users get it."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
 def usable_dtypes(context: Context, dtypes: tuple[str, ...]) -> tuple[str, ...]:
-    """bfloat16 only where the GPU has it (Ampere and later)."""
-    bf16 = not context.on_gpu or torch.cuda.is_bf16_supported()
+    """bfloat16 only where the GPU computes in it (Ampere and later), as resolve_dtype allows it: torch's own
+    is_bf16_supported() also says yes where it only emulates it."""
+    bf16 = not context.on_gpu or has_native_bf16(context.device)
     return tuple(dtype for dtype in dtypes if dtype != "bf16" or bf16)
 
 
@@ -342,7 +418,7 @@ def speed_checks(context: Context) -> list[Check]:
     for size in context.plan.speed_sizes:
         checks += [(f"GPEN-{size} {dtype}", lambda size=size, dtype=dtype: gpen_speed(context, size, dtype))
                    for dtype in DTYPE_NAMES]
-        checks.append((f"GPEN-{size} fp16 torch.compile", lambda size=size: compiled_speed(context, size)))
+        checks.append((f"GPEN-{size} default dtype (auto)", lambda size=size: default_dtype(context, size)))
         checks.append((f"GPEN-{size} reference computation fp32", lambda size=size: plain_speed(context, size)))
     checks.append(("channels_last", lambda: Outcome("the network's own layout on every device (network.py keeps "
                                                     "its maps and weights channels_last): no other path to compare")))
@@ -353,8 +429,7 @@ def device_gpen(context: Context, size: int, dtype: str) -> tuple[GPEN, torch.Te
     """GPEN-`size` on the device in `dtype`, and a batch of faces in [-1, 1] (as many as the largest batch)."""
     model, _ = context.gpen(size)
     model = model.to(context.device, DTYPES[dtype])
-    faces = torch.rand(max(context.plan.batches), 3, model.size, model.size, device=context.device,
-                       generator=torch.Generator(context.device).manual_seed(0)) * 2 - 1
+    faces = uniform(max(context.plan.batches), 3, model.size, model.size, seed=0, device=context.device) * 2 - 1
     return model, faces
 
 
@@ -390,31 +465,32 @@ def gpen_speed(context: Context, size: int, dtype: str) -> Outcome:
         context.figures["ms", size, dtype, batch] = per_face[batch]
     text = ", ".join(f"batch {batch} {ms:.2f}" for batch, ms in per_face.items())
     figures = {f"ms_per_face_batch_{batch}": round(ms, 3) for batch, ms in per_face.items()}
-    return Outcome(f"ms per face: {text}", figures=figures)
+    tf32 = dtype == "fp32" and context.on_gpu and torch.backends.cudnn.allow_tf32
+    return Outcome(f"ms per face: {text}" + "; convolutions in TF32 (torch's default)" * tf32, figures=figures)
 
 
-def compiled_speed(context: Context, size: int) -> Outcome:
-    """torch.compile (inductor on a GPU; the eager backend on the CPU, where inductor would compile C++ for
-    minutes) against the eager network, fp16 at the goal batch: kept if faster and within fp16's bound."""
-    plan = context.plan
-    model, faces = device_gpen(context, size, "fp16")
-    x = faces[:plan.goal_batch]
-    backend = "inductor" if context.on_gpu else "eager"
-    compiled = torch.compile(model, backend=backend, dynamic=False)
-    began = time.perf_counter()
-    with torch.inference_mode():
-        out = compiled(x)
-        error = relative_error(outputs(out), outputs(model(x)))
-    compile_s = time.perf_counter() - began
-    eager = time_ms(lambda: model(x), context.device, plan.warmup, plan.repeat) / len(x)
-    fast = time_ms(lambda: compiled(x), context.device, plan.warmup, plan.repeat) / len(x)
-    kept = fast < eager and error <= BOUNDS["fp16"]
-    if kept:
-        context.figures["compiled", size] = fast
-    return Outcome(f"batch {len(x)}: {fast:.2f} ms per face compiled, {eager:.2f} eager; {error:.1e} from eager; "
-                   f"{backend} backend, first call {compile_s:.0f} s; {'kept' if kept else 'not kept'}",
-                   figures=dict(compiled_ms_per_face=round(fast, 3), eager_ms_per_face=round(eager, 3),
-                                relative_error=error, compile_seconds=round(compile_s, 1), kept=kept))
+def default_dtype(context: Context, size: int) -> Outcome:
+    """Precision "auto" (resolve_dtype) against what was measured: of the dtypes whose GPEN-`size` parity row
+    passed, the fastest at the goal batch; auto must be it or within AUTO_SLACK of its time."""
+    batch, auto = context.plan.goal_batch, context.pipeline_dtype
+    times, failed, unmeasured = {}, [], []
+    for dtype in DTYPE_NAMES:
+        error, ms = context.figures.get(("parity", size, dtype)), context.figures.get(("ms", size, dtype, batch))
+        if error is None or ms is None:
+            unmeasured.append(f"{dtype} not measured ({'parity' if error is None else 'speed'})")
+        elif error > BOUNDS[dtype]:
+            failed.append(f"{dtype} failed parity ({error:.1e})")
+        else:
+            times[dtype] = ms
+    if not times and not failed:
+        raise not_measured(context, f"the parity and speed rows of GPEN-{size} it comes from")
+    fastest = min(times, key=times.get) if times else None
+    met = judged(context, auto in times and times[auto] <= AUTO_SLACK * times[fastest])
+    measured = ", ".join(f"{dtype} {ms:.2f}" for dtype, ms in times.items()) or "none"
+    return Outcome(f"auto is {auto}; fastest that passed parity: {fastest}; ms per face at batch {batch}: "
+                   f"{measured}" + "".join(f"; {why}" for why in failed + unmeasured), met != "NO",
+                   dict(auto=auto, fastest=fastest, ms_per_face=times),
+                   goal=f"auto = the fastest that passed parity, or within {AUTO_SLACK - 1:.0%}", met=met)
 
 
 def plain_speed(context: Context, size: int) -> Outcome:
@@ -422,7 +498,7 @@ def plain_speed(context: Context, size: int) -> Outcome:
     plan = context.plan
     model, faces = device_gpen(context, size, "fp32")
     x = faces[:1]
-    with torch.inference_mode():
+    with torch.inference_mode(), exact_fp32():
         error = relative_error(outputs(plain_forward(model, x)), outputs(model(x)))
     plain = time_ms(lambda: plain_forward(model, x), context.device, plan.warmup, plan.repeat)
     ours = time_ms(lambda: model(x), context.device, plan.warmup, plan.repeat)
@@ -470,8 +546,7 @@ def oom_back_off(context: Context, size: int) -> Outcome:
     to what a batch of 2 took, plus a quarter; on the CPU the forward raises torch.OutOfMemoryError above 2.
     The batches must halve, every face come back finite, and the faces match those restored 2 at a time."""
     model, _ = device_gpen(context, size, "fp16")
-    crops = torch.rand(OOM_FACES, size, size, 3, device=context.device,
-                       generator=torch.Generator(context.device).manual_seed(1))
+    crops = uniform(OOM_FACES, size, size, 3, seed=1, device=context.device)
     seen = []
 
     def forward(x):
@@ -489,12 +564,12 @@ def oom_back_off(context: Context, size: int) -> Outcome:
         torch.cuda.reset_peak_memory_stats()
     in_pairs = restore(2).cpu()  # off the GPU: the budget is what a batch of 2 takes beyond what was there
     seen.clear()
-    if context.on_gpu:
-        budget = before + 1.25 * (torch.cuda.max_memory_allocated() - before)
-        torch.cuda.empty_cache()
-        total = torch.cuda.get_device_properties(context.device).total_memory
-        torch.cuda.set_per_process_memory_fraction(budget / total)
     try:
+        if context.on_gpu:
+            budget = before + 1.25 * (torch.cuda.max_memory_allocated() - before)
+            torch.cuda.empty_cache()
+            total = torch.cuda.get_device_properties(context.device).total_memory
+            torch.cuda.set_per_process_memory_fraction(budget / total)
         restored = restore(OOM_FACES)
     finally:
         if context.on_gpu:
@@ -528,9 +603,11 @@ def group_frame_check(context: Context) -> Outcome:
     frame = tiled(photo, *context.plan.group_frame)[None]
     outcome = pipeline_outcome(context, frame)
     faces, copies = outcome.figures["faces"], outcome.figures.get("device_to_host_copies")
-    if copies is not None:  # many faces in one frame: copies made per face would number at least the faces
+    if isinstance(copies, int):  # many faces in one frame: copies made per face would number at least the faces
         outcome.ok = outcome.ok and copies < faces
         outcome.result += f"; {copies} device-to-host copies for {faces} faces ({'not ' * (copies < faces)}per face)"
+    elif copies is not None:
+        outcome.result += f"; device-to-host copies {copies}"
     return outcome
 
 
@@ -566,7 +643,10 @@ def pipeline_outcome(context: Context, frames: torch.Tensor) -> Outcome:
                    share_outside_networks=round(1 - networks / total, 4),
                    stage_ms={stage: round(s * 1e3, 1) for stage, s in best.items()})
     if context.on_gpu:
-        figures["device_to_host_copies"] = device_to_host_copies(restore)
+        try:
+            figures["device_to_host_copies"] = device_to_host_copies(restore)
+        except Exception as e:  # whatever keeps the profiler from the GPU, the timings stand
+            figures["device_to_host_copies"] = f"not counted: {type(e).__name__}: {first_line(e)}"
     stages = ", ".join(f"{stage} {ms:.0f}" for stage, ms in figures["stage_ms"].items())
     text = (f"{figures['faces']} faces: {figures['ms_per_frame']:.1f} ms per frame, "
             f"{100 * figures['share_outside_gpen']:.0f}% outside GPEN, {100 * figures['share_outside_networks']:.0f}% "
@@ -577,9 +657,20 @@ def pipeline_outcome(context: Context, frames: torch.Tensor) -> Outcome:
 
 def device_to_host_copies(run: Callable[[], object]) -> int:
     """The CUDA device-to-host copies one run makes (each one a wait for the GPU)."""
+    # The GPU's activity alone: the CPU's ops would add tens of thousands of events to read back.
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as profile:
         run()
-    return sum(event.count for event in profile.key_averages() if "DtoH" in event.key)
+    return count_copies(profile.events())
+
+
+def count_copies(events) -> int:
+    """The device-to-host copies ("Memcpy DtoH (Device -> Pageable)") among a profile's events. A profile
+    without a single GPU event means the profiler could not trace the device (CUPTI missing or not allowed,
+    which it only warns about): a RuntimeError, not a count of 0 that would pass for none made."""
+    on_gpu = [event for event in events if event.device_type == torch.autograd.DeviceType.CUDA]
+    if not on_gpu:
+        raise RuntimeError("the profiler recorded no GPU activity (CUPTI unavailable?)")
+    return sum("DtoH" in event.name for event in on_gpu)
 
 
 # ------------------------------------------------------------------------------------------------ video
@@ -633,16 +724,53 @@ def ray_check(context: Context) -> Outcome:
     command = [sys.executable, "-m", "gpen", "restore", str(clip(context)), "-o", str(target), "--ray", "local",
                "--ray-actors", "1", "--model", str(weights), "--detector", str(context.detector_path),
                "--device", str(context.device), "--dtype", context.pipeline_dtype, "--overwrite"]
+    # gpen from this checkout, whatever the folder's name, even where Python leaves the working folder off its path
+    path = os.pathsep.join(p for p in (str(PACK), os.environ.get("PYTHONPATH", "")) if p)
     began = time.perf_counter()
-    done = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=PACK)  # gpen from this checkout
+    done = subprocess.run(command, capture_output=True, text=True, timeout=RAY_TIMEOUT_S, cwd=PACK,
+                          env={**os.environ, "PYTHONPATH": path})
     seconds = time.perf_counter() - began
     if done.returncode:
         lines = (done.stderr.strip() or done.stdout.strip() or "no output").splitlines()
         return Outcome(f"exit {done.returncode}: {lines[-1]}", False)
     written = probe_video(target).frames
-    actor = "a GPU actor" if context.on_gpu else "a CPU actor (no GPU here)"
-    return Outcome(f"{actor}: {written} frames written in {seconds:.0f} s (Ray's start included)",
-                   written == context.plan.video_frames, dict(frames=written, seconds=round(seconds, 1)))
+    pool = next((line for line in done.stderr.splitlines() if line.startswith("ray: ")), "ray: no pool line")
+    on_gpu = pool.endswith(" GPU")  # "ray: 1 actor(s), each 1 GPU" (distributed.pool_label)
+    return Outcome(f"{pool}: {written} frames written in {seconds:.0f} s (Ray's start included)",
+                   written == context.plan.video_frames and on_gpu == context.on_gpu,
+                   dict(frames=written, seconds=round(seconds, 1), gpu_actor=on_gpu))
+
+
+# ---------------------------------------------------------------------------------------------- compile
+
+
+def compile_checks(context: Context) -> list[Check]:
+    return [(f"GPEN-{size} fp16 torch.compile", lambda size=size: compiled_speed(context, size))
+            for size in context.plan.speed_sizes]
+
+
+def compiled_speed(context: Context, size: int) -> Outcome:
+    """torch.compile (inductor on a GPU; the eager backend on the CPU, where inductor would compile C++ for
+    minutes) against the eager network, fp16 at the goal batch: kept if faster and within fp16's bound."""
+    plan = context.plan
+    model, faces = device_gpen(context, size, "fp16")
+    x = faces[:plan.goal_batch]
+    backend = "inductor" if context.on_gpu else "eager"
+    compiled = torch.compile(model, backend=backend, dynamic=False)
+    began = time.perf_counter()
+    with torch.inference_mode():
+        out = compiled(x)
+        error = relative_error(outputs(out), outputs(model(x)))
+    compile_s = time.perf_counter() - began
+    eager = time_ms(lambda: model(x), context.device, plan.warmup, plan.repeat) / len(x)
+    fast = time_ms(lambda: compiled(x), context.device, plan.warmup, plan.repeat) / len(x)
+    kept = fast < eager and error <= BOUNDS["fp16"]
+    if kept:
+        context.figures["compiled", size] = fast
+    return Outcome(f"batch {len(x)}: {fast:.2f} ms per face compiled, {eager:.2f} eager; {error:.1e} from eager; "
+                   f"{backend} backend, first call {compile_s:.0f} s; {'kept' if kept else 'not kept'}",
+                   figures=dict(compiled_ms_per_face=round(fast, 3), eager_ms_per_face=round(eager, 3),
+                                relative_error=error, compile_seconds=round(compile_s, 1), kept=kept))
 
 
 # ------------------------------------------------------------------------------------------------ goals
@@ -658,8 +786,15 @@ def goal_checks(context: Context) -> list[Check]:
 
 def figure(context: Context, key: tuple, section: str) -> float:
     if key not in context.figures:
-        raise LookupError(f"not measured: the {section} row it comes from failed")
+        raise not_measured(context, f"the {section} row it comes from")
     return context.figures[key]
+
+
+def not_measured(context: Context, what: str) -> Exception:
+    """A FAIL row's error for a figure a failed row did not give; past the budget, a skip row's."""
+    if context.out_of_time:
+        return Skip(f"not measured: {what} failed or was not run (past the time budget)")
+    return LookupError(f"not measured: {what} failed")
 
 
 def judged(context: Context, met: bool) -> str:
@@ -699,7 +834,7 @@ def goal_overhead(context: Context) -> Outcome:
 
 SECTIONS: dict[str, Callable[[Context], list[Check]]] = {
     "parity": parity_checks, "speed": speed_checks, "memory": memory_checks, "pipeline": pipeline_checks,
-    "video": video_checks, "goals": goal_checks}
+    "video": video_checks, "compile": compile_checks, "goals": goal_checks}
 
 
 # ----------------------------------------------------------------------------------------------- output
@@ -713,27 +848,70 @@ def title(context: Context) -> str:
     return f"{device_name(context.device)}, torch {torch.__version__}, {cuda}" + ", quick mode" * context.plan.quick
 
 
+def progress(done: int, planned: int) -> str:
+    return f"complete: {planned} checks" if done >= planned else f"partial: {done} of {planned} checks"
+
+
 def print_rows(rows: list[dict]) -> None:
     width = max((len(row["check"]) for row in rows), default=0)
     for row in rows:
         goal = f"  [goal {row['goal']}: {row['met']}]" if row["goal"] else ""
         print(f"{row['section']:<8} {row['check']:<{width}} {row['status']:<4} {row['result']}{goal}")
     failed = sum(row["status"] == "FAIL" for row in rows)
-    print(f"{len(rows)} checks: {failed} failed, {sum(row['status'] == 'skip' for row in rows)} skipped")
+    print(f"{len(rows)} checks in {sum(row['seconds'] for row in rows):.0f} s: {failed} failed, "
+          f"{sum(row['status'] == 'skip' for row in rows)} skipped")
 
 
-def write_reports(rows: list[dict], context: Context, out: Path) -> list[Path]:
-    """acceptance-<device>.json (every figure) and .md (the table's rows, for BENCHMARKS.md's GPU section)."""
+def report_paths(context: Context, out: Path) -> tuple[Path, Path]:
+    stem = out / f"acceptance-{context.device.type}"
+    return stem.with_suffix(".json"), stem.with_suffix(".md")
+
+
+def write_reports(rows: list[dict], planned: int, context: Context, out: Path) -> tuple[Path, Path]:
+    """acceptance-<device>.json (every figure) and .md (the table's rows, for BENCHMARKS.md's GPU section),
+    both saying how far the run got: rewritten after every row, so that a run cut short keeps its rows and,
+    until the goals section runs, the goals as the figures measured so far give them."""
     out.mkdir(parents=True, exist_ok=True)
     when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    stem = out / f"acceptance-{context.device.type}"
-    report = dict(title=title(context), date=when, device=str(context.device), torch=torch.__version__,
-                  cuda=torch.version.cuda, quick=context.plan.quick, rows=rows)
-    json_path, md_path = stem.with_suffix(".json"), stem.with_suffix(".md")
-    json_path.write_text(json.dumps(report, indent=1, default=str) + "\n")
+    done = progress(len(rows), planned)
+    before_goals = len(rows) < planned and all(row["section"] != "goals" for row in rows)
+    so_far = goals_so_far(context) if before_goals else []
+    report = dict(title=title(context), progress=done, complete=len(rows) >= planned, checks_done=len(rows),
+                  checks_planned=planned, seconds=round(sum(row["seconds"] for row in rows), 1),
+                  budget_s=context.budget, date=when, device=str(context.device), torch=torch.__version__,
+                  cuda=torch.version.cuda, quick=context.plan.quick, rows=rows, goals_so_far=so_far)
+    json_path, md_path = report_paths(context, out)
+    replace_text(json_path, json.dumps(report, indent=1, default=str) + "\n")
     flags = " --device cpu --quick" if context.plan.quick else ""
-    lines = [f"### Acceptance: {title(context)}", "", f"`python -m gpen bench --acceptance{flags}`, {when}", "",
-             "| " + " | ".join(COLUMNS[:-1]) + " | met? |", "|" + "---|" * len(COLUMNS)]
-    lines += ["| " + " | ".join(str(row[c]).replace("|", "/") for c in COLUMNS) + " |" for row in rows]
-    md_path.write_text("\n".join(lines) + "\n")
-    return [json_path, md_path]
+    lines = [f"### Acceptance: {title(context)} ({done})", "", f"`python -m gpen bench --acceptance{flags}`, {when}",
+             "", *table(rows)]
+    if so_far:
+        lines += ["", "The goals from the figures measured so far (the run has not reached its goals section):", "",
+                  *table(so_far)]
+    replace_text(md_path, "\n".join(lines) + "\n")
+    return json_path, md_path
+
+
+def table(rows: list[dict]) -> list[str]:
+    lines = ["| " + " | ".join(COLUMNS[:-1]) + " | met? |", "|" + "---|" * len(COLUMNS)]
+    return lines + ["| " + " | ".join(str(row[c]).replace("|", "/") for c in COLUMNS) + " |" for row in rows]
+
+
+def goals_so_far(context: Context) -> list[dict]:
+    """The goal rows as the figures measured so far give them (a goal whose figure is not there yet says so)."""
+    rows = []
+    for label, check in goal_checks(context):
+        try:
+            outcome = check()
+            rows.append(dict(section="goals", check=label, status="ok" if outcome.ok else "FAIL",
+                             result=outcome.result, goal=outcome.goal, met=outcome.met, figures=outcome.figures))
+        except Exception:  # whatever a goal raises, the report is written
+            rows.append(skipped_row("goals", label, "not measured yet"))
+    return rows
+
+
+def replace_text(path: Path, text: str) -> None:
+    """The file's whole text at once: a reader, or a run killed mid-write, sees the old file or the new one."""
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text(text)
+    os.replace(temporary, path)

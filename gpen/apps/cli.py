@@ -112,7 +112,11 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
                              "--out (--image and --detector name the pipeline's photo and detector file)")
     parser.add_argument("--quick", action="store_true",
                         help="with --acceptance: the same checks at tiny sizes (--device cpu --quick: without a GPU)")
-    parser.add_argument("--out", help="with --acceptance: folder for its JSON and markdown (default: here)")
+    parser.add_argument("--out", help="with --acceptance: folder for its JSON and markdown, rewritten after every "
+                                      "check (default: here)")
+    parser.add_argument("--budget", type=float, metavar="SECONDS",
+                        help="with --acceptance: checks that would start later than this are skip rows, the goals "
+                             "still run (default: 360 s, none with --quick)")
     parser.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--forward", choices=("plain", "ours"), default="ours", help=argparse.SUPPRESS)
 
