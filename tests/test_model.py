@@ -112,19 +112,31 @@ def test_half_precision_stays_within_2e_2_of_float32(shared, reference_io, dtype
             assert (half.network(x).float() - full.network(x)).abs().max() < 2e-2
 
 
-def test_a_batch_out_of_memory_is_retried_in_halves():
+@pytest.mark.parametrize("error", [torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+                                   RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling cublasCreate"),
+                                   RuntimeError("cuDNN error: CUDNN_STATUS_ALLOC_FAILED")],
+                         ids=["allocator", "cublas", "cudnn"])
+def test_a_batch_out_of_memory_is_retried_in_halves(error):
     model = random_gpen()
     calls = []
 
     def forward(x):
         calls.append(len(x))
         if len(x) > 2:
-            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+            raise error
         return model(x)
 
     faces = torch.rand(7, 32, 32, 3)
     restored = restore_crops(forward, 32, faces, batch_size=8)
     assert calls == [7, 4, 2, 2, 2, 1] and torch.allclose(restored, as_restorer(model).restore(faces), atol=1e-5)
+
+
+def test_another_runtime_error_is_not_taken_for_out_of_memory():
+    def forward(x):
+        raise RuntimeError("Given groups=1, weight of size [64, 3, 3, 3], expected input to have 3 channels")
+
+    with pytest.raises(RuntimeError, match="expected input"):
+        restore_crops(forward, 32, torch.rand(4, 32, 32, 3), batch_size=4)
 
 
 def test_winograd_convolution_equals_direct_convolution(monkeypatch):

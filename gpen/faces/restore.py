@@ -78,7 +78,9 @@ class RestorerHandle(NetworkHandle):
                 with in_float32(self.network):
                     asked = cancel and (lambda done, total: cancel())  # progress has counted these faces already
                     restored[broken] = run(faces[broken], torch.float32, asked)
-            except torch.OutOfMemoryError:  # float32 weights and activations take twice the memory
+            except RuntimeError as e:  # float32 weights and activations take twice the memory
+                if not out_of_memory(e):
+                    raise
                 _empty_cache(device)
                 log.warning("%d face(s) not re-run in fp32, out of memory: left unrestored", len(broken))
                 return restored
@@ -143,8 +145,8 @@ def restore_crops(forward: Forward, size: int, faces: torch.Tensor, *, conventio
             x = faces[start:start + batch_size].to(device=device, dtype=torch.float32).permute(0, 3, 1, 2)
             try:
                 y = forward(network_input(resize(x.clamp(0, 1), (size, size)), convention).to(dtype)).float()
-            except torch.OutOfMemoryError:
-                if batch_size == 1:
+            except RuntimeError as e:
+                if batch_size == 1 or not out_of_memory(e):
                     raise
                 batch_size //= 2  # out of memory: retry this batch in halves
                 _empty_cache(device)
@@ -156,6 +158,16 @@ def restore_crops(forward: Forward, size: int, faces: torch.Tensor, *, conventio
             if on_batch is not None:
                 on_batch(start, total)
     return out
+
+
+# What a GPU out of memory raises besides torch's allocator's OutOfMemoryError: cuBLAS and cuDNN allocate
+# their handles and workspaces outside that allocator, and a CUDA call that fails there is a RuntimeError.
+OUT_OF_MEMORY = ("out of memory", "CUBLAS_STATUS_ALLOC_FAILED", "CUDNN_STATUS_ALLOC_FAILED",
+                 "HIPBLAS_STATUS_ALLOC_FAILED", "MIOPEN_STATUS_ALLOC_FAILED")
+
+
+def out_of_memory(error: RuntimeError) -> bool:
+    return isinstance(error, torch.OutOfMemoryError) or any(text in str(error) for text in OUT_OF_MEMORY)
 
 
 def image_output(y: torch.Tensor, convention: Convention) -> torch.Tensor:
