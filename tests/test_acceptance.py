@@ -32,10 +32,12 @@ def test_the_quick_mode_runs_every_section_and_writes_its_rows(shared, tmp_path)
     assert by_check["out of memory: GPEN-32, 8 faces in one batch"]["figures"]["batches"] == [8, 4, 2, 2, 2, 2]
     assert "every part on cpu" in by_check["320x240 frame, the group photo tiled"]["result"]
     assert by_check["GPEN-32 reference computation fp32"]["figures"]["relative_error"] < 1e-4
+    counted = by_check["GPEN working memory: counted vs measured"]["figures"]["GPEN-32 batch 4"]
+    assert counted["working_bytes"] == counted["device_tensor_bytes"] > 0  # the meta count, the real forward's
     markdown = (tmp_path / "acceptance-cpu.md").read_text().splitlines()
     assert markdown[0].startswith("### Acceptance: cpu") and "quick mode" in markdown[0]
     assert len([line for line in markdown if line.startswith("| ")]) == len(rows) + 1  # the header, a line a row
-    assert "30 checks: 0 failed" in done.stdout
+    assert "31 checks: 0 failed" in done.stdout
 
 
 def test_a_section_or_check_that_raises_is_one_failed_row_and_the_rest_still_run():
