@@ -187,3 +187,23 @@ def test_a_callers_own_restorer_counts_its_crops_and_the_frame_not_its_forward()
     assert run_working_bytes((2, 720, 1280, 3), CallerRestorer(), face_batch=4) == 2 * 4 * 3 * 512 ** 2 * 4 \
         + 720 * 1280 * 4 * 4
     assert run_working_bytes(crop_size=512) == 0
+
+
+class ReadsItsInput(torch.nn.Module):
+    """A network that decides by its data (as a caller's own may): the meta device has none to read."""
+
+    def __init__(self):
+        super().__init__()
+        self.gain = torch.nn.Parameter(torch.ones(1))
+
+    def forward(self, x):
+        return x * self.gain if float(x.mean()) > 0 else x
+
+
+def test_a_network_the_meta_device_cannot_run_counts_nothing_and_says_so(caplog):
+    network = ReadsItsInput()
+    x = torch.rand(2, 3, 8, 8)
+    assert counted_peak(lambda: network(x)) == x.numel() * 4  # on real tensors it runs, and is counted
+    with caplog.at_level("WARNING", logger="gpen"):
+        assert forward_bytes(network, (2, 3, 8, 8)) == 0
+    assert "ReadsItsInput's working memory is not counted" in caplog.text and ".item()" in caplog.text
