@@ -46,9 +46,9 @@ from ..archs.bisenet import BiSeNet
 from ..archs.gpen.network import GPEN
 from ..archs.parsenet import ParseNet
 from ..archs.retinaface import RetinaFace
-from ..archs.working_memory import counted_peak, forward_bytes
 from ..archs.rrdbnet import RRDBNet
 from ..archs.srvgg import SRVGGNetCompact
+from ..archs.working_memory import counted_peak, forward_bytes
 from ..devices import DTYPES, resolve_device
 from ..faces.options import CLASSES, MaskOptions
 from ..faces.parse import ParserHandle
@@ -484,14 +484,15 @@ def counted_memory(context: Context) -> Outcome:
         weights = sum(p.numel() * p.element_size() for p in model.parameters())
         if context.on_gpu:
             with torch.inference_mode():
-                model(faces[:1].to(context.device))  # once first: cuBLAS's and cuDNN's handles, made on first use
+                model(faces[:1].to(context.device, DTYPES[dtype]))  # first: cuBLAS's and cuDNN's handles
         for batch in context.plan.batches:
-            x = faces[:batch].to(context.device)
+            x = faces[:batch].to(context.device, DTYPES[dtype])  # in the network's dtype, as the handles give it
             counted = forward_bytes(model, x.shape, x.dtype)
-            on_tensors = counted_peak(lambda: model(x))
+            on_tensors = counted_peak(lambda x=x: model(x))
             estimate = weights + x.numel() * x.element_size() + counted
             text = f"GPEN-{size} batch {batch}: estimate {estimate / mib:.0f} (working {counted / mib:.1f})"
-            figure = dict(estimate_mib=round(estimate / mib, 1), working_bytes=counted, device_tensor_bytes=on_tensors)
+            figure = dict(estimate_mib=round(estimate / mib, 1), working_bytes=counted,
+                          device_tensor_bytes=on_tensors)
             if context.on_gpu:
                 torch.cuda.synchronize()
                 before = torch.cuda.memory_allocated()

@@ -28,6 +28,7 @@ from . import cpu_fast
 
 log = logging.getLogger("gpen")
 
+
 class LiveStorage(TorchDispatchMode):
     """Counts the bytes of the storages made while it is on: `bytes` now, `peak` the most at once."""
 
