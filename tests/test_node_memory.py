@@ -1,5 +1,6 @@
 """The nodes' models inside ComfyUI's memory manager: on their device from the first run to the next, moved
-off when ComfyUI needs the room or the user frees memory, back on the next run. ComfyUI is not installed
+off when ComfyUI needs the room or the user frees memory, back on the next run; each run tells it the working
+memory it needs beyond their weights, for which other models make room. ComfyUI is not installed
 here: the pack is imported beside a small copy of the parts of it that nodes/host.py uses (below)."""
 
 import importlib.util
