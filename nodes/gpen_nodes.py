@@ -271,7 +271,7 @@ class PasteFacesBack:
               face_parser=None, mask_regions="face", parse_source="original", parse_feather=PARSE_FEATHER):
         paste = _paste(strength, mask_shape, feather, erode, color_correction)
         progress = host.Progress()
-        need = run_working_bytes(image.shape, parsers=[p.model for p in face_parser or ()], crop_size=restored.shape[1])
+        need = run_working_bytes(image.shape, parsers=host.handles(face_parser), crop_size=restored.shape[1])
         parsers = host.on_device(*(face_parser or ()), working_bytes=need)
         masks = MaskOptions(parser=parsers or None, regions=mask_regions, source=parse_source, feather=parse_feather)
         result = paste_restored(image, restored, face_info, paste, masks, progress=progress, cancel=progress.cancel)
@@ -313,8 +313,8 @@ class GPENFaceRestore:
         paste = _paste(strength, mask_shape, feather, erode, color_correction, background=background,
                        upscale_by=upscale_by)
         progress = host.Progress()
-        need = run_working_bytes(image.shape, gpen_model.model, face_detector.model,
-                                 [p.model for p in face_parser or ()], face_batch)
+        need = run_working_bytes(image.shape, gpen_model.model, face_detector.model, host.handles(face_parser),
+                                 face_batch)
         model, detector, *parsers = host.on_device(gpen_model, face_detector, *(face_parser or ()), working_bytes=need)
         masks = MaskOptions(parser=parsers or None, regions=mask_regions, source=parse_source, feather=parse_feather,
                             temporal_sigma=temporal_smoothing)
@@ -343,7 +343,7 @@ class FaceParsingMask:
 
     def parse(self, crops, face_parser, mask_regions, parse_feather):
         masks = MaskOptions(regions=mask_regions, feather=parse_feather)
-        need = run_working_bytes(parsers=[p.model for p in face_parser], crop_size=crops.shape[1])
+        need = run_working_bytes(parsers=host.handles(face_parser), crop_size=crops.shape[1])
         parsers = host.on_device(*face_parser, working_bytes=need)
         return (parse_faces(parsers, as_rgb(crops), masks.regions, masks.feather,
                             on_batch=host.Progress().step, cancel=host.Progress.cancel).cpu(),)

@@ -220,6 +220,11 @@ def on_device(*chain: Loaded | None, working_bytes: int = 0) -> list:
     return [loaded and loaded.model for loaded in chain]
 
 
+def handles(chain: tuple[Loaded, ...] | None) -> list:
+    """The models of a chain (a FACE_PARSER input; None when not connected), e.g. for their working memory."""
+    return [loaded.model for loaded in chain or ()]
+
+
 class Progress:
     """ComfyUI's progress bar and interrupt, wired to the library's progress and cancel hooks."""
 

@@ -91,9 +91,8 @@ class RestoreSEGS:
         paste = PasteOptions(strength=strength[0], color_correction=color_correction[0])
         progress = host.Progress()
         outputs = ([], [], [], [])
-        detector = face_detector[0] and face_detector[0].model
-        need = run_working_bytes(largest(image), gpen_model[0].model, detector, [p.model for p in face_parser[0] or ()],
-                                 face_batch[0])
+        need = run_working_bytes(largest(image), gpen_model[0].model, face_detector[0] and face_detector[0].model,
+                                 host.handles(face_parser[0]), face_batch[0])
         model, detector, *parsers = host.on_device(gpen_model[0], face_detector[0], *(face_parser[0] or ()),
                                                    working_bytes=need)
         masks = MaskOptions(parser=parsers or None, regions=mask_regions[0], source=parse_source[0],

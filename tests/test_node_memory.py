@@ -369,6 +369,20 @@ def test_each_node_run_tells_comfyui_the_memory_it_needs_beyond_the_weights(comf
     assert len(asked.options) == 5
 
 
+def test_the_segs_nodes_tell_comfyui_the_memory_they_need_too(comfy, photo, monkeypatch):
+    nodes, run_memory = comfy.pack.NODE_CLASS_MAPPINGS, sys.modules[comfy.pack.__name__ + ".gpen.faces.run_memory"]
+    model, detector = load_models(comfy.pack)
+    _, info, *_ = nodes["GPENDetectAndCropFaces"]().detect(photo, detector, 64, "gpen", 0.5, 0, 2, "largest", "", 0.0)
+    (segs,) = nodes["GPENFacesToSEGS"]().convert(info, crop_factor=2.0, dilation=0, drop_size=10,
+                                                 segment_mask="ellipse", image=photo)
+    asked = Asked(comfy, monkeypatch)
+    nodes["GPENSEGSToFaces"]().detect([photo], segs, [detector], crop_size=[64], template=["gpen"], threshold=[0.5])
+    assert asked.last() == run_memory.run_working_bytes(photo.shape, detector=detector.model, crop_size=64) > 0
+    nodes["GPENRestoreSEGS"]().restore([photo], segs, [model], strength=[1.0], face_batch=[2],
+                                       color_correction=[False], feather=[0], face_detector=[detector])
+    assert asked.last() == run_memory.run_working_bytes(photo.shape, model.model, detector.model, face_batch=2)
+
+
 def test_a_run_needing_more_than_is_free_has_comfyui_unload_another_model_first(tmp_path, monkeypatch):
     gpu = torch.device("cuda", 0)
     comfy = FakeComfy(tmp_path, device=gpu, total=1000)
