@@ -21,6 +21,7 @@ from ..gpen.faces.options import (
 from ..gpen.faces.parse import parse_faces
 from ..gpen.faces.pipeline import face_areas, face_report, locate_faces, paste_restored
 from ..gpen.faces.restore import restore_aligned
+from ..gpen.faces.run_memory import run_working_bytes
 from ..gpen.faces.tensors import as_rgb
 from ..gpen.loader import load_parser
 from . import host
@@ -215,7 +216,8 @@ class DetectAndCropFaces:
         select = _select(threshold, min_size, max_faces, order, indices, temporal_smoothing, template=template,
                          changed_from=original_image)
         size = gpen_model.model.size if gpen_model is not None else crop_size
-        (detector,) = host.on_device(face_detector)
+        need = run_working_bytes(image.shape, detector=face_detector.model, crop_size=size)
+        (detector,) = host.on_device(face_detector, working_bytes=need)
         crops, info = locate_faces(image, detector, size, select, cancel=host.Progress.cancel)
         return cropped(image, crops, info)
 
@@ -242,7 +244,8 @@ class GPENRestoreFaces:
 
     def restore(self, gpen_model, crops, strength, face_batch):
         progress = host.Progress()
-        (model,) = host.on_device(gpen_model)
+        need = run_working_bytes(restorer=gpen_model.model, face_batch=face_batch, crop_size=crops.shape[1])
+        (model,) = host.on_device(gpen_model, working_bytes=need)
         notes = []
         restored = restore_aligned(model, crops, strength, batch_size=face_batch, on_batch=progress.step,
                                    cancel=progress.cancel, notes=notes)
@@ -275,7 +278,8 @@ class PasteFacesBack:
               face_parser=None, mask_regions="face", parse_source="original", parse_feather=PARSE_FEATHER):
         paste = _paste(strength, mask_shape, feather, erode, color_correction)
         progress = host.Progress()
-        parsers = host.on_device(*(face_parser or ()))
+        need = run_working_bytes(image.shape, parsers=host.handles(face_parser), crop_size=restored.shape[1])
+        parsers = host.on_device(*(face_parser or ()), working_bytes=need)
         masks = MaskOptions(parser=parsers or None, regions=mask_regions, source=parse_source, feather=parse_feather)
         result = paste_restored(image, restored, face_info, paste, masks, progress=progress, cancel=progress.cancel)
         logging.info("[GPEN] %s", result.report)
@@ -316,7 +320,9 @@ class GPENFaceRestore:
         paste = _paste(strength, mask_shape, feather, erode, color_correction, background=background,
                        upscale_by=upscale_by)
         progress = host.Progress()
-        model, detector, *parsers = host.on_device(gpen_model, face_detector, *(face_parser or ()))
+        need = run_working_bytes(image.shape, gpen_model.model, face_detector.model, host.handles(face_parser),
+                                 face_batch)
+        model, detector, *parsers = host.on_device(gpen_model, face_detector, *(face_parser or ()), working_bytes=need)
         masks = MaskOptions(parser=parsers or None, regions=mask_regions, source=parse_source, feather=parse_feather,
                             temporal_sigma=temporal_smoothing)
         result = gpen.restore_faces(image, model, detector, select=select, paste=paste, masks=masks,
@@ -344,7 +350,8 @@ class FaceParsingMask:
 
     def parse(self, crops, face_parser, mask_regions, parse_feather):
         masks = MaskOptions(regions=mask_regions, feather=parse_feather)
-        parsers = host.on_device(*face_parser)
+        need = run_working_bytes(parsers=host.handles(face_parser), crop_size=crops.shape[1])
+        parsers = host.on_device(*face_parser, working_bytes=need)
         return (parse_faces(parsers, as_rgb(crops), masks.regions, masks.feather,
                             on_batch=host.Progress().step, cancel=host.Progress.cancel).cpu(),)
 

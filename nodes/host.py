@@ -205,18 +205,24 @@ class Loaded:
                 return
 
 
-def on_device(*chain: Loaded | None) -> list:
+def on_device(*chain: Loaded | None, working_bytes: int = 0) -> list:
     """The models of one node run (None for an input not connected), each on its device. Inside ComfyUI
     they are asked for in one request, as its samplers ask for a model and its control nets, so that making
-    room for one never unloads another of the same run."""
+    room for one never unloads another of the same run; `working_bytes` (faces/run_memory.py) is the memory
+    the run needs beyond their weights, which ComfyUI frees beside them (as it does for a VAE decode)."""
     connected = [loaded for loaded in chain if loaded is not None]
     patchers = [loaded.patcher for loaded in connected if loaded.patcher is not None]
     if patchers:
-        model_management.load_models_gpu(patchers, force_full_load=True)
+        model_management.load_models_gpu(patchers, memory_required=working_bytes, force_full_load=True)
     for loaded in connected:
         if loaded.size_bytes and (loaded.patcher is None or not loaded.patcher.loaded_size()):
             loaded.model.to(loaded.device)  # outside ComfyUI; and under --novram, where ComfyUI loads no weights
     return [loaded and loaded.model for loaded in chain]
+
+
+def handles(chain: tuple[Loaded, ...] | None) -> list:
+    """The models of a chain (a FACE_PARSER input; None when not connected), e.g. for their working memory."""
+    return [loaded.model for loaded in chain or ()]
 
 
 class Progress:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 
 from ..gpen.faces.options import MaskOptions, PasteOptions, SegmentOptions, SelectOptions
+from ..gpen.faces.run_memory import run_working_bytes
 from ..gpen.faces.segs import FaceSegmentDetector, info_to_segs, locate_faces_in_segs, restore_segs
 from . import host
 from .gpen_nodes import (
@@ -90,7 +91,10 @@ class RestoreSEGS:
         paste = PasteOptions(strength=strength[0], color_correction=color_correction[0])
         progress = host.Progress()
         outputs = ([], [], [], [])
-        model, detector, *parsers = host.on_device(gpen_model[0], face_detector[0], *(face_parser[0] or ()))
+        need = run_working_bytes(largest(image), gpen_model[0].model, face_detector[0] and face_detector[0].model,
+                                 host.handles(face_parser[0]), face_batch[0])
+        model, detector, *parsers = host.on_device(gpen_model[0], face_detector[0], *(face_parser[0] or ()),
+                                                   working_bytes=need)
         masks = MaskOptions(parser=parsers or None, regions=mask_regions[0], source=parse_source[0],
                             feather=parse_feather[0])
         for frames, frame_segs in paired(image, segs):
@@ -157,13 +161,19 @@ class DetectFacesInSEGS:
         select = SelectOptions(threshold=threshold[0], template=template[0])
         size = gpen_model[0].model.size if gpen_model[0] is not None else crop_size[0]
         outputs = ([], [], [], [])
-        (detector,) = host.on_device(face_detector[0])
+        need = run_working_bytes(largest(image), detector=face_detector[0].model, crop_size=size)
+        (detector,) = host.on_device(face_detector[0], working_bytes=need)
         for frames, frame_segs in paired(image, segs):
             crops, info, notes = locate_faces_in_segs(frames, frame_segs, detector, size, select,
                                                       cancel=host.Progress.cancel)
             for output, value in zip(outputs, cropped(frames, crops, info, notes)):
                 output.append(value)
         return outputs
+
+
+def largest(images: list) -> tuple[int, ...]:
+    """The shape of the largest of a list's images (or batches): what a run's memory is sized by."""
+    return max((image.shape for image in images), key=lambda shape: shape.numel())
 
 
 def paired(images: list, segs: list) -> list[tuple]:

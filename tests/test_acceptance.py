@@ -41,6 +41,8 @@ def test_the_quick_mode_runs_every_section_and_writes_its_rows(shared, tmp_path)
     assert auto["figures"]["auto"] == "fp32" and set(auto["figures"]["ms_per_face"]) == set(DTYPE_NAMES)
     assert [row["section"] for row in rows][-6:] == ["compile"] * 2 + ["goals"] * 4  # torch.compile last
     assert report["progress"] == f"complete: {len(rows)} checks" and report["complete"]
+    counted = by_check["GPEN working memory: counted vs measured"]["figures"]["GPEN-32 batch 4"]
+    assert counted["working_bytes"] == counted["device_tensor_bytes"] > 0  # the meta count, the real forward's
     markdown = (tmp_path / "acceptance-cpu.md").read_text().splitlines()
     assert markdown[0].startswith("### Acceptance: cpu") and "quick mode" in markdown[0]
     assert markdown[0].endswith(f"(complete: {len(rows)} checks)")

@@ -1,5 +1,6 @@
 """The nodes' models inside ComfyUI's memory manager: on their device from the first run to the next, moved
-off when ComfyUI needs the room or the user frees memory, back on the next run. ComfyUI is not installed
+off when ComfyUI needs the room or the user frees memory, back on the next run; each run tells it the working
+memory it needs beyond their weights, for which other models make room. ComfyUI is not installed
 here: the pack is imported beside a small copy of the parts of it that nodes/host.py uses (below)."""
 
 import importlib.util
@@ -20,12 +21,15 @@ CPU = torch.device("cpu")
 class FakeComfy:
     """comfy.model_management, comfy.model_patcher, comfy.utils and folder_paths as ComfyUI 0.3.64 has them, for
     what the pack uses, in its semantics for a model that ModelPatcher moves: load_models_gpu (one request:
-    free_memory for what is not on a CPU, then each model loaded; one already loaded is not moved again; a
+    free_memory for what is not on a CPU, the models' size x 1.1 and `memory_required` besides, then each
+    model loaded; one already loaded is not moved again (the real one may unload one of the request's own to
+    make room, and load it again: the same end); a
     full load moves the module by `.to`, a partial one its weighted layers one by one), free_memory (unloads
     models of that device, other than keep_loaded, until the device has the memory asked for: first a layer
     at a time, then the whole model), unload_all_models (free_memory of everything on ComfyUI's device),
     current_loaded_models, the interrupt flag. Memory is counted, not measured: `total` bytes per device,
-    less what the loaded models hold (the real one also keeps room for inference free). The real LoadedModel
+    less what the loaded models hold (the real one also keeps room for inference free: at least 1.2 GB, and
+    memory_required plus 400 MB). The real LoadedModel
     keeps weak references and a finalizer (a model no one holds leaves the list); here the tests hold every
     model."""
 
@@ -91,19 +95,18 @@ class FakeComfy:
     def load_models_gpu(self, models, memory_required=0, force_patch_weights=False, minimum_memory_required=None,
                         force_full_load=False):
         current = self.model_management.current_loaded_models
-        entries = []
-        for patcher in models:
-            entry = next((e for e in current if e.model is patcher), None) or LoadedModel(patcher)
-            if entry in current:
-                current.remove(entry)
-            entries.append(entry)
+        entries = [next((e for e in current if e.model is patcher), None) or LoadedModel(patcher) for patcher in models]
         needed: dict = {}
         for entry in entries:
             needed[entry.device] = needed.get(entry.device, 0) + entry.model.model_size() - entry.model.loaded_size()
         for device, size in needed.items():
             if device != CPU:
-                self.free_memory(size * 1.1, device)
+                self.free_memory(size * 1.1 + memory_required, device, entries)
+                if self.free(device) < memory_required:
+                    self.free_memory(memory_required, device, entries)
         for entry in entries:
+            if entry in current:
+                current.remove(entry)
             entry.model.partially_load(entry.device, 1e32 if force_full_load else self.free(entry.device))
             current.insert(0, entry)
 
@@ -319,6 +322,78 @@ def test_an_interrupt_stops_the_run_and_the_models_stay_loaded(comfy, photo, mon
         restore(comfy.pack, photo, model, detector)
     restore(comfy.pack, photo, model, detector)
     assert comfy.loaded() == [detector.patcher, model.patcher] and moves.seen == []
+
+
+class Asked:
+    """What each load_models_gpu request asked for besides the models (memory_required, force_full_load)."""
+
+    def __init__(self, comfy: FakeComfy, monkeypatch):
+        self.options: list[dict] = []
+        load = comfy.model_management.load_models_gpu
+        monkeypatch.setattr(comfy.model_management, "load_models_gpu",
+                            lambda models, **options: (self.options.append(options), load(models, **options)))
+
+    def last(self) -> int:
+        assert self.options[-1]["force_full_load"]
+        return self.options[-1]["memory_required"]
+
+
+def test_each_node_run_tells_comfyui_the_memory_it_needs_beyond_the_weights(comfy, photo, shared, monkeypatch):
+    """As ComfyUI's own VAE decode asks for its activations (memory_required): a run's largest stage and
+    what it keeps beside it, from faces/run_memory.py, for the models of that run."""
+    folder = Path(comfy.folder_paths.models_dir) / "facedetection"
+    shutil.copy(shared / "fixtures" / "parsenet_random_64.pth", folder / "parsing_parsenet.pth")
+    nodes, run_memory = comfy.pack.NODE_CLASS_MAPPINGS, sys.modules[comfy.pack.__name__ + ".gpen.faces.run_memory"]
+    model, detector = load_models(comfy.pack)
+    (parser,) = nodes["GPENLoadFaceParser"]().load("parsing_parsenet.pth", "auto", "auto")
+    asked = Asked(comfy, monkeypatch)
+
+    nodes["GPENFaceRestore"]().restore(
+        photo, model, detector, face_batch=2, threshold=0.5, min_size=0, max_faces=1, order="largest", indices="",
+        temporal_smoothing=0.0, strength=1.0, mask_shape="ellipse", feather=0.02, erode=0.05, color_correction=False,
+        face_parser=parser)
+    whole = asked.last()
+    assert whole == run_memory.run_working_bytes(photo.shape, model.model, detector.model, [parser[0].model], 2)
+    crops, info, *_ = nodes["GPENDetectAndCropFaces"]().detect(photo, detector, 512, "gpen", 0.5, 0, 2, "largest",
+                                                               "", 0.0, gpen_model=model)
+    assert asked.last() == run_memory.run_working_bytes(photo.shape, detector=detector.model, crop_size=64)
+    (restored,) = nodes["GPENRestoreFaces"]().restore(model, crops, 1.0, 2)
+    restoring = asked.last()
+    assert restoring == run_memory.run_working_bytes(restorer=model.model, face_batch=2, crop_size=64)
+    nodes["GPENPasteFacesBack"]().paste(photo, restored, info, 1.0, "box", 0.011, 0.05, False, face_parser=parser)
+    assert asked.last() == run_memory.run_working_bytes(photo.shape, parsers=[parser[0].model], crop_size=64)
+    nodes["GPENFaceParsingMask"]().parse(crops, parser, "face", 0.0)
+    assert asked.last() == run_memory.run_working_bytes(parsers=[parser[0].model], crop_size=64)
+    # GPEN's forward of a face batch is the most of the whole run: the frame (260x360) and more beside it.
+    assert whole > restoring > model.model.working_bytes(2) > 0 and whole - restoring >= 260 * 360 * 4 * 4
+    assert len(asked.options) == 5
+
+
+def test_the_segs_nodes_tell_comfyui_the_memory_they_need_too(comfy, photo, monkeypatch):
+    nodes, run_memory = comfy.pack.NODE_CLASS_MAPPINGS, sys.modules[comfy.pack.__name__ + ".gpen.faces.run_memory"]
+    model, detector = load_models(comfy.pack)
+    _, info, *_ = nodes["GPENDetectAndCropFaces"]().detect(photo, detector, 64, "gpen", 0.5, 0, 2, "largest", "", 0.0)
+    (segs,) = nodes["GPENFacesToSEGS"]().convert(info, crop_factor=2.0, dilation=0, drop_size=10,
+                                                 segment_mask="ellipse", image=photo)
+    asked = Asked(comfy, monkeypatch)
+    nodes["GPENSEGSToFaces"]().detect([photo], segs, [detector], crop_size=[64], template=["gpen"], threshold=[0.5])
+    assert asked.last() == run_memory.run_working_bytes(photo.shape, detector=detector.model, crop_size=64) > 0
+    nodes["GPENRestoreSEGS"]().restore([photo], segs, [model], strength=[1.0], face_batch=[2],
+                                       color_correction=[False], feather=[0], face_detector=[detector])
+    assert asked.last() == run_memory.run_working_bytes(photo.shape, model.model, detector.model, face_batch=2)
+
+
+def test_a_run_needing_more_than_is_free_has_comfyui_unload_another_model_first(tmp_path, monkeypatch):
+    gpu = torch.device("cuda", 0)
+    comfy = FakeComfy(tmp_path, device=gpu, total=1000)
+    _, host = load_pack_in(comfy, monkeypatch)
+    other, restorer = host.Loaded(Network(500), gpu), host.Loaded(Network(300), gpu)
+    host.on_device(other)  # another model ComfyUI holds (a checkpoint, say), 500 of 1000
+    host.on_device(restorer, working_bytes=100)  # its 300 (x 1.1) and 100 of working memory fit in 500
+    assert comfy.loaded() == [restorer.patcher, other.patcher]
+    host.on_device(restorer, working_bytes=300)  # 300 with 200 free: the other model goes, ours stays
+    assert comfy.loaded() == [restorer.patcher]
+    assert other.model.device == CPU and restorer.model.device == gpu
 
 
 class Network:

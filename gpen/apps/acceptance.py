@@ -55,6 +55,7 @@ from ..archs.parsenet import ParseNet
 from ..archs.retinaface import RetinaFace
 from ..archs.rrdbnet import RRDBNet
 from ..archs.srvgg import SRVGGNetCompact
+from ..archs.working_memory import counted_peak, forward_bytes
 from ..devices import DTYPES, has_native_bf16, resolve_device, resolve_dtype
 from ..faces.options import CLASSES, MaskOptions
 from ..faces.parse import ParserHandle
@@ -515,6 +516,7 @@ def memory_checks(context: Context) -> list[Check]:
     size = max(context.plan.speed_sizes)
     checks = [(f"GPEN-{s} fp16 peak", lambda s=s: peak_memory(context, s)) for s in context.plan.speed_sizes]
     checks.append((f"out of memory: GPEN-{size}, {OOM_FACES} faces in one batch", lambda: oom_back_off(context, size)))
+    checks.append(("GPEN working memory: counted vs measured", lambda: counted_memory(context)))
     return checks
 
 
@@ -539,6 +541,56 @@ def peak_memory(context: Context, size: int) -> Outcome:
     text = ", ".join(f"batch {batch} {mib:.0f}" for batch, mib in peaks.items())
     figures = {"weights_mib": round(weights), **{f"peak_mib_batch_{b}": round(mib) for b, mib in peaks.items()}}
     return Outcome(f"MiB ({what}): {text}; weights {weights:.0f}", figures=figures)
+
+
+def counted_memory(context: Context) -> Outcome:
+    """The working memory ComfyUI is told a run needs (archs/working_memory.py: counted on the meta device)
+    beside a real forward's, GPEN by size and batch. On a GPU, in fp16: the estimate is the weights, the
+    input and the count, the measure torch.cuda.max_memory_allocated; what the forward took (the peak less
+    what was allocated before it) must be at least the count and at most 1.25x it + 64 MiB: the count leaves
+    out what kernels take inside an op (cuDNN's workspace) and the allocator's rounding to its blocks. The
+    same counter on the device's tensors is shown beside it. On the CPU, in fp32 (where its plain path lays
+    out every map as a GPU does; its fp16 convolutions lay some out otherwise), that counter on real tensors
+    on the GPU's path (cpu_fast.plain_layers) must equal the meta count, byte for byte."""
+    mib, lines, figures, ok = 2 ** 20, [], {}, True
+    dtype = "fp16" if context.on_gpu else "fp32"
+    for size in context.plan.speed_sizes:
+        model, faces = device_gpen(context, size, dtype)
+        faces = faces.cpu()  # only the batch measured is on the device
+        weights = sum(p.numel() * p.element_size() for p in model.parameters())
+        if context.on_gpu:
+            with torch.inference_mode():
+                model(faces[:1].to(context.device, DTYPES[dtype]))  # first: cuBLAS's and cuDNN's handles
+        for batch in context.plan.batches:
+            x = faces[:batch].to(context.device, DTYPES[dtype])  # in the network's dtype, as the handles give it
+            counted = forward_bytes(model, x.shape, x.dtype)
+            on_tensors = counted_peak(lambda x=x: model(x))
+            estimate = weights + x.numel() * x.element_size() + counted
+            text = f"GPEN-{size} batch {batch}: estimate {estimate / mib:.0f} (working {counted / mib:.1f})"
+            figure = dict(estimate_mib=round(estimate / mib, 1), working_bytes=counted,
+                          device_tensor_bytes=on_tensors)
+            if context.on_gpu:
+                torch.cuda.synchronize()
+                before = torch.cuda.memory_allocated()
+                torch.cuda.reset_peak_memory_stats()
+                with torch.inference_mode():
+                    model(x)
+                torch.cuda.synchronize()
+                peak = torch.cuda.max_memory_allocated()
+                took = peak - before
+                fits = counted <= took <= 1.25 * counted + 64 * mib
+                text += (f", max_memory_allocated {peak / mib:.0f} (working {took / mib:.1f}, {took / counted:.2f}x; "
+                         f"counted on the device's tensors {on_tensors / mib:.1f})")
+                figure.update(peak_mib=round(peak / mib, 1), measured_working_mib=round(took / mib, 1))
+            else:
+                fits = on_tensors == counted
+                text += f", {'=' if fits else '!='} {on_tensors / mib:.1f} counted on real CPU tensors"
+            figures[f"GPEN-{size} batch {batch}"] = figure
+            ok = ok and fits
+            lines.append(text + ("" if fits else " OUTSIDE"))
+            del x
+    bound = "working <= measured <= 1.25x + 64 MiB" if context.on_gpu else "meta count = real-tensor count"
+    return Outcome(f"MiB, {dtype}: {'; '.join(lines)}; {bound}", ok, figures)
 
 
 def oom_back_off(context: Context, size: int) -> Outcome:

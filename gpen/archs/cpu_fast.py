@@ -10,6 +10,8 @@ ordinary conv2d's result.
 
 from __future__ import annotations
 
+import threading
+from contextlib import contextmanager
 from functools import lru_cache
 
 import torch
@@ -20,12 +22,29 @@ def usable(model: torch.nn.Module, x: torch.Tensor) -> bool:
     """The fast paths are for running on the CPU: their in-place writes are not differentiable, and a
     trace (ONNX export, TorchScript, torch.compile) should see the plain layers."""
     recording = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in model.parameters()))
-    return x.device.type == "cpu" and not recording and not tracing()
+    return x.device.type == "cpu" and not recording and not plain_wanted()
 
 
-def tracing() -> bool:
-    """Whether a trace (ONNX export, TorchScript, torch.compile) is recording: it should see plain layers."""
-    return torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or torch.compiler.is_compiling()
+_plain = threading.local()
+
+
+@contextmanager
+def plain_layers():
+    """In this thread, networks run their plain layers on the CPU too, as they do on a GPU: so that what a
+    GPU's forward allocates can be counted with real tensors here (working_memory.py)."""
+    before = getattr(_plain, "on", False)
+    _plain.on = True
+    try:
+        yield
+    finally:
+        _plain.on = before
+
+
+def plain_wanted() -> bool:
+    """Whether the plain layers are wanted: within `plain_layers()`, or while a trace (ONNX export,
+    TorchScript, torch.compile) is recording, which should see them."""
+    return (getattr(_plain, "on", False) or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
+            or torch.compiler.is_compiling())
 
 
 def empty_map(like: torch.Tensor, channels: int) -> torch.Tensor:

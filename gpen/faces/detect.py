@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from ..archs.onnx import SCRFD
 from ..archs.retinaface import SPEC as RETINAFACE
 from ..archs.retinaface import RetinaFace, decode, fold_batch_norms, prior_boxes
+from ..archs.working_memory import forward_bytes
 from ..files.weights import CheckpointError, first_line
 from .options import SelectOptions
 from .tensors import as_rgb, check_frames
@@ -222,6 +223,20 @@ class RetinaFaceDetector:
     def memory_bytes(self) -> int:
         """What its weights take on its device, as a restorer's (the nodes tell ComfyUI's memory manager)."""
         return sum(t.numel() * t.element_size() for t in (*self.net.parameters(), *self.net.buffers()))
+
+    def working_bytes(self, height: int, width: int, frames: int = 1) -> int:
+        """What detecting `frames` frames of height x width takes on the device beyond the weights, at its
+        largest pass: the pass's input at its scale in float32 and what RetinaFace makes (counted:
+        archs/working_memory.py). Decoding the boxes comes after the forward's maps are freed and takes
+        less; frames already on the device are not counted (ComfyUI's are on the CPU)."""
+        scales = detection_scales(height, width, self.detect_size)
+        step = frames_per_pass(height, width, scales, min(frames, self.frames_per_batch))
+
+        def pass_bytes(scale: float) -> int:
+            shape = (step, 3, max(1, round(height * scale)), max(1, round(width * scale)))
+            return math.prod(shape) * 4 + forward_bytes(self.net, shape)
+
+        return max(map(pass_bytes, scales), default=0)
 
     def to(self, device: torch.device | str) -> "RetinaFaceDetector":
         self.device = torch.device(device)
@@ -443,6 +458,15 @@ class TurningDetector:
     def to(self, device: torch.device | str) -> "TurningDetector":
         self.upright.to(device)
         return self
+
+    def working_bytes(self, height: int, width: int, frames: int = 1) -> int:
+        """The upright detector's, on the frames and on the largest turned canvas (at 45 degrees), which
+        it sees TURNED_FRAMES at a time (SCRFD's: none, see working_bytes in faces/run_memory.py)."""
+        working = getattr(self.upright, "working_bytes", None)
+        if working is None:
+            return 0
+        _, turned_height, turned_width = turn_affine(height, width, 45)
+        return max(working(height, width, frames), working(turned_height, turned_width, min(frames, TURNED_FRAMES)))
 
     def detect(self, images: torch.Tensor, *args, **kwargs) -> list[Faces]:
         if images.ndim == 3:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from ..archs.spec import ArchSpec
+from ..archs.working_memory import forward_bytes
 
 
 class NetworkHandle:
@@ -33,6 +34,17 @@ class NetworkHandle:
         if not self.is_torch:
             return 0
         return sum(p.numel() * p.element_size() for p in self.network.parameters())
+
+    def working_bytes(self, batch: int) -> int:
+        """What `batch` crops through the network take on its device beyond the weights: its input at the
+        network's size in its dtype and what the forward makes, counted (archs/working_memory.py). 0 for
+        onnxruntime's, which keeps its own memory (ComfyUI does not manage it)."""
+        if not self.is_torch:
+            return 0
+        shape = (batch, self.size, self.size, 3) if self.spec.convention.layout == "nhwc" else \
+            (batch, 3, self.size, self.size)
+        forward = forward_bytes(self.network, shape, self.dtype, self.spec.run)  # run as spec.forward runs it
+        return batch * 3 * self.size ** 2 * self.dtype.itemsize + forward
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None):
         """Moves a torch network (in place); onnxruntime's stay where their session runs."""

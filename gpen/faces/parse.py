@@ -56,6 +56,14 @@ class ParserHandle(NetworkHandle):
             return class_masks(self._run(crops), region_classes(regions))
         return self._run(crops)[:, 0].clamp(0, 1)
 
+    def working_bytes(self, batch: int, crop_size: int | None = None) -> int:
+        """NetworkHandle's, and the network's answer in float32 at its size and, given `crop_size`, at the
+        crops' (19 logits a pixel for a region parser): 0 for onnxruntime's."""
+        if not self.is_torch:
+            return 0
+        channels = len(CLASSES) if self.spec.convention.output == "logits" else 1
+        return super().working_bytes(batch) + batch * channels * 4 * (self.size ** 2 + (crop_size or 0) ** 2)
+
     def _run(self, crops: torch.Tensor) -> torch.Tensor:
         """The network's answer at the crops' size: (N,C,H,W) logits or (N,1,H,W) probability."""
         check_crops(crops)

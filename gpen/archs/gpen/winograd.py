@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..cpu_fast import tracing
+from ..cpu_fast import plain_wanted
 
 # Lavin & Gray (2016), interpolation points 0, 1, -1, 2, -2 and infinity.
 _BT = torch.tensor([[4, 0, -5, 0, 1, 0], [0, -4, -4, 1, 1, 0], [0, 4, -4, -1, 1, 0],
@@ -37,7 +37,7 @@ ENABLED = "AVX512" not in torch.backends.cpu.get_cpu_capability()
 def worthwhile(x: torch.Tensor, weight: torch.Tensor) -> bool:
     return (ENABLED and x.device.type == "cpu" and x.dtype == torch.float32 and weight.shape[-2:] == (3, 3)
             and weight.shape[1] >= MIN_CHANNELS and x.shape[-2] % 4 == 0 and x.shape[-1] % 4 == 0
-            and x.shape[-2] * x.shape[-1] >= MIN_PIXELS and not tracing())
+            and x.shape[-2] * x.shape[-1] >= MIN_PIXELS and not plain_wanted())
 
 
 def conv3x3(x: torch.Tensor | tuple[torch.Tensor, ...], weight: torch.Tensor, out: torch.Tensor | None = None,
