@@ -357,7 +357,7 @@ def test_each_node_run_tells_comfyui_the_memory_it_needs_beyond_the_weights(comf
     crops, info, *_ = nodes["GPENDetectAndCropFaces"]().detect(photo, detector, 512, "gpen", 0.5, 0, 2, "largest",
                                                                "", 0.0, gpen_model=model)
     assert asked.last() == run_memory.run_working_bytes(photo.shape, detector=detector.model, crop_size=64)
-    (restored,) = nodes["GPENRestoreFaces"]().restore(model, crops, 1.0, 2)
+    restored, _ = nodes["GPENRestoreFaces"]().restore(model, crops, 1.0, 2)
     restoring = asked.last()
     assert restoring == run_memory.run_working_bytes(restorer=model.model, face_batch=2, crop_size=64)
     nodes["GPENPasteFacesBack"]().paste(photo, restored, info, 1.0, "box", 0.011, 0.05, False, face_parser=parser)
