@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from gpen.apps.bench import STANDARD_CONFIGS
 from gpen.archs.gpen.network import GPEN
 from gpen.archs.working_memory import forward_bytes
 from gpen.devices import DTYPES
@@ -36,8 +37,9 @@ def main() -> None:
           + " |")
     print("|---|---:|" + "---:|" * len(args.batches))
     for size in args.sizes:
+        channel_multiplier, narrow = STANDARD_CONFIGS.get(size, (2, 1))  # the released files' widths
         with torch.device("meta"):
-            network = GPEN(size).to(dtype)
+            network = GPEN(size, channel_multiplier=channel_multiplier, narrow=narrow).to(dtype)
         weights = sum(p.numel() * p.element_size() for p in network.parameters())
         cells = []
         for batch in args.batches:
