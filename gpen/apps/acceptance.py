@@ -803,7 +803,8 @@ def compile_checks(context: Context) -> list[Check]:
 
 def compiled_speed(context: Context, size: int) -> Outcome:
     """torch.compile (inductor on a GPU; the eager backend on the CPU, where inductor would compile C++ for
-    minutes) against the eager network, fp16 at the goal batch: kept if faster and within fp16's bound."""
+    minutes) against the eager network, fp16 at the goal batch. The restorer runs eager (nothing compiles it):
+    a compiled network faster and within fp16's bound is "worth adding", and the goal rows show its figure."""
     plan = context.plan
     model, faces = device_gpen(context, size, "fp16")
     x = faces[:plan.goal_batch]
@@ -816,13 +817,14 @@ def compiled_speed(context: Context, size: int) -> Outcome:
     compile_s = time.perf_counter() - began
     eager = time_ms(lambda: model(x), context.device, plan.warmup, plan.repeat) / len(x)
     fast = time_ms(lambda: compiled(x), context.device, plan.warmup, plan.repeat) / len(x)
-    kept = fast < eager and error <= BOUNDS["fp16"]
-    if kept:
+    worth = fast < eager and error <= BOUNDS["fp16"]
+    if worth:
         context.figures["compiled", size] = fast
     return Outcome(f"batch {len(x)}: {fast:.2f} ms per face compiled, {eager:.2f} eager; {error:.1e} from eager; "
-                   f"{backend} backend, first call {compile_s:.0f} s; {'kept' if kept else 'not kept'}",
+                   f"{backend} backend, first call {compile_s:.0f} s; "
+                   + ("faster and within bound: worth adding to the restorer" if worth else "eager stays"),
                    figures=dict(compiled_ms_per_face=round(fast, 3), eager_ms_per_face=round(eager, 3),
-                                relative_error=error, compile_seconds=round(compile_s, 1), kept=kept))
+                                relative_error=error, compile_seconds=round(compile_s, 1), worth_adding=worth))
 
 
 # ------------------------------------------------------------------------------------------------ goals
@@ -854,22 +856,26 @@ def judged(context: Context, met: bool) -> str:
     return ("yes" if met else "NO") if context.on_gpu and not context.plan.quick else "not judged (not a full GPU run)"
 
 
-def best_fp16(context: Context, size: int, batch: int) -> float:
+def shipped_fp16(context: Context, size: int, batch: int) -> tuple[float, str]:
+    """fp16 ms per face as the restorer runs it (eager: nothing in restore_faces, the nodes or the CLI compiles
+    the network), and a note of torch.compile's figure where it was faster, for the decision to ship it."""
     eager = figure(context, ("ms", size, "fp16", batch), "speed")
-    return min(eager, context.figures.get(("compiled", size), eager))
+    compiled = context.figures.get(("compiled", size))
+    note = f"; torch.compile {compiled:.2f} (not used by the restorer)" if compiled is not None else ""
+    return eager, note
 
 
 def goal_speed(context: Context, size: int, batch: int) -> Outcome:
-    ms = best_fp16(context, size, batch)
-    return Outcome(f"{ms:.2f} ms per face (torch.compile's where kept)", goal="<= 15 ms (H100/H200 class)",
+    ms, note = shipped_fp16(context, size, batch)
+    return Outcome(f"{ms:.2f} ms per face, eager{note}", goal="<= 15 ms (H100/H200 class)",
                    met=judged(context, ms <= 15), figures=dict(ms_per_face=ms))
 
 
 def goal_ratio(context: Context, size: int, batch: int) -> Outcome:
-    plain, ours = figure(context, ("plain", size), "speed"), best_fp16(context, size, batch)
+    plain, (ours, note) = figure(context, ("plain", size), "speed"), shipped_fp16(context, size, batch)
     return Outcome(f"{plain / ours:.1f}x: ours fp16 batch {batch} {ours:.2f} ms per face, the reference's fp32 "
-                   f"batch 1 {plain:.2f}", goal=">= 10x on the same GPU", met=judged(context, plain / ours >= 10),
-                   figures=dict(ratio=plain / ours))
+                   f"batch 1 {plain:.2f}{note}", goal=">= 10x on the same GPU",
+                   met=judged(context, plain / ours >= 10), figures=dict(ratio=plain / ours))
 
 
 def goal_memory(context: Context, size: int) -> Outcome:
