@@ -216,7 +216,7 @@ class DetectAndCropFaces:
         select = _select(threshold, min_size, max_faces, order, indices, temporal_smoothing, template=template,
                          changed_from=original_image)
         size = gpen_model.model.size if gpen_model is not None else crop_size
-        need = run_working_bytes(image.shape, detector=face_detector.model, crop_size=size)
+        need = run_working_bytes(image.shape, detector=host.counted(face_detector), crop_size=size)
         (detector,) = host.on_device(face_detector, working_bytes=need)
         crops, info = locate_faces(image, detector, size, select, cancel=host.Progress.cancel)
         return cropped(image, crops, info)
@@ -244,7 +244,8 @@ class GPENRestoreFaces:
 
     def restore(self, gpen_model, crops, strength, face_batch):
         progress = host.Progress()
-        need = run_working_bytes(restorer=gpen_model.model, face_batch=face_batch, crop_size=crops.shape[1])
+        need = run_working_bytes(restorer=host.counted(gpen_model), face_batch=face_batch,
+                                 crop_size=crops.shape[1])
         (model,) = host.on_device(gpen_model, working_bytes=need)
         notes = []
         restored = restore_aligned(model, crops, strength, batch_size=face_batch, on_batch=progress.step,
@@ -320,7 +321,8 @@ class GPENFaceRestore:
         paste = _paste(strength, mask_shape, feather, erode, color_correction, background=background,
                        upscale_by=upscale_by)
         progress = host.Progress()
-        need = run_working_bytes(image.shape, gpen_model.model, face_detector.model, host.handles(face_parser),
+        need = run_working_bytes(image.shape, host.counted(gpen_model), host.counted(face_detector),
+                                 host.handles(face_parser),
                                  face_batch)
         model, detector, *parsers = host.on_device(gpen_model, face_detector, *(face_parser or ()), working_bytes=need)
         masks = MaskOptions(parser=parsers or None, regions=mask_regions, source=parse_source, feather=parse_feather,

@@ -220,9 +220,15 @@ def on_device(*chain: Loaded | None, working_bytes: int = 0) -> list:
     return [loaded and loaded.model for loaded in chain]
 
 
+def counted(loaded: Loaded | None):
+    """The model, where it runs on ComfyUI's device, for the working memory a run asks it for (faces/run_memory.py);
+    None for one on another device (a GPEN set to the CPU beside a GPU), or not connected."""
+    return loaded.model if loaded is not None and loaded.device == torch_device() else None
+
+
 def handles(chain: tuple[Loaded, ...] | None) -> list:
-    """The models of a chain (a FACE_PARSER input; None when not connected), e.g. for their working memory."""
-    return [loaded.model for loaded in chain or ()]
+    """The models of a chain (a FACE_PARSER input; None when not connected) counted as `counted` counts one."""
+    return [model for model in map(counted, chain or ()) if model is not None]
 
 
 class Progress:

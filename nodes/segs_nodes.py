@@ -91,7 +91,7 @@ class RestoreSEGS:
         paste = PasteOptions(strength=strength[0], color_correction=color_correction[0])
         progress = host.Progress()
         outputs = ([], [], [], [])
-        need = run_working_bytes(largest(image), gpen_model[0].model, face_detector[0] and face_detector[0].model,
+        need = run_working_bytes(largest(image), host.counted(gpen_model[0]), host.counted(face_detector[0]),
                                  host.handles(face_parser[0]), face_batch[0])
         model, detector, *parsers = host.on_device(gpen_model[0], face_detector[0], *(face_parser[0] or ()),
                                                    working_bytes=need)
@@ -161,7 +161,7 @@ class DetectFacesInSEGS:
         select = SelectOptions(threshold=threshold[0], template=template[0])
         size = gpen_model[0].model.size if gpen_model[0] is not None else crop_size[0]
         outputs = ([], [], [], [])
-        need = run_working_bytes(largest(image), detector=face_detector[0].model, crop_size=size)
+        need = run_working_bytes(largest(image), detector=host.counted(face_detector[0]), crop_size=size)
         (detector,) = host.on_device(face_detector[0], working_bytes=need)
         for frames, frame_segs in paired(image, segs):
             crops, info, notes = locate_faces_in_segs(frames, frame_segs, detector, size, select,

@@ -396,6 +396,16 @@ def test_a_run_needing_more_than_is_free_has_comfyui_unload_another_model_first(
     assert other.model.device == CPU and restorer.model.device == gpu
 
 
+def test_a_model_set_to_another_device_than_comfyuis_adds_nothing_to_the_memory_asked_for(tmp_path, monkeypatch):
+    gpu = torch.device("cuda", 0)
+    _, host = load_pack_in(FakeComfy(tmp_path, device=gpu), monkeypatch)
+    run_memory = sys.modules[host.__name__.rsplit(".", 2)[0] + ".gpen.faces.run_memory"]
+    on_gpu, on_cpu = host.Loaded(Network(300), gpu), host.Loaded(Network(300), CPU)  # GPEN set to device cpu
+    assert host.counted(on_gpu) is on_gpu.model and host.counted(on_cpu) is None and host.counted(None) is None
+    assert host.handles((on_cpu, on_gpu)) == [on_gpu.model]
+    assert run_memory.run_working_bytes((1, 1080, 1920, 3), restorer=host.counted(on_cpu)) == 0  # not the frame's
+
+
 class Network:
     """A stand-in handle on a GPU this machine lacks: `.to` only says where it is."""
 

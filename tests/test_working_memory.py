@@ -207,3 +207,16 @@ def test_a_network_the_meta_device_cannot_run_counts_nothing_and_says_so(caplog)
     with caplog.at_level("WARNING", logger="gpen"):
         assert forward_bytes(network, (2, 3, 8, 8)) == 0
     assert "ReadsItsInput's working memory is not counted" in caplog.text and ".item()" in caplog.text
+
+
+class ReadsItsPixels(torch.nn.Module):
+    """A network that takes its input to NumPy (a TypeError on the meta device), and has no weights."""
+
+    def forward(self, x):
+        return torch.from_numpy(x.numpy() * 2)
+
+
+def test_any_failure_to_count_counts_nothing_rather_than_stopping_the_run(caplog):
+    with caplog.at_level("WARNING", logger="gpen"):
+        assert forward_bytes(ReadsItsPixels(), (1, 3, 8, 8)) == 0
+    assert "ReadsItsPixels's working memory is not counted" in caplog.text

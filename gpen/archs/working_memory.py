@@ -103,16 +103,16 @@ def forward_bytes(network: nn.Module, shape: tuple[int, ...], dtype: torch.dtype
                   run: Run | None = None) -> int:
     """The working memory of `run(network, x)` (by default `network(x)`) for an input x of `shape` and
     `dtype`, the network in its own dtype: counted on the meta device once per network, shape, dtypes and
-    run, then remembered. A network the meta device cannot run (one that reads its data: `.item()`, a
-    boolean mask) counts 0, with a warning: its memory is then left to ComfyUI's own reserve."""
-    weights = next(chain(network.parameters(), network.buffers())).dtype
+    run, then remembered. A network the meta device cannot run (one that reads its data: `.item()`,
+    `.numpy()`, a boolean mask) counts 0, with a warning: its memory is then left to ComfyUI's own reserve."""
+    weights = next((t.dtype for t in chain(network.parameters(), network.buffers()) if t.is_floating_point()), None)
     key = (tuple(shape), dtype, weights, run)
     counts = _counted.setdefault(network, {})
     if key not in counts:
-        model, x = meta_copy(network), torch.empty(shape, dtype=dtype, device="meta")
-        try:
+        try:  # a count is advice to ComfyUI: whatever stops it must not stop the run
+            model, x = meta_copy(network), torch.empty(shape, dtype=dtype, device="meta")
             counts[key] = counted_peak(lambda: model(x) if run is None else run(model, x))
-        except (RuntimeError, NotImplementedError) as e:
+        except Exception as e:
             log.warning("%s's working memory is not counted: it does not run on the meta device (%s)",
                         type(network).__name__, str(e).splitlines()[0] if str(e) else type(e).__name__)
             counts[key] = 0

@@ -15,8 +15,9 @@ def run_working_bytes(frames: Sequence[int] | None = None, restorer=None, detect
     bytes. `frames` is the (B,H,W,C) shape of the frames faces are found in and pasted into (None: a run on
     crops alone); crops are `crop_size` square (by default the restorer's size), `face_batch` at a time.
 
-    Stages: detection (the detector's largest pass); restoration (the restorer's forward of a face batch,
-    with the batch's crops in and out in float32); parsing (one parser at a time: its forward and its answer
+    Networks not given (None: not connected, or on another device) count nothing; with none, the run needs
+    nothing on the device. Stages: detection (the detector's largest pass); restoration (the restorer's
+    forward of a face batch, with the batch's crops in and out in float32); parsing (one parser at a time: its forward and its answer
     at the crops' size, with the batch's crops). Beside them: one frame with its paste mask in float32 (paste
     works on a frame's faces at a time; a frame is the most it moves). Each network counts its own
     (archs/working_memory.py); a caller's own detector, restorer or parser without `working_bytes`, and
@@ -26,6 +27,9 @@ def run_working_bytes(frames: Sequence[int] | None = None, restorer=None, detect
     is known only after detection: 29 faces take 91 MB at 512 px, 1.46 GB at 2048), the float32 re-run of
     faces half precision broke (twice the weights and the forward, rare, and retried in halves on out of
     memory), and the few copies of a face region that pasting makes."""
+    parsers = list(parsers)
+    if restorer is None and detector is None and not parsers:
+        return 0  # no network on the device: nothing of the run's is there either
     crop = crop_size or getattr(restorer, "size", 0)
     crops = face_batch * 3 * crop ** 2 * FLOAT32
     stages = [0]
