@@ -1,6 +1,7 @@
 """python -m gpen bench --acceptance: the GPU acceptance check, run here in its quick CPU mode so that it
 cannot rot between GPU runs, and the parts of it that decide what a GPU run reports."""
 
+import argparse
 import json
 import subprocess
 import sys
@@ -13,7 +14,7 @@ from torch import nn
 
 from gpen.apps import acceptance
 from gpen.apps.acceptance import DTYPE_NAMES, FULL, QUICK, SECTIONS, Context, Outcome, Skip
-from gpen.apps.cli import main
+from gpen.apps.cli import add_bench_arguments, main
 from gpen.apps.plain_gpen import plain_forward
 from gpen.loader import load_model
 
@@ -275,3 +276,41 @@ def test_a_profiler_that_cannot_see_the_gpu_leaves_the_pipeline_row_its_timings(
     assert outcome.ok and outcome.figures["ms_per_frame"] > 0
     assert outcome.figures["device_to_host_copies"].startswith("not counted: ")
     assert "; device-to-host copies not counted: " in outcome.result
+
+
+def test_a_working_memory_the_meta_device_could_not_count_is_a_failed_row_that_says_so(monkeypatch):
+    monkeypatch.setattr(acceptance, "forward_bytes", lambda *args: 0)  # as forward_bytes answers a failed count
+    row = acceptance.run_sections(Context(torch.device("cpu"), QUICK),
+                                  {"memory": lambda c: [("counted", lambda: acceptance.counted_memory(c))]})[0]
+    assert row["status"] == "FAIL" and "not counted (the meta device could not run it" in row["result"]
+
+
+def test_a_compile_check_starts_only_with_the_time_it_needs_left_in_the_budget():
+    now = [0.0]
+    context = Context(torch.device("cpu"), QUICK, budget=200, clock=lambda: now[0])
+
+    def clip():
+        now[0] += 100
+        return Outcome("made")
+
+    rows = acceptance.run_sections(context, {"video": lambda c: [("clip", clip)],
+                                             "compile": lambda c: [("inductor", lambda: pytest.fail("started"))]})
+    assert [row["status"] for row in rows] == ["ok", "skip"]  # 100 s left: compiling needs 120
+    assert rows[1]["result"] == "not run: past the time budget of 200 s less the 120 s it needs (--budget)"
+
+
+def test_a_second_run_can_take_only_the_sections_that_failed(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "gpen", "bench", "--acceptance", "--device", "cpu", "--quick",
+                           "--sections", "memory", "--out", str(tmp_path)], capture_output=True, text=True, cwd=ROOT,
+                          timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    rows = json.loads((tmp_path / "acceptance-cpu.json").read_text())["rows"]
+    assert {row["section"] for row in rows} == {"memory", "goals"}  # the goals read what this run measured
+    goals = {row["check"]: row for row in rows if row["section"] == "goals"}
+    assert goals["GPEN-32 fp16 batch 1, peak memory"]["status"] == "ok"
+    assert goals["GPEN-32 fp16 batch 4, ms per face"]["status"] == "skip"
+    assert goals["GPEN-32 fp16 batch 4, ms per face"]["result"] == ("not measured: this run left out the speed "
+                                                                   "section (--sections)")
+    parser = argparse.ArgumentParser()
+    add_bench_arguments(parser)  # the command's choices are the sections but the goals
+    assert set(next(a for a in parser._actions if a.dest == "sections").choices) == set(SECTIONS) - {"goals"}

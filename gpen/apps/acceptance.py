@@ -82,6 +82,9 @@ SHARED_FOLDERS = (PACK.parent / "shared", PACK / "shared")
 OOM_FACES = 8  # faces of the out-of-memory check, asked for in one batch
 AUTO_SLACK = 1.05  # precision "auto" may be this much slower than the fastest dtype that passed parity
 ALWAYS_RUN = ("goals",)  # sections run past the time budget: they only read the figures measured before them
+# Budget a section's check needs left to start: inductor's first call on GPEN-2048 takes minutes, and a
+# compile started at the budget's end would run on past it.
+RESERVE_S = {"compile": 120}
 RAY_TIMEOUT_S = 120  # the Ray check's process: Ray's start and a short clip take well under a minute
 
 
@@ -140,6 +143,7 @@ class Context:
         self.image, self.detector = image, detector
         self.budget, self.clock = budget, clock
         self.out_of_time = False  # set when a check was not run for the budget
+        self.sections: tuple[str, ...] | None = None  # the sections run, when not all (--sections)
         self.figures: dict[tuple, float] = {}
 
     @cached_property
@@ -252,8 +256,12 @@ def run(args) -> int:
     paths = report_paths(context, out)
     print(f"rewriting {' and '.join(map(str, paths))} after every check"
           + (f"; a budget of {budget:g} s (--budget)" if budget is not None else ""), file=sys.stderr, flush=True)
+    sections = {name: checks for name, checks in SECTIONS.items()
+                if not args.sections or name in args.sections or name in ALWAYS_RUN}
+    context.sections = tuple(sections) if args.sections else None
     try:
-        rows = run_sections(context, report=lambda rows, planned: write_reports(rows, planned, context, out))
+        rows = run_sections(context, sections,
+                            report=lambda rows, planned: write_reports(rows, planned, context, out))
     finally:
         if "tmp" in vars(context):  # made on first use
             shutil.rmtree(context.tmp, ignore_errors=True)
@@ -274,11 +282,12 @@ def run_sections(context: Context, sections: dict | None = None,
         print(f"[{section}] {label}", file=sys.stderr, flush=True)
         if isinstance(check, Exception):  # the section could not list its checks
             row = dict(failed_row(section, label, check), seconds=0.0)
-        elif context.budget is not None and context.clock() - started >= context.budget \
-                and section not in ALWAYS_RUN:
+        elif context.budget is not None and section not in ALWAYS_RUN \
+                and context.clock() - started + RESERVE_S.get(section, 0) >= context.budget:
             context.out_of_time = True
-            row = dict(skipped_row(section, label, f"not run: past the time budget of {context.budget:g} s "
-                                                   "(--budget)"), seconds=0.0)
+            reserve = f" less the {RESERVE_S[section]} s it needs" if section in RESERVE_S else ""
+            row = dict(skipped_row(section, label, f"not run: past the time budget of {context.budget:g} s"
+                                                   f"{reserve} (--budget)"), seconds=0.0)
         else:
             row = run_check(section, label, check, context)
         rows.append(row)
@@ -303,9 +312,7 @@ def planned_checks(context: Context, sections: dict) -> list[tuple[str, str, Cal
 def run_check(section: str, label: str, check: Callable[[], Outcome], context: Context) -> dict:
     started = context.clock()
     try:
-        outcome = check()
-        row = dict(section=section, check=label, status="ok" if outcome.ok else "FAIL", result=outcome.result,
-                   goal=outcome.goal, met=outcome.met, figures=outcome.figures)
+        row = outcome_row(section, label, check())
     except Skip as e:
         row = skipped_row(section, label, str(e))
     except Exception as e:  # one clear row; the other checks still run
@@ -321,6 +328,11 @@ def run_check(section: str, label: str, check: Callable[[], Outcome], context: C
 def failed_row(section: str, label: str, error: Exception) -> dict:
     return dict(section=section, check=label, status="FAIL", result=f"{type(error).__name__}: {first_line(error)}",
                 goal="", met="", figures={})
+
+
+def outcome_row(section: str, label: str, outcome: Outcome) -> dict:
+    return dict(section=section, check=label, status="ok" if outcome.ok else "FAIL", result=outcome.result,
+                goal=outcome.goal, met=outcome.met, figures=outcome.figures)
 
 
 def skipped_row(section: str, label: str, why: str) -> dict:
@@ -527,28 +539,40 @@ def peak_memory(context: Context, size: int) -> Outcome:
     faces = faces.cpu()  # only the batch measured is on the device
     weights = sum(p.numel() * p.element_size() for p in model.parameters()) / 2 ** 20
     peaks = {}
-    with torch.inference_mode():
-        for batch in context.plan.batches:
-            x = faces[:batch].to(context.device)
-            if context.on_gpu:
-                torch.cuda.synchronize()
-                torch.cuda.reset_peak_memory_stats()
-            model(x)
-            del x
+    for batch in context.plan.batches:
+        x = faces[:batch].to(context.device)
+        if context.on_gpu:
+            peaks[batch] = gpu_peak(lambda x=x: model(x))[1] / 2 ** 20
+        else:
+            with torch.inference_mode():
+                model(x)
             peaks[batch] = peak_mib(context.device)
-            context.figures["peak", size, batch] = peaks[batch]
+        del x
+        context.figures["peak", size, batch] = peaks[batch]
     what = "max_memory_allocated" if context.on_gpu else "process peak RSS (cpu)"
     text = ", ".join(f"batch {batch} {mib:.0f}" for batch, mib in peaks.items())
     figures = {"weights_mib": round(weights), **{f"peak_mib_batch_{b}": round(mib) for b, mib in peaks.items()}}
     return Outcome(f"MiB ({what}): {text}; weights {weights:.0f}", figures=figures)
 
 
+def gpu_peak(run: Callable[[], object]) -> tuple[int, int]:
+    """(bytes allocated before, the most allocated during) `run()` on the current GPU."""
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    with torch.inference_mode():
+        run()
+    torch.cuda.synchronize()
+    return before, torch.cuda.max_memory_allocated()
+
+
 def counted_memory(context: Context) -> Outcome:
     """The working memory ComfyUI is told a run needs (archs/working_memory.py: counted on the meta device)
     beside a real forward's, GPEN by size and batch. On a GPU, in fp16: the estimate is the weights, the
     input and the count, the measure torch.cuda.max_memory_allocated; what the forward took (the peak less
-    what was allocated before it) must be at least the count and at most 1.25x it + 64 MiB: the count leaves
-    out what kernels take inside an op (cuDNN's workspace) and the allocator's rounding to its blocks. The
+    what was allocated before it) must be at least 0.8x the count (a GPU kernel may fuse what the meta
+    device's decomposition makes in steps) and at most 1.25x it + 64 MiB: the count leaves out what kernels
+    take inside an op (cuDNN's workspace) and the allocator's rounding to its blocks. The
     same counter on the device's tensors is shown beside it. On the CPU, in fp32 (where its plain path lays
     out every map as a GPU does; its fp16 convolutions lay some out otherwise), that counter on real tensors
     on the GPU's path (cpu_fast.plain_layers) must equal the meta count, byte for byte."""
@@ -569,16 +593,13 @@ def counted_memory(context: Context) -> Outcome:
             text = f"GPEN-{size} batch {batch}: estimate {estimate / mib:.0f} (working {counted / mib:.1f})"
             figure = dict(estimate_mib=round(estimate / mib, 1), working_bytes=counted,
                           device_tensor_bytes=on_tensors)
-            if context.on_gpu:
-                torch.cuda.synchronize()
-                before = torch.cuda.memory_allocated()
-                torch.cuda.reset_peak_memory_stats()
-                with torch.inference_mode():
-                    model(x)
-                torch.cuda.synchronize()
-                peak = torch.cuda.max_memory_allocated()
+            if not counted:
+                fits = False
+                text += ": not counted (the meta device could not run it: see the warning logged)"
+            elif context.on_gpu:
+                before, peak = gpu_peak(lambda x=x: model(x))
                 took = peak - before
-                fits = counted <= took <= 1.25 * counted + 64 * mib
+                fits = 0.8 * counted <= took <= 1.25 * counted + 64 * mib
                 text += (f", max_memory_allocated {peak / mib:.0f} (working {took / mib:.1f}, {took / counted:.2f}x; "
                          f"counted on the device's tensors {on_tensors / mib:.1f})")
                 figure.update(peak_mib=round(peak / mib, 1), measured_working_mib=round(took / mib, 1))
@@ -589,7 +610,7 @@ def counted_memory(context: Context) -> Outcome:
             ok = ok and fits
             lines.append(text + ("" if fits else " OUTSIDE"))
             del x
-    bound = "working <= measured <= 1.25x + 64 MiB" if context.on_gpu else "meta count = real-tensor count"
+    bound = "0.8x working <= measured <= 1.25x + 64 MiB" if context.on_gpu else "meta count = real-tensor count"
     return Outcome(f"MiB, {dtype}: {'; '.join(lines)}; {bound}", ok, figures)
 
 
@@ -840,12 +861,15 @@ def goal_checks(context: Context) -> list[Check]:
 
 def figure(context: Context, key: tuple, section: str) -> float:
     if key not in context.figures:
-        raise not_measured(context, f"the {section} row it comes from")
+        raise not_measured(context, f"the {section} row it comes from", section)
     return context.figures[key]
 
 
-def not_measured(context: Context, what: str) -> Exception:
-    """A FAIL row's error for a figure a failed row did not give; past the budget, a skip row's."""
+def not_measured(context: Context, what: str, section: str | None = None) -> Exception:
+    """A FAIL row's error for a figure a failed row did not give; a skip row's for a section this run left
+    out (--sections), or past the budget."""
+    if section is not None and context.sections is not None and section not in context.sections:
+        return Skip(f"not measured: this run left out the {section} section (--sections)")
     if context.out_of_time:
         return Skip(f"not measured: {what} failed or was not run (past the time budget)")
     return LookupError(f"not measured: {what} failed")
@@ -960,9 +984,7 @@ def goals_so_far(context: Context) -> list[dict]:
     rows = []
     for label, check in goal_checks(context):
         try:
-            outcome = check()
-            rows.append(dict(section="goals", check=label, status="ok" if outcome.ok else "FAIL",
-                             result=outcome.result, goal=outcome.goal, met=outcome.met, figures=outcome.figures))
+            rows.append(outcome_row("goals", label, check()))
         except Exception:  # whatever a goal raises, the report is written
             rows.append(skipped_row("goals", label, "not measured yet"))
     return rows

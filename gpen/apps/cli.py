@@ -117,6 +117,10 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--budget", type=float, metavar="SECONDS",
                         help="with --acceptance: checks that would start later than this are skip rows, the goals "
                              "still run (default: 360 s, none with --quick)")
+    parser.add_argument("--sections", nargs="+", metavar="SECTION",
+                        choices=("parity", "speed", "memory", "pipeline", "video", "compile"),
+                        help="with --acceptance: only these sections, and the goals (e.g. a second run, for what "
+                             "failed, in the same short GPU lease)")
     parser.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--forward", choices=("plain", "ours"), default="ours", help=argparse.SUPPRESS)
 
