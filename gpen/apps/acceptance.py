@@ -39,7 +39,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from functools import cached_property
+from functools import cached_property, partial
 from pathlib import Path
 from typing import Callable
 
@@ -542,7 +542,7 @@ def peak_memory(context: Context, size: int) -> Outcome:
     for batch in context.plan.batches:
         x = faces[:batch].to(context.device)
         if context.on_gpu:
-            peaks[batch] = gpu_peak(lambda x=x: model(x))[1] / 2 ** 20
+            peaks[batch] = gpu_peak(partial(model, x))[1] / 2 ** 20
         else:
             with torch.inference_mode():
                 model(x)
@@ -588,7 +588,7 @@ def counted_memory(context: Context) -> Outcome:
         for batch in context.plan.batches:
             x = faces[:batch].to(context.device, DTYPES[dtype])  # in the network's dtype, as the handles give it
             counted = forward_bytes(model, x.shape, x.dtype)
-            on_tensors = counted_peak(lambda x=x: model(x))
+            on_tensors = counted_peak(partial(model, x))
             estimate = weights + x.numel() * x.element_size() + counted
             text = f"GPEN-{size} batch {batch}: estimate {estimate / mib:.0f} (working {counted / mib:.1f})"
             figure = dict(estimate_mib=round(estimate / mib, 1), working_bytes=counted,
@@ -597,7 +597,7 @@ def counted_memory(context: Context) -> Outcome:
                 fits = False
                 text += ": not counted (the meta device could not run it: see the warning logged)"
             elif context.on_gpu:
-                before, peak = gpu_peak(lambda x=x: model(x))
+                before, peak = gpu_peak(partial(model, x))
                 took = peak - before
                 fits = 0.8 * counted <= took <= 1.25 * counted + 64 * mib
                 text += (f", max_memory_allocated {peak / mib:.0f} (working {took / mib:.1f}, {took / counted:.2f}x; "
