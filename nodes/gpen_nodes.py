@@ -27,8 +27,8 @@ from ..gpen.loader import load_parser
 from . import host
 
 CATEGORY = "GPEN"
-PRECISION_HELP = ("auto: fp16 on a GPU with tensor cores (NVIDIA from 2017's Volta, AMD), fp32 on older GPUs and the "
-                  "CPU. ONNX files keep their own.")
+PRECISION_HELP = ("auto: fp16 on NVIDIA GPUs with tensor cores (from 2017's Volta) and on AMD GPUs (ROCm), fp32 on "
+                  "older NVIDIA GPUs and the CPU. ONNX files keep their own.")
 _CACHE: OrderedDict = OrderedDict()  # (path, mtime, device, options) -> host.Loaded, the last few kept
 
 
