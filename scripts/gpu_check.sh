@@ -21,6 +21,7 @@ cd "$(dirname "$0")/.."
 
 PYAV=av==18.1.0  # the version this machine's tests run; abi3 wheels, so cp311 ones serve the device's 3.12
 DEVICE_PYTHON=3.12
+python=${PYTHON:-python3}  # the device's python3 holds its torch
 
 if [[ "${1:-}" == prepare ]]; then
     exclude="$(git rev-parse --git-common-dir)/info/exclude"
@@ -42,11 +43,11 @@ fi
 out="${OUT:-acceptance-out}"
 mkdir -p "$out"
 if compgen -G ".whl/*.whl" >/dev/null; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+    "$python" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
     export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv >"$out/nvidia-smi.csv" 2>&1 || true
 export PYTHONUNBUFFERED=1
 budget=(--budget 300)  # checks start within 5 minutes; the last one, imports and CUDA's start come on top
 [[ " $* " == *" --budget "* ]] && budget=()
-python3 -m gpen bench --acceptance --out "$out" "${budget[@]}" "$@" 2>&1 | tee "$out/acceptance.log"
+"$python" -m gpen bench --acceptance --out "$out" "${budget[@]}" "$@" 2>&1 | tee "$out/acceptance.log"

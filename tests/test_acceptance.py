@@ -3,6 +3,7 @@ cannot rot between GPU runs, and the parts of it that decide what a GPU run repo
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 from collections import namedtuple
@@ -314,3 +315,16 @@ def test_a_second_run_can_take_only_the_sections_that_failed(tmp_path):
     parser = argparse.ArgumentParser()
     add_bench_arguments(parser)  # the command's choices are the sections but the goals
     assert set(next(a for a in parser._actions if a.dest == "sections").choices) == set(SECTIONS) - {"goals"}
+
+
+def test_the_device_script_runs_the_check_into_out_with_a_budget(tmp_path):
+    """scripts/gpu_check.sh as a lent GPU machine runs it (here on the CPU, one section): the reports and the
+    log land in $OUT, with the lease's budget unless one is given."""
+    done = subprocess.run(["bash", "scripts/gpu_check.sh", "--device", "cpu", "--quick", "--sections", "memory"],
+                          capture_output=True, text=True, cwd=ROOT, timeout=600,
+                          env={**os.environ, "OUT": str(tmp_path), "PYTHON": sys.executable})
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert {"acceptance-cpu.json", "acceptance-cpu.md", "acceptance.log"} <= {p.name for p in tmp_path.iterdir()}
+    log = (tmp_path / "acceptance.log").read_text()
+    assert "a budget of 300 s (--budget)" in log and "8 checks in" in log
+    assert json.loads((tmp_path / "acceptance-cpu.json").read_text())["budget_s"] == 300
