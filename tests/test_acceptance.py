@@ -99,12 +99,16 @@ def test_past_the_budget_a_check_is_a_skip_row_the_goals_run_and_the_reports_kee
     assert sorted(path.name for path in tmp_path.iterdir()) == ["acceptance-cpu.json", "acceptance-cpu.md"]
 
 
-def test_a_budget_of_zero_runs_nothing_but_the_goals(tmp_path):
+def quick_run(out: Path, *flags: str) -> tuple[subprocess.CompletedProcess, list[dict]]:
+    """`python -m gpen bench --acceptance --device cpu --quick FLAGS` into `out`: the process and its rows."""
     done = subprocess.run([sys.executable, "-m", "gpen", "bench", "--acceptance", "--device", "cpu", "--quick",
-                           "--budget", "0", "--out", str(tmp_path)], capture_output=True, text=True, cwd=ROOT,
-                          timeout=600)
+                           *flags, "--out", str(out)], capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert done.returncode == 0, done.stdout + done.stderr
-    rows = json.loads((tmp_path / "acceptance-cpu.json").read_text())["rows"]
+    return done, json.loads((out / "acceptance-cpu.json").read_text())["rows"]
+
+
+def test_a_budget_of_zero_runs_nothing_but_the_goals(tmp_path):
+    done, rows = quick_run(tmp_path, "--budget", "0")
     assert {row["status"] for row in rows} == {"skip"}
     assert {row["section"] for row in rows if "past the time budget of 0 s" in row["result"]} == set(SECTIONS) - {
         "goals"}
@@ -301,11 +305,7 @@ def test_a_compile_check_starts_only_with_the_time_it_needs_left_in_the_budget()
 
 
 def test_a_second_run_can_take_only_the_sections_that_failed(tmp_path):
-    done = subprocess.run([sys.executable, "-m", "gpen", "bench", "--acceptance", "--device", "cpu", "--quick",
-                           "--sections", "memory", "--out", str(tmp_path)], capture_output=True, text=True, cwd=ROOT,
-                          timeout=600)
-    assert done.returncode == 0, done.stdout + done.stderr
-    rows = json.loads((tmp_path / "acceptance-cpu.json").read_text())["rows"]
+    _, rows = quick_run(tmp_path, "--sections", "memory")
     assert {row["section"] for row in rows} == {"memory", "goals"}  # the goals read what this run measured
     goals = {row["check"]: row for row in rows if row["section"] == "goals"}
     assert goals["GPEN-32 fp16 batch 1, peak memory"]["status"] == "ok"
