@@ -20,7 +20,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from gpen.apps.bench import STANDARD_CONFIGS
 from gpen.archs.gpen.network import GPEN
-from gpen.archs.working_memory import forward_bytes
+from gpen.archs.working_memory import forward_bytes, weight_bytes
 from gpen.devices import DTYPES
 
 MIB = 2 ** 20
@@ -40,7 +40,7 @@ def main() -> None:
         channel_multiplier, narrow = STANDARD_CONFIGS.get(size, (2, 1))  # the released files' widths
         with torch.device("meta"):
             network = GPEN(size, channel_multiplier=channel_multiplier, narrow=narrow).to(dtype)
-        weights = sum(p.numel() * p.element_size() for p in network.parameters())
+        weights = weight_bytes(network)
         cells = []
         for batch in args.batches:
             shape = (batch, 3, size, size)

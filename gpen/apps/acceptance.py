@@ -55,7 +55,7 @@ from ..archs.parsenet import ParseNet
 from ..archs.retinaface import RetinaFace
 from ..archs.rrdbnet import RRDBNet
 from ..archs.srvgg import SRVGGNetCompact
-from ..archs.working_memory import counted_peak, forward_bytes
+from ..archs.working_memory import counted_peak, forward_bytes, weight_bytes
 from ..devices import DTYPES, has_native_bf16, resolve_device, resolve_dtype
 from ..faces.options import CLASSES, MaskOptions
 from ..faces.parse import ParserHandle
@@ -537,7 +537,7 @@ def peak_memory(context: Context, size: int) -> Outcome:
     input included); on the CPU the process's peak resident memory, which only grows (a smoke figure)."""
     model, faces = device_gpen(context, size, "fp16")
     faces = faces.cpu()  # only the batch measured is on the device
-    weights = sum(p.numel() * p.element_size() for p in model.parameters()) / 2 ** 20
+    weights = weight_bytes(model) / 2 ** 20
     peaks = {}
     for batch in context.plan.batches:
         x = faces[:batch].to(context.device)
@@ -581,7 +581,7 @@ def counted_memory(context: Context) -> Outcome:
     for size in context.plan.speed_sizes:
         model, faces = device_gpen(context, size, dtype)
         faces = faces.cpu()  # only the batch measured is on the device
-        weights = sum(p.numel() * p.element_size() for p in model.parameters())
+        weights = weight_bytes(model)
         if context.on_gpu:
             with torch.inference_mode():
                 model(faces[:1].to(context.device, DTYPES[dtype]))  # first: cuBLAS's and cuDNN's handles

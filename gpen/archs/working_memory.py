@@ -68,6 +68,11 @@ class LiveStorage(TorchDispatchMode):
             del self.storages[key]
 
 
+def weight_bytes(network: nn.Module) -> int:
+    """What a network's weights and buffers take where they are: what the working memory is counted beside."""
+    return sum(t.numel() * t.element_size() for t in chain(network.parameters(), network.buffers()))
+
+
 def storage_of(tensor: torch.Tensor) -> int:
     return tensor.untyped_storage()._cdata
 

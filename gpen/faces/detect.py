@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from ..archs.onnx import SCRFD
 from ..archs.retinaface import SPEC as RETINAFACE
 from ..archs.retinaface import RetinaFace, decode, fold_batch_norms, prior_boxes
-from ..archs.working_memory import forward_bytes
+from ..archs.working_memory import forward_bytes, weight_bytes
 from ..files.weights import CheckpointError, first_line
 from .options import SelectOptions
 from .tensors import as_rgb, check_frames
@@ -222,7 +222,7 @@ class RetinaFaceDetector:
     @property
     def memory_bytes(self) -> int:
         """What its weights take on its device, as a restorer's (the nodes tell ComfyUI's memory manager)."""
-        return sum(t.numel() * t.element_size() for t in (*self.net.parameters(), *self.net.buffers()))
+        return weight_bytes(self.net)
 
     def working_bytes(self, height: int, width: int, frames: int = 1) -> int:
         """What detecting `frames` frames of height x width takes on the device beyond the weights, at its

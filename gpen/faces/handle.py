@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from ..archs.spec import ArchSpec
-from ..archs.working_memory import forward_bytes
+from ..archs.working_memory import forward_bytes, weight_bytes
 
 
 class NetworkHandle:
@@ -33,7 +33,7 @@ class NetworkHandle:
         """What the weights take on their device; 0 for onnxruntime's, which keeps its own."""
         if not self.is_torch:
             return 0
-        return sum(p.numel() * p.element_size() for p in self.network.parameters())
+        return weight_bytes(self.network)
 
     def working_bytes(self, batch: int) -> int:
         """What `batch` crops through the network take on its device beyond the weights: its input at the

@@ -21,7 +21,7 @@ from ..files.images import MAX_MEGAPIXELS
 ORDERS = ("largest", "left-right", "top-bottom", "confidence")
 TEMPLATES = ("gpen", "ffhq")  # align.TEMPLATE_POINTS holds their landmarks
 MASK_SHAPES = ("box", "ellipse")
-SEGMENT_MASKS = ("box", "ellipse")  # a SEGS segment's own mask around the face box (a face parser's replaces it)
+SEGMENT_MASKS = MASK_SHAPES  # a SEGS segment's own mask around the face box (a face parser's replaces it)
 PARSE_SOURCES = ("original", "restored")
 # GPEN's paste mask at 512: a box 26 px in from the edge, blurred twice with sigma 4.
 GPEN_ERODE = 26 / 512

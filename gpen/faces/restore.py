@@ -193,7 +193,7 @@ def restore_aligned(model, crops: torch.Tensor, strength: float = 1.0, batch_siz
     broken = ~finite_faces(restored)
     if broken.any():
         said.append(unrestored_note(int(broken.sum())))
-        logging.getLogger("gpen").warning("%s", said[-1])
+        log.warning("%s", said[-1])
         restored[broken] = rgb[broken]
     return match_channels(torch.lerp(rgb, restored, strength), crops)
 

@@ -44,7 +44,7 @@ from .pipeline import (
     paste_restored,
 )
 from .restore import as_restorer, rerun_note
-from .tensors import as_images, as_rgb, like_given
+from .tensors import as_images, as_rgb, like_given, match_channels
 
 SEG = namedtuple("SEG", ["cropped_image", "cropped_mask", "confidence", "crop_region", "bbox", "label",
                          "control_net_wrapper"], defaults=[None])
@@ -524,7 +524,7 @@ def restore_segs(images, segs, model, detector=None, *, paste: PasteOptions = Pa
                 x0, y0, x1, y1 = segment.region
                 mask = soften_inside(segment.masks[t if len(segment.masks) > 1 else 0], feather)
                 here = out[t, y0:y1, x0:x1]
-                here += (match_to(region, here) - here) * mask[..., None].to(here)
+                here += (match_channels(region, here) - here) * mask[..., None].to(here)
                 result.masks[t, y0:y1, x0:x1] = torch.maximum(result.masks[t, y0:y1, x0:x1], weight.cpu() * mask)
                 pasted[t, k] = region
     result.records.sort(key=lambda record: record[0])
@@ -582,15 +582,6 @@ def paste_in_region(image: torch.Tensor, restored: torch.Tensor, crop: torch.Ten
                           masks, crops=crop)
     x0, y0, x1, y1 = region[0] - wx0, region[1] - wy0, region[2] - wx0, region[3] - wy0
     return as_rgb(done.images[:, y0:y1, x0:x1])[0], done.masks[0, y0:y1, x0:x1], not done.left_as_was
-
-
-def match_to(rgb: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """An RGB crop (h, w, 3) in the channels of `like` (h, w, C)."""
-    if like.shape[-1] == 3:
-        return rgb.to(like)
-    if like.shape[-1] == 1:
-        return (rgb * torch.tensor([0.299, 0.587, 0.114])).sum(-1, keepdim=True).to(like)
-    return torch.cat([rgb, like[..., 3:]], -1).to(like)
 
 
 def with_restored_crops(read: ReadSegs, images: torch.Tensor, pasted: dict) -> list:
