@@ -365,3 +365,16 @@ def test_a_batch_with_one_segs_per_frame_restores_each_frame_with_its_own(pack, 
     with pytest.raises(ValueError, match="3 SEGS for 2 frame.s.: give one SEGS for all frames, or one per frame"):
         nodes["GPENRestoreSEGS"]().restore([frames], chosen + chosen[:1], [model], strength=[1.0], face_batch=[4],
                                            color_correction=[False], feather=[0.1])
+
+
+def test_grey_and_rgba_images_keep_their_channels_and_alpha(solvay, detector, solvay_segs):
+    segs = ordered_filter(solvay_segs, 3)
+    rgb = restore_segs(solvay, segs, GreyRestorer(512), detector).images
+    grey = restore_segs(solvay[..., :1], segs, GreyRestorer(512), detector).images
+    alpha = torch.rand(solvay.shape[:3] + (1,))
+    rgba = restore_segs(torch.cat([solvay, alpha], -1), segs, GreyRestorer(512), detector).images
+    assert grey.shape[-1] == 1 and rgba.shape[-1] == 4 and torch.equal(rgba[..., 3:], alpha)
+    assert (rgba[..., :3] - rgb).abs().max() < 1e-6
+    as_rgb = restore_segs(solvay[..., :1].expand(-1, -1, -1, 3), segs, GreyRestorer(512), detector).images
+    luma = (as_rgb * torch.tensor([0.299, 0.587, 0.114])).sum(-1, keepdim=True)
+    assert (grey - solvay[..., :1]).abs().max() > 0.1 and (grey - luma).abs().max() < 1e-5
