@@ -14,8 +14,10 @@ from gpen.faces import paste, pipeline
 from gpen.faces.align import invert_affine, warp, warp_faces
 from gpen.faces.detect import Faces
 from gpen.faces.options import MaskOptions, PasteOptions
+from gpen.faces.pipeline import detect_faces
+from gpen.archs.working_memory import LiveStorage
 from gpen.faces.paste import MASK_TIE, face_mask, match_color, soften
-from tests.helpers import SplitParser
+from tests.helpers import IdentityRestorer, SplitParser
 
 
 def similarity(scale: float, angle: float, x: float, y: float) -> list[list[float]]:
@@ -88,70 +90,113 @@ def test_a_large_face_is_pasted_a_band_at_a_time(monkeypatch):
 
 
 class ForgetfulRestorer:
-    """Restores nothing (hands back copies of the crops), remembering the crops only weakly."""
+    """Restores nothing (hands back copies of the crops), remembering how large a block of memory each batch
+    it was given lies in, and the crops themselves only weakly."""
 
-    size = 64
-
-    def __init__(self):
-        self.crops = None
-        self.seen = []  # copies of the crops it was given
+    def __init__(self, size: int = 64, remember: bool = True):
+        self.size, self.remember = size, remember
+        self.seen = []  # copies of the crops it was given, if it is to remember them
+        self.held_bytes = []  # the bytes of the memory block each batch of crops given lies in
+        self.given = []  # weak references to the crops given and the faces handed back
+        self.alive = []  # at each batch, how many crops given or faces handed back before are still held
 
     def restore(self, faces, batch_size=4, on_batch=None):
-        self.crops = weakref.ref(faces)
-        self.seen.append(faces.clone())
-        return faces.clone()
-
-
-def five_faces() -> Faces:
-    """Five faces side by side in a 120x400 frame, at fractional landmark positions."""
-    eyes_nose_mouth = torch.tensor([[40.0, 50], [60, 50], [50, 60], [42, 70], [58, 70]])
-    landmarks = torch.stack([eyes_nose_mouth + torch.tensor([75.3 * i, 0.37 * i]) for i in range(5)])
-    boxes = torch.stack([torch.tensor([30.0, 35, 70, 80]) + 75.3 * i * torch.tensor([1, 0, 1, 0]) for i in range(5)])
-    return Faces(boxes, torch.full((5,), 0.99), landmarks)
-
-
-@pytest.mark.parametrize("parser", [None, SplitParser(1, 17)], ids=["no parser", "parser"])
-def test_restore_faces_lets_the_crops_go_before_pasting(monkeypatch, parser):
-    """The restored crops are a second set as large as the crops: only one is held while pasting."""
-    restorer, held_while_pasting = ForgetfulRestorer(), []
-
-    def paste_and_look(*args, **kwargs):
         gc.collect()
-        held_while_pasting.append(restorer.crops() is not None)
-        return paste.paste_faces(*args, **kwargs)
+        self.alive.append(sum(ref() is not None for ref in self.given))
+        if self.remember:
+            self.seen.append(faces.clone())
+        self.held_bytes.append(faces.untyped_storage().nbytes())
+        restored = faces.clone()
+        self.given += [weakref.ref(faces), weakref.ref(restored)]
+        return restored
 
-    monkeypatch.setattr(pipeline, "paste_faces", paste_and_look)
 
-    result = gpen.restore_faces(torch.rand(1, 120, 400, 3), restorer, None, faces=[five_faces()],
-                                masks=MaskOptions(parser=parser))
+def faces_in_a_row(count: int = 5) -> Faces:
+    """`count` faces side by side in a 120 x 75.3*count frame, at fractional landmark positions."""
+    eyes_nose_mouth = torch.tensor([[40.0, 50], [60, 50], [50, 60], [42, 70], [58, 70]])
+    landmarks = torch.stack([eyes_nose_mouth + torch.tensor([75.3 * i, 0.37 * i]) for i in range(count)])
+    box = torch.tensor([30.0, 35, 70, 80])
+    boxes = torch.stack([box + 75.3 * i * torch.tensor([1, 0, 1, 0]) for i in range(count)])
+    return Faces(boxes, torch.full((count,), 0.99), landmarks)
 
-    assert result.face_count == 5 and held_while_pasting == [False]
+
+@pytest.mark.parametrize("masks", [MaskOptions(), MaskOptions(parser=SplitParser(1, 17)),
+                                   MaskOptions(parser=SplitParser(1, 17), source="restored")],
+                         ids=["no parser", "parser on the originals", "parser on the restored"])
+def test_restore_faces_holds_one_face_batch_of_crops_at_a_time(masks):
+    """Faces are cut, restored, parsed and pasted a face batch at a time: the restorer is given crops cut for
+    its batch alone, and by the next batch those crops and the faces it handed back are gone (GPEN-2048 on
+    the 29 Solvay faces: 1.46 GB for every face's crops)."""
+    restorer = ForgetfulRestorer()
+
+    result = gpen.restore_faces(torch.rand(1, 120, 400, 3), restorer, None, faces=[faces_in_a_row()], masks=masks,
+                                face_batch=2)
+
+    assert result.face_count == 5
+    assert restorer.held_bytes == [2 * 64 * 64 * 3 * 4, 2 * 64 * 64 * 3 * 4, 64 * 64 * 3 * 4]
+    assert restorer.alive == [0, 0, 0]
+
+
+def test_the_most_restore_faces_holds_does_not_grow_with_the_faces():
+    """Counted on the tensors themselves (every storage made while it runs): 40 faces cropped at 256 px take
+    30 MiB as crops, and as many restored; a run holds a face batch of them, the frame and its masks."""
+    restorer = ForgetfulRestorer(256, remember=False)
+    frame = torch.rand(1, 120, 3020, 3)  # 4 MiB
+
+    with torch.inference_mode(), LiveStorage() as live:
+        result = gpen.restore_faces(frame, restorer, None, faces=[faces_in_a_row(40)], face_batch=2)
+
+    every_crop = 40 * 256 * 256 * 3 * 4
+    assert result.face_count == 40
+    assert live.peak < every_crop / 2
 
 
 def test_the_parser_sees_the_very_crops_the_restorer_saw_a_batch_at_a_time():
     restorer, parser = ForgetfulRestorer(), SplitParser(1, 17)
     image = torch.rand(1, 120, 400, 3, generator=torch.Generator().manual_seed(1))
 
-    gpen.restore_faces(image, restorer, None, faces=[five_faces()], masks=MaskOptions(parser=parser), face_batch=2)
+    gpen.restore_faces(image, restorer, None, faces=[faces_in_a_row()], masks=MaskOptions(parser=parser), face_batch=2)
 
     assert [len(crops) for crops in parser.seen] == [2, 2, 1]
     assert torch.equal(torch.cat(parser.seen), torch.cat(restorer.seen))
 
 
-def test_restored_batches_are_written_over_the_crops_they_came_from(solvay, detector):
-    """The restored faces never sit beside the whole set of crops on the device (GPEN-2048 on the 29 Solvay
-    faces: 1.46 GB a set): each face batch is written over its crops once restored."""
-    seen = []
+@pytest.fixture(scope="module")
+def two_group_frames(solvay, detector) -> tuple[torch.Tensor, list[Faces]]:
+    """The Solvay photo and the same moved 5 px right, with their 29 faces each."""
+    (faces,) = detect_faces(solvay, detector)
+    moved = Faces(faces.boxes + torch.tensor([5.0, 0, 5, 0]), faces.scores, faces.landmarks + torch.tensor([5.0, 0]))
+    return torch.cat([solvay, solvay.roll(5, 2)]), [faces, moved]
 
-    class Watching:
-        size = 64
 
-        def restore(self, faces, batch_size=4, on_batch=None):
-            crops = faces._base  # the whole set of crops this batch is a view of
-            seen.append(int((crops == 0.25).all(dim=(1, 2, 3)).sum()))  # batches already written over
-            if on_batch is not None:
-                on_batch(len(faces), len(faces))
-            return torch.full_like(faces, 0.25)
+@pytest.mark.parametrize("masks", [MaskOptions(), MaskOptions(parser=SplitParser(1, 17)),
+                                   MaskOptions(parser=SplitParser(1, 0, rows=True), source="restored",
+                                               temporal_sigma=1.0)],
+                         ids=["no parser", "parser", "parser on the restored, steadied over time"])
+def test_the_face_batch_changes_nothing_of_the_result(two_group_frames, masks):
+    """Overlapping faces take the strongest mask, colours are matched face by face: pasting a batch at a
+    time gives, bit for bit, what pasting all 58 faces at once gives."""
+    frames, faces = two_group_frames
+    paste = PasteOptions(color_correction=True, strength=0.9)
+    one, all_at_once = (gpen.restore_faces(frames, IdentityRestorer(64), None, faces=faces, paste=paste, masks=masks,
+                                           face_batch=face_batch) for face_batch in (1, 64))
 
-    result = gpen.restore_faces(solvay, Watching(), detector, face_batch=8)
-    assert result.face_count == 29 and seen == [0, 8, 16, 24]
+    assert one.face_count == all_at_once.face_count == 58
+    assert torch.equal(one.images, all_at_once.images) and torch.equal(one.masks, all_at_once.masks)
+
+
+def test_a_band_warped_whole_gives_what_a_band_narrowed_to_its_winning_columns_gives(monkeypatch, two_group_frames):
+    """On a GPU a band's face is warped over the whole band (finding the columns it wins would wait for the GPU a
+    face at a time); where it does not win the frame is kept all the same. The masks are the same bit for bit,
+    the faces to float rounding (the crop is sampled from another origin), the rest of the frames bit for bit."""
+    frames, faces = two_group_frames
+    options = dict(faces=faces, paste=PasteOptions(color_correction=True), masks=MaskOptions(parser=SplitParser(1, 17)))
+    narrowed = gpen.restore_faces(frames, IdentityRestorer(64), None, **options)
+    monkeypatch.setattr(paste, "NARROWED_ON", ())
+
+    whole = gpen.restore_faces(frames, IdentityRestorer(64), None, **options)
+
+    assert whole.face_count == 58 and torch.equal(whole.masks, narrowed.masks)
+    assert torch.allclose(whole.images, narrowed.images, rtol=0, atol=1e-6)
+    untouched = whole.masks == 0
+    assert torch.equal(whole.images[untouched], frames[untouched])

@@ -87,9 +87,14 @@ def crop_faces(images: torch.Tensor, landmarks: torch.Tensor, size: int, frames:
     if landmarks.ndim != 3 or landmarks.shape[1:] != (5, 2):
         raise ValueError(f"landmarks must be (N, 5, 2), got shape {tuple(landmarks.shape)}")
     frames = frames_of(images, len(landmarks), frames)
-    # Cut through the float32 affines returned, so that the same crops can be cut again from them exactly.
-    affines = similarity_transform(landmarks.cpu(), template_points(size, template)).float()
+    affines = face_affines(landmarks, size, template)
     return cut_faces(images, affines, frames, size, device), affines
+
+
+def face_affines(landmarks: torch.Tensor, size: int, template: str = "gpen") -> torch.Tensor:
+    """(N,2,3) float32 affines (image -> crop pixels) taking landmarks (N,5,2) onto `template` in crops of `size`.
+    Crops are cut through these float32 affines, so that the same crops can be cut again from them exactly."""
+    return similarity_transform(torch.as_tensor(landmarks).cpu(), template_points(size, template)).float()
 
 
 def cut_faces(images: torch.Tensor, affines: torch.Tensor, frames: torch.Tensor, size: int,

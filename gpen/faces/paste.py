@@ -19,6 +19,9 @@ from .tensors import as_images, as_rgb, like_given, match_channels
 MASK_TIE = 1e-4  # weights closer than this are a tie (float rounding), and one this small changes nothing
 SMALL_FACE = 100  # px: GPEN softens restored faces smaller than this, which would look over-sharp
 PASTE_BAND = 2 ** 18  # frame pixels pasted at a time: a large face's sampling grids would outweigh the frame
+# Devices where a band is narrowed to the columns its face wins before the face is warped. Finding them waits
+# for the device: on a GPU that would be a wait a face, and warping the whole band costs less there.
+NARROWED_ON = ("cpu",)
 
 
 @functools.lru_cache(maxsize=8)  # the same few masks serve every face and frame; callers never modify it
@@ -77,31 +80,56 @@ def paste_faces(images: torch.Tensor, restored: torch.Tensor, affines: torch.Ten
     masks have its size, the restored crops land at up to their own detail, and the pixels outside the
     masks are the background's, bit for bit. Colours are matched against `images`.
     """
+    check_pasted(restored, affines, face_masks)
+    images, given = as_images(images)
+    canvas = Canvas(images, options)
+    canvas.paste(restored, affines, frames, crop_size=crop_size, face_masks=face_masks, device=device)
+    return like_given(canvas.out, given), canvas.masks if given.batched else canvas.masks[0]
+
+
+class Canvas:
+    """The frames faces are pasted into (paste_target of `images`, B,H,W,C float), for pasting them a part at a
+    time: `out` is the result so far, `masks` (B,H,W float32) the masks used so far. Pasting faces in parts,
+    in order, gives what paste_faces gives with all of them."""
+
+    def __init__(self, images: torch.Tensor, options: PasteOptions = PasteOptions()):
+        self.images, self.options = images, options
+        self.target = paste_target(images, options)
+        self.out = self.target.clone()
+        self.masks = torch.zeros(self.target.shape[:3], device=self.target.device)
+
+    def paste(self, restored: torch.Tensor, affines: torch.Tensor, frames: torch.Tensor | None = None, *,
+              crop_size: int | None = None, face_masks: torch.Tensor | None = None,
+              device: torch.device | str | None = None) -> None:
+        """Paste restored crops (N,S,S,3) through their affines (N,2,3) onto their frames: see paste_faces."""
+        check_pasted(restored, affines, face_masks)
+        frames = frames_of(self.images, len(restored), frames)
+        if not len(restored):
+            return
+        options = self.options
+        device = torch.device(device) if device is not None else restored.device
+        size = restored.shape[1]
+        affines = resize_affines(affines.to(torch.float64), size / (crop_size or size))
+        to_target = scale_affines(affines, self.images.shape[1:3], self.target.shape[1:3])
+        small = small_faces(size, to_target) if options.smooth_small_faces else torch.zeros(len(restored), dtype=bool)
+        box = face_mask(size, options.mask_shape, options.erode, options.feather).to(device)
+        # Face by face: whatever is made for all faces at once (softened or colour-matched crops, masks) is
+        # a copy of all of them.
+        for i, frame in enumerate(frames.tolist()):
+            crop = prepare_crop(self.images, restored[i].to(device), affines[i], frame, options.color_correction,
+                                bool(small[i]))
+            mask = box if face_masks is None else torch.minimum(box, crop_mask(face_masks[i].to(device), size))
+            _paste_face(self.out[frame], self.masks[frame], self.target[frame], crop, to_target[i], mask,
+                        options.strength)
+
+
+def check_pasted(restored: torch.Tensor, affines: torch.Tensor, face_masks: torch.Tensor | None) -> None:
     if restored.ndim != 4 or restored.shape[-1] != 3 or len(restored) != len(affines):
         raise ValueError(f"restored must be (N, S, S, 3) with one affine each; got {tuple(restored.shape)} "
                          f"and {len(affines)} affines")
     if face_masks is not None and (face_masks.ndim != 3 or len(face_masks) != len(restored)):
         raise ValueError(f"face_masks must be (N, S, S), one per restored face; got {tuple(face_masks.shape)} "
                          f"for {len(restored)} faces")
-    images, given = as_images(images)
-    frames = frames_of(images, len(restored), frames)
-    target = paste_target(images, options)
-    out, masks = target.clone(), torch.zeros(target.shape[:3], device=target.device)
-    if len(restored):
-        device = torch.device(device) if device is not None else restored.device
-        size = restored.shape[1]
-        affines = resize_affines(affines.to(torch.float64), size / (crop_size or size))
-        to_target = scale_affines(affines, images.shape[1:3], target.shape[1:3])
-        small = small_faces(size, to_target) if options.smooth_small_faces else torch.zeros(len(restored), dtype=bool)
-        box = face_mask(size, options.mask_shape, options.erode, options.feather).to(device)
-        # Face by face: whatever is made for all faces at once (softened or colour-matched crops, masks) is
-        # a copy of all of them.
-        for i, frame in enumerate(frames.tolist()):
-            crop = prepare_crop(images, restored[i].to(device), affines[i], frame, options.color_correction,
-                                bool(small[i]))
-            mask = box if face_masks is None else torch.minimum(box, crop_mask(face_masks[i].to(device), size))
-            _paste_face(out[frame], masks[frame], target[frame], crop, to_target[i], mask, options.strength)
-    return like_given(out, given), masks if given.batched else masks[0]
 
 
 def paste_target(images: torch.Tensor, options: PasteOptions, progress=None, cancel=None) -> torch.Tensor:
@@ -236,16 +264,17 @@ def _paste_face(out: torch.Tensor, masks: torch.Tensor, original: torch.Tensor, 
 def _paste_band(out: torch.Tensor, masks: torch.Tensor, original: torch.Tensor, crop: torch.Tensor,
                 affine: torch.Tensor, mask: torch.Tensor, strength: float, band: tuple[int, int, int, int]) -> None:
     """_paste_face on the rows and columns `band` (y0, y1, x0, x1) of the frame: the mask first, then the
-    face only over the columns where it wins somewhere."""
+    face (on the CPU only over the columns where it wins somewhere: NARROWED_ON)."""
     y0, y1, x0, x1 = band
     # The mask is warped bilinearly, as GPEN warps it: bicubic would ring past a sharp parse edge.
     weight = warp(mask[None], _onto(affine, x0, y0), y1 - y0, x1 - x0, mode="bilinear")[0, 0].clamp_(0, 1) * strength
     wins = weight > masks[y0:y1, x0:x1].to(weight.device) + MASK_TIE  # a tie keeps the face already there
-    columns = wins.any(0).nonzero()
-    if not len(columns):
-        return
-    left, right = int(columns[0]), int(columns[-1]) + 1
-    x0, x1, weight, wins = x0 + left, x0 + right, weight[:, left:right], wins[:, left:right]
+    if wins.device.type in NARROWED_ON:
+        columns = wins.any(0).nonzero()
+        if not len(columns):
+            return
+        left, right = int(columns[0]), int(columns[-1]) + 1
+        x0, x1, weight, wins = x0 + left, x0 + right, weight[:, left:right], wins[:, left:right]
     back = warp(crop, _onto(affine, x0, y0), y1 - y0, x1 - x0)[0].clamp_(0, 1)
     source = original[y0:y1, x0:x1].to(crop.device)
     base = as_rgb(source)[0]

@@ -17,12 +17,12 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from .align import crop_faces, cut_faces, warp_faces
+from .align import cut_faces, face_affines, warp_faces
 from .detect import Faces, threshold_for
 from .masks import smooth_over_time
 from .options import MaskOptions, PasteOptions, SelectOptions
 from .parse import parse_faces
-from .paste import check_background, check_output_size, not_larger, paste_faces, paste_target, scale_affines
+from .paste import Canvas, check_background, check_output_size, not_larger, paste_faces, paste_target, scale_affines
 from .restore import as_restorer, finite_faces, rerun_note, unrestored_note
 from .tensors import as_images, as_rgb, check_finite, like_given
 from .tracks import choose_tracks, face_tracks, selects_tracks
@@ -393,12 +393,25 @@ def locate_faces(images: torch.Tensor, detector, crop_size: int, options: Select
                  faces: list[Faces] | None = None, device: torch.device | str | None = None,
                  cancel: Callable[[], bool | None] | None = None, timings: dict | None = None
                  ) -> tuple[torch.Tensor, FaceInfo]:
-    """Aligned crops (N,S,S,3 float32 on `device`) of the faces of every frame, and where they came from.
+    """Aligned crops (N,S,S,3 float32 on `device`) of the faces of every frame, and where they came from:
+    find_faces, then every face cut out (restore_faces cuts them a face batch at a time instead)."""
+    images = as_images(images)[0]
+    info = find_faces(images, detector, crop_size, options, faces=faces, device=device, cancel=cancel, timings=timings)
+    with _stage(timings, "crop", info.device):
+        return cut_faces(images, info.affines, info.frames, crop_size, info.device), info
+
+
+def find_faces(images: torch.Tensor, detector, crop_size: int, options: SelectOptions = SelectOptions(), *,
+               faces: list[Faces] | None = None, device: torch.device | str | None = None,
+               cancel: Callable[[], bool | None] | None = None, timings: dict | None = None,
+               face_batch: int = 4) -> FaceInfo:
+    """Where the faces of every frame are, and how each is cut out at `crop_size` (FaceInfo; the crops
+    themselves are cut by cut_faces through its affines).
 
     Detection, cropping and (later) pasting run on one device: the detector's unless `device` says.
     `faces` (one `Faces` per frame) skips detection; otherwise `options` select them (detect_faces),
-    and they are cut out on `options.template`. With `options.changed_from` (the frames before a face
-    swap), only faces that differ from it are kept: see `changed_faces`.
+    and they are aligned on `options.template`. With `options.changed_from` (the frames before a face
+    swap), only faces that differ from it are kept (see `changed_faces`), compared `face_batch` at a time.
     """
     images, changed_from = as_images(images)[0], options.changed_from
     if changed_from is not None:
@@ -416,16 +429,35 @@ def locate_faces(images: torch.Tensor, detector, crop_size: int, options: Select
     frames = torch.cat([torch.full((len(f),), t, dtype=torch.long) for t, f in enumerate(faces)]) if faces \
         else torch.zeros(0, dtype=torch.long)
     info = FaceInfo(faces, torch.zeros(0, 2, 3), frames, crop_size, tuple(images.shape[1:3]), device, selection)
-    with _stage(timings, "crop", device):
-        crops, info.affines = crop_faces(images, info.landmarks, crop_size, frames, template=options.template,
-                                         device=device)
-    if changed_from is not None:
-        with _stage(timings, "compare", device):
-            keep = changed_faces(crops, changed_from, info.affines, frames) > options.change_threshold
-        selection.compared, selection.changed = len(keep), int(keep.sum())
-        selection.skip(info.faces_flat()[~keep.cpu()], NOT_CHANGED, info.frames[~keep.cpu()])
-        crops, info = crops[keep.to(crops.device)], keep_faces(info, keep)
-    return crops, info
+    info.affines = face_affines(info.landmarks, crop_size, options.template)
+    if changed_from is None:
+        return info
+
+    def difference(part: slice) -> torch.Tensor:
+        crops = cut_faces(images, info.affines[part], info.frames[part], crop_size, device)
+        return changed_faces(crops, changed_from, info.affines[part], info.frames[part])
+
+    with _stage(timings, "compare", device):
+        keep = (gathered(len(info), face_batch, difference) > options.change_threshold).cpu()
+    selection.compared, selection.changed = len(keep), int(keep.sum())
+    selection.skip(info.faces_flat()[~keep], NOT_CHANGED, info.frames[~keep])
+    return keep_faces(info, keep)
+
+
+def gathered(count: int, batch_size: int, batch: Callable[[slice], torch.Tensor]) -> torch.Tensor:
+    """What `batch(part)` gives for each part of `count` items, `batch_size` at a time, in one tensor (made at
+    the first part's shape and device, so that the parts are never held twice). Empty when `count` is 0."""
+    found = torch.zeros(0)
+    for part in parts(count, batch_size):
+        answer = batch(part)
+        found = answer.new_empty(count, *answer.shape[1:]) if part.start == 0 else found
+        found[part] = answer
+    return found
+
+
+def parts(count: int, batch_size: int) -> list[slice]:
+    """`count` items `batch_size` at a time."""
+    return [slice(start, min(start + batch_size, count)) for start in range(0, count, batch_size)]
 
 
 def changed_faces(crops: torch.Tensor, originals: torch.Tensor, affines: torch.Tensor,
@@ -501,37 +533,31 @@ def restore_faces(images: torch.Tensor, model, detector, *, select: SelectOption
         log.warning("%s was trained on faces aligned to the %s template; cutting them to %s as asked (template)",
                     restorer.info.arch if restorer.info else restorer.spec.name, trained_on, select.template)
     timings: dict[str, float] = {}
-    crops, info = locate_faces(images, detector, restorer.size, select, faces=faces, cancel=cancel, timings=timings)
-
-    def on_batch(done: int, total: int) -> None:
-        if progress is not None:
-            progress(done, total)
-        check_cancel(cancel)
-
+    info = find_faces(images, detector, restorer.size, select, faces=faces, cancel=cancel, timings=timings,
+                      face_batch=face_batch)
     reruns = []
-    with _stage(timings, "restore", info.device):
-        restored = restore_over(restorer, crops, face_batch, on_batch, cancel and (lambda: check_cancel(cancel)),
-                                reruns.append)
-    del crops  # written over: a parser cuts what it looks at again, a batch at a time
-    result = paste_restored(images, restored, info, paste, masks, face_batch=face_batch, cancel=cancel,
+
+    def restore(part: slice, crops: torch.Tensor | None = None) -> torch.Tensor:
+        """The restored faces of `part`, from their crops (cut here unless given)."""
+        crops = cut(images, info, part, timings) if crops is None else crops
+
+        def on_batch(done: int, total: int) -> None:
+            if progress is not None:
+                progress(part.start + done, len(info))
+            check_cancel(cancel)
+
+        with _stage(timings, "restore", info.device):
+            return restorer.restore(crops, batch_size=face_batch, on_batch=on_batch, on_rerun=reruns.append,
+                                    cancel=cancel and (lambda: check_cancel(cancel))).to(info.device)
+
+    restored_of = restore
+    if masks.parser is not None and masks.temporal_sigma > 0 and masks.source == "restored":
+        # Every restored face is parsed, and the masks steadied along the tracks, before any is pasted: all are held.
+        held = gathered(len(info), face_batch, restore)
+        restored_of = lambda part, _: held[part]
+    result = paste_in_parts(images, info, restored_of, paste, masks, face_batch=face_batch, cancel=cancel,
                             timings=timings)
     return replace(result, images=like_given(result.images, given), rerun_fp32=sum(reruns))
-
-
-def restore_over(restorer, crops: torch.Tensor, face_batch: int, on_batch: Callable[[int, int], None],
-                 cancel: Callable[[], None] | None, on_rerun: Callable[[int], None]) -> torch.Tensor:
-    """The restored crops, a face batch at a time, each batch written over the crops it came from (no longer
-    needed): a second set of N crops never sits beside the first on the device (GPEN-2048 on 29 faces: 1.46 GB
-    each). A caller's restorer that gives another size gets a buffer of its own."""
-    restored = crops
-    for start in range(0, len(crops), face_batch):
-        part = slice(start, start + face_batch)
-        batch = restorer.restore(crops[part], batch_size=face_batch, cancel=cancel, on_rerun=on_rerun,
-                                 on_batch=lambda done, total: on_batch(start + done, len(crops)))
-        if batch.shape[1:] != restored.shape[1:]:
-            restored = batch.new_empty((len(crops), *batch.shape[1:]), device=crops.device)
-        restored[part] = batch.to(crops.device)
-    return restored
 
 
 def paste_restored(images: torch.Tensor, restored: torch.Tensor, info: FaceInfo, paste: PasteOptions = PasteOptions(),
@@ -546,84 +572,102 @@ def paste_restored(images: torch.Tensor, restored: torch.Tensor, info: FaceInfo,
     `masks.source` "original" parses the crops before restoration (`crops`, or cut again from `images`),
     "restored" the restored faces, as facexlib does; `masks.temporal_sigma` steadies the masks along each
     face's track. A face whose restored pixels are not finite (NaN or Inf), or in which the parser finds
-    none of the regions, is left as it was, and the summary says so. `progress(done, total)` follows the
-    parsing; `cancel()` is asked between its batches. A `timings` dict receives the stages' seconds
-    (and becomes the result's). `images` may be the frames at a larger size (same aspect): the faces are
-    pasted there, through their affines scaled to it. With `paste.upscaler`, the frames are enlarged here
-    (its tiles asked `cancel()` too).
+    none of the regions, is left as it was, and the summary says so. Faces are parsed and pasted
+    `face_batch` at a time: `progress(done, total)` follows them and `cancel()` is asked between batches.
+    A `timings` dict receives the stages' seconds (and becomes the result's). `images` may be the frames at
+    a larger size (same aspect): the faces are pasted there, through their affines scaled to it. With
+    `paste.upscaler`, the frames are enlarged here (its tiles asked `cancel()` too).
     """
+    if len(restored) != len(info):
+        raise ValueError(f"{len(restored)} restored crops for {len(info)} detected faces")
+    return paste_in_parts(images, info, lambda part, _: restored[part], paste, masks, crops=crops,
+                          face_batch=face_batch, progress=progress, cancel=cancel, timings=timings)
+
+
+def paste_in_parts(images: torch.Tensor, info: FaceInfo,
+                   restored_of: Callable[[slice, torch.Tensor | None], torch.Tensor], paste: PasteOptions,
+                   masks: MaskOptions, *, crops: torch.Tensor | None = None, face_batch: int = 4,
+                   progress: Callable[[int, int], None] | None = None,
+                   cancel: Callable[[], bool | None] | None = None, timings: dict | None = None) -> Restoration:
+    """paste_restored with the restored faces of each part of `info` from `restored_of(part, crops)` (`crops`:
+    the part's crops when they were cut for the parser already, else None), a face batch at a time: a part's
+    crops, parse masks and restored faces are let go once it is pasted, so the device never holds all of them
+    (GPEN-2048 on the 29 Solvay faces: 1.46 GB a set). The parser looks at the crops before they are restored
+    (a restorer may write over what it is given)."""
     images, given = as_images(images)
     if paste.upscaler is not None:
         with _stage(timings, "upscale", info.device):
             background = paste_target(images, paste, cancel=cancel and (lambda: check_cancel(cancel)))
         paste = replace(paste, background=background, upscaler=None, upscale_by=1.0)
-    info_affines = info.affines
+    affines = info.affines
     if tuple(images.shape[1:3]) != tuple(info.image_size):
         wrong = not_larger(info.image_size, images.shape[1:3])
         if wrong:
             raise ValueError(f"image is {tuple(images.shape[1:3])} but the faces were found in "
                              f"{tuple(info.image_size)} frames: as those frames enlarged it {wrong}")
-        info_affines = scale_affines(info.affines.to(torch.float64), info.image_size, images.shape[1:3])
-    if len(restored) != len(info):
-        raise ValueError(f"{len(restored)} restored crops for {len(info)} detected faces")
-    if restored.shape[-1] != 3:  # crops from other packs may be grey or RGBA
-        restored = as_rgb(restored)
-    # Left where they are (Paste Faces Back's come from the CPU): paste_faces moves them a face at a time.
-    face_masks = None
-    if masks.parser is not None and len(restored):
+        affines = scale_affines(info.affines.to(torch.float64), info.image_size, images.shape[1:3])
+    located = replace(info, affines=affines)
 
-        def on_batch(done: int, total: int) -> None:
-            if progress is not None:
-                progress(done, total)
-            check_cancel(cancel)
+    def originals(part: slice) -> torch.Tensor:
+        return crops[part] if crops is not None else cut(images, located, part, timings)
 
-        def faces(part: slice) -> torch.Tensor:  # what the parser looks at
-            if masks.source == "restored":
-                return restored[part]
-            if crops is not None:
-                return crops[part]
-            return cut_faces(images, info_affines[part], info.frames[part], info.crop_size, info.device)
+    def restored_rgb(part: slice, crops: torch.Tensor | None = None) -> torch.Tensor:
+        restored = restored_of(part, crops)
+        return restored if restored.shape[-1] == 3 else as_rgb(restored)  # crops from other packs: grey, RGBA
 
+    def parsed(faces: torch.Tensor) -> torch.Tensor:
         with _stage(timings, "parse", info.device):
-            face_masks = parse_in_batches(masks, faces, len(restored), face_batch, on_batch,
-                                          cancel=cancel and (lambda: check_cancel(cancel)))
-        if masks.temporal_sigma > 0:
-            offsets = _face_offsets(info.faces)
-            tracks = [torch.tensor([offsets[t] + i for t, i in track]) for track in face_tracks(info.faces)]
-            face_masks = smooth_over_time(face_masks, tracks, masks.temporal_sigma)
-    finite = finite_faces(restored)
-    unrestored = int((~finite).sum())
+            return parse_faces(masks.parser, faces, masks.regions, masks.feather, batch_size=face_batch,
+                               cancel=cancel and (lambda: check_cancel(cancel)))
+
+    face_masks = None  # of every face, when they are steadied over time before any is pasted
+    if masks.parser is not None and masks.temporal_sigma > 0:
+        looked_at = originals if masks.source == "original" else restored_rgb
+        face_masks = gathered(len(info), face_batch, lambda part: parsed(looked_at(part)))
+        offsets = _face_offsets(info.faces)
+        tracks = [torch.tensor([offsets[t] + i for t, i in track]) for track in face_tracks(info.faces)]
+        face_masks = smooth_over_time(face_masks, tracks, masks.temporal_sigma)
+    canvas = Canvas(images, paste)
+    left_as_was: dict[int, str] = {}
+    restorer_size = None
+    for part in parts(len(info), face_batch):
+        part_masks = face_masks[part] if face_masks is not None else None
+        part_crops = None
+        if masks.parser is not None and part_masks is None and masks.source == "original":
+            part_crops = originals(part)
+            part_masks = parsed(part_crops)
+        restored = restored_rgb(part, part_crops)
+        restorer_size = restored.shape[1]
+        if masks.parser is not None and part_masks is None:
+            part_masks = parsed(restored)
+        finite = finite_faces(restored)
+        shown = finite if part_masks is None else finite & (part_masks.flatten(1).amax(1) > 0).to(finite.device)
+        finite, shown = torch.stack([finite, shown]).cpu()  # the one wait for the device a batch
+        kept = shown.nonzero().flatten()
+        if len(kept) < len(shown):
+            restored = restored[kept.to(restored.device)]
+            part_masks = part_masks[kept.to(part_masks.device)] if part_masks is not None else None
+        with _stage(timings, "paste", info.device):
+            canvas.paste(restored, affines[part][kept], info.frames[part][kept], crop_size=info.crop_size,
+                         face_masks=part_masks, device=info.device)
+        left_as_was |= {part.start + k: NOT_FINITE for k in (~finite).nonzero().flatten().tolist()}
+        left_as_was |= {part.start + k: MASKED_OUT for k in (finite & ~shown).nonzero().flatten().tolist()}
+        del restored, part_masks, part_crops  # before the next part is cut
+        if progress is not None:
+            progress(part.stop, len(info))
+        check_cancel(cancel)
+    unrestored = sum(1 for why in left_as_was.values() if why == NOT_FINITE)
     if unrestored:
         log.warning("%s", unrestored_note(unrestored))
-    shown = finite if face_masks is None else finite & (face_masks.flatten(1).amax(1) > 0).to(finite.device)
-    if not shown.all():
-        restored, affines, frames = restored[shown], info_affines[shown.cpu()], info.frames[shown.cpu()]
-        face_masks = face_masks[shown.to(face_masks.device)] if face_masks is not None else None
-    else:
-        affines, frames = info_affines, info.frames
-    with _stage(timings, "paste", info.device):
-        pasted, blend = paste_faces(images, restored, affines, frames, paste, crop_size=info.crop_size,
-                                    face_masks=face_masks, device=info.device)
-    masked_out = int((finite & ~shown).sum())
-    left_as_was = {k: NOT_FINITE for k in (~finite).nonzero().flatten().tolist()}
-    left_as_was |= {k: MASKED_OUT for k in (finite & ~shown).nonzero().flatten().tolist()}
-    return Restoration(like_given(pasted, given), blend, info, unrestored, masked_out, timings if timings is not None
-                       else {}, restorer_size=restored.shape[1] if len(restored) else None, left_as_was=left_as_was)
+    return Restoration(like_given(canvas.out, given), canvas.masks, info, unrestored, len(left_as_was) - unrestored,
+                       timings if timings is not None else {}, restorer_size=restorer_size,
+                       left_as_was=dict(sorted(left_as_was.items())))
 
 
-def parse_in_batches(masks: MaskOptions, faces: Callable[[slice], torch.Tensor], count: int, batch_size: int,
-                     on_batch: Callable[[int, int], None], cancel: Callable[[], None] | None = None) -> torch.Tensor:
-    """(N,S,S) parse masks of `count` faces, `faces(part)` giving the crops of a part of them: a batch at a
-    time, so that neither crops cut again nor the parser's logits and feathering are made for all at once."""
-    found = None
-    for start in range(0, count, batch_size):
-        part = slice(start, min(start + batch_size, count))
-        batch = parse_faces(masks.parser, faces(part), masks.regions, masks.feather, batch_size=batch_size,
-                            cancel=cancel)
-        found = batch.new_empty(count, *batch.shape[1:]) if found is None else found
-        found[part] = batch
-        on_batch(part.stop, count)
-    return found
+def cut(images: torch.Tensor, info: FaceInfo, part: slice, timings: dict | None = None) -> torch.Tensor:
+    """The crops of faces `part` of `info`, cut from `images` (the frames its affines map from)."""
+    with _stage(timings, "crop", info.device):
+        return cut_faces(images, info.affines[part], info.frames[part], info.crop_size, info.device)
 
 
 def face_areas(images: torch.Tensor, crops: torch.Tensor, info: FaceInfo) -> torch.Tensor:

@@ -23,10 +23,13 @@ def run_working_bytes(frames: Sequence[int] | None = None, restorer=None, detect
     (archs/working_memory.py); a caller's own detector, restorer or parser without `working_bytes`, and
     onnxruntime's, count nothing.
 
-    Left out: the crops of every face, which restore_faces keeps on the device through the run (how many
-    is known only after detection: 29 faces take 91 MB at 512 px, 1.46 GB at 2048), the float32 re-run of
-    faces half precision broke (twice the weights and the forward, rare, and retried in halves on out of
-    memory), and the few copies of a face region that pasting makes."""
+    Faces are cut, restored, parsed and pasted a face batch at a time (pipeline.paste_in_parts), so no stage
+    holds more crops than a batch's. Left out: with masks steadied over time, every face's parse mask (and,
+    parsing the restored faces, every restored face), held until all are parsed (how many is known only after
+    detection: 29 faces restored at 2048 take 1.46 GB); the float32 re-run of faces half precision broke
+    (twice the weights and the forward, rare, and retried in halves on out of memory); cutting a crop's
+    sampling coordinates (float64, ~100 bytes a crop pixel for one face at a time: 400 MB at 2048, less than
+    GPEN-2048's forward of a batch); and the few copies of a face region that pasting makes."""
     parsers = list(parsers)
     if restorer is None and detector is None and not parsers:
         return 0  # no network on the device: nothing of the run's is there either
