@@ -182,6 +182,11 @@ CROP_SIZE = ("INT", {"default": 512, "min": 64, "max": 2048, "step": 64,
 CROP_SIZE_FROM = ("GPEN_MODEL", {"tooltip": "Take the crop size from this model."})
 
 
+def crop_size_of(gpen_model, crop_size: int) -> int:
+    """The crops' size: a connected GPEN model's (CROP_SIZE_FROM), else the crop_size widget's."""
+    return gpen_model.model.size if gpen_model is not None else crop_size
+
+
 def cropped(image, crops, info, notes: list[str] = ()) -> tuple:
     """What the nodes that cut faces out give: crops (on the CPU), face info, the frames' face areas, summary."""
     summary = face_report(info, "; ".join([f"{len(crops)} face(s) cropped", *notes, *info.selection.notes()]),
@@ -215,7 +220,7 @@ class DetectAndCropFaces:
                temporal_smoothing, gpen_model=None, original_image=None):
         select = _select(threshold, min_size, max_faces, order, indices, temporal_smoothing, template=template,
                          changed_from=original_image)
-        size = gpen_model.model.size if gpen_model is not None else crop_size
+        size = crop_size_of(gpen_model, crop_size)
         need = run_working_bytes(image.shape, detector=host.counted(face_detector), crop_size=size)
         (detector,) = host.on_device(face_detector, working_bytes=need)
         crops, info = locate_faces(image, detector, size, select, cancel=host.Progress.cancel)

@@ -186,12 +186,6 @@ class Loaded:
         """What its weights take where it runs (0 for onnxruntime's)."""
         return getattr(self.model, "memory_bytes", 0)
 
-    def __enter__(self):  # for the library, which enters what a node gives it (faces/segs.py)
-        return on_device(self)[0]
-
-    def __exit__(self, *exc):
-        return False
-
     def release(self) -> None:
         """Off the device, as ComfyUI unloads a model: for one the nodes' cache lets go of (a node output
         that still holds it brings it back on its next run)."""

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import logging
 
+import torch
+
 from ..gpen.faces.options import MaskOptions, PasteOptions, SegmentOptions, SelectOptions
 from ..gpen.faces.run_memory import run_working_bytes
 from ..gpen.faces.segs import FaceSegmentDetector, info_to_segs, locate_faces_in_segs, restore_segs
@@ -16,6 +18,7 @@ from .gpen_nodes import (
     FACE_PARSER,
     PARSE_FEATHER,
     SUMMARY_TOOLTIP,
+    crop_size_of,
     cropped,
     option_widgets,
 )
@@ -46,7 +49,20 @@ class FaceDetectorForFaceDetailer:
                 "optional": {"face_parser": FACE_PARSER, **option_widgets(MaskOptions, ("mask_regions",))}}
 
     def make(self, face_detector, threshold, segment_mask, face_parser=None, mask_regions="face"):
-        return (FaceSegmentDetector(face_detector, threshold, segment_mask, parsers=face_parser, regions=mask_regions),)
+        return (LoadedFaceSegmentDetector(face_detector, threshold, segment_mask, parsers=face_parser,
+                                          regions=mask_regions),)
+
+
+class LoadedFaceSegmentDetector(FaceSegmentDetector):
+    """FaceSegmentDetector over the nodes' loaded detector and parsers (host.Loaded): the Impact Pack's nodes
+    call its detect later, as often as they need, and each call puts them on their device in one request,
+    with the memory the detection needs."""
+
+    def models(self, images: torch.Tensor) -> tuple:
+        need = run_working_bytes(images.shape, detector=host.counted(self.detector), parsers=host.handles(self.parsers),
+                                 crop_size=self.parse_size)
+        detector, *parsers = host.on_device(self.detector, *(self.parsers or ()), working_bytes=need)
+        return detector, parsers or None
 
 
 class RestoreSEGS:
@@ -131,7 +147,10 @@ class FacesToSEGS:
                 mask_regions="face"):
         options = SegmentOptions(crop_factor=crop_factor, dilation=dilation, drop_size=drop_size,
                                  segment_mask=segment_mask)
-        return (info_to_segs(face_info, options, image, face_parser, MaskOptions(regions=mask_regions)),)
+        need = run_working_bytes(None if image is None else image.shape, parsers=host.handles(face_parser),
+                                 crop_size=face_info.crop_size)
+        parsers = host.on_device(*(face_parser or ()), working_bytes=need)
+        return (info_to_segs(face_info, options, image, parsers or None, MaskOptions(regions=mask_regions)),)
 
 
 class DetectFacesInSEGS:
@@ -159,7 +178,7 @@ class DetectFacesInSEGS:
 
     def detect(self, image, segs, face_detector, crop_size, template, threshold, gpen_model=(None,)):
         select = SelectOptions(threshold=threshold[0], template=template[0])
-        size = gpen_model[0].model.size if gpen_model[0] is not None else crop_size[0]
+        size = crop_size_of(gpen_model[0], crop_size[0])
         outputs = ([], [], [], [])
         need = run_working_bytes(largest(image), detector=host.counted(face_detector[0]), crop_size=size)
         (detector,) = host.on_device(face_detector[0], working_bytes=need)

@@ -41,6 +41,7 @@ sys.dont_write_bytecode = True  # leave no __pycache__ in the checkout
 import gpen
 from gpen.faces.paste import face_mask
 from gpen.faces.pipeline import detect_faces
+from gpen.faces.restore import IdentityRestorer
 
 SIZE = 512
 CAPTION = 76  # px at the bottom for the title and one line of detail
@@ -163,15 +164,6 @@ class Scene:
         b = self.faces.boxes
         keep = (b[:, 0] >= x0) & (b[:, 1] >= y0) & (b[:, 2] <= x1) & (b[:, 3] <= y1)
         return self.faces[keep]
-
-
-class Unchanged:
-    """A restorer that gives the aligned crops back as they came: GPEN Restore SEGS's masks without GPEN."""
-
-    size = 128
-
-    def restore(self, faces, batch_size=4, on_batch=None):
-        return faces
 
 
 # ------------------------------------------------------------------------------------------ pictures
@@ -409,7 +401,7 @@ def inside_facedetailer(s: Scene) -> np.ndarray:
     text(img, "both find the faces with GPEN Face Detector for FaceDetailer", (10, 62), 0.45, (200, 200, 160))
     # the segments as FaceDetailer asks for them (bbox_threshold 0.5, dilation 10, crop_factor 3, drop_size 10)
     segs = gpen.FaceSegmentDetector(s.detector).detect(s.image, 0.5, 10, 3.0, 10)
-    pasted = gpen.restore_segs(s.image, segs, Unchanged()).masks[0].numpy()
+    pasted = gpen.restore_segs(s.image, segs, IdentityRestorer(128)).masks[0].numpy()
     x0, y0, w, h, top = 645, 108, 300, 214, 76  # four sitters of the middle rows
     scale = SIZE / w
     zoom = fit(s.rgb[y0:y0 + h, x0:x0 + w], SIZE, round(h * scale), cv2.INTER_CUBIC)

@@ -24,18 +24,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import gpen  # noqa: E402
+from gpen.faces.restore import IdentityRestorer  # noqa: E402
 from gpen.faces.segs import FaceSegmentDetector, restore_segs  # noqa: E402
 
 SHARED = ROOT.parent / "shared"
-
-
-class Unchanged:
-    """A restorer that gives the crops back: the rows time the pipeline around GPEN."""
-
-    size = 512
-
-    def restore(self, faces, batch_size=4, on_batch=None):
-        return faces.clone()
 
 
 def median_seconds(run, runs: int) -> float:
@@ -61,9 +53,9 @@ def main() -> None:
     segs = FaceSegmentDetector(detector).detect(image, 0.5, 10, 3.0, 10)
     boxes_only = segs[0], [seg._replace(bbox=np.asarray(seg.bbox).copy()) for seg in segs[1]]  # no landmarks
     rows = {
-        "restore_faces (GPEN Face Restore)": lambda: gpen.restore_faces(image, Unchanged(), detector),
-        "restore_segs, landmarks from our SEGS": lambda: restore_segs(image, segs, Unchanged()),
-        "restore_segs, each segment's face found again": lambda: restore_segs(image, boxes_only, Unchanged(), detector),
+        "restore_faces (GPEN Face Restore)": lambda: gpen.restore_faces(image, IdentityRestorer(), detector),
+        "restore_segs, landmarks from our SEGS": lambda: restore_segs(image, segs, IdentityRestorer()),
+        "restore_segs, each segment's face found again": lambda: restore_segs(image, boxes_only, IdentityRestorer(), detector),
         "FaceSegmentDetector.detect (FaceDetailer's call)": lambda: FaceSegmentDetector(detector).detect(
             image, 0.5, 10, 3.0, 10),
     }

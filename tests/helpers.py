@@ -3,6 +3,7 @@
 import torch
 
 from gpen import GPEN
+from gpen.faces.restore import IdentityRestorer
 
 
 def random_gpen(size: int = 32, channel_multiplier: float = 1, narrow: float = 0.125, seed: int = 0) -> GPEN:
@@ -13,21 +14,6 @@ def random_gpen(size: int = 32, channel_multiplier: float = 1, narrow: float = 0
         if name.endswith(("noise.weight", "bias")):
             p.add_(torch.randn_like(p) * 0.2)
     return model
-
-
-class IdentityRestorer:
-    """Stands in for GPEN where only the geometry is under test: returns the crops unchanged."""
-
-    def __init__(self, size: int = 512):
-        self.size = size
-        self.batches = []
-
-    def restore(self, faces, batch_size=4, on_batch=None):
-        for start in range(0, len(faces), batch_size):
-            self.batches.append(len(faces[start:start + batch_size]))
-            if on_batch is not None:
-                on_batch(min(start + batch_size, len(faces)), len(faces))
-        return faces.clone()
 
 
 class GreyRestorer(IdentityRestorer):

@@ -369,13 +369,22 @@ def test_each_node_run_tells_comfyui_the_memory_it_needs_beyond_the_weights(comf
     assert len(asked.options) == 5
 
 
-def test_the_segs_nodes_tell_comfyui_the_memory_they_need_too(comfy, photo, monkeypatch):
+def test_the_segs_nodes_tell_comfyui_the_memory_they_need_too(comfy, photo, shared, monkeypatch):
+    folder = Path(comfy.folder_paths.models_dir) / "facedetection"
+    shutil.copy(shared / "fixtures" / "parsenet_random_64.pth", folder / "parsing_parsenet.pth")
     nodes, run_memory = comfy.pack.NODE_CLASS_MAPPINGS, sys.modules[comfy.pack.__name__ + ".gpen.faces.run_memory"]
     model, detector = load_models(comfy.pack)
+    (parser,) = nodes["GPENLoadFaceParser"]().load("parsing_parsenet.pth", "auto", "auto")
     _, info, *_ = nodes["GPENDetectAndCropFaces"]().detect(photo, detector, 64, "gpen", 0.5, 0, 2, "largest", "", 0.0)
-    (segs,) = nodes["GPENFacesToSEGS"]().convert(info, crop_factor=2.0, dilation=0, drop_size=10,
-                                                 segment_mask="ellipse", image=photo)
     asked = Asked(comfy, monkeypatch)
+    (segs,) = nodes["GPENFacesToSEGS"]().convert(info, crop_factor=2.0, dilation=0, drop_size=10,
+                                                 segment_mask="ellipse", image=photo, face_parser=parser)
+    assert asked.last() == run_memory.run_working_bytes(photo.shape, parsers=[parser[0].model], crop_size=64) > 0
+    # FaceDetailer calls the detector's detect later, in its own node: each call asks for its models and memory.
+    (bbox_detector,) = nodes["GPENFaceDetectorForFaceDetailer"]().make(detector, 0.0, "box", face_parser=parser)
+    assert bbox_detector.detect(photo, 0.5, 0, 3.0)[1]  # its segments
+    assert asked.last() == run_memory.run_working_bytes(photo.shape, detector=detector.model,
+                                                        parsers=[parser[0].model], crop_size=512)
     nodes["GPENSEGSToFaces"]().detect([photo], segs, [detector], crop_size=[64], template=["gpen"], threshold=[0.5])
     assert asked.last() == run_memory.run_working_bytes(photo.shape, detector=detector.model, crop_size=64) > 0
     nodes["GPENRestoreSEGS"]().restore([photo], segs, [model], strength=[1.0], face_batch=[2],
@@ -422,10 +431,10 @@ def test_models_of_one_run_stay_on_the_gpu_together_where_separate_requests_woul
     comfy = FakeComfy(tmp_path, device=gpu, total=1000)
     _, host = load_pack_in(comfy, monkeypatch)
     restorer, detector = host.Loaded(Network(600), gpu), host.Loaded(Network(400), gpu)
-    with restorer as network:
-        assert network.device == gpu
-    with detector:  # 400 more with 600 of 1000 held: ComfyUI makes room (x1.1) by unloading the restorer
-        assert restorer.model.device == CPU
+    (network,) = host.on_device(restorer)
+    assert network.device == gpu
+    host.on_device(detector)  # 400 more with 600 of 1000 held: ComfyUI makes room (x1.1) by unloading the restorer
+    assert restorer.model.device == CPU
     assert host.on_device(restorer, None, detector) == [restorer.model, None, detector.model]
     assert restorer.model.device == detector.model.device == gpu
     assert comfy.loaded() == [detector.patcher, restorer.patcher]

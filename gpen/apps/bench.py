@@ -28,6 +28,7 @@ from ..devices import resolve_device, resolve_dtype
 from ..faces.align import warp
 from ..faces.options import MaskOptions
 from ..faces.pipeline import restore_faces
+from ..faces.restore import IdentityRestorer
 from ..files.catalogue import resolve
 from ..files.images import read_image
 from ..files.weights import first_line
@@ -276,17 +277,6 @@ def time_pipeline(scene: str, images: torch.Tensor, size: int, device: torch.dev
                 outside_gpen=f"{100 * (1 - best.get('restore', 0) / total):.1f}%")  # (no face: no restore stage)
 
 
-class _NewCrops:
-    """A restorer that hands back new crops, copies of its own (as GPEN makes new ones), so that only the
-    pipeline around it is measured."""
-
-    def __init__(self, size: int):
-        self.size = size
-
-    def restore(self, faces, batch_size=4, on_batch=None):
-        return faces.clone()
-
-
 class _EllipseParser:
     """A face parser that finds skin (class 1) in an ellipse in the middle of each crop, as 19 logits like
     a region parser's, so that only the pipeline around the parser is measured."""
@@ -343,7 +333,7 @@ def pipeline_memory(image_path: str, detector_path: Path, size: int, device: str
     masks = MaskOptions(parser=_EllipseParser()) if parse else MaskOptions()
     Path("/proc/self/clear_refs").write_text("5")  # the peak starts again from what is resident now
     before = _resident_mib("VmRSS")
-    result = restore_faces(frame, _NewCrops(size), detector, masks=masks)
+    result = restore_faces(frame, IdentityRestorer(size), detector, masks=masks)
     beyond = _resident_mib("VmHWM") - before
     frame_mib = frame.numel() * frame.element_size() / 2 ** 20
     return dict(scene=f"{width}x{height} frame, {scene}", faces=result.face_count, parse_mask=parse,

@@ -252,7 +252,7 @@ def _paste_face(out: torch.Tensor, masks: torch.Tensor, original: torch.Tensor, 
     Where faces overlap, a pixel takes the face whose mask is strongest there, blended with the
     original, never a blend of blends.
     """
-    region = _footprint(affine, crop.shape[-1], *original.shape[:2])
+    region = footprint(affine, crop.shape[-1], *original.shape[:2])
     if region is None:
         return
     y0, y1, x0, x1 = region
@@ -267,7 +267,7 @@ def _paste_band(out: torch.Tensor, masks: torch.Tensor, original: torch.Tensor, 
     face (on the CPU only over the columns where it wins somewhere: NARROWED_ON)."""
     y0, y1, x0, x1 = band
     # The mask is warped bilinearly, as GPEN warps it: bicubic would ring past a sharp parse edge.
-    weight = warp(mask[None], _onto(affine, x0, y0), y1 - y0, x1 - x0, mode="bilinear")[0, 0].clamp_(0, 1) * strength
+    weight = warp(mask[None], onto(affine, x0, y0), y1 - y0, x1 - x0, mode="bilinear")[0, 0].clamp_(0, 1) * strength
     wins = weight > masks[y0:y1, x0:x1].to(weight.device) + MASK_TIE  # a tie keeps the face already there
     if wins.device.type in NARROWED_ON:
         columns = wins.any(0).nonzero()
@@ -275,7 +275,7 @@ def _paste_band(out: torch.Tensor, masks: torch.Tensor, original: torch.Tensor, 
             return
         left, right = int(columns[0]), int(columns[-1]) + 1
         x0, x1, weight, wins = x0 + left, x0 + right, weight[:, left:right], wins[:, left:right]
-    back = warp(crop, _onto(affine, x0, y0), y1 - y0, x1 - x0)[0].clamp_(0, 1)
+    back = warp(crop, onto(affine, x0, y0), y1 - y0, x1 - x0)[0].clamp_(0, 1)
     source = original[y0:y1, x0:x1].to(crop.device)
     base = as_rgb(source)[0]
     blended = match_channels(base + (back[:3].permute(1, 2, 0) - base) * weight[..., None], source)
@@ -286,7 +286,7 @@ def _paste_band(out: torch.Tensor, masks: torch.Tensor, original: torch.Tensor, 
     region_masks.copy_(torch.where(wins, weight.to(masks.device), region_masks))
 
 
-def _onto(affine: torch.Tensor, x0: int, y0: int) -> torch.Tensor:
+def onto(affine: torch.Tensor, x0: int, y0: int) -> torch.Tensor:
     """(1,2,3) crop pixels -> pixels of the frame's part whose top left is (x0, y0)."""
     shift = affine.clone()
     shift[:, 2] += affine[:, :2] @ torch.tensor([x0, y0], dtype=torch.float64)  # part px -> crop px
@@ -302,7 +302,7 @@ def resize_affines(affines: torch.Tensor, ratio: float) -> torch.Tensor:
     return resized
 
 
-def _footprint(affine: torch.Tensor, size: int, height: int, width: int) -> tuple[int, int, int, int] | None:
+def footprint(affine: torch.Tensor, size: int, height: int, width: int) -> tuple[int, int, int, int] | None:
     """The image rows and columns a crop covers, clipped to the frame; None when it lies outside."""
     corners = torch.tensor([[0, 0], [size - 1, 0], [0, size - 1], [size - 1, size - 1]], dtype=torch.float64)
     inverse = invert_affine(affine)

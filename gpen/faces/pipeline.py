@@ -232,19 +232,27 @@ def face_report(info: FaceInfo, headline: str, verb: str = "restored",
         for reason in left_as_was.values():
             counts[reason] = counts.get(reason, 0) + 1
         lines.append(f"{len(info.faces)} frames: " + ", ".join(f"{counts[g]} {text(g)}" for g in order if g in counts))
-    frames = sorted(groups)
-    for t in frames[:MAX_FRAME_LINES]:
-        kinds = [f"{len(groups[t][g])} {text(g)}: {listed(groups[t][g])}" for g in order if g in groups[t]]
-        lines.append(("image: " if len(info.faces) == 1 else f"frame {t}: ") + "; ".join(kinds))
-    if len(frames) > MAX_FRAME_LINES:
-        lines.append(f"... and {len(frames) - MAX_FRAME_LINES} more frame(s) with faces")
-    return "\n".join(lines)
+    return "\n".join(lines + frame_lines(groups, order, len(info.faces) == 1, "faces", text))
 
 
 def listed(items: list[str]) -> str:
     """Items of a report line: the first MAX_LISTED, and how many more."""
     more = len(items) - MAX_LISTED
     return ", ".join(items[:MAX_LISTED]) + (f", ... and {more} more" if more > 0 else "")
+
+
+def frame_lines(groups: dict[int, dict[str, list[str]]], order: tuple[str, ...], one_image: bool, what: str,
+                text: Callable[[str], str] = str) -> list[str]:
+    """A report's line for each frame of `groups` (frame -> group -> items), the first MAX_FRAME_LINES frames
+    only: "frame 3: " ("image: " for `one_image`), then each group in `order` it has, counted, named by
+    `text(group)`, and its items listed; then how many more frames with `what` there are."""
+    frames = sorted(groups)
+    lines = [("image: " if one_image else f"frame {t}: ") +
+             "; ".join(f"{len(groups[t][g])} {text(g)}: {listed(groups[t][g])}" for g in order if g in groups[t])
+             for t in frames[:MAX_FRAME_LINES]]
+    if len(frames) > MAX_FRAME_LINES:
+        lines.append(f"... and {len(frames) - MAX_FRAME_LINES} more frame(s) with {what}")
+    return lines
 
 
 def box_sides(faces: Faces) -> torch.Tensor:

@@ -1,7 +1,7 @@
 """Restorers: what the pipeline asks of one (`Restorer`), the handle that runs a network on face crops
 (`RestorerHandle`: normalisation, resizing, batching, device, dtype, cancel, OOM back-off, the finite
-check and the float32 re-run of faces half precision broke), and `as_restorer`, which makes a restorer of
-whatever the caller gave."""
+check and the float32 re-run of faces half precision broke), `as_restorer`, which makes a restorer of
+whatever the caller gave, and `IdentityRestorer`, which stands in for a network."""
 
 from __future__ import annotations
 
@@ -104,6 +104,24 @@ class CallerRestorer:
                 cancel: Callable[[], None] | None = None,
                 on_rerun: Callable[[int], None] | None = None) -> torch.Tensor:
         return self.restorer.restore(faces, batch_size=batch_size, on_batch=on_batch)  # it re-runs nothing of ours
+
+
+class IdentityRestorer:
+    """A restorer that hands the crops back unchanged, as new tensors (a network makes new ones): what
+    benchmarks, pictures and tests put in GPEN's place to measure, show or check the pipeline around it.
+    `batches` holds the size of each batch it was given."""
+
+    def __init__(self, size: int = 512):
+        self.size = size
+        self.batches: list[int] = []
+
+    def restore(self, faces: torch.Tensor, batch_size: int = 4,
+                on_batch: Callable[[int, int], None] | None = None) -> torch.Tensor:
+        for start in range(0, len(faces), batch_size):
+            self.batches.append(len(faces[start:start + batch_size]))
+            if on_batch is not None:
+                on_batch(min(start + batch_size, len(faces)), len(faces))
+        return faces.clone()
 
 
 def as_restorer(model) -> Restorer:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import math
 from collections import namedtuple
-from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass, field, replace
 from typing import Callable
 
@@ -26,20 +25,22 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .align import crop_faces, cut_faces, invert_affine, warp
+from .align import crop_faces, warp
 from .detect import Faces, box_iou, threshold_for
 from .masks import feather_inside
 from .options import MaskOptions, PasteOptions, SegmentOptions, SelectOptions
 from .parse import parse_faces
+from .paste import footprint, onto
 from .pipeline import (
-    MAX_FRAME_LINES,
     OUTSIDE_SEGS,
     FaceInfo,
     Selection,
     box_sides,
     check_cancel,
+    cut,
     detect_faces,
-    listed,
+    frame_lines,
+    gathered,
     locate_faces,
     paste_restored,
 )
@@ -120,9 +121,7 @@ def region_mask(face_mask: torch.Tensor, affine: torch.Tensor, region: list[int]
     """A mask in aligned-crop coordinates (S, S), with its crop's affine (image -> crop), in the crop region's
     pixels (h, w) float32."""
     x0, y0, x1, y1 = region
-    crop_to_region = invert_affine(affine[None].double().cpu())
-    crop_to_region[:, :, 2] -= torch.tensor([x0, y0], dtype=torch.float64)
-    mask = warp(face_mask.float()[None].cpu(), crop_to_region, y1 - y0, x1 - x0, mode="bilinear")
+    mask = warp(face_mask.float()[None].cpu(), onto(affine.double().cpu(), x0, y0), y1 - y0, x1 - x0, mode="bilinear")
     return mask[0, 0].clamp(0, 1).numpy()
 
 
@@ -156,10 +155,11 @@ def faces_to_segs(faces: Faces, image_size: tuple[int, int], options: SegmentOpt
 
 
 def info_to_segs(info: FaceInfo, options: SegmentOptions = SegmentOptions(), images: torch.Tensor | None = None,
-                 parsers=None, masks: MaskOptions = MaskOptions()) -> list[tuple]:
+                 parsers=None, masks: MaskOptions = MaskOptions(), *, face_batch: int = 4) -> list[tuple]:
     """One SEGS per frame of the faces Detect and Crop Faces located (`info`): see faces_to_segs. `images`, the
-    frames they were found in, fill each segment's cropped_image; with `parsers`, whose masks need them, the
-    segments' masks are the parsers' (`masks.regions`, `masks.feather`)."""
+    frames they were found in, fill each segment's cropped_image; with `parsers` (one or several), whose masks
+    need them, the segments' masks are the parsers' (`masks.regions`, `masks.feather`), `face_batch` faces
+    parsed at a time."""
     if images is not None:
         images = as_images(images)[0]
         if tuple(images.shape[:3]) != (len(info.faces), *info.image_size):
@@ -170,9 +170,9 @@ def info_to_segs(info: FaceInfo, options: SegmentOptions = SegmentOptions(), ima
     if parsers is not None:
         if images is None:
             raise ValueError("a face parser looks at the faces: connect the image the faces were found in")
-        with using_all(parsers) as models:
-            crops = cut_faces(images, info.affines, info.frames, info.crop_size, info.device)
-            face_masks = parse_faces(models, crops, masks.regions, masks.feather).cpu()
+        if len(info):
+            face_masks = gathered(len(info), face_batch, lambda part: parse_faces(
+                parsers, cut(images, info, part), masks.regions, masks.feather, batch_size=face_batch)).cpu()
     segs, start = [], 0
     for t, faces in enumerate(info.faces):
         part = slice(start, start + len(faces))
@@ -196,11 +196,6 @@ def segs_mask(segs) -> torch.Tensor:
     return combined
 
 
-def using(thing):
-    """A node's loaded model enters (moving to its device for the run); a plain detector or parser is itself."""
-    return thing if hasattr(thing, "__enter__") else nullcontext(thing)
-
-
 class FaceSegmentDetector:
     """The Impact Pack's BBOX_DETECTOR over our face detectors: FaceDetailer, Detailer (SEGS) and every SEGS
     node take it. A face must pass both the caller's threshold and ours (`threshold`; 0 is the detector's own
@@ -221,14 +216,13 @@ class FaceSegmentDetector:
         images = one_image(image)
         options = SegmentOptions(crop_factor=crop_factor, dilation=int(dilation), drop_size=max(int(drop_size), 1),
                                  segment_mask=self.segment_mask)
-        with using(self.detector) as detector:
-            floor = threshold_for(detector, self.threshold)
-            faces = detector.detect(images, threshold=max(SelectOptions(threshold=threshold).threshold, floor))[0]
+        detector, parsers = self.models(images)
+        floor = threshold_for(detector, self.threshold)
+        faces = detector.detect(images, threshold=max(SelectOptions(threshold=threshold).threshold, floor))[0]
         face_masks = affines = None
-        if self.parsers is not None and len(faces):
+        if parsers is not None and len(faces):
             crops, affines = crop_faces(images, faces.landmarks, self.parse_size)
-            with using_all(self.parsers) as parsers:
-                face_masks = parse_faces(parsers, crops, self.regions)
+            face_masks = parse_faces(parsers, crops, self.regions)
         hook = getattr(detailer_hook, "post_crop_region", None)
         segs = faces_to_segs(faces, tuple(images.shape[1:3]), options, image=images[0], face_masks=face_masks,
                              affines=affines, post_crop_region=hook)
@@ -236,18 +230,16 @@ class FaceSegmentDetector:
             segs = detailer_hook.post_detection(segs)
         return segs
 
+    def models(self, images: torch.Tensor) -> tuple:
+        """The detector and the parsers (one, several or None) that look at `images` (1, H, W, C): those given.
+        The nodes' detector puts its loaded ones on ComfyUI's device here (nodes/segs_nodes.py)."""
+        return self.detector, self.parsers
+
     def detect_combined(self, image: torch.Tensor, threshold: float, dilation: int) -> torch.Tensor:
         return segs_mask(self.detect(image, threshold, dilation, 1.0))
 
     def setAux(self, x) -> None:  # the Impact Pack's name
         self.aux = x
-
-
-@contextmanager
-def using_all(things):
-    """Enter each of one or several parsers (see `using`); yields their models as a list."""
-    with ExitStack() as stack:
-        yield [stack.enter_context(using(t)) for t in (things if isinstance(things, (list, tuple)) else [things])]
 
 
 def one_image(image) -> torch.Tensor:
@@ -458,15 +450,12 @@ class SegsRestoration:
         headline = f"restored {self.restored} face(s) in {self.segments} segment(s) of {where}"
         if not self.restored:
             headline += ": images returned unchanged"
-        lines = ["; ".join([headline, *(f"{self.count(o)} {o}" for o in OUTCOMES[1:] if self.count(o)), *self.notes])]
-        frames = sorted({t for t, _, _ in self.records})
-        for t in frames[:MAX_FRAME_LINES]:
-            groups = [(o, [text for u, oo, text in self.records if u == t and oo == o]) for o in OUTCOMES]
-            lines.append(("image: " if self.frames == 1 else f"frame {t}: ") +
-                         "; ".join(f"{len(items)} {o}: {listed(items)}" for o, items in groups if items))
-        if len(frames) > MAX_FRAME_LINES:
-            lines.append(f"... and {len(frames) - MAX_FRAME_LINES} more frame(s) with segments")
-        return "\n".join(lines)
+        counts = [f"{self.count(o)} {o}" for o in OUTCOMES[1:] if self.count(o)]
+        groups: dict[int, dict[str, list[str]]] = {}  # frame -> outcome -> segments
+        for t, outcome, text in self.records:
+            groups.setdefault(t, {}).setdefault(outcome, []).append(text)
+        return "\n".join(["; ".join([headline, *counts, *self.notes]),
+                          *frame_lines(groups, OUTCOMES, self.frames == 1, "segments")])
 
 
 RESTORED, NO_FACE, LEFT = "restored", "without a face (passed through)", "left as they were (not finite, or masked out)"
@@ -496,8 +485,7 @@ def restore_segs(images, segs, model, detector=None, *, paste: PasteOptions = Pa
     reads = frame_segs(segs, images)
     shared = not one_per_frame(segs)
     restorer = as_restorer(model)
-    with using(detector) as found_by:
-        faces = segment_faces(images, reads, found_by, cancel)
+    faces = segment_faces(images, reads, detector, cancel)
     notes = list(dict.fromkeys(note for read in reads for note in read.notes))
     result = SegsRestoration(images, segs, torch.zeros(images.shape[:3]), notes=notes, frames=len(images),
                              segments=sum(len(read.given) for read in reads))
@@ -507,18 +495,17 @@ def restore_segs(images, segs, model, detector=None, *, paste: PasteOptions = Pa
     pasted = {}  # (frame, segment) -> (h, w, 3) restored crop region
     out = images
     if flat:
-        device = torch.device(getattr(found_by, "device", images.device))
-        crops, affines = crop_faces(images, torch.cat([f.landmarks for _, _, f in flat]), restorer.size,
-                                    torch.tensor([t for t, _, _ in flat]), template=template, device=device)
+        crops, info = locate_faces(images, detector, restorer.size, SelectOptions(template=template),
+                                   faces=[Faces.joined([Faces.empty(), *row]) for row in faces])
         restored = restorer.restore(crops, batch_size=face_batch, on_batch=progress,
                                     cancel=cancel and (lambda: check_cancel(cancel)),
-                                    on_rerun=lambda count: result.notes.append(rerun_note(count))).to(device)
+                                    on_rerun=lambda count: result.notes.append(rerun_note(count))).to(info.device)
         out = images.clone()
         for i, (t, k, face) in enumerate(flat):
             check_cancel(cancel)
             segment = reads[t].segments[k]
-            region, weight, kept = paste_in_region(images[t:t + 1], restored[i:i + 1], crops[i:i + 1], affines[i],
-                                                   face, restorer.size, segment.region, paste, masks)
+            region, weight, kept = paste_in_region(images[t:t + 1], restored[i:i + 1], crops[i:i + 1],
+                                                   info.affines[i], face, restorer.size, segment.region, paste, masks)
             result.records.append((t, RESTORED if kept else LEFT, describe(segment, face)))
             if kept:
                 x0, y0, x1, y1 = segment.region
@@ -566,12 +553,12 @@ def paste_in_region(image: torch.Tensor, restored: torch.Tensor, crop: torch.Ten
     crop region's RGB (h, w, 3), the blend weight there (h, w), and whether it was pasted at all. Only the
     window holding the region and the face's crop is worked on: the whole frame's pixels, to float rounding."""
     height, width = image.shape[1:3]
-    corners = torch.tensor([[0, 0, 1], [size, 0, 1], [0, size, 1], [size, size, 1]], dtype=torch.float64)
-    around = corners @ invert_affine(affine[None].double())[0].T
-    wx0 = max(min(int(around[:, 0].min()) - 2, region[0]), 0)
-    wy0 = max(min(int(around[:, 1].min()) - 2, region[1]), 0)
-    wx1 = min(max(int(around[:, 0].max()) + 3, region[2]), width)
-    wy1 = min(max(int(around[:, 1].max()) + 3, region[3]), height)
+    # The window: the region and what the face covers, 1 px more for the bicubic look at the frame around it
+    # (colour correction) where its edge falls on a whole pixel.
+    covered = footprint(affine.double(), size, height, width)
+    y0, y1, x0, x1 = covered if covered is not None else (region[1], region[3], region[0], region[2])
+    wx0, wy0 = max(min(x0 - 1, region[0]), 0), max(min(y0 - 1, region[1]), 0)
+    wx1, wy1 = min(max(x1 + 1, region[2]), width), min(max(y1 + 1, region[3]), height)
     local = affine.double().clone()
     local[:, 2] += local[:, :2] @ torch.tensor([wx0, wy0], dtype=torch.float64)
     shift = torch.tensor([wx0, wy0], dtype=face.boxes.dtype)
