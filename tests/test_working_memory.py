@@ -17,6 +17,7 @@ from gpen.archs.gpen.network import GPEN
 from gpen.archs.parsenet import ParseNet
 from gpen.archs.retinaface import RetinaFace
 from gpen.archs.working_memory import counted_peak, forward_bytes, meta_copy
+from gpen.faces.options import MaskOptions
 from gpen.faces.parse import ParserHandle
 from gpen.faces.restore import as_restorer
 from gpen.faces.run_memory import run_working_bytes
@@ -175,6 +176,22 @@ def test_a_run_asks_for_its_largest_stage_and_a_frame_beside_it(detector):
     assert detector.working_bytes(1080, 1920) < parser.working_bytes(4, 2048) + crops < need - frame
     assert 5.5e9 < need < 6.5e9
     assert run_working_bytes((1, 1080, 1920, 3), restorer, detector, face_batch=1) < need
+
+
+@pytest.mark.parametrize("parse", [False, True], ids=["no parser", "BiSeNet"])
+def test_what_a_run_asks_for_covers_what_restore_faces_holds(solvay, detector, parse):
+    """What a node asks ComfyUI for (run_working_bytes) against the most bytes of tensors restore_faces holds at
+    once on the GPU's path, counted on real tensors: the 29 Solvay faces go through a face batch at a time, so
+    the request covers the run but for the few copies of a face region that pasting makes (when every face's
+    crops were held it fell 10 MiB short). On the CPU GPEN takes faces one at a time: batch 1."""
+    restorer = as_restorer(GPEN(256, channel_multiplier=1, narrow=0.5).eval())
+    parser = ParserHandle(BiSeNet(19).eval(), bisenet.SPEC, name="BiSeNet") if parse else None
+    asked = run_working_bytes(tuple(solvay.shape), restorer, detector, [parser] if parse else [], face_batch=1)
+
+    held = counted_peak(lambda: gpen.restore_faces(solvay, restorer, detector, masks=MaskOptions(parser=parser),
+                                                   face_batch=1))
+
+    assert 0.9 * asked <= held <= asked + MiB
 
 
 def test_a_callers_own_restorer_counts_its_crops_and_the_frame_not_its_forward():

@@ -7,7 +7,8 @@ Sections (SECTIONS), each a list of checks, each check a row of the table:
             precision "auto" is the fastest dtype that passed parity, and the reference's computation
             (plain_gpen.py) on the same device
   memory    peak GPU memory by size and batch; a batch forced past the memory halves and completes
-  pipeline  restore_faces on a 4K frame of many faces and a batch of 1080p frames, every stage on the device
+  pipeline  restore_faces on a 4K frame of many faces and a batch of 1080p frames, every stage on the device,
+            and what a node run asks ComfyUI for against what the run takes
   video     restore_video on a short clip; one Ray actor
   compile   torch.compile tried on GPEN (last but the goals: inductor's first call is the one unknown cost)
   goals     the issue's goals, each with its figure and whether it is met
@@ -60,7 +61,8 @@ from ..devices import DTYPES, has_native_bf16, resolve_device, resolve_dtype
 from ..faces.options import CLASSES, MaskOptions
 from ..faces.parse import ParserHandle
 from ..faces.pipeline import restore_faces
-from ..faces.restore import as_restorer, finite_faces, restore_crops
+from ..faces.restore import as_restorer, finite_faces, rerun_note, restore_crops
+from ..faces.run_memory import run_working_bytes
 from ..files.catalogue import PACK, resolve
 from ..files.images import read_image
 from ..files.weights import first_line
@@ -662,7 +664,8 @@ def pipeline_checks(context: Context) -> list[Check]:
     width, height = context.plan.group_frame
     w, h, frames = context.plan.close_up
     return [(f"{width}x{height} frame, the group photo tiled", lambda: group_frame_check(context)),
-            (f"{frames} frames of {w}x{h}, one face each", lambda: close_up_check(context))]
+            (f"{frames} frames of {w}x{h}, one face each", lambda: close_up_check(context)),
+            (f"a node run's request to ComfyUI vs its peak ({width}x{height} frame)", lambda: request_check(context))]
 
 
 def tiled(photo: torch.Tensor, width: int, height: int) -> torch.Tensor:
@@ -726,6 +729,43 @@ def pipeline_outcome(context: Context, frames: torch.Tensor) -> Outcome:
             f"outside GPEN and the parser; ms: {stages}; "
             + (f"not on {device.type}: {', '.join(elsewhere)}" if elsewhere else f"every part on {device.type}"))
     return Outcome(text, not elsewhere and result.face_count > 0, figures)
+
+
+def request_check(context: Context) -> Outcome:
+    """What a node run asks ComfyUI for (run_working_bytes: its largest stage and a frame) against what
+    restore_faces takes, the frame on the CPU as ComfyUI's are and the networks on the device. On a GPU, in
+    the nodes' dtype: torch.cuda.max_memory_allocated less what was allocated before (the weights), which
+    must stay within 1.25x the request + 64 MiB (cuDNN's workspaces and the allocator's blocks are not
+    counted). On the CPU the most bytes of tensors the run holds on the GPU's path (counted_peak), within the
+    request + 1 MiB; GPEN takes faces one at a time there, so the batch is 1."""
+    device, plan, mib = context.device, context.plan, 2 ** 20
+    photo = torch.from_numpy(read_image(str(context.photo_path))[0][..., :3]).float()
+    frame = tiled(photo, *plan.group_frame)[None]
+    model, _ = context.gpen(plan.pipeline_size)
+    restorer = as_restorer(model.to(device, DTYPES[context.pipeline_dtype]))
+    detector = load_detector(context.detector_path, device=device)
+    parser = context.parser()
+    face_batch = plan.face_batch if context.on_gpu else 1
+    asked = run_working_bytes(tuple(frame.shape), restorer, detector, [parser], face_batch=face_batch)
+
+    def restore():
+        return restore_faces(frame, restorer, detector, masks=MaskOptions(parser=parser, regions=EVERY_REGION),
+                             face_batch=face_batch)
+
+    if context.on_gpu:
+        result = restore()  # first: cuBLAS's and cuDNN's handles, the detector's anchors
+        before, peak = gpu_peak(restore)
+        took, bound, what = peak - before, 1.25 * asked + 64 * mib, "max_memory_allocated beyond the weights"
+    else:
+        result = restore()
+        took, bound, what = counted_peak(restore), asked + mib, "tensors held on the GPU's path (cpu)"
+    figures = dict(faces=result.face_count, face_batch=face_batch, asked_mib=round(asked / mib, 1),
+                   took_mib=round(took / mib, 1), rerun_fp32=result.rerun_fp32)
+    text = (f"{result.face_count} faces, face_batch {face_batch}: asked {asked / mib:.0f} MiB, took {took / mib:.0f} "
+            f"MiB ({what}; {took / asked:.2f}x)" if asked else "asked nothing: no network counted")
+    if result.rerun_fp32:
+        text += f"; {rerun_note(result.rerun_fp32)} (not in the request)"
+    return Outcome(text, bool(asked) and result.face_count > 0 and took <= bound, figures)
 
 
 def device_to_host_copies(run: Callable[[], object]) -> int:
