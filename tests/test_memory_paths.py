@@ -11,7 +11,7 @@ import torch
 
 import gpen
 from gpen.faces import paste, pipeline
-from gpen.faces.align import invert_affine, warp, warp_faces
+from gpen.faces.align import invert_affine, sample, warp, warp_faces
 from gpen.faces.detect import Faces
 from gpen.faces.options import MaskOptions, PasteOptions
 from gpen.faces.pipeline import detect_faces
@@ -74,11 +74,11 @@ def test_pasting_in_bands_gives_what_pasting_over_whole_frames_gives(monkeypatch
 def test_a_large_face_is_pasted_a_band_at_a_time(monkeypatch):
     sizes = []
 
-    def recorded_warp(image, affine, height, width, mode="bicubic"):
+    def recorded_sample(image, inverse, height, width, mode="bicubic"):
         sizes.append(height * width)
-        return warp(image, affine, height, width, mode)
+        return sample(image, inverse, height, width, mode)
 
-    monkeypatch.setattr(paste, "warp", recorded_warp)
+    monkeypatch.setattr(paste, "sample", recorded_sample)
     image = torch.zeros(1, 700, 700, 3)
     white = torch.ones(1, 512, 512, 3)
     big = torch.tensor([similarity(512 / 650, 0, 20, 20)])  # the crop covers 650x650 pixels of the image

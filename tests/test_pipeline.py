@@ -367,3 +367,36 @@ def test_the_two_halves_give_what_restore_faces_gives(solvay, detector):
 def test_a_stream_takes_no_changed_from(solvay, detector):
     with pytest.raises(ValueError, match="restore_frames takes no changed_from"):
         next(gpen.restore_frames(iter(solvay), IdentityRestorer(), detector, select=SelectOptions(changed_from=solvay)))
+
+
+def faces_at(landmarks: torch.Tensor) -> list[Faces]:
+    """The faces of one frame, each at `landmarks` (N, K, 2), in a box of 20-80 px."""
+    return [Faces(torch.tensor([[20.0, 20, 80, 80]]).expand(len(landmarks), -1), torch.ones(len(landmarks)), landmarks)]
+
+
+EYES_NOSE_MOUTH = torch.tensor([[[40.0, 45], [60, 45], [50, 55], [43, 65], [57, 65]]])
+
+
+def test_a_restorer_that_gives_another_count_of_faces_is_refused_not_pasted_short():
+    class DropsOne(IdentityRestorer):
+        def restore(self, faces, batch_size=4, on_batch=None):
+            return super().restore(faces, batch_size, on_batch)[1:]
+
+    with pytest.raises(ValueError, match=r"the restorer gave \(1, 64, 64, 3\) for 2 faces"):
+        gpen.restore_faces(torch.rand(1, 100, 100, 3), DropsOne(64), None,
+                           faces=faces_at(EYES_NOSE_MOUTH.expand(2, -1, -1)))
+
+
+def test_faces_given_with_landmarks_of_another_shape_are_refused_by_name():
+    with pytest.raises(ValueError, match=r"landmarks must be \(N, 5, 2\), got shape \(1, 68, 2\)"):
+        gpen.restore_faces(torch.rand(1, 100, 100, 3), IdentityRestorer(64), None, faces=faces_at(torch.rand(1, 68, 2)))
+
+
+@pytest.mark.parametrize("face_batch", [0, -1])
+def test_a_face_batch_under_one_is_refused(face_batch):
+    image, faces = torch.rand(1, 100, 100, 3), faces_at(EYES_NOSE_MOUTH)
+    with pytest.raises(ValueError, match="face_batch must be 1 or more"):
+        gpen.restore_faces(image, IdentityRestorer(64), None, faces=faces, face_batch=face_batch)
+    crops, info = gpen.locate_faces(image, None, 64, faces=faces)
+    with pytest.raises(ValueError, match="face_batch must be 1 or more"):
+        gpen.paste_restored(image, crops, info, face_batch=face_batch)

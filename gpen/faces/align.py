@@ -22,7 +22,6 @@ FFHQ_TEMPLATE = ((192.98138 / 512, 239.94708 / 512), (318.90277 / 512, 240.1936 
                  (256.63416 / 512, 314.01935 / 512), (201.26117 / 512, 371.41043 / 512),
                  (313.08905 / 512, 371.15118 / 512))
 TEMPLATE_POINTS = {"gpen": GPEN_TEMPLATE, "ffhq": FFHQ_TEMPLATE}  # by the names options.TEMPLATES offers
-WARP_CHUNK = 1  # faces warped together
 
 
 def template_points(size: int, template: str = "gpen") -> torch.Tensor:
@@ -58,19 +57,24 @@ def warp(image: torch.Tensor, affine: torch.Tensor, height: int, width: int, mod
     image (C,H,W) or (N,C,H,W), shared by or one per affine; affine (N,2,3) maps source pixels to
     output pixels. Returns (N,C,height,width), zero outside the source.
     """
-    inverse = invert_affine(affine.double())  # output pixel -> source pixel
+    return sample(image, invert_affine(affine.double()), height, width, mode)
+
+
+def sample(image: torch.Tensor, inverse: torch.Tensor, height: int, width: int, mode: str = "bicubic") -> torch.Tensor:
+    """warp through `inverse` (N,2,3), the map from output pixels to source pixels. An inverse already on the
+    image's device is used there: a small tensor copied to a GPU is a wait for it, and a face each a wait each."""
     ys, xs = torch.meshgrid(torch.arange(height, dtype=torch.float64, device=image.device),
                             torch.arange(width, dtype=torch.float64, device=image.device), indexing="ij")
     out_pixels = torch.stack([xs, ys, torch.ones_like(xs)], -1).reshape(-1, 3)
-    src = out_pixels @ inverse.to(image.device).transpose(1, 2)  # (N, h*w, 2)
+    src = out_pixels @ inverse.to(image.device, torch.float64).transpose(1, 2)  # (N, h*w, 2)
     src_h, src_w = image.shape[-2:]
     grid = torch.stack([src[..., 0] * 2 / max(src_w - 1, 1) - 1, src[..., 1] * 2 / max(src_h - 1, 1) - 1], -1)
-    grid = grid.reshape(len(affine), height, width, 2).to(image.dtype)
+    grid = grid.reshape(len(inverse), height, width, 2).to(image.dtype)
     if image.ndim == 3:
         # One source for every affine: stack the grids along the height, so the image is not copied.
         out = F.grid_sample(image[None], grid.reshape(1, -1, width, 2), mode=mode, padding_mode="zeros",
                             align_corners=True)
-        return out.reshape(image.shape[0], len(affine), height, width).transpose(0, 1)
+        return out.reshape(image.shape[0], len(inverse), height, width).transpose(0, 1)
     return F.grid_sample(image, grid, mode=mode, padding_mode="zeros", align_corners=True)
 
 
@@ -84,8 +88,6 @@ def crop_faces(images: torch.Tensor, landmarks: torch.Tensor, size: int, frames:
     """
     check_frames(images)
     landmarks = torch.as_tensor(landmarks)
-    if landmarks.ndim != 3 or landmarks.shape[1:] != (5, 2):
-        raise ValueError(f"landmarks must be (N, 5, 2), got shape {tuple(landmarks.shape)}")
     frames = frames_of(images, len(landmarks), frames)
     affines = face_affines(landmarks, size, template)
     return cut_faces(images, affines, frames, size, device), affines
@@ -94,7 +96,10 @@ def crop_faces(images: torch.Tensor, landmarks: torch.Tensor, size: int, frames:
 def face_affines(landmarks: torch.Tensor, size: int, template: str = "gpen") -> torch.Tensor:
     """(N,2,3) float32 affines (image -> crop pixels) taking landmarks (N,5,2) onto `template` in crops of `size`.
     Crops are cut through these float32 affines, so that the same crops can be cut again from them exactly."""
-    return similarity_transform(torch.as_tensor(landmarks).cpu(), template_points(size, template)).float()
+    landmarks = torch.as_tensor(landmarks)
+    if landmarks.ndim != 3 or landmarks.shape[1:] != (5, 2):
+        raise ValueError(f"landmarks must be (N, 5, 2), got shape {tuple(landmarks.shape)}")
+    return similarity_transform(landmarks.cpu(), template_points(size, template)).float()
 
 
 def cut_faces(images: torch.Tensor, affines: torch.Tensor, frames: torch.Tensor, size: int,
@@ -110,11 +115,12 @@ def warp_faces(images: torch.Tensor, affines: torch.Tensor, frames: torch.Tensor
     frame, on `device` (default: the images')."""
     device = torch.device(device) if device is not None else images.device
     crops = torch.zeros(len(affines), 3, size, size, device=device)
+    inverses = invert_affine(affines.double()).to(device)  # moved once, not a face at a time
     for frame in frames.unique().tolist():
         source = rgb_planes(images[frame].to(device))
-        here = (frames == frame).nonzero().squeeze(1)
-        for part in here.split(WARP_CHUNK):  # the sampling grids of many faces at once would outweigh the frame
-            crops[part.to(device)] = warp(source, affines[part], size, size)
+        # A face at a time: the sampling grids of many faces at once would outweigh the frame.
+        for i in (frames == frame).nonzero().flatten().tolist():
+            crops[i:i + 1] = sample(source, inverses[i:i + 1], size, size)
     return crops
 
 

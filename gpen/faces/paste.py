@@ -12,15 +12,15 @@ import cv2
 import torch
 import torch.nn.functional as F
 
-from .align import frames_of, invert_affine, warp, warp_faces
+from .align import frames_of, invert_affine, sample, warp_faces
 from .options import GPEN_ERODE, GPEN_FEATHER, PasteOptions
 from .tensors import as_images, as_rgb, like_given, match_channels
 
 MASK_TIE = 1e-4  # weights closer than this are a tie (float rounding), and one this small changes nothing
 SMALL_FACE = 100  # px: GPEN softens restored faces smaller than this, which would look over-sharp
 PASTE_BAND = 2 ** 18  # frame pixels pasted at a time: a large face's sampling grids would outweigh the frame
-# Devices where a band is narrowed to the columns its face wins before the face is warped. Finding them waits
-# for the device: on a GPU that would be a wait a face, and warping the whole band costs less there.
+# Devices where a band is narrowed to the columns its face wins before the face is warped. Finding them reads
+# the device: on a GPU that would be a wait a band, and warping the whole band costs less there.
 NARROWED_ON = ("cpu",)
 
 
@@ -113,13 +113,14 @@ class Canvas:
         to_target = scale_affines(affines, self.images.shape[1:3], self.target.shape[1:3])
         small = small_faces(size, to_target) if options.smooth_small_faces else torch.zeros(len(restored), dtype=bool)
         box = face_mask(size, options.mask_shape, options.erode, options.feather).to(device)
+        here = to_target.to(device)  # the bands' sampling maps are made there: no copy (a wait on a GPU) a band
         # Face by face: whatever is made for all faces at once (softened or colour-matched crops, masks) is
         # a copy of all of them.
         for i, frame in enumerate(frames.tolist()):
             crop = prepare_crop(self.images, restored[i].to(device), affines[i], frame, options.color_correction,
                                 bool(small[i]))
             mask = box if face_masks is None else torch.minimum(box, crop_mask(face_masks[i].to(device), size))
-            _paste_face(self.out[frame], self.masks[frame], self.target[frame], crop, to_target[i], mask,
+            _paste_face(self.out[frame], self.masks[frame], self.target[frame], crop, to_target[i], here[i], mask,
                         options.strength)
 
 
@@ -245,9 +246,10 @@ def crop_mask(mask: torch.Tensor, size: int) -> torch.Tensor:
 
 
 def _paste_face(out: torch.Tensor, masks: torch.Tensor, original: torch.Tensor, crop: torch.Tensor,
-                affine: torch.Tensor, mask: torch.Tensor, strength: float) -> None:
+                affine: torch.Tensor, affine_here: torch.Tensor, mask: torch.Tensor, strength: float) -> None:
     """Paste one face into its frame's `out` (H,W,C) and `masks` (H,W), only in the region it covers,
-    PASTE_BAND pixels at a time.
+    PASTE_BAND pixels at a time. `affine` (2,3, frame -> crop pixels) is on the CPU, `affine_here` the same on
+    the crop's device.
 
     Where faces overlap, a pixel takes the face whose mask is strongest there, blended with the
     original, never a blend of blends.
@@ -258,7 +260,7 @@ def _paste_face(out: torch.Tensor, masks: torch.Tensor, original: torch.Tensor, 
     y0, y1, x0, x1 = region
     rows = max(1, PASTE_BAND // (x1 - x0))
     for top in range(y0, y1, rows):
-        _paste_band(out, masks, original, crop, affine, mask, strength, (top, min(top + rows, y1), x0, x1))
+        _paste_band(out, masks, original, crop, affine_here, mask, strength, (top, min(top + rows, y1), x0, x1))
 
 
 def _paste_band(out: torch.Tensor, masks: torch.Tensor, original: torch.Tensor, crop: torch.Tensor,
@@ -267,7 +269,8 @@ def _paste_band(out: torch.Tensor, masks: torch.Tensor, original: torch.Tensor, 
     face (on the CPU only over the columns where it wins somewhere: NARROWED_ON)."""
     y0, y1, x0, x1 = band
     # The mask is warped bilinearly, as GPEN warps it: bicubic would ring past a sharp parse edge.
-    weight = warp(mask[None], onto(affine, x0, y0), y1 - y0, x1 - x0, mode="bilinear")[0, 0].clamp_(0, 1) * strength
+    weight = sample(mask[None], part_to_crop(affine, x0, y0), y1 - y0, x1 - x0, mode="bilinear")[0, 0].clamp_(0, 1)
+    weight *= strength
     wins = weight > masks[y0:y1, x0:x1].to(weight.device) + MASK_TIE  # a tie keeps the face already there
     if wins.device.type in NARROWED_ON:
         columns = wins.any(0).nonzero()
@@ -275,7 +278,7 @@ def _paste_band(out: torch.Tensor, masks: torch.Tensor, original: torch.Tensor, 
             return
         left, right = int(columns[0]), int(columns[-1]) + 1
         x0, x1, weight, wins = x0 + left, x0 + right, weight[:, left:right], wins[:, left:right]
-    back = warp(crop, onto(affine, x0, y0), y1 - y0, x1 - x0)[0].clamp_(0, 1)
+    back = sample(crop, part_to_crop(affine, x0, y0), y1 - y0, x1 - x0)[0].clamp_(0, 1)
     source = original[y0:y1, x0:x1].to(crop.device)
     base = as_rgb(source)[0]
     blended = match_channels(base + (back[:3].permute(1, 2, 0) - base) * weight[..., None], source)
@@ -288,9 +291,15 @@ def _paste_band(out: torch.Tensor, masks: torch.Tensor, original: torch.Tensor, 
 
 def onto(affine: torch.Tensor, x0: int, y0: int) -> torch.Tensor:
     """(1,2,3) crop pixels -> pixels of the frame's part whose top left is (x0, y0)."""
-    shift = affine.clone()
-    shift[:, 2] += affine[:, :2] @ torch.tensor([x0, y0], dtype=torch.float64)  # part px -> crop px
-    return invert_affine(shift)[None]
+    return invert_affine(part_to_crop(affine, x0, y0))
+
+
+def part_to_crop(affine: torch.Tensor, x0: int, y0: int) -> torch.Tensor:
+    """(1,2,3) pixels of the frame's part whose top left is (x0, y0) -> crop pixels, from the frame's `affine`
+    (2,3), on its device."""
+    shift = affine.double().clone()
+    shift[:, 2] += affine[:, 0] * x0 + affine[:, 1] * y0
+    return shift[None]
 
 
 def resize_affines(affines: torch.Tensor, ratio: float) -> torch.Tensor:

@@ -468,6 +468,11 @@ def parts(count: int, batch_size: int) -> list[slice]:
     return [slice(start, min(start + batch_size, count)) for start in range(0, count, batch_size)]
 
 
+def check_face_batch(face_batch: int) -> None:
+    if face_batch < 1:
+        raise ValueError(f"face_batch must be 1 or more, got {face_batch}")
+
+
 def changed_faces(crops: torch.Tensor, originals: torch.Tensor, affines: torch.Tensor,
                   frames: torch.Tensor) -> torch.Tensor:
     """(N,) how much each aligned crop (N,S,S,3) differs from the same crop of `originals` (the frames
@@ -534,6 +539,7 @@ def restore_faces(images: torch.Tensor, model, detector, *, select: SelectOption
     images, given = as_images(images)
     check_background(images, paste.background)
     check_output_size(images.shape[1:3], paste)
+    check_face_batch(face_batch)
     check_cancel(cancel)
     restorer = as_restorer(model)
     trained_on = getattr(restorer, "template", None)
@@ -555,8 +561,12 @@ def restore_faces(images: torch.Tensor, model, detector, *, select: SelectOption
             check_cancel(cancel)
 
         with _stage(timings, "restore", info.device):
-            return restorer.restore(crops, batch_size=face_batch, on_batch=on_batch, on_rerun=reruns.append,
-                                    cancel=cancel and (lambda: check_cancel(cancel))).to(info.device)
+            restored = restorer.restore(crops, batch_size=face_batch, on_batch=on_batch, on_rerun=reruns.append,
+                                        cancel=cancel and (lambda: check_cancel(cancel)))
+        if restored.ndim != 4 or len(restored) != len(crops) or restored.shape[1] != restored.shape[2]:
+            raise ValueError(f"the restorer gave {tuple(restored.shape)} for {len(crops)} faces: it must give one "
+                             "square crop (N, S, S, C) a face")
+        return restored.to(info.device)
 
     restored_of = restore
     if masks.parser is not None and masks.temporal_sigma > 0 and masks.source == "restored":
@@ -581,13 +591,14 @@ def paste_restored(images: torch.Tensor, restored: torch.Tensor, info: FaceInfo,
     "restored" the restored faces, as facexlib does; `masks.temporal_sigma` steadies the masks along each
     face's track. A face whose restored pixels are not finite (NaN or Inf), or in which the parser finds
     none of the regions, is left as it was, and the summary says so. Faces are parsed and pasted
-    `face_batch` at a time: `progress(done, total)` follows them and `cancel()` is asked between batches.
+    `face_batch` at a time: `progress(done, total)` follows the pasting and `cancel()` is asked between batches.
     A `timings` dict receives the stages' seconds (and becomes the result's). `images` may be the frames at
     a larger size (same aspect): the faces are pasted there, through their affines scaled to it. With
     `paste.upscaler`, the frames are enlarged here (its tiles asked `cancel()` too).
     """
     if len(restored) != len(info):
         raise ValueError(f"{len(restored)} restored crops for {len(info)} detected faces")
+    check_face_batch(face_batch)
     return paste_in_parts(images, info, lambda part, _: restored[part], paste, masks, crops=crops,
                           face_batch=face_batch, progress=progress, cancel=cancel, timings=timings)
 
@@ -599,9 +610,10 @@ def paste_in_parts(images: torch.Tensor, info: FaceInfo,
                    cancel: Callable[[], bool | None] | None = None, timings: dict | None = None) -> Restoration:
     """paste_restored with the restored faces of each part of `info` from `restored_of(part, crops)` (`crops`:
     the part's crops when they were cut for the parser already, else None), a face batch at a time: a part's
-    crops, parse masks and restored faces are let go once it is pasted, so the device never holds all of them
-    (GPEN-2048 on the 29 Solvay faces: 1.46 GB a set). The parser looks at the crops before they are restored
-    (a restorer may write over what it is given)."""
+    crops, parse masks and restored faces are let go once it is pasted, so the device holds one batch of them,
+    not every face's (GPEN-2048 on the 29 Solvay faces: 1.46 GB a set). Masks steadied over time
+    (`masks.temporal_sigma`) are made for every face first and held. The parser looks at the crops before
+    they are restored (a restorer may write over what it is given)."""
     images, given = as_images(images)
     if paste.upscaler is not None:
         with _stage(timings, "upscale", info.device):
@@ -645,12 +657,13 @@ def paste_in_parts(images: torch.Tensor, info: FaceInfo,
             part_crops = originals(part)
             part_masks = parsed(part_crops)
         restored = restored_rgb(part, part_crops)
+        del part_crops  # restored: let go before pasting
         restorer_size = restored.shape[1]
         if masks.parser is not None and part_masks is None:
             part_masks = parsed(restored)
         finite = finite_faces(restored)
         shown = finite if part_masks is None else finite & (part_masks.flatten(1).amax(1) > 0).to(finite.device)
-        finite, shown = torch.stack([finite, shown]).cpu()  # the one wait for the device a batch
+        finite, shown = torch.stack([finite, shown]).cpu()  # one copy from the device a batch
         kept = shown.nonzero().flatten()
         if len(kept) < len(shown):
             restored = restored[kept.to(restored.device)]
@@ -660,10 +673,11 @@ def paste_in_parts(images: torch.Tensor, info: FaceInfo,
                          face_masks=part_masks, device=info.device)
         left_as_was |= {part.start + k: NOT_FINITE for k in (~finite).nonzero().flatten().tolist()}
         left_as_was |= {part.start + k: MASKED_OUT for k in (finite & ~shown).nonzero().flatten().tolist()}
-        del restored, part_masks, part_crops  # before the next part is cut
+        del restored, part_masks  # before the next part is cut
         if progress is not None:
             progress(part.stop, len(info))
-        check_cancel(cancel)
+        if part.stop < len(info):  # a run done is not thrown away
+            check_cancel(cancel)
     unrestored = sum(1 for why in left_as_was.values() if why == NOT_FINITE)
     if unrestored:
         log.warning("%s", unrestored_note(unrestored))
