@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import gpen
-from gpen.faces import paste, pipeline
+from gpen.faces import paste
 from gpen.faces.align import invert_affine, sample, warp, warp_faces
 from gpen.faces.detect import Faces
 from gpen.faces.options import MaskOptions, PasteOptions
