@@ -327,8 +327,7 @@ class GPENFaceRestore:
                        upscale_by=upscale_by)
         progress = host.Progress()
         need = run_working_bytes(image.shape, host.counted(gpen_model), host.counted(face_detector),
-                                 host.handles(face_parser),
-                                 face_batch)
+                                 host.handles(face_parser), face_batch)
         model, detector, *parsers = host.on_device(gpen_model, face_detector, *(face_parser or ()), working_bytes=need)
         masks = MaskOptions(parser=parsers or None, regions=mask_regions, source=parse_source, feather=parse_feather,
                             temporal_sigma=temporal_smoothing)

@@ -289,16 +289,11 @@ def _paste_band(out: torch.Tensor, masks: torch.Tensor, original: torch.Tensor, 
     region_masks.copy_(torch.where(wins, weight.to(masks.device), region_masks))
 
 
-def onto(affine: torch.Tensor, x0: int, y0: int) -> torch.Tensor:
-    """(1,2,3) crop pixels -> pixels of the frame's part whose top left is (x0, y0)."""
-    return invert_affine(part_to_crop(affine, x0, y0))
-
-
 def part_to_crop(affine: torch.Tensor, x0: int, y0: int) -> torch.Tensor:
     """(1,2,3) pixels of the frame's part whose top left is (x0, y0) -> crop pixels, from the frame's `affine`
     (2,3), on its device."""
     shift = affine.double().clone()
-    shift[:, 2] += affine[:, 0] * x0 + affine[:, 1] * y0
+    shift[:, 2] += shift[:, 0] * x0 + shift[:, 1] * y0
     return shift[None]
 
 

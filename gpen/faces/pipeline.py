@@ -561,12 +561,8 @@ def restore_faces(images: torch.Tensor, model, detector, *, select: SelectOption
             check_cancel(cancel)
 
         with _stage(timings, "restore", info.device):
-            restored = restorer.restore(crops, batch_size=face_batch, on_batch=on_batch, on_rerun=reruns.append,
-                                        cancel=cancel and (lambda: check_cancel(cancel)))
-        if restored.ndim != 4 or len(restored) != len(crops) or restored.shape[1] != restored.shape[2]:
-            raise ValueError(f"the restorer gave {tuple(restored.shape)} for {len(crops)} faces: it must give one "
-                             "square crop (N, S, S, C) a face")
-        return restored.to(info.device)
+            return restorer.restore(crops, batch_size=face_batch, on_batch=on_batch, on_rerun=reruns.append,
+                                    cancel=cancel and (lambda: check_cancel(cancel))).to(info.device)
 
     restored_of = restore
     if masks.parser is not None and masks.temporal_sigma > 0 and masks.source == "restored":

@@ -103,7 +103,12 @@ class CallerRestorer:
     def restore(self, faces: torch.Tensor, batch_size: int = 4, on_batch: Callable[[int, int], None] | None = None,
                 cancel: Callable[[], None] | None = None,
                 on_rerun: Callable[[int], None] | None = None) -> torch.Tensor:
-        return self.restorer.restore(faces, batch_size=batch_size, on_batch=on_batch)  # it re-runs nothing of ours
+        restored = self.restorer.restore(faces, batch_size=batch_size, on_batch=on_batch)  # it re-runs nothing of ours
+        shape = tuple(getattr(restored, "shape", ()))
+        if len(shape) != 4 or shape[0] != len(faces) or shape[1] != shape[2]:
+            raise ValueError(f"the restorer gave {shape} for {len(faces)} faces: it must give one square crop "
+                             "(N, S, S, C) a face")
+        return restored
 
 
 class IdentityRestorer:

@@ -25,12 +25,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .align import crop_faces, warp
+from .align import crop_faces, sample
 from .detect import Faces, box_iou, threshold_for
 from .masks import feather_inside
 from .options import MaskOptions, PasteOptions, SegmentOptions, SelectOptions
 from .parse import parse_faces
-from .paste import footprint, onto
+from .paste import footprint, part_to_crop
 from .pipeline import (
     OUTSIDE_SEGS,
     FaceInfo,
@@ -121,7 +121,7 @@ def region_mask(face_mask: torch.Tensor, affine: torch.Tensor, region: list[int]
     """A mask in aligned-crop coordinates (S, S), with its crop's affine (image -> crop), in the crop region's
     pixels (h, w) float32."""
     x0, y0, x1, y1 = region
-    mask = warp(face_mask.float()[None].cpu(), onto(affine.double().cpu(), x0, y0), y1 - y0, x1 - x0, mode="bilinear")
+    mask = sample(face_mask.float()[None].cpu(), part_to_crop(affine.cpu(), x0, y0), y1 - y0, x1 - x0, mode="bilinear")
     return mask[0, 0].clamp(0, 1).numpy()
 
 
@@ -559,8 +559,7 @@ def paste_in_region(image: torch.Tensor, restored: torch.Tensor, crop: torch.Ten
     y0, y1, x0, x1 = covered if covered is not None else (region[1], region[3], region[0], region[2])
     wx0, wy0 = max(min(x0 - 1, region[0]), 0), max(min(y0 - 1, region[1]), 0)
     wx1, wy1 = min(max(x1 + 1, region[2]), width), min(max(y1 + 1, region[3]), height)
-    local = affine.double().clone()
-    local[:, 2] += local[:, :2] @ torch.tensor([wx0, wy0], dtype=torch.float64)
+    local = part_to_crop(affine, wx0, wy0)[0]
     shift = torch.tensor([wx0, wy0], dtype=face.boxes.dtype)
     window = image[:, wy0:wy1, wx0:wx1]
     info = FaceInfo([Faces(face.boxes - shift.repeat(2), face.scores, face.landmarks - shift)], local.float()[None],
