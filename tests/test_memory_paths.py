@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import gpen
-from gpen.faces import paste
+from gpen.faces import align, paste
 from gpen.faces.align import invert_affine, sample, warp, warp_faces
 from gpen.faces.detect import Faces
 from gpen.faces.options import MaskOptions, PasteOptions
@@ -159,6 +159,25 @@ def test_the_parser_sees_the_very_crops_the_restorer_saw_a_batch_at_a_time():
 
     assert [len(crops) for crops in parser.seen] == [2, 2, 1]
     assert torch.equal(torch.cat(parser.seen), torch.cat(restorer.seen))
+
+
+
+@pytest.mark.parametrize("masks", [MaskOptions(), MaskOptions(parser=SplitParser(1, 17)),
+                                   MaskOptions(parser=SplitParser(1, 17), temporal_sigma=1.0)],
+                         ids=["no parser", "parser", "parser steadied over time"])
+def test_a_frame_goes_to_the_faces_device_once_however_many_batches_are_cut_from_it(monkeypatch, masks):
+    """With frames on the CPU and networks on a GPU (ComfyUI's way) the frame a face batch is cut from, or a
+    face's colours are matched against, is copied to the GPU: once for all its batches and faces, not again
+    for each (a 6000x4000 frame is 288 MB). Counted here as the frames made into RGB planes on the device."""
+    moved = []
+    planes = align.rgb_planes
+    monkeypatch.setattr(align, "rgb_planes", lambda image: moved.append(image.shape) or planes(image))
+
+    result = gpen.restore_faces(torch.rand(1, 120, 400, 3), IdentityRestorer(64), None, faces=[faces_in_a_row()],
+                                paste=PasteOptions(color_correction=True), masks=masks, face_batch=2)
+
+    assert result.face_count == 5
+    assert moved == [(120, 400, 3)]
 
 
 @pytest.fixture(scope="module")

@@ -102,26 +102,44 @@ def face_affines(landmarks: torch.Tensor, size: int, template: str = "gpen") -> 
     return similarity_transform(landmarks.cpu(), template_points(size, template)).float()
 
 
-def cut_faces(images: torch.Tensor, affines: torch.Tensor, frames: torch.Tensor, size: int,
+def cut_faces(images: torch.Tensor | FramesOn, affines: torch.Tensor, frames: torch.Tensor, size: int,
               device: torch.device | None = None) -> torch.Tensor:
     """(N,size,size,3) crops of `images` through `affines` (image -> crop pixels), float32 in 0..1: what
     crop_faces cuts, and, given its affines again, the very same crops."""
     return warp_faces(images, affines, frames, size, device).clamp_(0, 1).permute(0, 2, 3, 1)
 
 
-def warp_faces(images: torch.Tensor, affines: torch.Tensor, frames: torch.Tensor, size: int,
+def warp_faces(images: torch.Tensor | FramesOn, affines: torch.Tensor, frames: torch.Tensor, size: int,
                device: torch.device | str | None = None) -> torch.Tensor:
     """(N,3,size,size) float32 RGB crops through affines (N,2,3) from images (B,H,W,C), each from its
-    frame, on `device` (default: the images')."""
-    device = torch.device(device) if device is not None else images.device
-    crops = torch.zeros(len(affines), 3, size, size, device=device)
-    inverses = invert_affine(affines.double()).to(device)  # moved once, not a face at a time
+    frame, on `device` (default: the images'); or from frames already on their way there (FramesOn: its
+    device), which cuts one batch after another from the same frame keep from copying it again."""
+    source = images if isinstance(images, FramesOn) else FramesOn(images, device)
+    crops = torch.zeros(len(affines), 3, size, size, device=source.device)
+    inverses = invert_affine(affines.double()).to(source.device)  # moved once, not a face at a time
     for frame in frames.unique().tolist():
-        source = rgb_planes(images[frame].to(device))
+        planes = source.planes(frame)
         # A face at a time: the sampling grids of many faces at once would outweigh the frame.
         for i in (frames == frame).nonzero().flatten().tolist():
-            crops[i:i + 1] = sample(source, inverses[i:i + 1], size, size)
+            crops[i:i + 1] = sample(planes, inverses[i:i + 1], size, size)
     return crops
+
+
+class FramesOn:
+    """The frames of `images` (B,H,W,C) as float RGB planes (3,H,W) on `device` (default: the images'), the
+    last one asked for kept there: with frames on the CPU and networks on a GPU (ComfyUI's way), faces cut or
+    colour-matched one batch after another from a frame copy it to the GPU once, not a batch or a face at a time."""
+
+    def __init__(self, images: torch.Tensor, device: torch.device | str | None = None):
+        self.images = images
+        self.device = torch.device(device) if device is not None else images.device
+        self.frame, self.last = None, None
+
+    def planes(self, frame: int) -> torch.Tensor:
+        if frame != self.frame:
+            self.frame, self.last = None, None  # the last one let go before the next comes
+            self.last, self.frame = rgb_planes(self.images[frame].to(self.device)), frame
+        return self.last
 
 
 def rgb_planes(image: torch.Tensor) -> torch.Tensor:

@@ -12,7 +12,7 @@ import cv2
 import torch
 import torch.nn.functional as F
 
-from .align import frames_of, invert_affine, sample, warp_faces
+from .align import FramesOn, frames_of, invert_affine, sample
 from .options import GPEN_ERODE, GPEN_FEATHER, PasteOptions
 from .tensors import as_images, as_rgb, like_given, match_channels
 
@@ -92,8 +92,9 @@ class Canvas:
     time: `out` is the result so far, `masks` (B,H,W float32) the masks used so far. Pasting faces in parts,
     in order, gives what paste_faces gives with all of them."""
 
-    def __init__(self, images: torch.Tensor, options: PasteOptions = PasteOptions()):
+    def __init__(self, images: torch.Tensor, options: PasteOptions = PasteOptions(), frames: FramesOn | None = None):
         self.images, self.options = images, options
+        self.frames = frames  # `images` on the device faces are pasted from (colour correction cuts the originals)
         self.target = paste_target(images, options)
         self.out = self.target.clone()
         self.masks = torch.zeros(self.target.shape[:3], device=self.target.device)
@@ -114,11 +115,16 @@ class Canvas:
         small = small_faces(size, to_target) if options.smooth_small_faces else torch.zeros(len(restored), dtype=bool)
         box = face_mask(size, options.mask_shape, options.erode, options.feather).to(device)
         here = to_target.to(device)  # the bands' sampling maps are made there: no copy (a wait on a GPU) a band
+        if options.color_correction:
+            if self.frames is None or self.frames.device != device:
+                self.frames = FramesOn(self.images, device)
+            to_originals = invert_affine(affines).to(device)
         # Face by face: whatever is made for all faces at once (softened or colour-matched crops, masks) is
         # a copy of all of them.
         for i, frame in enumerate(frames.tolist()):
-            crop = prepare_crop(self.images, restored[i].to(device), affines[i], frame, options.color_correction,
-                                bool(small[i]))
+            original = sample(self.frames.planes(frame), to_originals[i:i + 1], size, size) \
+                if options.color_correction else None
+            crop = prepare_crop(restored[i].to(device), bool(small[i]), original)
             mask = box if face_masks is None else torch.minimum(box, crop_mask(face_masks[i].to(device), size))
             _paste_face(self.out[frame], self.masks[frame], self.target[frame], crop, to_target[i], here[i], mask,
                         options.strength)
@@ -225,15 +231,13 @@ def small_faces(size: int, affines: torch.Tensor) -> torch.Tensor:
     return face_px * 0.5 < SMALL_FACE  # the face is ~half the crop
 
 
-def prepare_crop(images: torch.Tensor, restored: torch.Tensor, affine: torch.Tensor, frame: int,
-                 color_correction: bool, small: bool) -> torch.Tensor:
+def prepare_crop(restored: torch.Tensor, small: bool, original: torch.Tensor | None = None) -> torch.Tensor:
     """A restored crop (S,S,3) as it will be pasted, (3,S,S) float32: softened if its face is `small`,
-    colours matched against the same crop of `images` (frame `frame`, through `affine`)."""
+    colours matched against `original` (1,3,S,S; the same crop of the frame) when given."""
     crop = restored.float().permute(2, 0, 1)
     if small:
         crop = soften(crop[None])[0]
-    if color_correction:
-        original = warp_faces(images, affine[None], torch.tensor([frame]), crop.shape[-1], crop.device)
+    if original is not None:
         crop = match_color(crop[None], original)[0]
     return crop
 

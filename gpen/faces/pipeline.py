@@ -17,7 +17,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from .align import cut_faces, face_affines, warp_faces
+from .align import FramesOn, cut_faces, face_affines, warp_faces
 from .detect import Faces, threshold_for
 from .masks import smooth_over_time
 from .options import MaskOptions, PasteOptions, SelectOptions
@@ -550,10 +550,11 @@ def restore_faces(images: torch.Tensor, model, detector, *, select: SelectOption
     info = find_faces(images, detector, restorer.size, select, faces=faces, cancel=cancel, timings=timings,
                       face_batch=face_batch)
     reruns = []
+    frames = FramesOn(images, info.device)  # cutting and colour correction share one frame's copy on the device
 
     def restore(part: slice, crops: torch.Tensor | None = None) -> torch.Tensor:
         """The restored faces of `part`, from their crops (cut here unless given)."""
-        crops = cut(images, info, part, timings) if crops is None else crops
+        crops = cut(frames, info, part, timings) if crops is None else crops
 
         def on_batch(done: int, total: int) -> None:
             if progress is not None:
@@ -570,7 +571,7 @@ def restore_faces(images: torch.Tensor, model, detector, *, select: SelectOption
         held = gathered(len(info), face_batch, restore)
         restored_of = lambda part, _: held[part]
     result = paste_in_parts(images, info, restored_of, paste, masks, face_batch=face_batch, cancel=cancel,
-                            timings=timings)
+                            timings=timings, frames=frames)
     return replace(result, images=like_given(result.images, given), rerun_fp32=sum(reruns))
 
 
@@ -603,13 +604,15 @@ def paste_in_parts(images: torch.Tensor, info: FaceInfo,
                    restored_of: Callable[[slice, torch.Tensor | None], torch.Tensor], paste: PasteOptions,
                    masks: MaskOptions, *, crops: torch.Tensor | None = None, face_batch: int = 4,
                    progress: Callable[[int, int], None] | None = None,
-                   cancel: Callable[[], bool | None] | None = None, timings: dict | None = None) -> Restoration:
+                   cancel: Callable[[], bool | None] | None = None, timings: dict | None = None,
+                   frames: FramesOn | None = None) -> Restoration:
     """paste_restored with the restored faces of each part of `info` from `restored_of(part, crops)` (`crops`:
     the part's crops when they were cut for the parser already, else None), a face batch at a time: a part's
     crops, parse masks and restored faces are let go once it is pasted, so the device holds one batch of them,
     not every face's (GPEN-2048 on the 29 Solvay faces: 1.46 GB a set). Masks steadied over time
     (`masks.temporal_sigma`) are made for every face first and held. The parser looks at the crops before
-    they are restored (a restorer may write over what it is given)."""
+    they are restored (a restorer may write over what it is given). `frames`: `images` on `info.device`, when
+    the caller cuts from them too."""
     images, given = as_images(images)
     if paste.upscaler is not None:
         with _stage(timings, "upscale", info.device):
@@ -623,9 +626,11 @@ def paste_in_parts(images: torch.Tensor, info: FaceInfo,
                              f"{tuple(info.image_size)} frames: as those frames enlarged it {wrong}")
         affines = scale_affines(info.affines.to(torch.float64), info.image_size, images.shape[1:3])
     located = replace(info, affines=affines)
+    if frames is None or frames.images is not images:
+        frames = FramesOn(images, info.device)
 
     def originals(part: slice) -> torch.Tensor:
-        return crops[part] if crops is not None else cut(images, located, part, timings)
+        return crops[part] if crops is not None else cut(frames, located, part, timings)
 
     def restored_rgb(part: slice, crops: torch.Tensor | None = None) -> torch.Tensor:
         restored = restored_of(part, crops)
@@ -643,7 +648,7 @@ def paste_in_parts(images: torch.Tensor, info: FaceInfo,
         offsets = _face_offsets(info.faces)
         tracks = [torch.tensor([offsets[t] + i for t, i in track]) for track in face_tracks(info.faces)]
         face_masks = smooth_over_time(face_masks, tracks, masks.temporal_sigma)
-    canvas = Canvas(images, paste)
+    canvas = Canvas(images, paste, frames)
     left_as_was: dict[int, str] = {}
     restorer_size = None
     for part in parts(len(info), face_batch):
@@ -682,8 +687,8 @@ def paste_in_parts(images: torch.Tensor, info: FaceInfo,
                        left_as_was=dict(sorted(left_as_was.items())))
 
 
-def cut(images: torch.Tensor, info: FaceInfo, part: slice, timings: dict | None = None) -> torch.Tensor:
-    """The crops of faces `part` of `info`, cut from `images` (the frames its affines map from)."""
+def cut(images: torch.Tensor | FramesOn, info: FaceInfo, part: slice, timings: dict | None = None) -> torch.Tensor:
+    """The crops of faces `part` of `info`, cut from `images` (the frames its affines map from) on its device."""
     with _stage(timings, "crop", info.device):
         return cut_faces(images, info.affines[part], info.frames[part], info.crop_size, info.device)
 
