@@ -25,16 +25,18 @@ class GreyRestorer(IdentityRestorer):
 
 class SplitParser:
     """Stands in for a face parser: class `first` on one half of every crop and `second` on the other,
-    the top and bottom halves with `rows`, else left and right. It keeps the crops it was shown."""
+    the top and bottom halves with `rows`, else left and right. It keeps the crops it was shown, if it is to
+    remember them."""
 
     size = 64
 
-    def __init__(self, first: int, second: int, rows: bool = False):
-        self.first, self.second, self.rows = first, second, rows
+    def __init__(self, first: int, second: int, rows: bool = False, remember: bool = True):
+        self.first, self.second, self.rows, self.remember = first, second, rows, remember
         self.seen = []
 
     def logits(self, crops):
-        self.seen.append(crops.clone())
+        if self.remember:
+            self.seen.append(crops.clone())
         n, s = crops.shape[:2]
         logits = torch.zeros(n, 19, s, s)
         halves = (slice(None, s // 2), slice(s // 2, None))

@@ -1,6 +1,7 @@
 """Occlusion- and region-aware paste-back: parsers loaded by their tensors, masks that keep hair,
 hats and occluders bit-identical, several parsers combined, masks steadied over video frames."""
 
+import math
 import shutil
 
 import pytest
@@ -9,9 +10,10 @@ import torch
 import gpen
 from gpen import MaskOptions, SelectOptions
 from gpen.faces.align import warp
-from gpen.faces.masks import feather_inside, smooth_over_time
+from gpen.faces.masks import MasksOverTime, feather_inside, smooth_over_time
 from gpen.faces.options import FACE_REGIONS, REGION_PRESETS, region_classes
 from gpen.faces.parse import parse_faces
+from gpen.faces.tracks import smoothing_reach
 from gpen.loader import load_parser
 from tests.helpers import GreyRestorer, SplitParser
 
@@ -122,6 +124,40 @@ def test_masks_are_steadied_along_tracks_without_growing():
     held = smooth_over_time(flicker_on, [torch.arange(5)], sigma=1.0)
     assert held[2].max() < 0.5
 
+
+
+def test_masks_steadied_a_part_at_a_time_are_the_gaussian_average_within_reach_of_each_track():
+    """30 frames with two faces each, one track of 30 and two tracks of 15 (the second face lost at frame 15):
+    each mask is its track's Gaussian average over the frames within smoothing_reach (sigma 1.2: 6 each side),
+    never above its own, whether asked for all at once or a part at a time while made 3 at a time."""
+    generator = torch.Generator().manual_seed(0)
+    masks = torch.rand(60, 6, 6, generator=generator)
+    tracks = [list(range(0, 60, 2)), list(range(1, 30, 2)), list(range(31, 60, 2))]
+    sigma, reach = 1.2, smoothing_reach(1.2)
+    expected = torch.empty_like(masks)
+    for track in tracks:
+        for step, face in enumerate(track):
+            near = [(other, math.exp(-(step - s) ** 2 / (2 * sigma ** 2))) for s, other in enumerate(track)
+                    if abs(step - s) <= reach]
+            average = sum(weight * masks[other] for other, weight in near) / sum(weight for _, weight in near)
+            expected[face] = torch.minimum(average, masks[face])
+    made, held = [], []
+
+    def make(part):
+        made.append((part.start, part.stop))
+        return masks[part]
+
+    steadied = MasksOverTime(make, 60, tracks, sigma, batch=3)
+    in_parts = []
+    for start in range(0, 60, 4):
+        in_parts.append(steadied[start:start + 4])
+        held.append(len(steadied.own))
+
+    assert reach == 6
+    assert torch.allclose(torch.cat(in_parts), expected, atol=1e-6)
+    assert torch.allclose(smooth_over_time(masks, tracks, sigma), expected, atol=1e-6)
+    assert made == [(start, start + 3) for start in range(0, 60, 3)]  # each made once, in batches from the first
+    assert max(held) <= 4 + 2 * 2 * reach + 3 and held[-1] == 0  # a part, its tracks' reach each side, a batch
 
 def test_video_masks_follow_each_face(solvay, detector):
     frames = solvay[:, :300, :500].expand(3, -1, -1, -1).contiguous()

@@ -17,7 +17,8 @@ from gpen import SelectOptions
 from gpen.apps.video import VideoReader, VideoWriter, join_segments, probe_video, restore_video
 from gpen.faces.detect import Faces
 from gpen.faces.pipeline import detect_faces, select_tracks, smooth_landmarks
-from gpen.faces.stream import restore_frames, smoothing_reach
+from gpen.faces.stream import restore_frames
+from gpen.faces.tracks import smoothing_reach
 from tests.helpers import GreyRestorer, IdentityRestorer, mux_tone, random_gpen
 
 av = pytest.importorskip("av", reason="video needs PyAV (pip install av)")

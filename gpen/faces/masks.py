@@ -13,6 +13,7 @@ from typing import Callable, Iterable
 import torch
 
 from .options import MaskOptions
+from .tracks import smoothing_reach
 
 
 def class_masks(logits: torch.Tensor, classes: Iterable[int]) -> torch.Tensor:
@@ -73,20 +74,58 @@ def min_filter(x: torch.Tensor, radius: int, dim: int) -> torch.Tensor:
     return torch.minimum(minima.narrow(dim, 0, length), minima.narrow(dim, window - span, length))
 
 
-def smooth_over_time(masks: torch.Tensor, tracks: list[torch.Tensor], sigma: float) -> torch.Tensor:
-    """Steady each face's masks over the frames of its track: a Gaussian average over time (sigma in
-    frames), never above the frame's own mask, so a region that flickers into the mask for a frame or
-    two is held back while whatever the parser or occluder kept out of this frame stays out.
-    `tracks` hold indices into `masks`, in time order."""
-    if sigma <= 0:
+def smooth_over_time(masks: torch.Tensor, tracks: list, sigma: float) -> torch.Tensor:
+    """`masks` (N,S,S) steadied along `tracks` (each a list or tensor of indices into `masks`, in time order):
+    MasksOverTime on masks already made."""
+    if sigma <= 0 or not len(masks):
         return masks
-    smoothed = masks.clone()
-    for track in tracks:
-        if len(track) < 2:
-            continue
-        steps = torch.arange(len(track), dtype=torch.float32, device=masks.device)
-        weights = torch.exp(-(steps[:, None] - steps[None, :]).square() / (2 * sigma ** 2))
-        weights = weights / weights.sum(1, keepdim=True)
-        index = track.to(masks.device)
-        smoothed[index] = torch.minimum(torch.einsum("ts,shw->thw", weights, masks[index]), masks[index])
-    return smoothed
+    return MasksOverTime(lambda part: masks[part], len(masks), tracks, sigma, len(masks))[0:len(masks)]
+
+
+class MasksOverTime:
+    """The masks of a run's faces (N, in the flat order of its crops) steadied over the frames of each face's
+    track: a Gaussian average over time (sigma in frames, the frames within smoothing_reach), never above the
+    frame's own mask, so a region that flickers into the mask for a frame or two is held back while whatever
+    the parser or occluder kept out of this frame stays out. `tracks` hold indices into the N faces, in time
+    order; a face in none keeps its own mask.
+
+    Asked for parts in order (`steadied[part]`), it makes the faces' own masks with `make(part)`, `batch` faces
+    at a time from the first, as far ahead as the part's tracks reach, and lets each go once no face still to
+    come needs it: a video holds the masks of the faces within the reach of a batch, not every face's."""
+
+    def __init__(self, make: Callable[[slice], torch.Tensor], count: int, tracks: list, sigma: float, batch: int):
+        self.make, self.count, self.batch = make, count, batch
+        reach = smoothing_reach(sigma)
+        self.window = {face: ([face], [1.0]) for face in range(count)}  # the faces a face's mask averages, weighed
+        for track in tracks:
+            track = [int(face) for face in track]
+            for step, face in enumerate(track):
+                near = range(max(0, step - reach), min(len(track), step + reach + 1))
+                weights = [math.exp(-(other - step) ** 2 / (2 * sigma ** 2)) for other in near]
+                self.window[face] = ([track[other] for other in near], [weight / sum(weights) for weight in weights])
+        first = [min(faces) for faces, _ in (self.window[face] for face in range(count))]
+        self.keep_from = [count] * (count + 1)  # faces before keep_from[i] are needed by none from face i on
+        for face in range(count - 1, -1, -1):
+            self.keep_from[face] = min(first[face], self.keep_from[face + 1])
+        self.made, self.own = 0, {}
+
+    def __getitem__(self, part: slice) -> torch.Tensor:
+        needed = max((max(self.window[face][0]) for face in range(part.start, part.stop)), default=part.start - 1)
+        while self.made <= needed:
+            ahead = slice(self.made, min(self.made + self.batch, self.count))
+            self.own |= dict(zip(range(ahead.start, ahead.stop), self.make(ahead)))
+            self.made = ahead.stop
+        steadied = torch.stack([self.steadied(face) for face in range(part.start, part.stop)])
+        for face in [face for face in self.own if face < self.keep_from[part.stop]]:
+            del self.own[face]
+        return steadied
+
+    def steadied(self, face: int) -> torch.Tensor:
+        faces, weights = self.window[face]
+        own = self.own[face]
+        if len(faces) == 1:
+            return own
+        average = torch.zeros_like(own, dtype=torch.float32)
+        for other, weight in zip(faces, weights):  # weights as numbers: nothing copied to a GPU and waited for
+            average.add_(self.own[other], alpha=weight)
+        return torch.minimum(average, own)

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from .align import FramesOn, cut_faces, face_affines, warp_faces
 from .detect import Faces, threshold_for
-from .masks import smooth_over_time
+from .masks import MasksOverTime
 from .options import MaskOptions, PasteOptions, SelectOptions
 from .parse import parse_faces
 from .paste import Canvas, check_background, check_output_size, not_larger, paste_faces, paste_target, scale_affines
@@ -565,12 +565,7 @@ def restore_faces(images: torch.Tensor, model, detector, *, select: SelectOption
             return restorer.restore(crops, batch_size=face_batch, on_batch=on_batch, on_rerun=reruns.append,
                                     cancel=cancel and (lambda: check_cancel(cancel))).to(info.device)
 
-    restored_of = restore
-    if masks.parser is not None and masks.temporal_sigma > 0 and masks.source == "restored":
-        # Every restored face is parsed, and the masks steadied along the tracks, before any is pasted: all are held.
-        held = gathered(len(info), face_batch, restore)
-        restored_of = lambda part, _: held[part]
-    result = paste_in_parts(images, info, restored_of, paste, masks, face_batch=face_batch, cancel=cancel,
+    result = paste_in_parts(images, info, restore, paste, masks, face_batch=face_batch, cancel=cancel,
                             timings=timings, frames=frames)
     return replace(result, images=like_given(result.images, given), rerun_fp32=sum(reruns))
 
@@ -610,7 +605,8 @@ def paste_in_parts(images: torch.Tensor, info: FaceInfo,
     the part's crops when they were cut for the parser already, else None), a face batch at a time: a part's
     crops, parse masks and restored faces are let go once it is pasted, so the device holds one batch of them,
     not every face's (GPEN-2048 on the 29 Solvay faces: 1.46 GB a set). Masks steadied over time
-    (`masks.temporal_sigma`) are made for every face first and held. The parser looks at the crops before
+    (`masks.temporal_sigma`) are made ahead, as far as the part's tracks reach (MasksOverTime), with the
+    restored faces they were made from when they parse those. The parser looks at the crops before
     they are restored (a restorer may write over what it is given). `frames`: `images` on `info.device`, when
     the caller cuts from them too."""
     images, given = as_images(images)
@@ -641,23 +637,31 @@ def paste_in_parts(images: torch.Tensor, info: FaceInfo,
             return parse_faces(masks.parser, faces, masks.regions, masks.feather, batch_size=face_batch,
                                cancel=cancel and (lambda: check_cancel(cancel)))
 
-    face_masks = None  # of every face, when they are steadied over time before any is pasted
+    steadied = None  # masks steadied over time, made ahead of the part pasted
+    restored_ahead: dict[int, torch.Tensor] = {}  # parts' restored faces parsed before their paste, by first face
+
+    def looked_at(part: slice) -> torch.Tensor:
+        if masks.source == "original":
+            return originals(part)
+        restored_ahead[part.start] = restored_rgb(part)
+        return restored_ahead[part.start]
+
     if masks.parser is not None and masks.temporal_sigma > 0:
-        looked_at = originals if masks.source == "original" else restored_rgb
-        face_masks = gathered(len(info), face_batch, lambda part: parsed(looked_at(part)))
         offsets = _face_offsets(info.faces)
-        tracks = [torch.tensor([offsets[t] + i for t, i in track]) for track in face_tracks(info.faces)]
-        face_masks = smooth_over_time(face_masks, tracks, masks.temporal_sigma)
+        tracks = [[offsets[t] + i for t, i in track] for track in face_tracks(info.faces)]
+        steadied = MasksOverTime(lambda part: parsed(looked_at(part)), len(info), tracks, masks.temporal_sigma,
+                                 face_batch)
     canvas = Canvas(images, paste, frames)
     left_as_was: dict[int, str] = {}
     restorer_size = None
     for part in parts(len(info), face_batch):
-        part_masks = face_masks[part] if face_masks is not None else None
+        part_masks = steadied[part] if steadied is not None else None
         part_crops = None
         if masks.parser is not None and part_masks is None and masks.source == "original":
             part_crops = originals(part)
             part_masks = parsed(part_crops)
-        restored = restored_rgb(part, part_crops)
+        restored = restored_ahead.pop(part.start, None)
+        restored = restored_rgb(part, part_crops) if restored is None else restored
         del part_crops  # restored: let go before pasting
         restorer_size = restored.shape[1]
         if masks.parser is not None and part_masks is None:

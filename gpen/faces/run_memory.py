@@ -24,9 +24,9 @@ def run_working_bytes(frames: Sequence[int] | None = None, restorer=None, detect
     onnxruntime's, count nothing.
 
     Faces are cut, restored, parsed and pasted a face batch at a time (pipeline.paste_in_parts), so no stage
-    holds more crops than a batch's. Left out: with masks steadied over time, every face's parse mask (and,
-    parsing the restored faces, every restored face), held until all are parsed (how many is known only after
-    detection: 29 faces restored at 2048 take 1.46 GB); the float32 re-run of faces half precision broke
+    holds more crops than a batch's. Left out: with masks steadied over time, the parse masks (and, parsing
+    the restored faces, the restored faces) of the faces within the smoothing's reach of a batch along their
+    tracks, made ahead (masks.MasksOverTime: how many is known only after detection); the float32 re-run of faces half precision broke
     (twice the weights and the forward, rare, and retried in halves on out of memory); cutting a crop's
     sampling coordinates (float64, ~100 bytes a crop pixel for one face at a time: 400 MB at 2048, less than
     GPEN-2048's forward of a batch); and the few copies of a face region that pasting makes."""

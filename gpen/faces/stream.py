@@ -14,15 +14,7 @@ from .detect import Faces
 from .options import MaskOptions, PasteOptions, SelectOptions
 from .pipeline import DETECT_CHUNK, Restoration, Selection, detect_faces, restore_faces, select_tracks
 from .tensors import as_images
-from .tracks import TRACK_REACH, selects_tracks
-
-SMOOTHING_REACH = 4  # Gaussian sigmas: weights beyond are under exp(-8) of the centre's
-
-
-def smoothing_reach(sigma: float) -> int:
-    """Frames each side whose landmarks change a frame's smoothed ones: ceil(4 sigma) + 1, 0 without smoothing."""
-    return math.ceil(SMOOTHING_REACH * sigma) + 1 if sigma > 0 else 0
-
+from .tracks import TRACK_REACH, selects_tracks, smoothing_reach
 
 def stream_reach(select: SelectOptions) -> int:
     """Frames each side whose faces change what a frame restores: smoothing's reach, and with max_faces or

@@ -18,6 +18,13 @@ BRIDGE = 4  # frames in a row a face may go undetected and keep its track (in th
 MIN_IOU = 0.3  # box overlap that links a face to the same face in the frame before
 SIZE_STEP = 1.1  # faces whose sides differ by less count as about as large (order largest)
 SCORE_STEP = 0.05  # scores closer than this count as about as sure (order confidence)
+SMOOTHING_REACH = 4  # Gaussian sigmas: weights beyond are under exp(-8) of the centre's
+
+
+def smoothing_reach(sigma: float) -> int:
+    """Frames each side whose landmarks (or masks) change a frame's smoothed ones along a track: ceil(4 sigma) + 1,
+    0 without smoothing."""
+    return math.ceil(SMOOTHING_REACH * sigma) + 1 if sigma > 0 else 0
 
 
 def face_tracks(faces: list[Faces], min_iou: float = MIN_IOU, bridge: int = 0) -> list[list[tuple[int, int]]]:
