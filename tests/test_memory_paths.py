@@ -89,6 +89,26 @@ def test_a_large_face_is_pasted_a_band_at_a_time(monkeypatch):
     assert max(sizes) <= paste.PASTE_BAND < 650 * 650
 
 
+
+def test_a_2048_crop_is_cut_a_band_of_rows_at_a_time(monkeypatch):
+    """A crop's float64 source coordinates take tens of bytes a pixel (over 100 MB for a 2048 crop at once):
+    they are made SAMPLED_AT_ONCE output pixels at a time, which cuts the very same crop, into the crops' own
+    memory (50 MB)."""
+    frame = torch.rand(1, 1500, 1500, 3, generator=torch.Generator().manual_seed(0))
+    affines = torch.tensor([similarity(2048 / 1400, 7, 40, 60)])
+
+    def cut() -> tuple[torch.Tensor, int]:
+        with torch.inference_mode(), LiveStorage() as live:
+            crops = align.cut_faces(frame, affines, torch.tensor([0]), 2048)
+        return crops, live.peak
+
+    in_bands, banded_peak = cut()
+    monkeypatch.setattr(align, "SAMPLED_AT_ONCE", 2048 * 2048)
+    whole, whole_peak = cut()
+
+    assert torch.equal(in_bands, whole) and 0.3 < in_bands.mean() < 0.7
+    assert banded_peak - in_bands.untyped_storage().nbytes() < 32 * 2**20 < whole_peak - whole.untyped_storage().nbytes()
+
 class ForgetfulRestorer:
     """Restores nothing (hands back copies of the crops), remembering how large a block of memory each batch
     it was given lies in, and the crops themselves only weakly."""

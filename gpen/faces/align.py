@@ -22,6 +22,7 @@ FFHQ_TEMPLATE = ((192.98138 / 512, 239.94708 / 512), (318.90277 / 512, 240.1936 
                  (256.63416 / 512, 314.01935 / 512), (201.26117 / 512, 371.41043 / 512),
                  (313.08905 / 512, 371.15118 / 512))
 TEMPLATE_POINTS = {"gpen": GPEN_TEMPLATE, "ffhq": FFHQ_TEMPLATE}  # by the names options.TEMPLATES offers
+SAMPLED_AT_ONCE = 1 << 19  # output pixels warped at a time (sample): ~16 MB of source coordinates
 
 
 def template_points(size: int, template: str = "gpen") -> torch.Tensor:
@@ -60,21 +61,36 @@ def warp(image: torch.Tensor, affine: torch.Tensor, height: int, width: int, mod
     return sample(image, invert_affine(affine.double()), height, width, mode)
 
 
-def sample(image: torch.Tensor, inverse: torch.Tensor, height: int, width: int, mode: str = "bicubic") -> torch.Tensor:
-    """warp through `inverse` (N,2,3), the map from output pixels to source pixels. An inverse already on the
-    image's device is used there: a small tensor copied to a GPU is a wait for it, and a face each a wait each."""
-    ys, xs = torch.meshgrid(torch.arange(height, dtype=torch.float64, device=image.device),
-                            torch.arange(width, dtype=torch.float64, device=image.device), indexing="ij")
-    out_pixels = torch.stack([xs, ys, torch.ones_like(xs)], -1).reshape(-1, 3)
-    src = out_pixels @ inverse.to(image.device, torch.float64).transpose(1, 2)  # (N, h*w, 2)
+def sample(image: torch.Tensor, inverse: torch.Tensor, height: int, width: int, mode: str = "bicubic",
+           out: torch.Tensor | None = None) -> torch.Tensor:
+    """warp through `inverse` (N,2,3), the map from output pixels to source pixels, into `out` (N,C,height,width)
+    if given. An inverse already on the image's device is used there: a small tensor copied to a GPU is a wait
+    for it, and a face each a wait each. The output is made SAMPLED_AT_ONCE pixels at a time: its float64
+    source coordinates take ~32 bytes a pixel (a 2048 crop's, 128 MB at once)."""
+    inverse = inverse.to(image.device, torch.float64)
+    if out is None:
+        out = torch.empty(len(inverse), image.shape[-3], height, width, dtype=image.dtype, device=image.device)
+    rows = max(1, SAMPLED_AT_ONCE // (width * max(len(inverse), 1)))
+    for top in range(0, height, rows):
+        bottom = min(top + rows, height)
+        out[:, :, top:bottom] = _sample_rows(image, inverse, top, bottom, width, mode)
+    return out
+
+
+def _sample_rows(image: torch.Tensor, inverse: torch.Tensor, top: int, bottom: int, width: int,
+                 mode: str) -> torch.Tensor:
+    """sample's output rows top..bottom."""
+    ys = torch.arange(top, bottom, dtype=torch.float64, device=image.device)[None, :, None]
+    xs = torch.arange(width, dtype=torch.float64, device=image.device)[None, None, :]
+    (a, b, c), (d, e, f) = inverse[:, 0, :, None, None].unbind(1), inverse[:, 1, :, None, None].unbind(1)
     src_h, src_w = image.shape[-2:]
-    grid = torch.stack([src[..., 0] * 2 / max(src_w - 1, 1) - 1, src[..., 1] * 2 / max(src_h - 1, 1) - 1], -1)
-    grid = grid.reshape(len(inverse), height, width, 2).to(image.dtype)
+    grid = torch.stack([(a * xs + b * ys + c) * 2 / max(src_w - 1, 1) - 1,
+                        (d * xs + e * ys + f) * 2 / max(src_h - 1, 1) - 1], -1).to(image.dtype)  # (N, rows, W, 2)
     if image.ndim == 3:
         # One source for every affine: stack the grids along the height, so the image is not copied.
         out = F.grid_sample(image[None], grid.reshape(1, -1, width, 2), mode=mode, padding_mode="zeros",
                             align_corners=True)
-        return out.reshape(image.shape[0], len(inverse), height, width).transpose(0, 1)
+        return out.reshape(image.shape[0], len(inverse), bottom - top, width).transpose(0, 1)
     return F.grid_sample(image, grid, mode=mode, padding_mode="zeros", align_corners=True)
 
 
@@ -115,13 +131,13 @@ def warp_faces(images: torch.Tensor | FramesOn, affines: torch.Tensor, frames: t
     frame, on `device` (default: the images'); or from frames already on their way there (FramesOn: its
     device), which cuts one batch after another from the same frame keep from copying it again."""
     source = images if isinstance(images, FramesOn) else FramesOn(images, device)
-    crops = torch.zeros(len(affines), 3, size, size, device=source.device)
+    crops = torch.zeros(len(affines), 3, size, size, device=source.device)  # zeros: a frame's faces fill it
     inverses = invert_affine(affines.double()).to(source.device)  # moved once, not a face at a time
     for frame in frames.unique().tolist():
         planes = source.planes(frame)
         # A face at a time: the sampling grids of many faces at once would outweigh the frame.
         for i in (frames == frame).nonzero().flatten().tolist():
-            crops[i:i + 1] = sample(planes, inverses[i:i + 1], size, size)
+            sample(planes, inverses[i:i + 1], size, size, out=crops[i:i + 1])
     return crops
 
 

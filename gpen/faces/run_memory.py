@@ -26,10 +26,10 @@ def run_working_bytes(frames: Sequence[int] | None = None, restorer=None, detect
     Faces are cut, restored, parsed and pasted a face batch at a time (pipeline.paste_in_parts), so no stage
     holds more crops than a batch's. Left out: with masks steadied over time, the parse masks (and, parsing
     the restored faces, the restored faces) of the faces within the smoothing's reach of a batch along their
-    tracks, made ahead (masks.MasksOverTime: how many is known only after detection); the float32 re-run of faces half precision broke
-    (twice the weights and the forward, rare, and retried in halves on out of memory); cutting a crop's
-    sampling coordinates (float64, ~100 bytes a crop pixel for one face at a time: 400 MB at 2048, less than
-    GPEN-2048's forward of a batch); and the few copies of a face region that pasting makes."""
+    tracks, made ahead (masks.MasksOverTime: how many is known only after detection); the float32 re-run of
+    faces half precision broke (twice the weights and the forward, rare, and retried in halves on out of
+    memory); the sampling coordinates of cutting and pasting (float64, ~16 MB at a time: align.SAMPLED_AT_ONCE,
+    paste.PASTE_BAND); and the few copies of a face region that pasting makes."""
     parsers = list(parsers)
     if restorer is None and detector is None and not parsers:
         return 0  # no network on the device: nothing of the run's is there either
