@@ -1,5 +1,8 @@
 """Helpers the tests share: small random-weight networks."""
 
+import gc
+import weakref
+
 import torch
 
 from gpen import GPEN
@@ -22,6 +25,28 @@ class GreyRestorer(IdentityRestorer):
     def restore(self, faces, batch_size=4, on_batch=None):
         return torch.full_like(super().restore(faces, batch_size, on_batch), 0.5)
 
+
+
+class ForgetfulRestorer:
+    """Restores nothing (hands back copies of the crops), remembering how large a block of memory each batch
+    it was given lies in, and the crops themselves only weakly."""
+
+    def __init__(self, size: int = 64, remember: bool = True):
+        self.size, self.remember = size, remember
+        self.seen = []  # copies of the crops it was given, if it is to remember them
+        self.held_bytes = []  # the bytes of the memory block each batch of crops given lies in
+        self.given = []  # weak references to the crops given and the faces handed back
+        self.alive = []  # at each batch, how many crops given or faces handed back before are still held
+
+    def restore(self, faces, batch_size=4, on_batch=None):
+        gc.collect()
+        self.alive.append(sum(ref() is not None for ref in self.given))
+        if self.remember:
+            self.seen.append(faces.clone())
+        self.held_bytes.append(faces.untyped_storage().nbytes())
+        restored = faces.clone()
+        self.given += [weakref.ref(faces), weakref.ref(restored)]
+        return restored
 
 class SplitParser:
     """Stands in for a face parser: class `first` on one half of every crop and `second` on the other,

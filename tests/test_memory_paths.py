@@ -2,9 +2,7 @@
 check that it gives what pasting each face over the whole frame gives, and that the pieces stay small.
 The memory itself is measured by `python -m gpen bench --pipeline --memory` (BENCHMARKS.md)."""
 
-import gc
 import math
-import weakref
 
 import pytest
 import torch
@@ -17,7 +15,7 @@ from gpen.faces.options import MaskOptions, PasteOptions
 from gpen.faces.pipeline import detect_faces
 from gpen.archs.working_memory import LiveStorage
 from gpen.faces.paste import MASK_TIE, face_mask, match_color, soften
-from tests.helpers import IdentityRestorer, SplitParser
+from tests.helpers import ForgetfulRestorer, IdentityRestorer, SplitParser
 
 
 def similarity(scale: float, angle: float, x: float, y: float) -> list[list[float]]:
@@ -108,28 +106,6 @@ def test_a_2048_crop_is_cut_a_band_of_rows_at_a_time(monkeypatch):
 
     assert torch.equal(in_bands, whole) and 0.3 < in_bands.mean() < 0.7
     assert banded_peak - in_bands.untyped_storage().nbytes() < 32 * 2**20 < whole_peak - whole.untyped_storage().nbytes()
-
-class ForgetfulRestorer:
-    """Restores nothing (hands back copies of the crops), remembering how large a block of memory each batch
-    it was given lies in, and the crops themselves only weakly."""
-
-    def __init__(self, size: int = 64, remember: bool = True):
-        self.size, self.remember = size, remember
-        self.seen = []  # copies of the crops it was given, if it is to remember them
-        self.held_bytes = []  # the bytes of the memory block each batch of crops given lies in
-        self.given = []  # weak references to the crops given and the faces handed back
-        self.alive = []  # at each batch, how many crops given or faces handed back before are still held
-
-    def restore(self, faces, batch_size=4, on_batch=None):
-        gc.collect()
-        self.alive.append(sum(ref() is not None for ref in self.given))
-        if self.remember:
-            self.seen.append(faces.clone())
-        self.held_bytes.append(faces.untyped_storage().nbytes())
-        restored = faces.clone()
-        self.given += [weakref.ref(faces), weakref.ref(restored)]
-        return restored
-
 
 def faces_in_a_row(count: int = 5) -> Faces:
     """`count` faces side by side in a 120 x 75.3*count frame, at fractional landmark positions."""

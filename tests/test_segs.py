@@ -24,7 +24,7 @@ from gpen.faces.segs import (
     locate_faces_in_segs,
     restore_segs,
 )
-from tests.helpers import GreyRestorer, IdentityRestorer, SplitParser
+from tests.helpers import ForgetfulRestorer, GreyRestorer, IdentityRestorer, SplitParser
 from tests.test_nodes import load_models, models_dir, pack  # noqa: F401 (pytest fixtures, used by name)
 
 ImpactSEG = namedtuple("SEG", ["cropped_image", "cropped_mask", "confidence", "crop_region", "bbox", "label",
@@ -194,6 +194,21 @@ def test_restore_segs_pastes_under_each_mask_and_gives_segs_segspaste_pastes_the
                                                                               given.crop_region)
     assert (segs_paste(solvay, result.segs) - result.images).abs().max() < 1e-6
 
+
+
+def test_restore_segs_cuts_and_restores_a_face_batch_at_a_time(solvay, detector, solvay_segs):
+    """As restore_faces does: the restorer is given the crops of its batch alone, and by the next batch those
+    crops and the faces it handed back are gone (29 faces at GPEN-2048: 1.46 GB a set)."""
+    restorer = ForgetfulRestorer(64, remember=False)
+
+    result = restore_segs(solvay, solvay_segs, restorer, detector, face_batch=8)
+
+    assert result.restored == 29
+    assert restorer.held_bytes == [8 * 64 * 64 * 3 * 4] * 3 + [5 * 64 * 64 * 3 * 4]
+    assert restorer.alive == [0, 0, 0, 0]
+    progress = []
+    restore_segs(solvay, solvay_segs, IdentityRestorer(64), detector, face_batch=8, progress=lambda *a: progress.append(a))
+    assert progress == [(8, 29), (16, 29), (24, 29), (29, 29)]
 
 def test_feather_fades_the_face_out_inside_a_hard_segment_mask(solvay, detector, solvay_segs):
     """A box mask cuts GPEN's blend where it is near full (about 0.98 at its edge on these faces): a seam.

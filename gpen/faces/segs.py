@@ -39,9 +39,11 @@ from .pipeline import (
     check_cancel,
     cut,
     detect_faces,
+    find_faces,
     frame_lines,
     gathered,
     locate_faces,
+    parts,
     paste_restored,
 )
 from .restore import as_restorer, rerun_note
@@ -472,9 +474,9 @@ def restore_segs(images, segs, model, detector=None, *, paste: PasteOptions = Pa
     every frame, or a list of SEGS, one per frame.
 
     Each segment's face is found near its box (`detector`; without one, the landmarks our detectors leave in
-    their segments), aligned, restored by `model` in batches of `face_batch`, and pasted as restore_faces
-    pastes (`paste`, `masks`: a face parser's regions), then limited to the segment's `cropped_mask`, its edge
-    softened inside it over `feather` times the mask's shorter side (0: as given).
+    their segments), aligned, cut and restored by `model` a batch of `face_batch` at a time, and pasted as
+    restore_faces pastes (`paste`, `masks`: a face parser's regions), then limited to the segment's
+    `cropped_mask`, its edge softened inside it over `feather` times the mask's shorter side (0: as given).
     Segments are pasted in their order, each over what is there, as the Impact Pack's SEGSPaste does with
     feather 0. The result's `segs` are the segments in the image's size with `cropped_image` (frames, h, w, 3)
     the restored crop region, for SEGSPaste and Impact's other SEGS nodes; a segment without a face in any
@@ -495,25 +497,30 @@ def restore_segs(images, segs, model, detector=None, *, paste: PasteOptions = Pa
     pasted = {}  # (frame, segment) -> (h, w, 3) restored crop region
     out = images
     if flat:
-        crops, info = locate_faces(images, detector, restorer.size, SelectOptions(template=template),
-                                   faces=[Faces.joined([Faces.empty(), *row]) for row in faces])
-        restored = restorer.restore(crops, batch_size=face_batch, on_batch=progress,
-                                    cancel=cancel and (lambda: check_cancel(cancel)),
-                                    on_rerun=lambda count: result.notes.append(rerun_note(count))).to(info.device)
+        info = find_faces(images, detector, restorer.size, SelectOptions(template=template),
+                          faces=[Faces.joined([Faces.empty(), *row]) for row in faces])
         out = images.clone()
-        for i, (t, k, face) in enumerate(flat):
-            check_cancel(cancel)
-            segment = reads[t].segments[k]
-            region, weight, kept = paste_in_region(images[t:t + 1], restored[i:i + 1], crops[i:i + 1],
-                                                   info.affines[i], face, restorer.size, segment.region, paste, masks)
-            result.records.append((t, RESTORED if kept else LEFT, describe(segment, face)))
-            if kept:
-                x0, y0, x1, y1 = segment.region
-                mask = soften_inside(segment.masks[t if len(segment.masks) > 1 else 0], feather)
-                here = out[t, y0:y1, x0:x1]
-                here += (match_channels(region, here) - here) * mask[..., None].to(here)
-                result.masks[t, y0:y1, x0:x1] = torch.maximum(result.masks[t, y0:y1, x0:x1], weight.cpu() * mask)
-                pasted[t, k] = region
+        for part in parts(len(flat), face_batch):  # cut and restored a face batch at a time
+            crops = cut(images, info, part)
+            restored = restorer.restore(crops, batch_size=face_batch,
+                                        on_batch=progress and (lambda done, _, at=part.start: progress(at + done, len(flat))),
+                                        cancel=cancel and (lambda: check_cancel(cancel)),
+                                        on_rerun=lambda count: result.notes.append(rerun_note(count))).to(info.device)
+            for i in range(part.start, part.stop):
+                check_cancel(cancel)
+                (t, k, face), j = flat[i], i - part.start
+                segment = reads[t].segments[k]
+                region, weight, kept = paste_in_region(images[t:t + 1], restored[j:j + 1], crops[j:j + 1], info.affines[i],
+                                                       face, restorer.size, segment.region, paste, masks)
+                result.records.append((t, RESTORED if kept else LEFT, describe(segment, face)))
+                if kept:
+                    x0, y0, x1, y1 = segment.region
+                    mask = soften_inside(segment.masks[t if len(segment.masks) > 1 else 0], feather)
+                    here = out[t, y0:y1, x0:x1]
+                    here += (match_channels(region, here) - here) * mask[..., None].to(here)
+                    result.masks[t, y0:y1, x0:x1] = torch.maximum(result.masks[t, y0:y1, x0:x1], weight.cpu() * mask)
+                    pasted[t, k] = region
+            del crops, restored  # before the next batch is cut
     result.records.sort(key=lambda record: record[0])
     result.images = like_given(out, given)
     size = tuple(images.shape[1:3])
