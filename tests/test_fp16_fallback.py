@@ -226,10 +226,11 @@ def test_restore_video_counts_the_faces_rerun(fragile_file, tmp_path):
 def test_restore_segs_says_how_many_faces_were_rerun(fragile_file):
     image = two_faces()
     segs = faces_to_segs(PlantedDetector(FACES).detect(image)[0], tuple(image.shape[1:3]))
-    result = restore_segs(image, segs, gpen.load_model(fragile_file, device="cpu", dtype="fp16"))
+    result = restore_segs(image, segs, gpen.load_model(fragile_file, device="cpu", dtype="fp16"), face_batch=1)
     assert result.restored == 2
     assert result.summary.startswith("restored 2 face(s) in 2 segment(s) of 1 image; "
                                      "1 face(s) re-run in fp32: half precision (fp16/bf16) overflowed")
+    assert result.summary.count("re-run") == 1  # one note for the run, however many batches
 
 
 def test_aligned_crops_say_how_many_faces_were_rerun_and_which_were_left(fragile_file):

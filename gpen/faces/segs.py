@@ -499,13 +499,13 @@ def restore_segs(images, segs, model, detector=None, *, paste: PasteOptions = Pa
     if flat:
         info = find_faces(images, detector, restorer.size, SelectOptions(template=template),
                           faces=[Faces.joined([Faces.empty(), *row]) for row in faces])
-        out = images.clone()
+        out, reruns = images.clone(), []
         for part in parts(len(flat), face_batch):  # cut and restored a face batch at a time
             crops = cut(images, info, part)
             restored = restorer.restore(crops, batch_size=face_batch,
                                         on_batch=progress and (lambda done, _, at=part.start: progress(at + done, len(flat))),
                                         cancel=cancel and (lambda: check_cancel(cancel)),
-                                        on_rerun=lambda count: result.notes.append(rerun_note(count))).to(info.device)
+                                        on_rerun=reruns.append).to(info.device)
             for i in range(part.start, part.stop):
                 check_cancel(cancel)
                 (t, k, face), j = flat[i], i - part.start
@@ -521,6 +521,8 @@ def restore_segs(images, segs, model, detector=None, *, paste: PasteOptions = Pa
                     result.masks[t, y0:y1, x0:x1] = torch.maximum(result.masks[t, y0:y1, x0:x1], weight.cpu() * mask)
                     pasted[t, k] = region
             del crops, restored  # before the next batch is cut
+        if sum(reruns):
+            result.notes.append(rerun_note(sum(reruns)))
     result.records.sort(key=lambda record: record[0])
     result.images = like_given(out, given)
     size = tuple(images.shape[1:3])
