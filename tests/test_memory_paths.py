@@ -177,6 +177,22 @@ def test_a_frame_goes_to_the_faces_device_once_however_many_batches_are_cut_from
 
 
 
+
+@pytest.mark.parametrize("color_correction", [False, True])
+def test_a_video_frame_goes_to_the_faces_device_once_for_cutting_and_again_for_colour_correction(monkeypatch,
+                                                                                                  color_correction):
+    """On a video a face batch spans frames: its cut moves each of its frames, and colour correction, which comes
+    after the restore, moves them again (one frame is kept on the device, not a batch's)."""
+    moved = []
+    planes = align.rgb_planes
+    monkeypatch.setattr(align, "rgb_planes", lambda image: moved.append(image.shape) or planes(image))
+
+    result = gpen.restore_faces(torch.rand(12, 120, 100, 3), IdentityRestorer(64), None, faces=[faces_in_a_row(1)] * 12,
+                                paste=PasteOptions(color_correction=color_correction), face_batch=4)
+
+    assert result.face_count == 12
+    assert len(moved) == (24 if color_correction else 12)
+
 @pytest.mark.parametrize("source", ["original", "restored"])
 def test_masks_steadied_over_a_video_hold_the_faces_their_smoothing_reaches_not_every_face(source):
     """Steadying parse masks along 40 frames holds, beside what the same run without it holds, the masks (and,

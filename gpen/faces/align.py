@@ -70,6 +70,8 @@ def sample(image: torch.Tensor, inverse: torch.Tensor, height: int, width: int, 
     inverse = inverse.to(image.device, torch.float64)
     if out is None:
         out = torch.empty(len(inverse), image.shape[-3], height, width, dtype=image.dtype, device=image.device)
+    if not out.numel():
+        return out
     rows = max(1, SAMPLED_AT_ONCE // (width * max(len(inverse), 1)))
     for top in range(0, height, rows):
         bottom = min(top + rows, height)
@@ -143,8 +145,9 @@ def warp_faces(images: torch.Tensor | FramesOn, affines: torch.Tensor, frames: t
 
 class FramesOn:
     """The frames of `images` (B,H,W,C) as float RGB planes (3,H,W) on `device` (default: the images'), the
-    last one asked for kept there: with frames on the CPU and networks on a GPU (ComfyUI's way), faces cut or
-    colour-matched one batch after another from a frame copy it to the GPU once, not a batch or a face at a time."""
+    last one asked for kept there: with frames on the CPU and networks on a GPU (ComfyUI's way), the faces of one
+    frame are cut and colour-matched batch after batch from one copy of it, not a copy a batch or a face. On a
+    video, where a batch spans frames, cutting and colour correction each copy a frame (one is kept, not a batch's)."""
 
     def __init__(self, images: torch.Tensor, device: torch.device | str | None = None):
         self.images = images
